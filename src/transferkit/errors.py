@@ -1,0 +1,16 @@
+"""The one exception type that reaches the user as a message instead of a traceback."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class TransferkitError(Exception):
+    """A problem the user can fix; the CLI prints the message and exits with status 2."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return " — did you mean 'x'?" for the closest choice, or an empty string."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" — did you mean '{close[0]}'?" if close else ""

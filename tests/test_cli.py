@@ -1,0 +1,130 @@
+"""End to end through the command line: train -> run folder -> eval -> predict, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SHARED_CIFAR, link_subset, needs_cifar, needs_weights, run_cli
+
+
+def test_train_writes_a_complete_run_folder_and_beats_chance(trained_run, cifar_small):
+    out, proc = trained_run
+    for name in ("config.yaml", "metrics.jsonl", "model.safetensors", "model.json", "last.pt", "report.md",
+                 "report_confusion.png", "curves.png", "train.log"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and all(r["backbone_frozen"] for r in rows)
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["classes"][0] == "airplane" and meta["num_classes"] == 10 and meta["image_size"] == 64
+    assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406]) and "IMAGENET1K_V1" in meta["weights"]
+    assert meta["versions"]["torch"] == torch.__version__
+    report = (out / "report.md").read_text()
+    assert "test split" in report and "200 images" in report and "64x64" in report
+    assert "epoch 3/3" in proc.stdout and "run folder:" in proc.stdout
+    acc = json.loads((out / "report.json").read_text())["accuracy"]
+    assert acc > 0.35, f"linear probe on 320 CIFAR-10 images reached only {acc:.1%} (chance is 10%)"
+
+
+def test_eval_reproduces_the_test_accuracy_of_training(trained_run, cifar_small):
+    out, _ = trained_run
+    proc = run_cli("eval", out, "--data", cifar_small, "--json")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout)
+    assert metrics["accuracy"] == pytest.approx(json.loads((out / "report.json").read_text())["accuracy"])
+    assert metrics["images"] == 200 and len(metrics["per_class"]) == 10 and "top5" in metrics
+    assert (out / f"eval-{cifar_small.name}-test.md").is_file()
+
+
+def test_eval_refuses_data_with_other_classes(trained_run, tmp_path):
+    out, _ = trained_run
+    link_subset(SHARED_CIFAR / "test", tmp_path / "other", 2, ["cat", "dog"])
+    (tmp_path / "other" / "cat").rename(tmp_path / "other" / "kitten")
+    proc = run_cli("eval", out, "--data", tmp_path / "other")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "kitten" in proc.stderr and "airplane" in proc.stderr
+
+
+def _odd_images(folder):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "rgb.jpg")
+    Image.fromarray(rgb).convert("L").save(folder / "gray.png")
+    Image.fromarray(rgb).convert("RGBA").save(folder / "alpha.png")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.gif")
+    Image.fromarray((rng.integers(0, 65535, (300, 200))).astype(np.uint16)).save(folder / "deep16.png")
+    Image.fromarray(rgb).resize((1000, 700)).save(folder / "big.webp")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.png").write_text("not an image")
+    (folder / "cut.jpg").write_bytes((folder / "rgb.jpg").read_bytes()[:100])
+
+
+def test_predict_any_image_mode_and_reports_unreadable_files(trained_run, tmp_path):
+    out, _ = trained_run
+    _odd_images(tmp_path)
+    proc = run_cli("predict", out, tmp_path, tmp_path / "missing.jpg", "--topk", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    predicted = {p.split("/")[-1] for p in (r["file"] for r in result["predictions"])}
+    assert predicted == {"rgb.jpg", "gray.png", "alpha.png", "cmyk.jpg", "palette.gif", "deep16.png", "big.webp"}
+    for r in result["predictions"]:
+        assert len(r["top"]) == 3 and sum(t["prob"] for t in r["top"]) <= 1.0 + 1e-6
+        assert r["top"][0]["prob"] >= r["top"][1]["prob"]
+    failed = {e["file"].split("/")[-1] for e in result["errors"]}
+    assert failed == {"empty.jpg", "notes.png", "cut.jpg", "missing.jpg"}
+    assert "skipped" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@needs_cifar
+@needs_weights
+def test_predict_names_real_cifar_images(trained_run):
+    out, _ = trained_run
+    images = [SHARED_CIFAR / "test" / c / "0100.jpg" for c in ("automobile", "ship", "truck", "frog")]
+    proc = run_cli("predict", out, *images, "--topk", "1")
+    assert proc.returncode == 0
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 4 and all("%" in line for line in lines)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train", "--data", "DATA", "--model", "resnet5"], "did you mean 'resnet50'"),
+    (["train", "--data", "DATA", "--model", "resnet18", "--weights", "/nowhere/w.pth"], "does not exist"),
+    (["train", "--data", "DATA", "--strategy", "linaer"], "invalid choice"),
+    (["predict", "NOT_A_RUN", "x.jpg"], "not a transferkit run folder"),
+])
+def test_bad_arguments_exit_2_with_a_message(tmp_path, args, message):
+    args = [str(tmp_path) if a == "DATA" else a for a in args]
+    proc = run_cli(*args, "--out", tmp_path / "run") if args[0] == "train" else run_cli(*args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_empty_and_one_class_folders_exit_2(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_cli("train", "--data", empty, "--weights", "none", "--out", tmp_path / "r1")
+    assert proc.returncode == 2 and "no class folders" in proc.stderr and "Traceback" not in proc.stderr
+    one = tmp_path / "one" / "cat"
+    one.mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(one / f"{i}.png")
+    proc = run_cli("train", "--data", tmp_path / "one", "--weights", "none", "--out", tmp_path / "r2")
+    assert proc.returncode == 2 and "one class" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_models_lists_backbones_and_offline_weights():
+    proc = run_cli("models")
+    assert proc.returncode == 0
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+    assert {"resnet18", "mobilenet_v2", "efficientnet_b0", "convnext_tiny", "vit_b_16"} <= rows.keys()
+    from torchvision.models import MobileNet_V2_Weights
+
+    from transferkit.models import local_weight_file
+
+    if local_weight_file(MobileNet_V2_Weights.IMAGENET1K_V1) is not None:
+        assert rows["mobilenet_v2"].split()[1] == "IMAGENET1K_V1"

@@ -1,0 +1,46 @@
+"""Settings: recipes, precedence, validation with did-you-mean, YAML round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from transferkit import TrainConfig
+from transferkit.errors import TransferkitError
+
+
+def test_seed_recipe_is_the_classic_tutorial():
+    c = TrainConfig.create(recipe="seed", data="cifar10", model="resnet18")
+    assert (c.image_size, c.batch_size, c.epochs, c.optimizer, c.lr, c.momentum) == (224, 64, 10, "sgd", 0.001, 0.9)
+    assert c.mean == (0.0, 0.0, 0.0) and c.std == (1.0, 1.0, 1.0)  # ToTensor only, no Normalize
+    assert not c.augment and c.label_smoothing == 0 and c.weight_decay == 0 and c.schedule == "constant"
+    assert c.strategy == "finetune" and c.backbone_lr_mult == 1.0 and c.log_every == 100
+    assert c.precision == "fp32"
+
+
+def test_explicit_settings_win_over_the_recipe():
+    c = TrainConfig.create(recipe="seed", epochs=2, lr=0.01)
+    assert c.epochs == 2 and c.lr == 0.01 and c.optimizer == "sgd"
+
+
+def test_misspelled_setting_and_choice_get_did_you_mean():
+    with pytest.raises(TransferkitError, match="did you mean 'backbone_lr_mult'"):
+        TrainConfig.create(backbone_lr_mul=0.1)
+    with pytest.raises(TransferkitError, match="did you mean 'linear'"):
+        TrainConfig.create(strategy="linaer")
+    with pytest.raises(TransferkitError, match="unknown recipe"):
+        TrainConfig.create(recipe="sed")
+
+
+@pytest.mark.parametrize("bad", [{"epochs": 0}, {"val_split": 1.0}, {"lr": -1}, {"mean": (0.5, 0.5)},
+                                 {"std": (1, 0, 1)}, {"image_size": 4}])
+def test_invalid_values_are_refused(bad):
+    with pytest.raises(TransferkitError):
+        TrainConfig.create(**bad)
+
+
+def test_yaml_round_trip(tmp_path):
+    c = TrainConfig.create(recipe="seed", data="some/folder", mean=(0.1, 0.2, 0.3))
+    path = tmp_path / "config.yaml"
+    path.write_text(c.to_yaml())
+    assert TrainConfig.from_yaml(path) == c
+    assert TrainConfig.from_yaml(path, epochs=3).epochs == 3

@@ -1,0 +1,43 @@
+"""Pretrained weights with their own preprocessing on real photos; checkpoints round-trip exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import needs_weights
+from transferkit.checkpoint import load_model_state, read_meta, save_model
+from transferkit.errors import TransferkitError
+from transferkit.models import create_backbone, rebuild
+from transferkit.predict import Predictor
+
+skimage_data = pytest.importorskip("skimage.data", reason="scikit-image not installed")
+
+
+@needs_weights
+def test_pretrained_mobilenet_names_real_photos():
+    from PIL import Image
+
+    p = Predictor.from_pretrained("mobilenet_v2", "IMAGENET1K_V1", device="cpu")
+    cat, coffee = p.predict([Image.fromarray(skimage_data.chelsea()), Image.fromarray(skimage_data.coffee())], topk=3)
+    assert cat[0][0] in {"tabby", "tiger cat", "Egyptian cat"}, cat
+    assert coffee[0][0] == "espresso", coffee
+
+
+def test_checkpoint_round_trip_gives_identical_logits_and_detects_damage(tmp_path):
+    bb = create_backbone("resnet18", "none", num_classes=4)
+    model = bb.model.eval()
+    meta = {"arch": "resnet18", "head": bb.head, "num_classes": 4}
+    save_model(tmp_path, model, meta)
+    back = rebuild("resnet18", bb.head, 4)
+    back.load_state_dict(load_model_state(tmp_path, read_meta(tmp_path)))
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), back.eval()(x))
+
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(TransferkitError, match="truncated or was altered"):
+        load_model_state(tmp_path, json.loads((tmp_path / "model.json").read_text()))
