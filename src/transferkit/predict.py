@@ -87,7 +87,8 @@ class Predictor:
             with autocast(self.device, self.precision):
                 probs = self.model(x).float().softmax(1).cpu()
             p, idx = probs.topk(k, dim=1)
-            results += [[(self.classes[i], float(v)) for v, i in zip(pr, ix)] for pr, ix in zip(p.tolist(), idx.tolist())]
+            for row_p, row_i in zip(p.tolist(), idx.tolist()):
+                results.append([(self.classes[i], v) for v, i in zip(row_p, row_i)])
         return results
 
     def predict_paths(

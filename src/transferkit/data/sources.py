@@ -184,7 +184,7 @@ def _load_folder(
         raise TransferkitError(
             f"no class folders in {first}; expected {first}/<class name>/<image files>"
         )
-    for split, path in layout.items():
+    for path in layout.values():
         other = _class_dirs(path)
         if other != classes:
             missing, extra = sorted(set(classes) - set(other)), sorted(set(other) - set(classes))
