@@ -25,7 +25,7 @@ def test_train_writes_a_complete_run_folder_and_beats_chance(trained_run, cifar_
     assert meta["versions"]["torch"] == torch.__version__
     report = (out / "report.md").read_text()
     assert "test split" in report and "200 images" in report and "64x64" in report
-    assert "epoch 3/3" in proc.stdout and "run folder:" in proc.stdout
+    assert "epoch 3/3" in proc.stderr and "run folder:" in proc.stdout
     acc = json.loads((out / "report.json").read_text())["accuracy"]
     assert acc > 0.35, f"linear probe on 320 CIFAR-10 images reached only {acc:.1%} (chance is 10%)"
 
@@ -82,13 +82,26 @@ def test_predict_any_image_mode_and_reports_unreadable_files(trained_run, tmp_pa
 
 @needs_cifar
 @needs_weights
-def test_predict_names_real_cifar_images(trained_run):
+def test_predict_names_real_cifar_images(trained_run, tmp_path):
+    """Unseen CIFAR-10 test images (not in the run's train or test subset), predicted by folder."""
     out, _ = trained_run
-    images = [SHARED_CIFAR / "test" / c / "0100.jpg" for c in ("automobile", "ship", "truck", "frog")]
-    proc = run_cli("predict", out, *images, "--topk", "1")
-    assert proc.returncode == 0
+    folder = tmp_path / "unseen"
+    folder.mkdir()
+    for c in sorted(p.name for p in (SHARED_CIFAR / "test").iterdir()):
+        for i in range(500, 505):
+            (folder / f"{c}_{i}.jpg").symlink_to(SHARED_CIFAR / "test" / c / f"{i:04d}.jpg")
+    proc = run_cli("predict", out, folder, "--topk", "1")
+    assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 4 and all("%" in line for line in lines)
+    assert len(lines) == 50
+    right = sum(line.split("/")[-1].split("_")[0] == line.split(": ")[1].rsplit(" ", 1)[0] for line in lines)
+    assert right >= 15, f"{right}/50 right (chance: 5)"
+
+
+def test_a_finished_run_is_not_overwritten_by_accident(trained_run, cifar_small):
+    out, _ = trained_run
+    proc = run_cli("train", "--data", cifar_small, "--out", out)
+    assert proc.returncode == 2 and "--resume" in proc.stderr and "--overwrite" in proc.stderr
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -41,13 +41,17 @@ def test_image_folder_layouts(tmp_path):
 
 
 def test_mixed_sizes_and_modes_are_stored_as_rgb_squares(tmp_path):
-    for c, (mode, size) in {"a": ("L", (120, 80)), "b": ("RGBA", (50, 90))}.items():
-        (tmp_path / c).mkdir()
-        for i in range(2):
-            Image.new(mode, size, 200 if mode == "L" else (10, 20, 30, 255)).save(tmp_path / c / f"{i}.png")
+    images = {"a/0.png": ("L", (120, 80), 200), "a/1.png": ("L", (20, 30), 100),
+              "b/0.png": ("RGBA", (50, 90), (10, 20, 30, 255)), "b/1.png": ("RGBA", (70, 70), (10, 20, 30, 0))}
+    for name, (mode, size, color) in images.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new(mode, size, color).save(tmp_path / name)
     src = load_source(str(tmp_path), storage=STORE)
-    assert src.train.images.shape == (4, 3, 64, 64)
-    assert src.train.images[0].float().mean().item() == pytest.approx(200, abs=1)
+    x = src.train.images.float()
+    assert src.train.images.shape == (4, 3, 64, 64)  # small ones upscaled, large ones center-fitted
+    assert x[0].mean().item() == pytest.approx(200, abs=1) and x[1].mean().item() == pytest.approx(100, abs=1)
+    assert x[2, :, 32, 32].tolist() == [10, 20, 30]
+    assert x[3, :, 32, 32].tolist() == [255, 255, 255]  # transparent pixels show as white
 
 
 def test_bad_folders_are_explained(tmp_path):

@@ -13,11 +13,11 @@ from transferkit.errors import TransferkitError
 from transferkit.models import create_backbone, rebuild
 from transferkit.predict import Predictor
 
-skimage_data = pytest.importorskip("skimage.data", reason="scikit-image not installed")
-
 
 @needs_weights
 def test_pretrained_mobilenet_names_real_photos():
+    """Weights + their own preprocessing: the ImageNet model must see a cat and an espresso."""
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image not installed")
     from PIL import Image
 
     p = Predictor.from_pretrained("mobilenet_v2", "IMAGENET1K_V1", device="cpu")

@@ -110,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if args.resume is not None:
-        result = train(resume=args.resume)
+        result = train(resume=args.resume, **flags)
     elif args.config is not None:
         result = train(TrainConfig.from_yaml(args.config, **flags), overwrite=args.overwrite)
     else:
@@ -209,11 +209,12 @@ class _Format(logging.Formatter):
 
 
 def _setup_logging(quiet: bool) -> None:
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(sys.stderr)  # stdout carries only results (and --json)
     handler.setFormatter(_Format("%(message)s"))
+    handler.setLevel(logging.WARNING if quiet else logging.INFO)
     logger = logging.getLogger("transferkit")
     logger.handlers[:] = [handler]
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.setLevel(logging.INFO)  # the run's train.log gets everything
     logger.propagate = False
 
 

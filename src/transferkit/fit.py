@@ -15,18 +15,30 @@ import torch
 import torchvision
 
 from . import __version__
-from .checkpoint import LAST_FILE, META_FILE, atomic_write, load_last, load_model_state, save_last, save_model
+from .checkpoint import (
+    LAST_FILE,
+    META_FILE,
+    MODEL_FILE,
+    atomic_write,
+    load_last,
+    load_model_state,
+    save_last,
+    save_model,
+)
 from .config import TrainConfig
 from .data.images import resize_for
 from .data.sources import DataSource, Split, Storage, load_source, stratified_split
 from .data.transforms import BatchTransform, batches, num_batches
 from .engine import predict_logits, train_one_epoch
 from .errors import TransferkitError
-from .models import create_backbone, param_groups, replace_head, set_backbone_trainable
+from .models import check_input_size, create_backbone, param_groups, replace_head, set_backbone_trainable
 from .report import classification_metrics, write_report
 from .runtime import pick_device, resolve_precision, seed_everything
 
 log = logging.getLogger(__name__)
+
+RESUMABLE_CHANGES = {"epochs", "device", "workers", "log_every", "compile"}
+RUN_OUTPUTS = ("report*", "eval-*", "curves.png", "train.log")
 
 
 @dataclass
@@ -49,7 +61,15 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     """Train, select on validation, evaluate once on test, write the run folder."""
     started = time.perf_counter()
     if resume is not None:
-        config = TrainConfig.from_yaml(Path(resume) / "config.yaml", out=str(resume))
+        changed = sorted(set(settings) - RESUMABLE_CHANGES)
+        if changed or config is not None:
+            raise TransferkitError(
+                f"--resume continues a run with its own config.yaml; only {', '.join(sorted(RESUMABLE_CHANGES))} "
+                f"may change (not {', '.join(changed) or 'a new config'})"
+            )
+        if not (Path(resume) / "config.yaml").is_file():
+            raise TransferkitError(f"nothing to resume in '{resume}': no config.yaml (is it a run folder?)")
+        config = TrainConfig.from_yaml(Path(resume) / "config.yaml", **settings, out=str(resume))
     elif config is None:
         config = TrainConfig.create(**settings)
     elif settings:
@@ -64,6 +84,10 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
             "replace it, or another --out"
         )
     out.mkdir(parents=True, exist_ok=True)
+    if overwrite and resume is None:
+        for old in [LAST_FILE, MODEL_FILE, META_FILE, "metrics.jsonl", "skipped.txt", *RUN_OUTPUTS]:
+            for f in out.glob(old):
+                f.unlink()
     cfg = cfg.replace(out=str(out))
     file_log = _log_to_file(out / "train.log")
     try:
@@ -86,6 +110,7 @@ def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
     # Backbone first: its weights decide the input size and normalization of the data.
     bb = create_backbone(cfg.model, cfg.weights)
     size = cfg.image_size or bb.preprocessing.image_size
+    check_input_size(bb, size)
     mean, std = cfg.mean or bb.preprocessing.mean, cfg.std or bb.preprocessing.std
     storage = Storage(size, resize_for(size, bb.preprocessing.crop_ratio))
     log.info("model %s, weights %s, input %dpx, mean %s std %s", cfg.model, bb.weights, size,
@@ -131,7 +156,7 @@ def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
         "head": bb.head, "build_kwargs": bb.build_kwargs, "image_size": size,
         "resize_size": storage.resize, "mean": list(mean), "std": list(std),
         "native_size": list(train_split.images.shape[-2:]), "weights": bb.weights, "data": cfg.data,
-        "strategy": cfg.strategy,
+        "strategy": cfg.strategy, "precision": precision,
         "versions": {"transferkit": __version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "python": platform.python_version()},
     }
@@ -139,13 +164,21 @@ def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
     best_acc, best_epoch, first_epoch = -1.0, 0, 1
     if resuming:
         state = load_last(out)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        shuffle_gen.set_state(state["shuffle_rng"])
-        aug_gen.set_state(state["aug_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            shuffle_gen.set_state(state["shuffle_rng"])
+            aug_gen.set_state(state["aug_rng"])
+            torch.set_rng_state(state["torch_rng"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise TransferkitError(
+                f"{out / LAST_FILE} does not fit this run's config.yaml ({type(e).__name__}: {e}); was the "
+                "config edited or the run moved to another device type? Start a new run instead."
+            ) from None
         history = json.loads(state["history"])
+        # Rows written after the checkpoint (a crash between the two) are dropped, not repeated.
+        atomic_write(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         best_acc, best_epoch, first_epoch = state["best_acc"], state["best_epoch"], state["epoch"] + 1
         log.info("resuming %s after epoch %d of %d", out, state["epoch"], cfg.epochs)
     else:
@@ -220,6 +253,11 @@ def _splits(src: DataSource, cfg: TrainConfig) -> tuple[Split, Split | None, Spl
     train, val = src.train, src.val
     if val is None and cfg.val_split > 0:
         keep, held = stratified_split(train.labels, cfg.val_split, cfg.seed)
+        if len(held) == 0:
+            raise TransferkitError(
+                f"{cfg.data} has too few images per class to hold out a validation split; add images, "
+                "a val/ folder, or use --val-split 0 with a test/ folder"
+            )
         train, val = train.subset(keep, "train"), train.subset(held, "val")
     if val is None and src.test is None:
         raise TransferkitError(

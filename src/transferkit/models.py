@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,7 @@ class Preprocessing:
     resize_size: int = 256
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    min_size: int = 1  # the smallest input the architecture accepts
 
     @property
     def crop_ratio(self) -> float:
@@ -145,7 +147,10 @@ def _load_torchvision_state(arch: str, weights) -> dict[str, torch.Tensor]:
     path = local_weight_file(weights)
     if path is None:
         try:
-            return torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True)
+            state = torch.hub.load_state_dict_from_url(
+                weights.url, progress=False, check_hash=True, weights_only=True
+            )
+            return _fix_legacy_keys(arch, state)
         except Exception as e:  # URLError, HTTPError, RuntimeError (hash), OSError
             filename = os.path.basename(weights.url)
             hub = Path(torch.hub.get_dir()) / "checkpoints"
@@ -157,7 +162,19 @@ def _load_torchvision_state(arch: str, weights) -> dict[str, torch.Tensor]:
                 f"--weights path/to/file.pth, or --weights none for random weights.{hint}"
             ) from None
     _check_hash(path)
-    return load_state_file(path)
+    return _fix_legacy_keys(arch, load_state_file(path))
+
+
+_DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+def _fix_legacy_keys(arch: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DenseNet's ImageNet files predate its module names ('norm.1' is now 'norm1')."""
+    if not arch.startswith("densenet"):
+        return state
+    return {(_DENSENET_OLD_KEY.sub(r"\1\2", k)): v for k, v in state.items()}
 
 
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -230,13 +247,15 @@ def create_backbone(
         state = _load_torchvision_state(arch, tv_weights)
         source = f"torchvision:{tv_weights.name} ({os.path.basename(tv_weights.url)})"
 
-    kwargs = {}
+    # Constructor flags that torchvision's own builder sets for these weights.
+    build = {}
     if arch in ("googlenet", "inception_v3"):
-        # The ImageNet weights of these two were trained with an input re-normalization and
-        # auxiliary heads; torchvision's builder sets the same when it loads them.
-        kwargs = dict(aux_logits=True, init_weights=False, transform_input=tv_weights is not None)
-    model = get_model(arch, weights=None, **kwargs)
-    build = {"transform_input": kwargs["transform_input"]} if kwargs else {}
+        # Their ImageNet weights were trained with an input re-normalization.
+        build["transform_input"] = tv_weights is not None
+    if arch.startswith("vit_") and tv_weights is not None:
+        build["image_size"] = tv_weights.meta["min_size"][0]  # SWAG weights run at 384/518 px
+    aux = {"aux_logits": True, "init_weights": False} if arch in ("googlenet", "inception_v3") else {}
+    model = get_model(arch, weights=None, **build, **aux)
     head = head_path(model, arch)
     if state is not None:
         _load_into(model, state, head, weights)
@@ -252,7 +271,8 @@ def create_backbone(
     ref = tv_weights or (enum.DEFAULT if enum is not None else None)
     if ref is not None:
         t = ref.transforms()
-        prep = Preprocessing(t.crop_size[0], t.resize_size[0], tuple(t.mean), tuple(t.std))
+        prep = Preprocessing(t.crop_size[0], t.resize_size[0], tuple(t.mean), tuple(t.std),
+                             min_size=ref.meta.get("min_size", (1, 1))[0])
     categories = list(tv_weights.meta.get("categories", [])) if tv_weights is not None else []
     return Backbone(model, arch, head, prep, source, categories, build)
 
@@ -265,6 +285,23 @@ def rebuild(arch: str, head: str, num_classes: int, build_kwargs: dict | None = 
     model = get_model(arch, weights=None, **kwargs)
     replace_head(model, head, num_classes)
     return model
+
+
+FIXED_SIZE = ("vit_", "maxvit_")  # position embeddings / window partitions fix the input side
+
+
+def check_input_size(bb: Backbone, size: int) -> None:
+    """Refuse an input side the architecture cannot take, before any data is loaded."""
+    if bb.arch.startswith(FIXED_SIZE):
+        native = bb.build_kwargs.get("image_size", bb.preprocessing.image_size)
+        if size != native:
+            raise TransferkitError(
+                f"{bb.arch} only takes {native}x{native} inputs; drop --image-size or set it to {native}"
+            )
+    elif size < bb.preprocessing.min_size:
+        raise TransferkitError(
+            f"{bb.arch} needs inputs of at least {bb.preprocessing.min_size} px; --image-size {size} is too small"
+        )
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], head: str, origin: str) -> None:

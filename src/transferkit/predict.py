@@ -48,7 +48,9 @@ class Predictor:
         model = rebuild(meta["arch"], meta["head"], meta["num_classes"], meta.get("build_kwargs"))
         model.load_state_dict(load_model_state(run_dir, meta))
         return cls(model, meta["classes"], image_size=meta["image_size"], resize_size=meta["resize_size"],
-                   mean=meta["mean"], std=meta["std"], native_size=meta.get("native_size"), device=device)
+                   mean=meta["mean"], std=meta["std"], native_size=meta.get("native_size"), device=device,
+                   # A run trained in fp32 is evaluated in fp32, so eval reproduces its report.
+                   precision="fp32" if meta.get("precision") == "fp32" else "auto")
 
     @classmethod
     def from_pretrained(cls, arch: str, weights: str = "imagenet", device: str = "auto") -> Predictor:

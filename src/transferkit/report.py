@@ -47,7 +47,7 @@ def confusion_png(path: Path, confusion: list[list[int]], classes: list[str], ti
     k = len(classes)
     side = min(4 + 0.45 * k, 30)
     fig, ax = plt.subplots(figsize=(side, side))
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
     if k <= 30:
         ax.set_xticks(range(k), classes, rotation=60, ha="right")
         ax.set_yticks(range(k), classes)

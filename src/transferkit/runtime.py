@@ -41,7 +41,7 @@ def cpu_has_fast_bf16() -> bool:
 def resolve_precision(requested: str, device: torch.device) -> str:
     """'auto' -> 'bf16' where the device computes it natively, else 'fp32' with a notice."""
     if device.type == "cuda":
-        fast = torch.cuda.is_bf16_supported()
+        fast = torch.cuda.is_bf16_supported(including_emulation=False)
     else:
         fast = device.type == "cpu" and cpu_has_fast_bf16()
     if requested == "auto":

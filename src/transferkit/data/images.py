@@ -9,12 +9,14 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
+from ..errors import TransferkitError
+
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 )
 
 
-class UnreadableImage(Exception):
+class UnreadableImage(TransferkitError):
     """A file that is not a decodable image; the message says why."""
 
 
@@ -24,7 +26,7 @@ def open_rgb(path: str | Path) -> Image.Image:
         with Image.open(path) as im:
             im.load()
             im = ImageOps.exif_transpose(im)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
         reason = "empty file" if Path(path).is_file() and Path(path).stat().st_size == 0 else str(e)
         raise UnreadableImage(reason) from None
     return to_rgb(im)

@@ -1,0 +1,77 @@
+"""Training runs through the Python API: resume, config files, strategies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SHARED_CIFAR, link_subset, needs_cifar
+from safetensors.torch import load_file
+
+import transferkit.fit as fit
+from transferkit import TrainConfig, TransferkitError, train
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    if not (SHARED_CIFAR / "train").is_dir():
+        pytest.skip(f"shared CIFAR-10 folder not found at {SHARED_CIFAR}")
+    root = tmp_path_factory.mktemp("tiny")
+    link_subset(SHARED_CIFAR / "train", root / "train", 12, ["airplane", "cat", "ship"])
+    link_subset(SHARED_CIFAR / "test", root / "test", 6, ["airplane", "cat", "ship"])
+    return root
+
+
+def _cfg(tiny, out, **kw):
+    base = dict(data=str(tiny), model="resnet18", weights="none", image_size=32, epochs=3, batch_size=8,
+                val_split=0.25, out=str(out), strategy="gradual", head_epochs=1, workers=1)
+    return TrainConfig.create(**{**base, **kw})
+
+
+@needs_cifar
+def test_resume_after_a_crash_ends_with_the_same_weights(tiny, tmp_path, monkeypatch):
+    straight = train(_cfg(tiny, tmp_path / "straight"))
+
+    real_save_last, calls = fit.save_last, []
+
+    def crash_after_first_epoch(out, state):
+        real_save_last(out, state)
+        calls.append(state["epoch"])
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit, "save_last", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny, tmp_path / "resumed"))
+    monkeypatch.setattr(fit, "save_last", real_save_last)
+    resumed = train(resume=tmp_path / "resumed")
+
+    a, b = load_file(straight.out_dir / "model.safetensors"), load_file(resumed.out_dir / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.accuracy == straight.accuracy
+    rows = [json.loads(x) for x in (resumed.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["backbone_frozen"] for r in rows] == [True, False, False]  # the gradual schedule came back
+
+
+@needs_cifar
+def test_resume_refuses_changing_the_recipe(tiny, tmp_path):
+    train(_cfg(tiny, tmp_path / "r", epochs=1))
+    with pytest.raises(TransferkitError, match="only compile, device, epochs"):
+        train(resume=tmp_path / "r", lr=0.5)
+    more = train(resume=tmp_path / "r", epochs=2)
+    assert [h["epoch"] for h in more.history] == [1, 2]
+
+
+@needs_cifar
+def test_config_file_with_flag_overrides(tiny, tmp_path):
+    path = tmp_path / "my.yaml"
+    path.write_text(f"data: {tiny}\nmodel: resnet18\nweights: none\nimage_size: 32\nlr: 1e-3\n"
+                    f"epochs: 1\nval_split: 0.25\nbatch_size: 8\nout: {tmp_path / 'run'}\n")
+    cfg = TrainConfig.from_yaml(path, strategy="linear")
+    assert cfg.lr == 0.001 and cfg.strategy == "linear"
+    result = train(cfg)
+    saved = TrainConfig.from_yaml(result.out_dir / "config.yaml")
+    assert saved == cfg
+    assert 0 <= result.accuracy <= 1 and result.metrics["images"] == 18
