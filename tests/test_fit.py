@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import SHARED_CIFAR, link_subset, needs_cifar
 from safetensors.torch import load_file
 
 import transferkit.fit as fit
+from conftest import SHARED_CIFAR, link_subset, needs_cifar
 from transferkit import TrainConfig, TransferkitError, train
 
 

@@ -25,16 +25,27 @@ LAST_FILE = "last.pt"
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write `data` to `path` via a temporary file in the same folder and an atomic rename."""
+    """Write `data` to `path` via a temporary file in the same folder and an atomic rename.
+
+    A crash or a full disk midway leaves the previous file as it was, and no temporary file.
+    """
     path = Path(path)
-    raw = data.encode() if isinstance(data, str) else data
+    view = memoryview(data.encode() if isinstance(data, str) else data)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise TransferkitError(
+            f"could not write {path}: {e.strerror or e}; the previous {path.name} is untouched. "
+            "Free some space (or fix the folder's permissions) and resume with --resume"
+        ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -94,8 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
+    from .fit import Interrupted
+
     try:
         return COMMANDS[args.command](args)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
     except TransferkitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ Strategy = Literal["linear", "finetune", "gradual"]
 Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["cosine", "constant"]
 Precision = Literal["auto", "bf16", "fp32"]
+ClassWeights = Literal["none", "auto"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class TrainConfig:
     schedule: Schedule = "cosine"
     warmup_epochs: float = 0.2  # linear warmup from 0, in epochs (fractions allowed)
     label_smoothing: float = 0.1
+    class_weights: ClassWeights = "none"  # auto: weight the loss by inverse class frequency
     augment: bool = True  # random-resized-crop + horizontal flip on training batches
     flip: bool = True  # horizontal flip (turn off for digits and text)
     crop_scale: float = 0.35  # smallest crop area (fraction of the image) of random-resized-crop
@@ -53,6 +55,7 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 2  # threads that decode image files
     log_every: int = 0  # also log the running loss every N batches (0: only per epoch)
+    checkpoint_every: int = 0  # also save last.pt every N steps (it is saved every epoch and every 5 min)
     out: str | None = None  # run folder; None: runs/<data>-<model>-<time>
     recipe: str | None = None
 
@@ -85,6 +88,8 @@ class TrainConfig:
         _check(self.max_train_images is None or self.max_train_images >= 2,
                "max_train_images must be at least 2")
         _check(self.workers >= 0, "workers must be >= 0")
+        _check(self.checkpoint_every >= 0, "checkpoint_every must be >= 0")
+        _check(self.log_every >= 0, "log_every must be >= 0")
         _check(self.head_epochs >= 0, "head_epochs must be >= 0")
         for name in ("mean", "std"):
             v = getattr(self, name)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,50 +25,72 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 def train_one_epoch(
     model: nn.Module, batches: Batches, transform: BatchTransform, optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler, *, device: torch.device, precision: str,
-    label_smoothing: float = 0.0, generator: torch.Generator | None = None, total: int | None = None,
-    log_every: int = 0, desc: str = "train", on_step: Callable[[], None] | None = None,
-) -> dict[str, float]:
-    """Train over `batches` once; returns mean loss, accuracy, images and seconds."""
+    label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None,
+    generator: torch.Generator | None = None, total: int | None = None, start_step: int = 0,
+    running: dict[str, Any] | None = None, log_every: int = 0, desc: str = "train",
+    after_step: Callable[[int, Callable[[], dict[str, Any]]], bool] | None = None,
+) -> dict[str, Any]:
+    """Train over `batches` once, from `start_step` with the `running` sums of a resumed epoch.
+
+    `after_step(step, snapshot)` runs after every step; `snapshot()` gives the running sums to
+    checkpoint, and returning True stops the epoch there. Returns mean loss, accuracy, images,
+    seconds, the last step and whether it stopped early.
+    """
     train_mode(model)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen, start = 0, time.perf_counter()
-    bar = tqdm(batches, total=total, desc=desc, unit="batch", leave=False, disable=None)
-    for step, (images, labels) in enumerate(bar, 1):
+    running = running or {}
+    loss_sum = running.get("loss_sum", torch.zeros((), dtype=torch.float64)).to(device)
+    correct = running.get("correct", torch.zeros((), dtype=torch.long)).to(device)
+    seen, before = int(running.get("seen", 0)), float(running.get("seconds", 0.0))
+    start = time.perf_counter()
+
+    def snapshot() -> dict[str, Any]:
+        check_finite(loss_sum, step)
+        return {"loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": seen,
+                "seconds": before + time.perf_counter() - start}
+
+    def check_finite(value: torch.Tensor, at: int) -> None:
+        if not torch.isfinite(value).all():
+            raise NonFiniteLoss(
+                f"loss became {value.item()} by step {at} (lr {optimizer.param_groups[0]['lr']:.2e}); the last "
+                "good checkpoint is kept. Lower --lr, or use --precision fp32"
+            )
+
+    step, stopped = start_step, False
+    bar = tqdm(batches, total=total, initial=start_step, desc=desc, unit="batch", leave=False, disable=None)
+    for images, labels in bar:
+        step += 1
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         x = transform(images, generator)
         with autocast(device, precision):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(logits.float(), labels, weight=class_weights, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         n = labels.shape[0]
         seen += n
-        loss_sum += loss.detach() * n
+        loss_sum += loss.detach().double() * n
         correct += (logits.argmax(1) == labels).sum()
-        if on_step is not None:
-            on_step()
         if step % 20 == 0 or (log_every and step % log_every == 0):
-            value = loss.item()
-            if not math.isfinite(value):
-                raise TransferkitError(
-                    f"loss became {value} at step {step} (lr {optimizer.param_groups[0]['lr']:.2e}); "
-                    "lower --lr or use --precision fp32"
-                )
-            rate = seen / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{value:.3f}", img_s=f"{rate:.0f}")
+            check_finite(loss_sum, step)
+            rate = (seen - running.get("seen", 0)) / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
             if log_every and step % log_every == 0:
                 log.info("[%s, batch %5d] loss: %.3f", desc, step, loss_sum.item() / seen)
-    seconds = time.perf_counter() - start
+        if after_step is not None and after_step(step, snapshot):
+            stopped = True
+            break
     if seen == 0:
         raise TransferkitError("no training batches: the training split is empty")
-    loss_mean = loss_sum.item() / seen
-    if not math.isfinite(loss_mean):
-        raise TransferkitError(f"training loss is {loss_mean}; lower --lr or use --precision fp32")
-    return {"loss": loss_mean, "acc": correct.item() / seen, "images": seen, "seconds": seconds}
+    check_finite(loss_sum, step)
+    return {"loss": loss_sum.item() / seen, "acc": correct.item() / seen, "images": seen,
+            "seconds": before + time.perf_counter() - start, "step": step, "stopped": stopped}
+
+
+class NonFiniteLoss(TransferkitError):
+    """The loss became NaN or infinite."""
 
 
 @torch.no_grad()

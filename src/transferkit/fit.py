@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import platform
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +30,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data.images import resize_for
-from .data.sources import DataSource, Split, Storage, load_source, stratified_split
+from .data.sources import DataSource, Split, Storage, check_data_arg, load_source, stratified_split
 from .data.transforms import BatchTransform, batches, num_batches
 from .engine import predict_logits, train_one_epoch
 from .errors import TransferkitError
@@ -37,7 +40,7 @@ from .runtime import pick_device, resolve_precision, seed_everything
 
 log = logging.getLogger(__name__)
 
-RESUMABLE_CHANGES = {"epochs", "device", "workers", "log_every", "compile"}
+RESUMABLE_CHANGES = {"epochs", "device", "workers", "log_every", "compile", "checkpoint_every"}
 RUN_OUTPUTS = ("report*", "eval-*", "curves.png", "train.log")
 
 
@@ -106,6 +109,7 @@ def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
     seed_everything(cfg.seed)
     if cfg.recipe:
         log.info("recipe '%s'", cfg.recipe)
+    check_data_arg(cfg.data)
 
     # Backbone first: its weights decide the input size and normalization of the data.
     bb = create_backbone(cfg.model, cfg.weights)
@@ -127,30 +131,14 @@ def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
         log.warning("%d unreadable files skipped; list in %s", len(src.skipped), out / "skipped.txt")
     log.info("data %s: %d classes; train %s; val %s; test %s", cfg.data, len(classes),
              _describe(train_split), _describe(val_split), _describe(test_split))
+    counts = torch.bincount(train_split.labels, minlength=len(classes))
+    _warn_imbalance(counts, classes, cfg.class_weights)
 
     model = bb.model
     replace_head(model, bb.head, len(classes))
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    compiled = torch.compile(model) if cfg.compile else model
-
-    train_tf = BatchTransform(size, mean, std, train=True, augment=cfg.augment, flip=cfg.flip,
-                              scale=(cfg.crop_scale, 1.0), channels_last=cfg.channels_last)
-    eval_tf = BatchTransform(size, mean, std, channels_last=cfg.channels_last)
-    drop_last = len(train_split) % cfg.batch_size == 1  # a batch of one breaks BatchNorm
-    steps = num_batches(len(train_split), cfg.batch_size, drop_last)
-    groups = param_groups(model, bb.head, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_factor(cfg.schedule, steps * cfg.epochs, round(cfg.warmup_epochs * steps))
-    )
-    shuffle_gen = torch.Generator().manual_seed(cfg.seed)
-    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-
     meta = {
         "format": 1, "arch": cfg.model, "num_classes": len(classes), "classes": classes,
         "head": bb.head, "build_kwargs": bb.build_kwargs, "image_size": size,
@@ -160,71 +148,35 @@ def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
         "versions": {"transferkit": __version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "python": platform.python_version()},
     }
-    history: list[dict[str, Any]] = []
-    best_acc, best_epoch, first_epoch = -1.0, 0, 1
-    if resuming:
-        state = load_last(out)
+    loop = _Loop(cfg, out, model, bb.head, device, precision, train_split, val_split, meta,
+                 BatchTransform(size, mean, std, train=True, augment=cfg.augment, flip=cfg.flip,
+                                scale=(cfg.crop_scale, 1.0), channels_last=cfg.channels_last),
+                 BatchTransform(size, mean, std, channels_last=cfg.channels_last),
+                 class_weights=(counts.sum() / (len(classes) * counts.clamp(min=1))).float().to(device)
+                 if cfg.class_weights == "auto" else None)
+    initial = None if resuming else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    while True:
         try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            shuffle_gen.set_state(state["shuffle_rng"])
-            aug_gen.set_state(state["aug_rng"])
-            torch.set_rng_state(state["torch_rng"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise TransferkitError(
-                f"{out / LAST_FILE} does not fit this run's config.yaml ({type(e).__name__}: {e}); was the "
-                "config edited or the run moved to another device type? Start a new run instead."
-            ) from None
-        history = json.loads(state["history"])
-        # Rows written after the checkpoint (a crash between the two) are dropped, not repeated.
-        atomic_write(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-        best_acc, best_epoch, first_epoch = state["best_acc"], state["best_epoch"], state["epoch"] + 1
-        log.info("resuming %s after epoch %d of %d", out, state["epoch"], cfg.epochs)
-    else:
-        (out / "metrics.jsonl").write_text("")
-
-    log.info("training %d epochs x %d steps, batch %d, %s, %s on %s", cfg.epochs, steps, cfg.batch_size,
-             cfg.strategy, precision, device)
-    for epoch in range(first_epoch, cfg.epochs + 1):
-        frozen = cfg.strategy == "linear" or (cfg.strategy == "gradual" and epoch <= cfg.head_epochs)
-        set_backbone_trainable(model, bb.head, not frozen)
-        stats = train_one_epoch(
-            compiled, batches(train_split, cfg.batch_size, shuffle=True, generator=shuffle_gen,
-                              drop_last=drop_last),
-            train_tf, optimizer, scheduler, device=device, precision=precision,
-            label_smoothing=cfg.label_smoothing, generator=aug_gen, total=steps,
-            log_every=cfg.log_every, desc=f"epoch {epoch}/{cfg.epochs}",
-        )
-        val_acc = None
-        if val_split is not None:
-            logits, labels = predict_logits(compiled, batches(val_split, 2 * cfg.batch_size), eval_tf,
-                                            device=device, precision=precision, desc="val")
-            val_acc = (logits.argmax(1) == labels).double().mean().item()
-        row = {"epoch": epoch, "train_loss": stats["loss"], "train_acc": stats["acc"], "val_acc": val_acc,
-               "lr": optimizer.param_groups[0]["lr"], "seconds": stats["seconds"],
-               "img_per_s": stats["images"] / stats["seconds"], "backbone_frozen": frozen}
-        history.append(row)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        log.info("epoch %d/%d  train_loss %.3f  val_acc %s  lr %.1e  %.0f s  %.0f img/s", epoch, cfg.epochs,
-                 stats["loss"], f"{100 * val_acc:.2f}%" if val_acc is not None else "-", row["lr"],
-                 stats["seconds"], row["img_per_s"])
-        if val_acc is None or val_acc > best_acc:
-            best_acc, best_epoch = (val_acc if val_acc is not None else -1.0), epoch
-            save_model(out, model, dict(meta, best_epoch=epoch, val_acc=val_acc, epochs_trained=epoch))
-        save_last(out, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch, "best_acc": best_acc,
-            "best_epoch": best_epoch, "history": json.dumps(history), "shuffle_rng": shuffle_gen.get_state(),
-            "aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
-        })
+            history, best_epoch, best_acc = loop.run(load_last(out) if resuming else None)
+            break
+        except torch.OutOfMemoryError:
+            # Only a fresh run that ran out of memory in its first steps retries, from its start.
+            if initial is None or loop.steps_done > 10 or loop.cfg.batch_size < 2:
+                raise TransferkitError(
+                    f"out of memory with batch size {loop.cfg.batch_size}; lower --batch-size or --image-size"
+                ) from None
+            loop.cfg = loop.cfg.replace(batch_size=loop.cfg.batch_size // 2)
+            log.warning("out of memory: retrying from the start with --batch-size %d (recorded in %s)",
+                        loop.cfg.batch_size, out / "config.yaml")
+            atomic_write(out / "config.yaml", loop.cfg.to_yaml())
+            model.load_state_dict(initial)
+    cfg = loop.cfg
 
     # The selected weights, read back from disk: what is evaluated is exactly what was shipped.
     saved = json.loads((out / META_FILE).read_text())
     model.load_state_dict(load_model_state(out, saved))
     final = test_split if test_split is not None else val_split
-    logits, labels = predict_logits(model, batches(final, 2 * cfg.batch_size), eval_tf, device=device,
+    logits, labels = predict_logits(model, batches(final, 2 * cfg.batch_size), loop.eval_tf, device=device,
                                     precision=precision, desc=final.name)
     metrics = classification_metrics(logits, labels, classes)
     measured_on = (f"{final.name} split of {cfg.data}, {len(final):,} images"
@@ -237,13 +189,175 @@ def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
                   + (f", val acc {100 * best_acc:.2f}% on {len(val_split):,} images)" if val_split else ")"),
         "train images": f"{len(train_split):,}", "optimizer": f"{cfg.optimizer}, lr {cfg.lr:g}, "
         f"backbone x{cfg.backbone_lr_mult:g}, {cfg.schedule}, label smoothing {cfg.label_smoothing:g}",
-        "precision": f"{precision} on {device}", "normalization": f"mean {_fmt(mean)} std {_fmt(std)}",
-        "recipe": cfg.recipe or "defaults",
+        "batch size": cfg.batch_size, "precision": f"{precision} on {device}",
+        "normalization": f"mean {_fmt(mean)} std {_fmt(std)}", "recipe": cfg.recipe or "defaults",
     }
     report = write_report(out, metrics, title=f"{cfg.model} on {cfg.data}", measured_on=measured_on,
                           classes=classes, setup=setup, history=history)
     log.info("report: %s", report)
     return RunResult(out, metrics, measured_on, history)
+
+
+class Interrupted(TransferkitError):
+    """Ctrl-C: the run stopped after a step and saved a checkpoint."""
+
+
+class _Loop:
+    """The epoch loop with its resumable state: everything last.pt holds, and nothing more."""
+
+    def __init__(self, cfg, out, model, head, device, precision, train_split, val_split, meta,
+                 train_tf, eval_tf, class_weights) -> None:
+        self.cfg, self.out, self.model, self.head = cfg, out, model, head
+        self.device, self.precision = device, precision
+        self.train_split, self.val_split, self.meta = train_split, val_split, meta
+        self.train_tf, self.eval_tf, self.class_weights = train_tf, eval_tf, class_weights
+        self.steps_done = 0
+        self.stop_requested = False
+
+    def run(self, state: dict[str, Any] | None) -> tuple[list[dict[str, Any]], int, float]:
+        cfg, model = self.cfg, self.model
+        self.steps_done = 0
+        compiled = torch.compile(model) if cfg.compile else model
+        drop_last = len(self.train_split) % cfg.batch_size == 1  # a batch of one breaks BatchNorm
+        steps = num_batches(len(self.train_split), cfg.batch_size, drop_last)
+        optimizer = _optimizer(cfg, param_groups(model, self.head, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _lr_factor(cfg.schedule, steps * cfg.epochs, round(cfg.warmup_epochs * steps))
+        )
+        shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+        aug_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        history: list[dict[str, Any]] = []
+        best_acc, best_epoch, first_epoch, partial = -1.0, 0, 1, None
+        if state is not None:
+            try:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                shuffle_gen.set_state(state["shuffle_rng"])
+                aug_gen.set_state(state["aug_rng"])
+                torch.set_rng_state(state["torch_rng"])
+            except (RuntimeError, KeyError, ValueError) as e:
+                raise TransferkitError(
+                    f"{self.out / LAST_FILE} does not fit this run's config.yaml ({type(e).__name__}: {e}); "
+                    "was the config edited or the run moved to another device type? Start a new run instead."
+                ) from None
+            history = json.loads(state["history"])
+            best_acc, best_epoch = state["best_acc"], state["best_epoch"]
+            first_epoch = state["epoch"] + (state["step"] is None)
+            partial = None if state["step"] is None else state
+            where = f"epoch {state['epoch']}" + ("" if partial is None else f", step {state['step']}/{steps}")
+            log.info("resuming %s after %s of %d epochs", self.out, where, cfg.epochs)
+        # Rows written after the checkpoint (a crash between the two) are dropped, not repeated.
+        atomic_write(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+        def checkpoint(epoch: int, step: int | None, **extra: Any) -> None:
+            save_last(self.out, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "best_acc": best_acc,
+                "best_epoch": best_epoch, "history": json.dumps(history), "shuffle_rng": shuffle_gen.get_state(),
+                "aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state(), **extra,
+            })
+
+        log.info("training %d epochs x %d steps, batch %d, %s, %s on %s", cfg.epochs, steps, cfg.batch_size,
+                 cfg.strategy, self.precision, self.device)
+        with _first_sigint_stops(self):
+            for epoch in range(first_epoch, cfg.epochs + 1):
+                frozen = cfg.strategy == "linear" or (cfg.strategy == "gradual" and epoch <= cfg.head_epochs)
+                set_backbone_trainable(model, self.head, not frozen)
+                if partial is not None:  # the same image order, from the step after the checkpoint
+                    order, start, running = partial["order"], partial["step"], partial["running"]
+                    partial = None
+                else:
+                    order, start, running = torch.randperm(len(self.train_split), generator=shuffle_gen), 0, None
+                last_save = time.monotonic()
+
+                def after_step(step: int, snapshot, epoch=epoch, order=order) -> bool:
+                    nonlocal last_save
+                    self.steps_done += 1
+                    due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
+                        time.monotonic() - last_save > 60 * CHECKPOINT_MINUTES)
+                    if (due or self.stop_requested) and step < steps:
+                        checkpoint(epoch, step, order=order, running=snapshot())
+                        last_save = time.monotonic()
+                    return self.stop_requested
+
+                stats = train_one_epoch(
+                    compiled, batches(self.train_split, cfg.batch_size, order=order, start=start, drop_last=drop_last),
+                    self.train_tf, optimizer, scheduler, device=self.device, precision=self.precision,
+                    label_smoothing=cfg.label_smoothing, class_weights=self.class_weights, generator=aug_gen,
+                    total=steps, start_step=start, running=running, log_every=cfg.log_every,
+                    desc=f"epoch {epoch}/{cfg.epochs}", after_step=after_step,
+                )
+                if stats.get("stopped") and stats["step"] < steps:
+                    raise Interrupted(
+                        f"interrupted at epoch {epoch}, step {stats['step']}/{steps}; checkpoint saved. "
+                        f"Resume with: transferkit train --resume {self.out}"
+                    )
+                val_acc = None
+                if self.val_split is not None:
+                    logits, labels = predict_logits(compiled, batches(self.val_split, 2 * cfg.batch_size),
+                                                    self.eval_tf, device=self.device, precision=self.precision,
+                                                    desc="val")
+                    val_acc = (logits.argmax(1) == labels).double().mean().item()
+                row = {"epoch": epoch, "train_loss": stats["loss"], "train_acc": stats["acc"], "val_acc": val_acc,
+                       "lr": optimizer.param_groups[0]["lr"], "seconds": stats["seconds"],
+                       "img_per_s": stats["images"] / max(stats["seconds"], 1e-9), "backbone_frozen": frozen}
+                history.append(row)
+                atomic_write(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+                log.info("epoch %d/%d  train_loss %.3f  val_acc %s  lr %.1e  %.0f s  %.0f img/s", epoch,
+                         cfg.epochs, stats["loss"], f"{100 * val_acc:.2f}%" if val_acc is not None else "-",
+                         row["lr"], stats["seconds"], row["img_per_s"])
+                if val_acc is None or val_acc > best_acc:
+                    best_acc, best_epoch = (val_acc if val_acc is not None else -1.0), epoch
+                    save_model(self.out, model, dict(self.meta, best_epoch=epoch, val_acc=val_acc,
+                                                     epochs_trained=epoch, batch_size=cfg.batch_size))
+                checkpoint(epoch, None)
+                if self.stop_requested and epoch < cfg.epochs:
+                    raise Interrupted(f"interrupted after epoch {epoch}; checkpoint saved. "
+                                      f"Resume with: transferkit train --resume {self.out}")
+        return history, best_epoch, best_acc
+
+
+CHECKPOINT_MINUTES = 5  # mid-epoch checkpoints at least this often, besides --checkpoint-every
+
+
+@contextlib.contextmanager
+def _first_sigint_stops(loop: _Loop):
+    """First Ctrl-C: finish the step, save, stop. Second Ctrl-C: stop at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if loop.stop_requested:
+            raise KeyboardInterrupt
+        loop.stop_requested = True
+        log.warning("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abort now)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _warn_imbalance(counts: torch.Tensor, classes: list[str], class_weights: str) -> None:
+    small = [f"{classes[i]} ({int(n)})" for i, n in enumerate(counts) if n < SMALL_CLASS]
+    if small:
+        log.warning("very small classes in train: %s; their scores will be unreliable", ", ".join(small))
+    ratio = counts.max().item() / max(1, counts.min().item())
+    if ratio > IMBALANCE_RATIO and class_weights == "none":
+        log.warning("heavy class imbalance (largest/smallest class %.0fx); consider --class-weights auto", ratio)
+
+
+SMALL_CLASS = 10  # training images
+IMBALANCE_RATIO = 10
 
 
 def _splits(src: DataSource, cfg: TrainConfig) -> tuple[Split, Split | None, Split | None]:

@@ -73,11 +73,19 @@ def load_source(
 
     `max_train_images` keeps a stratified subset of train (before decoding, for folders).
     """
+    check_data_arg(data)
     if is_named(data):
         src = _load_named(data.lower(), data_dir, splits)
         if src.train is not None and max_train_images:
             src.train = src.train.subset(stratified_subset(src.train.labels, max_train_images, seed))
         return src
+    return _load_folder(Path(data).expanduser(), storage, splits, workers, max_train_images, seed)
+
+
+def check_data_arg(data: str) -> None:
+    """Refuse a --data that is neither a known set nor a folder, before any heavy work."""
+    if is_named(data):
+        return
     root = Path(data).expanduser()
     if not root.exists():
         raise TransferkitError(
@@ -88,7 +96,6 @@ def load_source(
         )
     if not root.is_dir():
         raise TransferkitError(f"data '{data}' is a file; pass a folder of class sub-folders")
-    return _load_folder(root, storage, splits, workers, max_train_images, seed)
 
 
 # --- named sets ---------------------------------------------------------------------------

@@ -67,18 +67,16 @@ class BatchTransform:
 
 
 def batches(
-    split: Split, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
-    drop_last: bool = False,
+    split: Split, batch_size: int, *, order: torch.Tensor | None = None, start: int = 0, drop_last: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (uint8 images, labels) slices of a split; shuffled with `generator` when asked."""
+    """Yield (uint8 images, labels) slices of a split, in `order` if given, from batch `start`."""
     n = len(split)
-    order = torch.randperm(n, generator=generator) if shuffle else None
     stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
+    for first in range(start * batch_size, stop, batch_size):
         if order is None:
-            yield split.images[start:start + batch_size], split.labels[start:start + batch_size]
+            yield split.images[first:first + batch_size], split.labels[first:first + batch_size]
         else:
-            idx = order[start:start + batch_size]
+            idx = order[first:first + batch_size]
             yield split.images[idx], split.labels[idx]
 
 

@@ -1,0 +1,209 @@
+"""Never lose a run: kills, Ctrl-C, full disks, hostile files, broken images, NaNs, OOM, fuzzed input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import transferkit.checkpoint as ckpt
+from conftest import SHARED_CIFAR, link_subset, run_cli
+from transferkit import TrainConfig, TransferkitError, train
+
+CLASSES = ["airplane", "cat", "ship"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    if not (SHARED_CIFAR / "train").is_dir():
+        pytest.skip(f"shared CIFAR-10 folder not found at {SHARED_CIFAR}")
+    root = tmp_path_factory.mktemp("tiny")
+    link_subset(SHARED_CIFAR / "train", root / "train", 12, CLASSES)
+    link_subset(SHARED_CIFAR / "test", root / "test", 6, CLASSES)
+    return root
+
+
+def train_args(data, out):
+    return ["train", "--data", data, "--model", "resnet18", "--weights", "none", "--image-size", "32",
+            "--epochs", "3", "--batch-size", "4", "--val-split", "0.25", "--strategy", "gradual",
+            "--workers", "1", "--checkpoint-every", "1", "--out", out]
+
+
+def start(*args):
+    return subprocess.Popen([sys.executable, "-m", "transferkit", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoints(proc, path, count, timeout=120):
+    """Return once `path` has been (re)written `count` more times, or the process ended."""
+    seen, last, deadline = 0, None, time.monotonic() + timeout
+    while seen < count and proc.poll() is None and time.monotonic() < deadline:
+        try:
+            stamp = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            stamp = None
+        if stamp is not None and stamp != last:
+            seen, last = seen + 1, stamp
+        time.sleep(0.002)
+
+
+def outcome(run):
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    keep = ("epoch", "train_loss", "train_acc", "val_acc", "lr", "backbone_frozen")
+    return ([{k: r[k] for k in keep} for r in rows], json.loads((run / "report.json").read_text())["accuracy"],
+            load_file(run / "model.safetensors"))
+
+
+def same(a, b):
+    assert a[0] == b[0] and a[1] == b[1]
+    assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+
+
+def test_sigkill_at_random_points_then_resume_gives_identical_results(tiny, tmp_path):
+    straight = tmp_path / "straight"
+    proc = run_cli(*train_args(tiny, straight))
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "killed"
+    rng = random.Random(7)
+    p = start(*train_args(tiny, run))
+    kills = 0
+    for count in (1, 5, 9):  # several points, across epochs; the jitter lands some kills mid-write
+        wait_for_checkpoints(p, run / "last.pt", count)
+        time.sleep(rng.uniform(0, 0.05))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait()
+        p = start("train", "--resume", run)
+    assert p.wait() == 0, p.stderr.read()
+    assert kills >= 2
+    same(outcome(straight), outcome(run))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny, tmp_path):
+    straight = tmp_path / "straight"
+    assert run_cli(*train_args(tiny, straight)).returncode == 0
+    run = tmp_path / "interrupted"
+    p = start(*train_args(tiny, run))
+    wait_for_checkpoints(p, run / "last.pt", 3)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert f"transferkit train --resume {run}" in err and "Traceback" not in err
+    assert run_cli("train", "--resume", run).returncode == 0
+    same(outcome(straight), outcome(run))
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    ckpt.save_last(tmp_path, {"epoch": 1, "w": torch.ones(3)})
+    real_write = os.write
+
+    def disk_full(fd, data):
+        real_write(fd, data[: len(data) // 3])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", disk_full)
+    with pytest.raises(TransferkitError, match="No space left.*previous last.pt is untouched"):
+        ckpt.save_last(tmp_path, {"epoch": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    state = ckpt.load_last(tmp_path)
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert [f.name for f in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_a_checkpoint_carrying_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(TrainConfig.create(data=str(tmp_path), weights="none").to_yaml())
+    torch.save({"model": Payload()}, run / "last.pt")
+    proc = run_cli("train", "--resume", run)
+    assert proc.returncode == 2 and "last.pt" in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
+def _png_claiming(width, height):
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_broken_files_are_listed_and_training_goes_on(tiny, tmp_path):
+    data = tmp_path / "data"
+    link_subset(SHARED_CIFAR / "train", data / "train", 8, CLASSES)
+    link_subset(SHARED_CIFAR / "test", data / "test", 4, CLASSES)
+    good = (data / "train" / "cat").iterdir().__next__().read_bytes()
+    broken = {"train/cat/truncated.jpg": good[: len(good) // 3], "train/cat/zero.jpg": b"",
+              "train/ship/text.jpg": b"this is not a picture", "test/ship/huge.png": _png_claiming(90000, 90000)}
+    for name, raw in broken.items():
+        (data / name).write_bytes(raw)
+    result = train(TrainConfig.create(data=str(data), model="resnet18", weights="none", image_size=32, epochs=1,
+                                      batch_size=8, val_split=0.25, out=str(tmp_path / "run"), workers=1))
+    listed = (tmp_path / "run" / "skipped.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in listed) == sorted(str(data / n) for n in broken)
+    assert all(line.split("\t")[1] for line in listed)  # every one with its reason
+    assert "empty file" in "".join(listed)
+    assert result.metrics["images"] == 12  # the test split without the broken file
+
+
+def test_nan_loss_stops_with_step_lr_and_hint(tiny, tmp_path):
+    cfg = TrainConfig.create(data=str(tiny), model="resnet18", weights="none", image_size=32, epochs=1,
+                             batch_size=4, optimizer="sgd", lr=1e12, warmup_epochs=0, val_split=0.25,
+                             out=str(tmp_path / "run"), workers=1, checkpoint_every=1)
+    with pytest.raises(TransferkitError, match=r"loss became .* step \d+ \(lr 1\.00e\+12\).*--lr"):
+        train(cfg)
+    if (tmp_path / "run" / "last.pt").exists():  # whatever was saved is finite
+        state = ckpt.load_last(tmp_path / "run")
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_out_of_memory_in_the_first_steps_retries_with_half_the_batch(tiny, tmp_path, monkeypatch, caplog):
+    from transferkit.data import transforms
+
+    real_call = transforms.BatchTransform.__call__
+
+    def small_memory(self, images, generator=None):
+        if images.shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_call(self, images, generator)
+
+    monkeypatch.setattr(transforms.BatchTransform, "__call__", small_memory)
+    result = train(TrainConfig.create(data=str(tiny), model="resnet18", weights="none", image_size=32, epochs=1,
+                                      batch_size=16, val_split=0.25, out=str(tmp_path / "run"), workers=1))
+    assert TrainConfig.from_yaml(tmp_path / "run" / "config.yaml").batch_size == 4
+    assert "retrying from the start with --batch-size 8" in caplog.text
+    assert "--batch-size 4" in caplog.text and result.metrics["images"] == 18
+
+
+def test_small_and_imbalanced_classes_get_a_warning(tmp_path, caplog):
+    for c, n in {"many": 40, "few": 3}.items():
+        (tmp_path / c).mkdir()
+        for i in range(n):
+            Image.new("RGB", (16, 16), (i * 5 % 255, 10 if c == "many" else 200, 0)).save(tmp_path / c / f"{i}.png")
+    train(TrainConfig.create(data=str(tmp_path), model="resnet18", weights="none", image_size=32, epochs=1,
+                             batch_size=8, val_split=0.3, out=str(tmp_path.parent / "imb"), workers=1,
+                             class_weights="auto"))
+    assert "very small classes in train: few (2)" in caplog.text
+    caplog.clear()
+    train(TrainConfig.create(data=str(tmp_path), model="resnet18", weights="none", image_size=32, epochs=1,
+                             batch_size=8, val_split=0.3, out=str(tmp_path.parent / "imb2"), workers=1))
+    assert "--class-weights auto" in caplog.text
