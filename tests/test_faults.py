@@ -71,10 +71,16 @@ def same(a, b):
     assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
 
 
-def test_sigkill_at_random_points_then_resume_gives_identical_results(tiny, tmp_path):
-    straight = tmp_path / "straight"
-    proc = run_cli(*train_args(tiny, straight))
+@pytest.fixture(scope="module")
+def straight(tiny, tmp_path_factory):
+    """The uninterrupted run that interrupted ones must reproduce."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    proc = run_cli(*train_args(tiny, out))
     assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_sigkill_at_random_points_then_resume_gives_identical_results(tiny, straight, tmp_path):
     run = tmp_path / "killed"
     rng = random.Random(7)
     p = start(*train_args(tiny, run))
@@ -92,9 +98,7 @@ def test_sigkill_at_random_points_then_resume_gives_identical_results(tiny, tmp_
     same(outcome(straight), outcome(run))
 
 
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny, tmp_path):
-    straight = tmp_path / "straight"
-    assert run_cli(*train_args(tiny, straight)).returncode == 0
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny, straight, tmp_path):
     run = tmp_path / "interrupted"
     p = start(*train_args(tiny, run))
     wait_for_checkpoints(p, run / "last.pt", 3)
@@ -169,7 +173,7 @@ def test_nan_loss_stops_with_step_lr_and_hint(tiny, tmp_path):
     cfg = TrainConfig.create(data=str(tiny), model="resnet18", weights="none", image_size=32, epochs=1,
                              batch_size=4, optimizer="sgd", lr=1e12, warmup_epochs=0, val_split=0.25,
                              out=str(tmp_path / "run"), workers=1, checkpoint_every=1)
-    with pytest.raises(TransferkitError, match=r"loss became .* step \d+ \(lr 1\.00e\+12\).*--lr"):
+    with pytest.raises(TransferkitError, match=r"loss became .* step \d+ \(lr [0-9.]+e\+1[12]\).*--lr"):
         train(cfg)
     if (tmp_path / "run" / "last.pt").exists():  # whatever was saved is finite
         state = ckpt.load_last(tmp_path / "run")
@@ -182,7 +186,7 @@ def test_out_of_memory_in_the_first_steps_retries_with_half_the_batch(tiny, tmp_
     real_call = transforms.BatchTransform.__call__
 
     def small_memory(self, images, generator=None):
-        if images.shape[0] > 4:
+        if self.random and images.shape[0] > 4:  # training batches only
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_call(self, images, generator)
 

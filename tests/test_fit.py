@@ -58,7 +58,7 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tiny, tmp_path, monkeyp
 @needs_cifar
 def test_resume_refuses_changing_the_recipe(tiny, tmp_path):
     train(_cfg(tiny, tmp_path / "r", epochs=1))
-    with pytest.raises(TransferkitError, match="only compile, device, epochs"):
+    with pytest.raises(TransferkitError, match="only checkpoint_every, compile, device, epochs.*not lr"):
         train(resume=tmp_path / "r", lr=0.5)
     more = train(resume=tmp_path / "r", epochs=2)
     assert [h["epoch"] for h in more.history] == [1, 2]
@@ -75,3 +75,16 @@ def test_config_file_with_flag_overrides(tiny, tmp_path):
     saved = TrainConfig.from_yaml(result.out_dir / "config.yaml")
     assert saved == cfg
     assert 0 <= result.accuracy <= 1 and result.metrics["images"] == 18
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Debian package dataset-fashion-mnist not installed (scripts/setup.sh installs it)")
+def test_fashion_mnist_linear_probe_through_the_api(tmp_path):
+    from conftest import needs_weights
+
+    if needs_weights.args[0]:
+        pytest.skip(needs_weights.kwargs["reason"])
+    result = train(TrainConfig.create(recipe="demo", strategy="linear", max_train_images=1000, image_size=32,
+                                      epochs=2, lr=5e-3, out=str(tmp_path / "fm")))
+    assert result.metrics["images"] == 10000 and "test split of fashion-mnist" in result.measured_on
+    assert result.accuracy > 0.6, f"{result.accuracy:.1%} on Fashion-MNIST test (chance 10%)"

@@ -28,7 +28,11 @@ def _image_bytes(mode, size, fmt, seed):
     rgb = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
     img = Image.fromarray(rgb).convert(mode)
     buf = io.BytesIO()
-    img.save(buf, format=fmt)
+    try:
+        img.save(buf, format=fmt)
+    except OSError:  # this format cannot hold this mode
+        buf = io.BytesIO()
+        img.save(buf, format="TIFF")
     return buf.getvalue()
 
 

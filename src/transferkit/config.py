@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -107,7 +108,8 @@ class TrainConfig:
                 raise TransferkitError(f"unknown setting '{key}'" + did_you_mean(key, names))
         merged: dict[str, Any] = {}
         if recipe is not None:
-            if recipe not in RECIPES:
+            if not isinstance(recipe, str) or recipe not in RECIPES:
+                recipe = str(recipe)
                 raise TransferkitError(
                     f"unknown recipe '{recipe}'" + did_you_mean(recipe, RECIPES)
                     + f"; recipes: {', '.join(RECIPES)}"
@@ -153,10 +155,10 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
     else:
         try:
             number = kind(float(value)) if kind is int else float(value)
-            if kind is int and float(value) != number:
+            if (kind is int and float(value) != number) or not math.isfinite(number) or isinstance(value, bool):
                 raise ValueError
             return number
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             pass
     what = {int: "a whole number", float: "a number", bool: "true or false"}[kind]
     raise TransferkitError(f"{name} must be {what}, not {value!r}")

@@ -103,6 +103,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
 
 
 def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
+    state = load_last(out) if resuming else None  # a bad checkpoint stops us before any heavy work
     atomic_write(out / "config.yaml", cfg.to_yaml())
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -157,7 +158,7 @@ def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
     initial = None if resuming else {k: v.detach().clone() for k, v in model.state_dict().items()}
     while True:
         try:
-            history, best_epoch, best_acc = loop.run(load_last(out) if resuming else None)
+            history, best_epoch, best_acc = loop.run(state)
             break
         except torch.OutOfMemoryError:
             # Only a fresh run that ran out of memory in its first steps retries, from its start.

@@ -1,0 +1,104 @@
+"""Training throughput: the classic tutorial loop against transferkit's pipeline, same model and steps.
+
+    .venv/bin/python benchmarks/throughput.py [--steps 8] [--size 224] [--models resnet18 mobilenet_v2]
+
+Classic: a folder dataset of PIL images, Resize((size, size)) + ToTensor, DataLoader(batch 64,
+2 workers, shuffle), fp32 SGD. transferkit: images decoded once into a uint8 tensor, batched
+random-resized-crop + flip + normalize, channels_last, precision auto (bf16 only where native).
+Random weights (throughput does not depend on them). Data: ../shared/data/cifar10/train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader
+from torchvision import transforms
+
+from transferkit.data.sources import Storage, load_source
+from transferkit.data.transforms import BatchTransform, batches
+from transferkit.runtime import autocast, resolve_precision
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "train"
+
+
+def timed_steps(step, loader, steps: int, warmup: int = 2) -> float:
+    """Images per second over `steps` steps after `warmup` untimed ones (data loading included)."""
+    it = iter(loader)
+    for _ in range(warmup):
+        step(*next(it))
+    n, start = 0, time.perf_counter()
+    for _ in range(steps):
+        x, y = next(it)
+        step(x, y)
+        n += len(y)
+    return n / (time.perf_counter() - start)
+
+
+def classic(arch: str, size: int, steps: int, batch: int, subset: list[int]) -> float:
+    tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
+    ds = torch.utils.data.Subset(torchvision.datasets.ImageFolder(str(DATA), transform=tf), subset)
+    loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=2, drop_last=True)
+    model = torchvision.models.get_model(arch, num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    model.train()
+
+    def step(x, y):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return timed_steps(step, loader, steps)
+
+
+def transferkit_pipeline(arch: str, size: int, steps: int, batch: int, count: int) -> tuple[float, str]:
+    device = torch.device("cpu")
+    precision = resolve_precision("auto", device)
+    src = load_source(str(DATA.parent), storage=Storage(size, round(size / 0.875)), splits=("train",),
+                      max_train_images=count)
+    tf = BatchTransform(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), train=True, channels_last=True)
+    model = torchvision.models.get_model(arch, num_classes=10).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+
+    def step(x, y):
+        with autocast(device, precision):
+            logits = model(tf(x, gen))
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    order = torch.randperm(len(src.train), generator=gen)
+    return timed_steps(step, batches(src.train, batch, order=order, drop_last=True), steps), precision
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
+    args = p.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"needs the shared CIFAR-10 folder at {DATA}")
+    count = (args.steps + 3) * args.batch_size
+    subset = torch.randperm(50000, generator=torch.Generator().manual_seed(0))[:count].tolist()
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads; {args.steps} steps of batch {args.batch_size} at {args.size} px")
+    for arch in args.models:
+        a = classic(arch, args.size, args.steps, args.batch_size, subset)
+        b, precision = transferkit_pipeline(arch, args.size, args.steps, args.batch_size, count)
+        print(f"{arch:<14} classic {a:6.1f} img/s   transferkit ({precision}) {b:6.1f} img/s   ratio {b / a:.2f}x",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
