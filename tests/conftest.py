@@ -36,6 +36,18 @@ needs_weights = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Tests (and the CLI processes they start) use a cache of their own, never the user's."""
+    old = os.environ.get("TRANSFERKIT_CACHE")
+    os.environ["TRANSFERKIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield Path(os.environ["TRANSFERKIT_CACHE"])
+    if old is None:
+        del os.environ["TRANSFERKIT_CACHE"]
+    else:
+        os.environ["TRANSFERKIT_CACHE"] = old
+
+
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `python -m transferkit ARGS` and capture its output."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -53,6 +53,8 @@ class TrainConfig:
     precision: Precision = "auto"  # auto: bf16 where the hardware runs it fast, else fp32
     channels_last: bool = True
     compile: bool = False
+    cache: bool = True  # cache decoded image folders and frozen features under $TRANSFERKIT_CACHE
+    feature_cache: bool = True  # 'linear': train the head on cached features (un-augmented, one view)
     device: str = "auto"
     workers: int = 2  # threads that decode image files
     log_every: int = 0  # also log the running loss every N batches (0: only per epoch)

@@ -34,6 +34,7 @@ from .data.sources import DataSource, Split, Storage, check_data_arg, load_sourc
 from .data.transforms import BatchTransform, batches, num_batches
 from .engine import predict_logits, train_one_epoch
 from .errors import TransferkitError
+from .features import Identity, features, supports_feature_cache
 from .models import check_input_size, create_backbone, param_groups, replace_head, set_backbone_trainable
 from .report import classification_metrics, write_report
 from .runtime import pick_device, resolve_precision, seed_everything
@@ -122,7 +123,8 @@ def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
              _fmt(mean), _fmt(std))
 
     src = load_source(cfg.data, storage=storage, data_dir=cfg.data_dir, splits=("train", "val", "test"),
-                      workers=cfg.workers, max_train_images=cfg.max_train_images, seed=cfg.seed)
+                      workers=cfg.workers, max_train_images=cfg.max_train_images, seed=cfg.seed,
+                      use_cache=cfg.cache)
     train_split, val_split, test_split = _splits(src, cfg)
     classes = src.classes
     if len(classes) < 2:
@@ -149,11 +151,23 @@ def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
         "versions": {"transferkit": __version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "python": platform.python_version()},
     }
-    loop = _Loop(cfg, out, model, bb.head, device, precision, train_split, val_split, meta,
-                 BatchTransform(size, mean, std, train=True, augment=cfg.augment, flip=cfg.flip,
-                                scale=(cfg.crop_scale, 1.0), channels_last=cfg.channels_last),
-                 BatchTransform(size, mean, std, channels_last=cfg.channels_last),
-                 class_weights=(counts.sum() / (len(classes) * counts.clamp(min=1))).float().to(device)
+    train_tf = BatchTransform(size, mean, std, train=True, augment=cfg.augment, flip=cfg.flip,
+                              scale=(cfg.crop_scale, 1.0), channels_last=cfg.channels_last)
+    eval_tf = BatchTransform(size, mean, std, channels_last=cfg.channels_last)
+    splits = (train_split, val_split, test_split)
+    runner = model  # what runs forward in training and evaluation
+    if cfg.strategy == "linear" and cfg.feature_cache and supports_feature_cache(model, bb.head):
+        # A frozen backbone maps each image to the same feature every epoch: compute it once
+        # (un-augmented), cache it on disk, and train and evaluate only the head on it.
+        set_backbone_trainable(model, bb.head, False)
+        identity = {"arch": cfg.model, "weights": bb.weights, "build": bb.build_kwargs, "size": size,
+                    "mean": list(mean), "std": list(std), "storage": list(storage.__dict__.values())}
+        splits = tuple(None if s is None else features(
+            model, bb.head, s, eval_tf, device=device, precision=precision, batch_size=2 * cfg.batch_size,
+            identity=identity, use_cache=cfg.cache) for s in splits)
+        runner, train_tf, eval_tf = model.get_submodule(bb.head), Identity(), Identity()
+    loop = _Loop(cfg, out, model, runner, bb.head, device, precision, splits[0], splits[1], meta, train_tf,
+                 eval_tf, class_weights=(counts.sum() / (len(classes) * counts.clamp(min=1))).float().to(device)
                  if cfg.class_weights == "auto" else None)
     initial = None if resuming else {k: v.detach().clone() for k, v in model.state_dict().items()}
     while True:
@@ -176,9 +190,10 @@ def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
     # The selected weights, read back from disk: what is evaluated is exactly what was shipped.
     saved = json.loads((out / META_FILE).read_text())
     model.load_state_dict(load_model_state(out, saved))
-    final = test_split if test_split is not None else val_split
-    logits, labels = predict_logits(model, batches(final, 2 * cfg.batch_size), loop.eval_tf, device=device,
+    final = splits[2] if test_split is not None else splits[1]
+    logits, labels = predict_logits(runner, batches(final, 2 * cfg.batch_size), eval_tf, device=device,
                                     precision=precision, desc=final.name)
+    final = test_split if test_split is not None else val_split
     metrics = classification_metrics(logits, labels, classes)
     measured_on = (f"{final.name} split of {cfg.data}, {len(final):,} images"
                    + ("" if final is test_split else " (no test split: the validation split, also used "
@@ -206,9 +221,10 @@ class Interrupted(TransferkitError):
 class _Loop:
     """The epoch loop with its resumable state: everything last.pt holds, and nothing more."""
 
-    def __init__(self, cfg, out, model, head, device, precision, train_split, val_split, meta,
+    def __init__(self, cfg, out, model, runner, head, device, precision, train_split, val_split, meta,
                  train_tf, eval_tf, class_weights) -> None:
-        self.cfg, self.out, self.model, self.head = cfg, out, model, head
+        # `model` is what gets saved; `runner` what runs forward (the head alone on cached features).
+        self.cfg, self.out, self.model, self.runner, self.head = cfg, out, model, runner, head
         self.device, self.precision = device, precision
         self.train_split, self.val_split, self.meta = train_split, val_split, meta
         self.train_tf, self.eval_tf, self.class_weights = train_tf, eval_tf, class_weights
@@ -218,7 +234,7 @@ class _Loop:
     def run(self, state: dict[str, Any] | None) -> tuple[list[dict[str, Any]], int, float]:
         cfg, model = self.cfg, self.model
         self.steps_done = 0
-        compiled = torch.compile(model) if cfg.compile else model
+        compiled = torch.compile(self.runner) if cfg.compile else self.runner
         drop_last = len(self.train_split) % cfg.batch_size == 1  # a batch of one breaks BatchNorm
         steps = num_batches(len(self.train_split), cfg.batch_size, drop_last)
         optimizer = _optimizer(cfg, param_groups(model, self.head, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay))

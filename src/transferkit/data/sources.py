@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import cache
 from ..errors import TransferkitError, did_you_mean
 from .images import IMAGE_EXTENSIONS, UnreadableImage, center_fit, open_rgb, pil_to_tensor
 
@@ -67,11 +69,12 @@ def is_named(data: str) -> bool:
 
 def load_source(
     data: str, *, storage: Storage, data_dir: str | None = None, splits: Sequence[str] = ("train", "test"),
-    workers: int = 2, max_train_images: int | None = None, seed: int = 0,
+    workers: int = 2, max_train_images: int | None = None, seed: int = 0, use_cache: bool = True,
 ) -> DataSource:
     """Load a named set or an image folder. `splits` picks which of train/val/test to decode.
 
     `max_train_images` keeps a stratified subset of train (before decoding, for folders).
+    Decoded folders are cached on disk (see cache.py) unless `use_cache` is False.
     """
     check_data_arg(data)
     if is_named(data):
@@ -79,7 +82,7 @@ def load_source(
         if src.train is not None and max_train_images:
             src.train = src.train.subset(stratified_subset(src.train.labels, max_train_images, seed))
         return src
-    return _load_folder(Path(data).expanduser(), storage, splits, workers, max_train_images, seed)
+    return _load_folder(Path(data).expanduser(), storage, splits, workers, max_train_images, seed, use_cache)
 
 
 def check_data_arg(data: str) -> None:
@@ -182,7 +185,8 @@ def folder_layout(root: Path) -> dict[str, Path]:
 
 
 def _load_folder(
-    root: Path, storage: Storage, splits: Sequence[str], workers: int, max_train: int | None, seed: int
+    root: Path, storage: Storage, splits: Sequence[str], workers: int, max_train: int | None, seed: int,
+    use_cache: bool = True,
 ) -> DataSource:
     layout = folder_layout(root)
     first = next(iter(layout.values()))
@@ -211,16 +215,33 @@ def _load_folder(
         if split == "train" and max_train:
             keep = stratified_subset(torch.tensor(labels), max_train, seed).tolist()
             paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
-        setattr(out, split, _decode(split, paths, labels, storage, workers, out.skipped))
+        setattr(out, split, _decode_cached(split, paths, labels, storage, workers, out.skipped, use_cache))
     return out
 
 
-def decode_files(
-    paths: Sequence[Path], labels: Sequence[int], storage: Storage, workers: int,
-    skipped: list[tuple[str, str]], name: str = "images",
-) -> Split:
-    """Decode files into one uint8 tensor; unreadable ones go to `skipped` with the reason."""
-    return _decode(name, paths, labels, storage, workers, skipped)
+def _decode_cached(name, paths, labels, storage, workers, skipped, use_cache: bool) -> Split:
+    """Decode once; later runs on the same files (same paths, sizes, mtimes) and storage read the cache."""
+    if not use_cache:
+        return _decode(name, paths, labels, storage, workers, skipped)
+    stats = []
+    for p in paths:
+        try:
+            st = p.stat()
+            stats.append((str(p.resolve()), st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append((str(p), -1, -1))
+    key = cache.digest("decoded", storage.size, storage.resize, stats, list(labels))
+    hit = cache.load("decoded", key)
+    if hit is not None:
+        tensors, meta = hit
+        skipped += [tuple(x) for x in json.loads(meta.get("skipped", "[]"))]
+        log.info("%s: %d decoded images from the cache", name, len(tensors["labels"]))
+        return Split(name, tensors["images"], tensors["labels"])
+    mine: list[tuple[str, str]] = []
+    split = _decode(name, paths, labels, storage, workers, mine)
+    skipped += mine
+    cache.store("decoded", key, {"images": split.images, "labels": split.labels}, {"skipped": json.dumps(mine)})
+    return split
 
 
 def _decode(name, paths, labels, storage, workers, skipped) -> Split:

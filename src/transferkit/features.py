@@ -1,0 +1,60 @@
+"""Frozen-backbone features, computed once and cached, so a linear probe trains in seconds."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from . import cache
+from .data.sources import Split
+from .data.transforms import BatchTransform, batches
+from .engine import predict_logits
+
+log = logging.getLogger(__name__)
+
+
+def supports_feature_cache(model: nn.Module, head: str) -> bool:
+    """True where the head is the model's last layer and a Linear: its input is the feature."""
+    return isinstance(model.get_submodule(head), nn.Linear)
+
+
+class Identity:
+    """The transform of an already-computed feature batch."""
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return x
+
+
+@torch.no_grad()
+def features(
+    model: nn.Module, head: str, split: Split, transform: BatchTransform, *, device: torch.device,
+    precision: str, batch_size: int, identity: dict, use_cache: bool = True,
+) -> Split:
+    """The head's input for every image of `split` (eval mode, no augmentation), as a Split.
+
+    `identity` names the backbone and preprocessing (arch, weights, size, mean, std); with the
+    images' own bytes it keys the cache, so other weights or settings never read these features.
+    """
+    key = cache.digest("features", identity, precision, split.images, split.labels)
+    hit = cache.load("features", key) if use_cache else None
+    if hit is not None:
+        log.info("%s: features of %d images from the cache", split.name, len(split))
+        return Split(split.name, hit[0]["features"], split.labels)
+    captured: list[torch.Tensor] = []
+    hook = model.get_submodule(head).register_forward_pre_hook(
+        lambda _m, args: captured.append(args[0].detach().float().cpu())
+    )
+    start = time.perf_counter()
+    try:
+        predict_logits(model, batches(split, batch_size), transform, device=device, precision=precision,
+                       desc=f"features {split.name}")
+    finally:
+        hook.remove()
+    feats = torch.cat(captured)
+    log.info("%s: features of %d images computed in %.0f s", split.name, len(split), time.perf_counter() - start)
+    if use_cache:
+        cache.store("features", key, {"features": feats})
+    return Split(split.name, feats, split.labels)
