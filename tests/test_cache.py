@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
-from conftest import SHARED_CIFAR, link_subset
 
 import transferkit.data.sources as sources
+from conftest import SHARED_CIFAR
 from transferkit import TrainConfig, train
 from transferkit.data.sources import Storage, load_source
 from transferkit.data.transforms import BatchTransform
