@@ -211,3 +211,27 @@ def test_small_and_imbalanced_classes_get_a_warning(tmp_path, caplog):
     train(TrainConfig.create(data=str(tmp_path), model="resnet18", weights="none", image_size=32, epochs=1,
                              batch_size=8, val_split=0.3, out=str(tmp_path.parent / "imb2"), workers=1))
     assert "--class-weights auto" in caplog.text
+
+
+def test_a_crash_inside_a_checkpoint_write_resumes_to_identical_results(tiny, tmp_path, monkeypatch):
+    def cfg(out):
+        return TrainConfig.create(data=str(tiny), model="resnet18", weights="none", image_size=32, epochs=2,
+                                  batch_size=4, val_split=0.25, strategy="gradual", workers=1, checkpoint_every=1,
+                                  out=str(out))
+
+    straight = train(cfg(tmp_path / "straight"))
+    real_fsync, calls = os.fsync, []
+
+    def die_mid_write(fd):  # the temporary file is written, the rename has not happened
+        calls.append(fd)
+        if len(calls) == 9:
+            raise KeyboardInterrupt
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", die_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(tmp_path / "crashed"))
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert not list((tmp_path / "crashed").glob(".*.tmp"))  # no half-written file left behind
+    resumed = train(resume=tmp_path / "crashed")
+    same(outcome(straight.out_dir), outcome(resumed.out_dir))
