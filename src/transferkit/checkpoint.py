@@ -24,6 +24,15 @@ META_FILE = "model.json"
 LAST_FILE = "last.pt"
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write `data` to `path` via a temporary file in the same folder and an atomic rename.
 
@@ -34,6 +43,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run folder is meant to be shared
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
