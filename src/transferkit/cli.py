@@ -85,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="offline default job: ImageNet MobileNetV2 fine-tuned on Fashion-MNIST")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--epochs", type=int)
-    d.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
 
     sub.add_parser("models", help="list backbones and whether their weights are on this machine")
     return parser

@@ -265,7 +265,7 @@ class _Loop:
             where = f"epoch {state['epoch']}" + ("" if partial is None else f", step {state['step']}/{steps}")
             log.info("resuming %s after %s of %d epochs", self.out, where, cfg.epochs)
         # Rows written after the checkpoint (a crash between the two) are dropped, not repeated.
-        atomic_write(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        _write_metrics(self.out, history)
 
         def checkpoint(epoch: int, step: int | None, **extra: Any) -> None:
             save_last(self.out, {
@@ -320,7 +320,7 @@ class _Loop:
                        "lr": optimizer.param_groups[0]["lr"], "seconds": stats["seconds"],
                        "img_per_s": stats["images"] / max(stats["seconds"], 1e-9), "backbone_frozen": frozen}
                 history.append(row)
-                atomic_write(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+                _write_metrics(self.out, history)
                 log.info("epoch %d/%d  train_loss %.3f  val_acc %s  lr %.1e  %.0f s  %.0f img/s", epoch,
                          cfg.epochs, stats["loss"], f"{100 * val_acc:.2f}%" if val_acc is not None else "-",
                          row["lr"], stats["seconds"], row["img_per_s"])
@@ -356,6 +356,11 @@ def _first_sigint_stops(loop: _Loop):
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl, one line per finished epoch, rewritten whole so it always matches last.pt."""
+    atomic_write(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
 
 def _optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:

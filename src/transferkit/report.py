@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,27 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
     }
 
 
-def confusion_png(path: Path, confusion: list[list[int]], classes: list[str], title: str) -> None:
-    """Draw the row-normalized confusion matrix with counts."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_png(fig, path: Path) -> None:
+    """Render to memory, then write with the run folder's one atomic writer."""
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    _pyplot().close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def confusion_png(path: Path, confusion: list[list[int]], classes: list[str], title: str) -> None:
+    """Draw the row-normalized confusion matrix with counts."""
+    plt = _pyplot()
     m = torch.tensor(confusion, dtype=torch.float64)
     norm = m / m.sum(1, keepdim=True).clamp(min=1)
     k = len(classes)
@@ -59,20 +74,12 @@ def confusion_png(path: Path, confusion: list[list[int]], classes: list[str], ti
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    _save_png(fig, path)
 
 
 def curves_png(path: Path, history: list[dict[str, Any]]) -> None:
     """Training loss and validation accuracy per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.plot(epochs, [h["train_loss"] for h in history], marker="o")
@@ -82,11 +89,7 @@ def curves_png(path: Path, history: list[dict[str, Any]]) -> None:
         b.plot(epochs, [100 * h["val_acc"] for h in history], marker="o", color="tab:green")
     b.set_xlabel("epoch")
     b.set_title("validation accuracy (%)")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    _save_png(fig, path)
 
 
 def write_report(
