@@ -185,10 +185,10 @@ def test_out_of_memory_in_the_first_steps_retries_with_half_the_batch(tiny, tmp_
 
     real_call = transforms.BatchTransform.__call__
 
-    def small_memory(self, images, generator=None):
+    def small_memory(self, images, generator=None, **kw):
         if self.random and images.shape[0] > 4:  # training batches only
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_call(self, images, generator)
+        return real_call(self, images, generator, **kw)
 
     monkeypatch.setattr(transforms.BatchTransform, "__call__", small_memory)
     result = train(TrainConfig.create(data=str(tiny), model="resnet18", weights="none", image_size=32, epochs=1,

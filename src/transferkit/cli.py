@@ -31,6 +31,9 @@ HELP = {
     "out": "run folder (default runs/<data>-<model>-<time>)",
     "recipe": f"preset settings, overridden by explicit flags: {', '.join(RECIPES)} (seed = the classic tutorial)",
     "log_every": "also log the running loss every N batches",
+    "batch_size": "images per step over all processes (under torchrun each of N processes takes 1/N of it)",
+    "batchnorm": "train: batch statistics; frozen: keep the pretrained statistics (small batches); "
+                 "sync: SyncBatchNorm across the GPUs of a torchrun job",
 }
 
 

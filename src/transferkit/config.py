@@ -18,11 +18,16 @@ Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["cosine", "constant"]
 Precision = Literal["auto", "bf16", "fp32"]
 ClassWeights = Literal["none", "auto"]
+BatchNorm = Literal["train", "frozen", "sync"]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """All settings of one training run; lr values are per batch of `batch_size` images."""
+    """All settings of one training run; lr values are per batch of `batch_size` images.
+
+    `batch_size` is the global batch: under torchrun the processes share each batch, so a run
+    gives the same result on any number of processes.
+    """
 
     data: str = "fashion-mnist"
     data_dir: str | None = None  # root for named data sets (torchvision downloads there)
@@ -41,6 +46,7 @@ class TrainConfig:
     warmup_epochs: float = 0.2  # linear warmup from 0, in epochs (fractions allowed)
     label_smoothing: float = 0.1
     class_weights: ClassWeights = "none"  # auto: weight the loss by inverse class frequency
+    batchnorm: BatchNorm = "train"  # frozen: keep pretrained statistics; sync: SyncBatchNorm across GPUs
     augment: bool = True  # random-resized-crop + horizontal flip on training batches
     flip: bool = True  # horizontal flip (turn off for digits and text)
     crop_scale: float = 0.35  # smallest crop area (fraction of the image) of random-resized-crop

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .data.transforms import BatchTransform
 from .errors import TransferkitError
 from .models import train_mode
-from .runtime import autocast
+from .runtime import SINGLE, Dist, autocast, is_quiet_rank
 
 log = logging.getLogger(__name__)
 
@@ -29,23 +29,33 @@ def train_one_epoch(
     generator: torch.Generator | None = None, total: int | None = None, start_step: int = 0,
     running: dict[str, Any] | None = None, log_every: int = 0, desc: str = "train",
     after_step: Callable[[int, Callable[[], dict[str, Any]]], bool] | None = None,
+    dist: Dist = SINGLE, batchnorm: str = "train",
 ) -> dict[str, Any]:
     """Train over `batches` once, from `start_step` with the `running` sums of a resumed epoch.
 
-    `after_step(step, snapshot)` runs after every step; `snapshot()` gives the running sums to
-    checkpoint, and returning True stops the epoch there. Returns mean loss, accuracy, images,
-    seconds, the last step and whether it stopped early.
+    `batches` yields whole (global) batches; under torchrun each rank trains on its share of
+    every batch and the loss is scaled so that DistributedDataParallel's gradient average equals
+    the gradient of the whole batch's loss: the result does not depend on the number of processes.
+    `after_step(step, snapshot)` runs after every step (on every rank); `snapshot()` gives the
+    running sums (over all ranks) to checkpoint, and returning True stops the epoch there.
+    Returns mean loss, accuracy, images, seconds, the last step and whether it stopped early.
     """
-    train_mode(model)
+    train_mode(model, batchnorm)
     running = running or {}
     loss_sum = running.get("loss_sum", torch.zeros((), dtype=torch.float64)).to(device)
     correct = running.get("correct", torch.zeros((), dtype=torch.long)).to(device)
     seen, before = int(running.get("seen", 0)), float(running.get("seconds", 0.0))
     start = time.perf_counter()
+    cpu_weights = None if class_weights is None else class_weights.cpu()
+
+    def totals() -> tuple[float, int, int]:
+        s, c, n = dist.sum(loss_sum, correct, seen)
+        return s.item(), int(c), int(n)
 
     def snapshot() -> dict[str, Any]:
         check_finite(loss_sum, step)
-        return {"loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": seen,
+        s, c, n = totals()
+        return {"loss_sum": torch.tensor(s, dtype=torch.float64), "correct": torch.tensor(c), "seen": n,
                 "seconds": before + time.perf_counter() - start}
 
     def check_finite(value: torch.Tensor, at: int) -> None:
@@ -56,36 +66,41 @@ def train_one_epoch(
             )
 
     step, stopped = start_step, False
-    bar = tqdm(batches, total=total, initial=start_step, desc=desc, unit="batch", leave=False, disable=None)
+    bar = tqdm(batches, total=total, initial=start_step, desc=desc, unit="batch", leave=False,
+               disable=True if is_quiet_rank() else None)
     for images, labels in bar:
         step += 1
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        x = transform(images, generator)
+        n = labels.shape[0]
+        # The loss of the whole batch is the (weighted) mean over all its images.
+        norm = float(n) if cpu_weights is None else cpu_weights[labels].sum().item()
+        rows = dist.shard(n)
+        x = transform(images[rows].to(device, non_blocking=True), generator, part=(rows, n))
+        mine = labels[rows].to(device, non_blocking=True)
         with autocast(device, precision):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), labels, weight=class_weights, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(logits.float(), mine, weight=class_weights, label_smoothing=label_smoothing,
+                               reduction="sum") * (dist.world / norm)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        n = labels.shape[0]
-        seen += n
-        loss_sum += loss.detach().double() * n
-        correct += (logits.argmax(1) == labels).sum()
+        seen += mine.shape[0]
+        loss_sum += loss.detach().double() * (n / dist.world)  # summed over ranks: batch loss x n
+        correct += (logits.argmax(1) == mine).sum()
         if step % 20 == 0 or (log_every and step % log_every == 0):
             check_finite(loss_sum, step)
-            rate = (seen - running.get("seen", 0)) / (time.perf_counter() - start)
+            rate = dist.world * (seen - running.get("seen", 0)) / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
             if log_every and step % log_every == 0:
-                log.info("[%s, batch %5d] loss: %.3f", desc, step, loss_sum.item() / seen)
+                log.info("[%s, batch %5d] loss: %.3f", desc, step, loss_sum.item() / max(seen, 1))
         if after_step is not None and after_step(step, snapshot):
             stopped = True
             break
-    if seen == 0:
-        raise TransferkitError("no training batches: the training split is empty")
     check_finite(loss_sum, step)
-    return {"loss": loss_sum.item() / seen, "acc": correct.item() / seen, "images": seen,
+    total_loss, total_correct, total_seen = totals()
+    if total_seen == 0:
+        raise TransferkitError("no training batches: the training split is empty")
+    return {"loss": total_loss / total_seen, "acc": total_correct / total_seen, "images": total_seen,
             "seconds": before + time.perf_counter() - start, "step": step, "stopped": stopped}
 
 
@@ -101,7 +116,8 @@ def predict_logits(
     """Run the model in eval mode; returns (fp32 logits on cpu, labels on cpu)."""
     model.eval()
     out, ys = [], []
-    for images, labels in tqdm(batches, total=total, desc=desc, unit="batch", leave=False, disable=None):
+    for images, labels in tqdm(batches, total=total, desc=desc, unit="batch", leave=False,
+                               disable=True if is_quiet_rank() else None):
         x = transform(images.to(device, non_blocking=True))
         with autocast(device, precision):
             out.append(model(x).float().cpu())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from .errors import TransferkitError
 from .features import Identity, features, supports_feature_cache
 from .models import check_input_size, create_backbone, param_groups, replace_head, set_backbone_trainable
 from .report import classification_metrics, write_report
-from .runtime import pick_device, resolve_precision, seed_everything
+from .runtime import Dist, resolve_precision, seed_everything, start_distributed, stop_distributed
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,11 @@ class RunResult:
 
 def train(config: TrainConfig | None = None, *, resume: str | Path | None = None,
           overwrite: bool = False, **settings: Any) -> RunResult:
-    """Train, select on validation, evaluate once on test, write the run folder."""
+    """Train, select on validation, evaluate once on test, write the run folder.
+
+    Under torchrun every process calls this with the same arguments; they train together
+    (DistributedDataParallel) and rank 0 alone writes the run folder.
+    """
     started = time.perf_counter()
     if resume is not None:
         changed = sorted(set(settings) - RESUMABLE_CHANGES)
@@ -78,58 +83,98 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         config = TrainConfig.create(**settings)
     elif settings:
         config = config.replace(**settings)
-    cfg = config
 
-    # Run folder: refuse to silently overwrite a run that could be resumed.
+    dist, device = start_distributed(config.device)
+    try:
+        if not dist.main:
+            logging.getLogger("transferkit").setLevel(logging.ERROR)  # other ranks: errors only
+        # Rank 0 decides: the run folder, a fresh start or a resume, and the resumed state.
+        decision: tuple = ("error", "rank 0 did not prepare the run")
+        if dist.main:
+            try:
+                cfg, out, resuming = _prepare_run_folder(config, resume, overwrite, dist)
+                decision = ("ok", cfg, str(out), load_last(out) if resuming else None)
+            except TransferkitError as e:
+                decision = ("error", str(e))
+        decision = dist.share(decision)
+        if decision[0] == "error":
+            raise TransferkitError(decision[1])
+        _, cfg, out, state = decision
+        out = Path(out)
+        file_log = _log_to_file(out / "train.log") if dist.main else None
+        try:
+            result = _run(cfg, out, state, dist, device)
+        finally:
+            if file_log is not None:
+                logging.getLogger("transferkit").removeHandler(file_log)
+                file_log.close()
+    finally:
+        stop_distributed(dist)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _prepare_run_folder(cfg: TrainConfig, resume: str | Path | None, overwrite: bool,
+                        dist: Dist) -> tuple[TrainConfig, Path, bool]:
+    """Create (or check) the run folder; returns the config, the folder and whether to resume."""
     out = Path(cfg.out or f"runs/{_data_name(cfg.data)}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if resume is None and (out / LAST_FILE).exists() and not overwrite:
+    resuming = resume is not None
+    if not resuming and dist.restart > 0 and (out / LAST_FILE).exists():
+        # torchrun restarted the workers after one died (--max-restarts): continue from last.pt.
+        saved = TrainConfig.from_yaml(out / "config.yaml")
+        keep = {k: getattr(cfg, k) for k in RESUMABLE_CHANGES}
+        differs = [k for k in dataclasses.asdict(cfg)
+                   if k not in keep and k != "out" and getattr(cfg, k) != getattr(saved, k)]
+        if differs:
+            raise TransferkitError(f"torchrun restart: {out} holds a run with other settings "
+                                   f"({', '.join(differs)}); not resuming it")
+        log.warning("torchrun restart %d: resuming from %s", dist.restart, out / LAST_FILE)
+        return saved.replace(out=str(out), **keep), out, True
+    if not resuming and (out / LAST_FILE).exists() and not overwrite:
         raise TransferkitError(
             f"{out} already holds a run; pass --resume {out} to continue it, --overwrite to "
             "replace it, or another --out"
         )
     out.mkdir(parents=True, exist_ok=True)
-    if overwrite and resume is None:
+    if overwrite and not resuming:
         for old in [LAST_FILE, MODEL_FILE, META_FILE, "metrics.jsonl", "skipped.txt", *RUN_OUTPUTS]:
             for f in out.glob(old):
                 f.unlink()
-    cfg = cfg.replace(out=str(out))
-    file_log = _log_to_file(out / "train.log")
-    try:
-        result = _run(cfg, out, resume is not None)
-    finally:
-        logging.getLogger("transferkit").removeHandler(file_log)
-        file_log.close()
-    result.seconds = time.perf_counter() - started
-    return result
+    return cfg.replace(out=str(out)), out, resuming
 
 
-def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
-    state = load_last(out) if resuming else None  # a bad checkpoint stops us before any heavy work
-    atomic_write(out / "config.yaml", cfg.to_yaml())
-    device = pick_device(cfg.device)
+def _run(cfg: TrainConfig, out: Path, state: dict[str, Any] | None, dist: Dist,
+         device: torch.device) -> RunResult:
+    resuming = state is not None  # a bad checkpoint has stopped us before any heavy work
+    if dist.main:
+        atomic_write(out / "config.yaml", cfg.to_yaml())
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)
     if cfg.recipe:
         log.info("recipe '%s'", cfg.recipe)
     check_data_arg(cfg.data)
+    if dist.on:
+        _check_distributed(cfg, dist, device)
 
-    # Backbone first: its weights decide the input size and normalization of the data.
-    bb = create_backbone(cfg.model, cfg.weights)
-    size = cfg.image_size or bb.preprocessing.image_size
-    check_input_size(bb, size)
-    mean, std = cfg.mean or bb.preprocessing.mean, cfg.std or bb.preprocessing.std
-    storage = Storage(size, resize_for(size, bb.preprocessing.crop_ratio))
-    log.info("model %s, weights %s, input %dpx, mean %s std %s", cfg.model, bb.weights, size,
-             _fmt(mean), _fmt(std))
-
-    src = load_source(cfg.data, storage=storage, data_dir=cfg.data_dir, splits=("train", "val", "test"),
-                      workers=cfg.workers, max_train_images=cfg.max_train_images, seed=cfg.seed,
-                      use_cache=cfg.cache)
+    # Backbone first: its weights decide the input size and normalization of the data. Under
+    # torchrun the first process of each machine fetches weights and fills the caches; the
+    # others then read them.
+    with dist.local_main_first():
+        bb = create_backbone(cfg.model, cfg.weights)
+        size = cfg.image_size or bb.preprocessing.image_size
+        check_input_size(bb, size)
+        mean, std = cfg.mean or bb.preprocessing.mean, cfg.std or bb.preprocessing.std
+        storage = Storage(size, resize_for(size, bb.preprocessing.crop_ratio))
+        log.info("model %s, weights %s, input %dpx, mean %s std %s", cfg.model, bb.weights, size,
+                 _fmt(mean), _fmt(std))
+        src = load_source(cfg.data, storage=storage, data_dir=cfg.data_dir, splits=("train", "val", "test"),
+                          workers=cfg.workers, max_train_images=cfg.max_train_images, seed=cfg.seed,
+                          use_cache=cfg.cache)
     train_split, val_split, test_split = _splits(src, cfg)
     classes = src.classes
     if len(classes) < 2:
         raise TransferkitError(f"{cfg.data} has one class ({classes[0]}); a classifier needs at least two")
-    if src.skipped:
+    if src.skipped and dist.main:
         atomic_write(out / "skipped.txt", "".join(f"{p}\t{r}\n" for p, r in src.skipped))
         log.warning("%d unreadable files skipped; list in %s", len(src.skipped), out / "skipped.txt")
     log.info("data %s: %d classes; train %s; val %s; test %s", cfg.data, len(classes),
@@ -139,6 +184,10 @@ def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
 
     model = bb.model
     replace_head(model, bb.head, len(classes))
+    if dist.rank > 0:
+        torch.manual_seed(cfg.seed + 7919 * dist.rank)  # own dropout noise; weights come from rank 0
+    if cfg.batchnorm == "sync" and dist.on:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -163,11 +212,11 @@ def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
         identity = {"arch": cfg.model, "weights": bb.weights, "build": bb.build_kwargs, "size": size,
                     "mean": list(mean), "std": list(std), "storage": list(storage.__dict__.values())}
         splits = tuple(None if s is None else features(
-            model, bb.head, s, eval_tf, device=device, precision=precision, batch_size=2 * cfg.batch_size,
-            identity=identity, use_cache=cfg.cache) for s in splits)
+            model, bb.head, s, eval_tf, device=device, precision=precision, batch_size=_eval_batch(cfg, dist),
+            identity=identity, use_cache=cfg.cache, dist=dist) for s in splits)
         runner, train_tf, eval_tf = model.get_submodule(bb.head), Identity(), Identity()
     loop = _Loop(cfg, out, model, runner, bb.head, device, precision, splits[0], splits[1], meta, train_tf,
-                 eval_tf, class_weights=(counts.sum() / (len(classes) * counts.clamp(min=1))).float().to(device)
+                 eval_tf, dist, class_weights=(counts.sum() / (len(classes) * counts.clamp(min=1))).float().to(device)
                  if cfg.class_weights == "auto" else None)
     initial = None if resuming else {k: v.detach().clone() for k, v in model.state_dict().items()}
     while True:
@@ -176,7 +225,7 @@ def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
             break
         except torch.OutOfMemoryError:
             # Only a fresh run that ran out of memory in its first steps retries, from its start.
-            if initial is None or loop.steps_done > 10 or loop.cfg.batch_size < 2:
+            if initial is None or loop.steps_done > 10 or loop.cfg.batch_size < 2 or dist.on:
                 raise TransferkitError(
                     f"out of memory with batch size {loop.cfg.batch_size}; lower --batch-size or --image-size"
                 ) from None
@@ -188,11 +237,11 @@ def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
     cfg = loop.cfg
 
     # The selected weights, read back from disk: what is evaluated is exactly what was shipped.
-    saved = json.loads((out / META_FILE).read_text())
-    model.load_state_dict(load_model_state(out, saved))
+    # Under torchrun rank 0 reads them and hands them to the others (whose disk may not hold them).
+    best = load_model_state(out, json.loads((out / META_FILE).read_text())) if dist.main else None
+    model.load_state_dict(dist.share(best))
     final = splits[2] if test_split is not None else splits[1]
-    logits, labels = predict_logits(runner, batches(final, 2 * cfg.batch_size), eval_tf, device=device,
-                                    precision=precision, desc=final.name)
+    logits, labels = _predict(runner, final, eval_tf, cfg, device, precision, dist)
     final = test_split if test_split is not None else val_split
     metrics = classification_metrics(logits, labels, classes)
     measured_on = (f"{final.name} split of {cfg.data}, {len(final):,} images"
@@ -205,12 +254,14 @@ def _run(cfg: TrainConfig, out: Path, resuming: bool) -> RunResult:
                   + (f", val acc {100 * best_acc:.2f}% on {len(val_split):,} images)" if val_split else ")"),
         "train images": f"{len(train_split):,}", "optimizer": f"{cfg.optimizer}, lr {cfg.lr:g}, "
         f"backbone x{cfg.backbone_lr_mult:g}, {cfg.schedule}, label smoothing {cfg.label_smoothing:g}",
-        "batch size": cfg.batch_size, "precision": f"{precision} on {device}",
+        "batch size": cfg.batch_size if not dist.on else f"{cfg.batch_size} ({dist.world} processes)",
+        "precision": f"{precision} on {device}",
         "normalization": f"mean {_fmt(mean)} std {_fmt(std)}", "recipe": cfg.recipe or "defaults",
     }
-    report = write_report(out, metrics, title=f"{cfg.model} on {cfg.data}", measured_on=measured_on,
-                          classes=classes, setup=setup, history=history)
-    log.info("report: %s", report)
+    if dist.main:
+        report = write_report(out, metrics, title=f"{cfg.model} on {cfg.data}", measured_on=measured_on,
+                              classes=classes, setup=setup, history=history)
+        log.info("report: %s", report)
     return RunResult(out, metrics, measured_on, history)
 
 
@@ -222,20 +273,22 @@ class _Loop:
     """The epoch loop with its resumable state: everything last.pt holds, and nothing more."""
 
     def __init__(self, cfg, out, model, runner, head, device, precision, train_split, val_split, meta,
-                 train_tf, eval_tf, class_weights) -> None:
+                 train_tf, eval_tf, dist, class_weights) -> None:
         # `model` is what gets saved; `runner` what runs forward (the head alone on cached features).
         self.cfg, self.out, self.model, self.runner, self.head = cfg, out, model, runner, head
         self.device, self.precision = device, precision
         self.train_split, self.val_split, self.meta = train_split, val_split, meta
         self.train_tf, self.eval_tf, self.class_weights = train_tf, eval_tf, class_weights
+        self.dist = dist
         self.steps_done = 0
         self.stop_requested = False
 
     def run(self, state: dict[str, Any] | None) -> tuple[list[dict[str, Any]], int, float]:
-        cfg, model = self.cfg, self.model
+        cfg, model, dist = self.cfg, self.model, self.dist
         self.steps_done = 0
         compiled = torch.compile(self.runner) if cfg.compile else self.runner
-        drop_last = len(self.train_split) % cfg.batch_size == 1  # a batch of one breaks BatchNorm
+        # A batch (or a process's share of it) of one image breaks BatchNorm: drop such a last batch.
+        drop_last = 0 < len(self.train_split) % cfg.batch_size < 2 * dist.world
         steps = num_batches(len(self.train_split), cfg.batch_size, drop_last)
         optimizer = _optimizer(cfg, param_groups(model, self.head, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -252,7 +305,10 @@ class _Loop:
                 scheduler.load_state_dict(state["scheduler"])
                 shuffle_gen.set_state(state["shuffle_rng"])
                 aug_gen.set_state(state["aug_rng"])
-                torch.set_rng_state(state["torch_rng"])
+                if dist.main:
+                    torch.set_rng_state(state["torch_rng"])
+                else:  # fresh dropout noise for the other ranks: only rank 0's state is saved
+                    torch.manual_seed(cfg.seed + 7919 * dist.rank + 104729 * state["epoch"])
             except (RuntimeError, KeyError, ValueError) as e:
                 raise TransferkitError(
                     f"{self.out / LAST_FILE} does not fit this run's config.yaml ({type(e).__name__}: {e}); "
@@ -265,9 +321,12 @@ class _Loop:
             where = f"epoch {state['epoch']}" + ("" if partial is None else f", step {state['step']}/{steps}")
             log.info("resuming %s after %s of %d epochs", self.out, where, cfg.epochs)
         # Rows written after the checkpoint (a crash between the two) are dropped, not repeated.
-        _write_metrics(self.out, history)
+        if dist.main:
+            _write_metrics(self.out, history)
 
         def checkpoint(epoch: int, step: int | None, **extra: Any) -> None:
+            if not dist.main:
+                return
             save_last(self.out, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "best_acc": best_acc,
@@ -277,12 +336,17 @@ class _Loop:
 
         log.info("training %d epochs x %d steps, batch %d, %s, %s on %s", cfg.epochs, steps, cfg.batch_size,
                  cfg.strategy, self.precision, self.device)
+        trains, wrapped = None, None
         with _first_sigint_stops(self):
             for epoch in range(first_epoch, cfg.epochs + 1):
                 frozen = cfg.strategy == "linear" or (cfg.strategy == "gradual" and epoch <= cfg.head_epochs)
                 set_backbone_trainable(model, self.head, not frozen)
+                if wrapped is None or (dist.on and frozen != trains):
+                    # DistributedDataParallel syncs the parameters that train when it is built.
+                    wrapped, trains = self._wrap(compiled), frozen
                 if partial is not None:  # the same image order, from the step after the checkpoint
                     order, start, running = partial["order"], partial["step"], partial["running"]
+                    running = running if dist.main else None  # the saved sums are over all ranks
                     partial = None
                 else:
                     order, start, running = torch.randperm(len(self.train_split), generator=shuffle_gen), 0, None
@@ -293,17 +357,20 @@ class _Loop:
                     self.steps_done += 1
                     due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
                         time.monotonic() - last_save > 60 * CHECKPOINT_MINUTES)
-                    if (due or self.stop_requested) and step < steps:
+                    # Every rank must take the same decision: a checkpoint's sums are collected from all.
+                    due, stop = (bool(v > 0) for v in dist.sum(float(due), float(self.stop_requested)))
+                    if (due or stop) and step < steps:
                         checkpoint(epoch, step, order=order, running=snapshot())
                         last_save = time.monotonic()
-                    return self.stop_requested
+                    return stop
 
                 stats = train_one_epoch(
-                    compiled, batches(self.train_split, cfg.batch_size, order=order, start=start, drop_last=drop_last),
+                    wrapped, batches(self.train_split, cfg.batch_size, order=order, start=start, drop_last=drop_last),
                     self.train_tf, optimizer, scheduler, device=self.device, precision=self.precision,
                     label_smoothing=cfg.label_smoothing, class_weights=self.class_weights, generator=aug_gen,
                     total=steps, start_step=start, running=running, log_every=cfg.log_every,
-                    desc=f"epoch {epoch}/{cfg.epochs}", after_step=after_step,
+                    desc=f"epoch {epoch}/{cfg.epochs}", after_step=after_step, dist=dist,
+                    batchnorm=cfg.batchnorm,
                 )
                 if stats.get("stopped") and stats["step"] < steps:
                     raise Interrupted(
@@ -312,27 +379,36 @@ class _Loop:
                     )
                 val_acc = None
                 if self.val_split is not None:
-                    logits, labels = predict_logits(compiled, batches(self.val_split, 2 * cfg.batch_size),
-                                                    self.eval_tf, device=self.device, precision=self.precision,
-                                                    desc="val")
+                    logits, labels = _predict(compiled, self.val_split, self.eval_tf, cfg, self.device,
+                                              self.precision, dist)
                     val_acc = (logits.argmax(1) == labels).double().mean().item()
                 row = {"epoch": epoch, "train_loss": stats["loss"], "train_acc": stats["acc"], "val_acc": val_acc,
                        "lr": optimizer.param_groups[0]["lr"], "seconds": stats["seconds"],
                        "img_per_s": stats["images"] / max(stats["seconds"], 1e-9), "backbone_frozen": frozen}
                 history.append(row)
-                _write_metrics(self.out, history)
+                if dist.main:
+                    _write_metrics(self.out, history)
                 log.info("epoch %d/%d  train_loss %.3f  val_acc %s  lr %.1e  %.0f s  %.0f img/s", epoch,
                          cfg.epochs, stats["loss"], f"{100 * val_acc:.2f}%" if val_acc is not None else "-",
                          row["lr"], stats["seconds"], row["img_per_s"])
                 if val_acc is None or val_acc > best_acc:
                     best_acc, best_epoch = (val_acc if val_acc is not None else -1.0), epoch
-                    save_model(self.out, model, dict(self.meta, best_epoch=epoch, val_acc=val_acc,
-                                                     epochs_trained=epoch, batch_size=cfg.batch_size))
+                    if dist.main:
+                            save_model(self.out, model, dict(self.meta, best_epoch=epoch, val_acc=val_acc,
+                                                         epochs_trained=epoch, batch_size=cfg.batch_size))
                 checkpoint(epoch, None)
                 if self.stop_requested and epoch < cfg.epochs:
                     raise Interrupted(f"interrupted after epoch {epoch}; checkpoint saved. "
                                       f"Resume with: transferkit train --resume {self.out}")
         return history, best_epoch, best_acc
+
+    def _wrap(self, compiled: torch.nn.Module) -> torch.nn.Module:
+        """What runs forward in training: under torchrun, DistributedDataParallel around the runner."""
+        if not self.dist.on:
+            return compiled
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(self.runner, device_ids=ids)
+        return torch.compile(ddp) if self.cfg.compile else ddp
 
 
 CHECKPOINT_MINUTES = 5  # mid-epoch checkpoints at least this often, besides --checkpoint-every
@@ -356,6 +432,35 @@ def _first_sigint_stops(loop: _Loop):
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _check_distributed(cfg: TrainConfig, dist: Dist, device: torch.device) -> None:
+    if cfg.batch_size < 2 * dist.world:
+        raise TransferkitError(
+            f"--batch-size {cfg.batch_size} is the global batch, shared by {dist.world} processes; it must be at "
+            f"least {2 * dist.world} (two images per process)"
+        )
+    if cfg.batchnorm == "sync" and device.type != "cuda":
+        raise TransferkitError("--batchnorm sync needs GPUs (NCCL); on CPUs use --batchnorm train or frozen")
+    log.info("torchrun: %d processes, global batch %d (%s per process)", dist.world, cfg.batch_size,
+             f"{cfg.batch_size // dist.world}" + ("" if cfg.batch_size % dist.world == 0 else "-"
+                                                   f"{cfg.batch_size // dist.world + 1}"))
+
+
+def _eval_batch(cfg: TrainConfig, dist: Dist) -> int:
+    return max(1, 2 * cfg.batch_size // dist.world)
+
+
+def _predict(runner, split: Split, transform, cfg: TrainConfig, device: torch.device, precision: str,
+             dist: Dist) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of a whole split; under torchrun each rank runs a share, all get all."""
+    if not dist.on or len(split) < dist.world:
+        return predict_logits(runner, batches(split, _eval_batch(cfg, dist)), transform, device=device,
+                              precision=precision, desc=split.name)
+    mine = split.subset(torch.arange(len(split))[dist.shard(len(split))])
+    logits, labels = predict_logits(runner, batches(mine, _eval_batch(cfg, dist)), transform, device=device,
+                                    precision=precision, desc=split.name)
+    return dist.gather_rows(logits), dist.gather_rows(labels)
 
 
 def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:

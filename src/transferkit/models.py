@@ -333,17 +333,18 @@ def set_backbone_trainable(model: nn.Module, head: str, trainable: bool) -> None
         p.requires_grad_(trainable or name.startswith(head + "."))
 
 
-def train_mode(model: nn.Module) -> None:
+def train_mode(model: nn.Module, batchnorm: str = "train") -> None:
     """model.train(), but BatchNorm layers whose parameters are frozen stay in eval mode.
 
     A frozen BatchNorm must keep normalizing with its pretrained running statistics; in train
-    mode it would normalize with batch statistics and overwrite them.
+    mode it would normalize with batch statistics and overwrite them. `batchnorm="frozen"` keeps
+    every BatchNorm in eval mode (its scale and shift still train): the choice for small batches.
     """
     model.train()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             params = list(m.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if batchnorm == "frozen" or (params and not any(p.requires_grad for p in params)):
                 m.eval()
 
 

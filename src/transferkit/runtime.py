@@ -1,11 +1,14 @@
-"""Device, precision, seeding: the few facts about the hardware a run depends on."""
+"""Device, precision, seeding, torchrun ranks: the few facts about the hardware a run depends on."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,3 +69,122 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 outside torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    restart: int = 0  # how often torchrun restarted the workers (--max-restarts)
+    started_here: bool = False  # this call created the process group (and destroys it)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous share of n items; shares differ in size by at most one."""
+        base, extra = divmod(n, self.world)
+        lo = self.rank * base + min(self.rank, extra)
+        return slice(lo, lo + base + (self.rank < extra))
+
+    def barrier(self) -> None:
+        if self.on:
+            torch.distributed.all_reduce(torch.zeros(1))
+
+    def sum(self, *values: torch.Tensor | float) -> list[torch.Tensor]:
+        """Each value summed over all ranks (float64, on the cpu)."""
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().cpu() for v in values])
+        if self.on:
+            torch.distributed.all_reduce(t)
+        return list(t)
+
+    def all(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on every rank."""
+        return bool(self.sum(float(flag))[0] == self.world)
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows (dim 0) of `t`, concatenated in rank order, on every rank."""
+        if not self.on:
+            return t
+        t = t.detach().cpu().contiguous()
+        sizes = torch.zeros(self.world, dtype=torch.long)
+        sizes[self.rank] = t.shape[0]
+        torch.distributed.all_reduce(sizes)
+        padded = torch.zeros((int(sizes.max()), *t.shape[1:]), dtype=t.dtype)
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, padded)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes.tolist())])
+
+    def share(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (an in-memory copy between the job's own processes)."""
+        if not self.on:
+            return obj
+        box = [obj if self.main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @contextlib.contextmanager
+    def local_main_first(self):
+        """The first process on each machine runs the body (downloads, caches) before the others."""
+        if self.on and self.local_rank != 0:
+            self.barrier()
+        try:
+            yield
+        finally:
+            if self.on and self.local_rank == 0:
+                self.barrier()
+
+
+SINGLE = Dist()  # a process on its own
+
+
+def start_distributed(device_spec: str) -> tuple[Dist, torch.device]:
+    """Join the torchrun job described by the environment (RANK, WORLD_SIZE, ...), if any.
+
+    NCCL carries GPU tensors and gloo CPU ones; each process takes the GPU of its LOCAL_RANK.
+    Outside torchrun this is just pick_device().
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), pick_device(device_spec)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_spec)
+    if device.type == "cuda":
+        if device.index is not None and device_spec != "auto" and ":" in device_spec:
+            raise TransferkitError(
+                f"--device {device_spec} names one GPU, but under torchrun each process takes the GPU of its "
+                "LOCAL_RANK; use --device cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES"
+            )
+        if local_rank >= torch.cuda.device_count():
+            raise TransferkitError(
+                f"this machine shows {torch.cuda.device_count()} GPUs but torchrun started local rank {local_rank}; "
+                "set --nproc_per_node to at most the number of GPUs"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    started = False
+    if not torch.distributed.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+        started = True
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    return Dist(rank, world, local_rank, restart, started), device
+
+
+def stop_distributed(dist: Dist) -> None:
+    if dist.started_here and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def is_quiet_rank() -> bool:
+    """True in torchrun workers other than rank 0: they log errors only and show no progress bars."""
+    return int(os.environ.get("RANK", "0")) != 0

@@ -31,12 +31,16 @@ class BatchTransform:
         self.scale, self.ratio = scale, ratio
         self.channels_last = channels_last
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None, *,
+                 part: tuple[slice, int] | None = None) -> torch.Tensor:
+        """`part=(rows, n)`: `images` are these rows of a batch of n (one rank's share under torchrun);
+        the random crops are drawn for all n and these rows kept, so the result does not depend on
+        how many processes share the batch."""
         x = images.float().div_(255)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if self.random:
-            x = self._random_resized_crop(x, generator)
+            x = self._random_resized_crop(x, generator, part)
         elif x.shape[-2:] != (self.size, self.size):
             # Only ever upsampling here (stored images are never larger than the input size),
             # where bilinear needs no antialiasing; this matches PIL's bilinear Resize.
@@ -45,12 +49,14 @@ class BatchTransform:
         x = (x - mean) / std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def _random_resized_crop(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    def _random_resized_crop(self, x: torch.Tensor, g: torch.Generator | None,
+                             part: tuple[slice, int] | None) -> torch.Tensor:
         n, dev = x.shape[0], x.device
         h, w = x.shape[-2:]
+        rows, drawn = part if part is not None else (slice(None), n)
 
         def rand(k: int = 1) -> torch.Tensor:
-            return torch.rand(n, k, generator=g, device="cpu" if g is None else g.device).to(dev)
+            return torch.rand(drawn, k, generator=g, device="cpu" if g is None else g.device)[rows].to(dev)
 
         area = self.scale[0] + (self.scale[1] - self.scale[0]) * rand()
         log_r = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * rand()
