@@ -137,6 +137,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _print_result(result) -> None:
+    from .runtime import is_quiet_rank
+
+    if is_quiet_rank():  # under torchrun, rank 0 speaks for the job
+        return
     m = result.metrics
     top = next(k for k in m if k.startswith("top"))
     print(f"accuracy {100 * m['accuracy']:.2f}% ({top.replace('top', 'top-')} {100 * m[top]:.2f}%) on "

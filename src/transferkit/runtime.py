@@ -172,11 +172,15 @@ def start_distributed(device_spec: str) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     started = False
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if not torch.distributed.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend)
+        # torchrun's store outlives a restart (--max-restarts); keys of its own per attempt keep
+        # the new workers from reading the dead workers' addresses (which fails with "Connection refused").
+        store, _, _ = next(torch.distributed.rendezvous("env://", rank, world))
+        store = torch.distributed.PrefixStore(f"transferkit/attempt{restart}", store)
+        torch.distributed.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
         started = True
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     return Dist(rank, world, local_rank, restart, started), device
 
 

@@ -1,0 +1,144 @@
+"""torchrun on the CPU (gloo): two processes train exactly what one process trains, and survive a dead worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import SHARED_CIFAR, link_subset, needs_weights, run_cli
+
+# Frozen BatchNorm statistics and no dropout: nothing in this run depends on how a batch is split.
+ARGS = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "16",
+        "--val-split", "0.25", "--batchnorm", "frozen", "--workers", "1", "--epochs", "3"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    if not (SHARED_CIFAR / "train").is_dir():
+        pytest.skip(f"shared CIFAR-10 folder not found at {SHARED_CIFAR}")
+    root = tmp_path_factory.mktemp("ddp-data")
+    classes = ["airplane", "cat", "ship", "truck"]
+    link_subset(SHARED_CIFAR / "train", root / "train", 24, classes)
+    link_subset(SHARED_CIFAR / "test", root / "test", 10, classes)
+    return root
+
+
+def torchrun(*args, procs: int = 2, restarts: int = 0, popen: bool = False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+           f"--max-restarts={restarts}", "-m", "transferkit", *map(str, args)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model.safetensors")
+
+
+def history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_accuracy(run: Path) -> float:
+    return json.loads((run / "report.json").read_text())["accuracy"]
+
+
+test_accuracy.__test__ = False  # a helper, not a test
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-4, msg=f"{k} differs")
+    for ra, rb in zip(history(a), history(b), strict=True):
+        assert (ra["epoch"], ra["train_acc"], ra["val_acc"]) == (rb["epoch"], rb["train_acc"], rb["val_acc"])
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-5)
+    assert test_accuracy(a) == test_accuracy(b)
+
+
+@pytest.fixture(scope="module")
+def one_and_two(data, tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    root = tmp_path_factory.mktemp("ddp-runs")
+    single = run_cli("train", "--data", data, *ARGS, "--out", root / "one" / "run")
+    assert single.returncode == 0, single.stderr
+    two = torchrun("train", "--data", data, *ARGS, "--out", root / "two" / "run")
+    assert two.returncode == 0, two.stdout + two.stderr
+    return root / "one" / "run", root / "two" / "run", two
+
+
+def test_two_processes_train_what_one_process_trains(one_and_two):
+    one, two, proc = one_and_two
+    assert_same_training(one, two)
+    assert "torchrun: 2 processes, global batch 16 (8 per process)" in proc.stderr
+    # Rank 0 alone writes the one run folder and prints the one result.
+    assert [p.name for p in two.parent.iterdir()] == ["run"]
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert proc.stdout.count("accuracy ") == 1 and proc.stderr.count("epoch 3/3") == 1
+
+
+def _worker_pids(parent: int) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes."""
+    found = {}
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                env = dict(x.split("=", 1) for x in (d / "environ").read_text().split("\0") if "=" in x)
+                found[int(env["RANK"])] = int(d.name)
+        except (OSError, KeyError, ValueError):
+            continue
+    return found
+
+
+def test_a_killed_worker_is_restarted_and_the_job_finishes_from_the_checkpoint(data, one_and_two, tmp_path):
+    _, two, _ = one_and_two
+    out = tmp_path / "killed"
+    job = torchrun("train", "--data", data, *ARGS, "--checkpoint-every", "1", "--out", out, restarts=1, popen=True)
+    try:
+        deadline, state = time.monotonic() + 300, None
+        while time.monotonic() < deadline and job.poll() is None:  # wait for a mid-epoch checkpoint of epoch 2
+            time.sleep(0.1)
+            if (out / "last.pt").exists():
+                state = torch.load(out / "last.pt", weights_only=True)
+                if state["epoch"] == 2 and state["step"] is not None:
+                    break
+        else:
+            pytest.fail("the job never wrote a mid-epoch checkpoint in epoch 2")
+        os.kill(_worker_pids(job.pid)[1], signal.SIGKILL)
+        output, _ = job.communicate(timeout=300)
+    finally:
+        job.kill()
+    assert job.returncode == 0, output
+    assert "torchrun restart 1: resuming" in output
+    assert f"resuming {out} after epoch 2, step {state['step']}/5" in output
+    assert_same_training(two, out)  # the restarted job ends where the uninterrupted one did
+
+
+@needs_weights
+def test_linear_probe_features_are_shared_out_and_match_one_process(data, tmp_path):
+    args = ["--data", data, "--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--strategy", "linear",
+            "--image-size", "32", "--epochs", "2", "--batch-size", "16", "--val-split", "0.25", "--workers", "1",
+            "--no-cache"]
+    single = run_cli("train", *args, "--out", tmp_path / "one")
+    assert single.returncode == 0, single.stderr
+    two = torchrun("train", *args, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert "features of 72 images computed" in two.stderr
+    assert_same_training(tmp_path / "one", tmp_path / "two")
+
+
+def test_a_global_batch_too_small_for_the_processes_is_refused(data, tmp_path):
+    proc = torchrun("train", "--data", data, *ARGS, "--batch-size", "3", "--out", tmp_path / "r")
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: --batch-size 3 is the global batch") >= 1
+    assert "--batch-size 3 is the global batch, shared by 2 processes; it must be at least 4" in proc.stderr
