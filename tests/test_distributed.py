@@ -142,3 +142,24 @@ def test_a_global_batch_too_small_for_the_processes_is_refused(data, tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count("error: --batch-size 3 is the global batch") >= 1
     assert "--batch-size 3 is the global batch, shared by 2 processes; it must be at least 4" in proc.stderr
+
+
+def test_ctrl_c_under_torchrun_saves_and_resume_under_torchrun_finishes_the_same(data, one_and_two, tmp_path):
+    _, two, _ = one_and_two
+    out = tmp_path / "stopped"
+    job = torchrun("train", "--data", data, *ARGS, "--out", out, popen=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and job.poll() is None and not (out / "metrics.jsonl").exists():
+            time.sleep(0.05)  # metrics.jsonl appears when the run starts training
+        job.send_signal(signal.SIGINT)  # torchrun passes it on to its workers
+        output, _ = job.communicate(timeout=300)
+    finally:
+        job.kill()
+    assert job.returncode != 0
+    assert f"checkpoint saved. Resume with: torchrun --nproc_per_node=2 -m transferkit train --resume {out}" in output
+    assert output.count("checkpoint saved") == 1  # rank 0 speaks for the job
+    resumed = torchrun("train", "--resume", out)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming {out} after epoch" in resumed.stderr
+    assert_same_training(two, out)

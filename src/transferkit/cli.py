@@ -101,7 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except Interrupted as e:
-        print(str(e), file=sys.stderr)
+        from .runtime import is_quiet_rank
+
+        if not is_quiet_rank():
+            print(str(e), file=sys.stderr)
         return 130
     except TransferkitError as e:
         print(f"error: {e}", file=sys.stderr)

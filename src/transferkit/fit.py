@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import platform
 import signal
 import threading
@@ -117,7 +118,9 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
 def _prepare_run_folder(cfg: TrainConfig, resume: str | Path | None, overwrite: bool,
                         dist: Dist) -> tuple[TrainConfig, Path, bool]:
     """Create (or check) the run folder; returns the config, the folder and whether to resume."""
-    out = Path(cfg.out or f"runs/{_data_name(cfg.data)}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    # Under torchrun the default name uses the job's run id, which a restarted worker sees again.
+    stamp = os.environ.get("TORCHELASTIC_RUN_ID") if dist.on else None
+    out = Path(cfg.out or f"runs/{_data_name(cfg.data)}-{cfg.model}-{stamp or time.strftime('%Y%m%d-%H%M%S')}")
     resuming = resume is not None
     if not resuming and dist.restart > 0 and (out / LAST_FILE).exists():
         # torchrun restarted the workers after one died (--max-restarts): continue from last.pt.
@@ -375,7 +378,7 @@ class _Loop:
                 if stats.get("stopped") and stats["step"] < steps:
                     raise Interrupted(
                         f"interrupted at epoch {epoch}, step {stats['step']}/{steps}; checkpoint saved. "
-                        f"Resume with: transferkit train --resume {self.out}"
+                        f"Resume with: {self._resume_command()}"
                     )
                 val_acc = None
                 if self.val_split is not None:
@@ -397,10 +400,14 @@ class _Loop:
                             save_model(self.out, model, dict(self.meta, best_epoch=epoch, val_acc=val_acc,
                                                          epochs_trained=epoch, batch_size=cfg.batch_size))
                 checkpoint(epoch, None)
-                if self.stop_requested and epoch < cfg.epochs:
+                if dist.sum(float(self.stop_requested))[0] > 0 and epoch < cfg.epochs:
                     raise Interrupted(f"interrupted after epoch {epoch}; checkpoint saved. "
-                                      f"Resume with: transferkit train --resume {self.out}")
+                                      f"Resume with: {self._resume_command()}")
         return history, best_epoch, best_acc
+
+    def _resume_command(self) -> str:
+        launch = f"torchrun --nproc_per_node={self.dist.world} -m transferkit" if self.dist.on else "transferkit"
+        return f"{launch} train --resume {self.out}"
 
     def _wrap(self, compiled: torch.nn.Module) -> torch.nn.Module:
         """What runs forward in training: under torchrun, DistributedDataParallel around the runner."""
@@ -416,22 +423,30 @@ CHECKPOINT_MINUTES = 5  # mid-epoch checkpoints at least this often, besides --c
 
 @contextlib.contextmanager
 def _first_sigint_stops(loop: _Loop):
-    """First Ctrl-C: finish the step, save, stop. Second Ctrl-C: stop at once."""
+    """First Ctrl-C (or SIGTERM, what torchrun and job schedulers send): finish the step, save,
+    stop. A second one: stop at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def handler(signum, frame):
-        if loop.stop_requested:
-            raise KeyboardInterrupt
-        loop.stop_requested = True
-        log.warning("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abort now)")
+    first = 0.0
 
-    previous = signal.signal(signal.SIGINT, handler)
+    def handler(signum, frame):
+        nonlocal first
+        if loop.stop_requested:
+            if time.monotonic() - first < 2:  # the same stop, delivered twice (terminal and torchrun)
+                return
+            raise KeyboardInterrupt
+        loop.stop_requested, first = True, time.monotonic()
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        log.warning("%s: finishing this step and saving a checkpoint (again to abort now)", name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _check_distributed(cfg: TrainConfig, dist: Dist, device: torch.device) -> None:
