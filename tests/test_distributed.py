@@ -147,11 +147,11 @@ def test_a_global_batch_too_small_for_the_processes_is_refused(data, tmp_path):
 def test_ctrl_c_under_torchrun_saves_and_resume_under_torchrun_finishes_the_same(data, one_and_two, tmp_path):
     _, two, _ = one_and_two
     out = tmp_path / "stopped"
-    job = torchrun("train", "--data", data, *ARGS, "--out", out, popen=True)
+    job = torchrun("train", "--data", data, *ARGS, "--checkpoint-every", "1", "--out", out, popen=True)
     try:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and job.poll() is None and not (out / "metrics.jsonl").exists():
-            time.sleep(0.05)  # metrics.jsonl appears when the run starts training
+        while time.monotonic() < deadline and job.poll() is None and not (out / "last.pt").exists():
+            time.sleep(0.05)  # after the first step's checkpoint every rank is in the training loop
         job.send_signal(signal.SIGINT)  # torchrun passes it on to its workers
         output, _ = job.communicate(timeout=300)
     finally:
