@@ -15,10 +15,33 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SHARED_CIFAR, link_subset, needs_weights, run_cli
+from transferkit.data.transforms import BatchTransform
+from transferkit.runtime import Dist
 
 # Frozen BatchNorm statistics and no dropout: nothing in this run depends on how a batch is split.
 ARGS = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "16",
         "--val-split", "0.25", "--batchnorm", "frozen", "--workers", "1", "--epochs", "3"]
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 16, 33])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_shares_of_a_batch_cover_it_once_and_differ_by_at_most_one(n, world):
+    shares = [Dist(rank=r, world=world).shard(n) for r in range(world)]
+    assert [i for s in shares for i in range(n)[s]] == list(range(n))
+    sizes = [len(range(n)[s]) for s in shares]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_the_random_crops_of_a_share_are_those_of_the_whole_batch():
+    images = torch.randint(0, 256, (10, 3, 24, 24), dtype=torch.uint8)
+    tf = BatchTransform(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), train=True)
+    whole = tf(images, torch.Generator().manual_seed(3))
+    parts = []
+    for rank in range(3):
+        rows = Dist(rank=rank, world=3).shard(10)
+        parts.append(tf(images[rows], torch.Generator().manual_seed(3), part=(rows, 10)))
+    torch.testing.assert_close(torch.cat(parts), whole)
+    assert not torch.allclose(parts[0], tf(images[:4], torch.Generator().manual_seed(3)))  # not just any crops
 
 
 @pytest.fixture(scope="module")
