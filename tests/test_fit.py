@@ -88,3 +88,16 @@ def test_fashion_mnist_linear_probe_through_the_api(tmp_path):
                                       epochs=2, lr=5e-3, out=str(tmp_path / "fm")))
     assert result.metrics["images"] == 10000 and "test split of fashion-mnist" in result.measured_on
     assert result.accuracy > 0.6, f"{result.accuracy:.1%} on Fashion-MNIST test (chance 10%)"
+
+
+@needs_cifar
+def test_micro_batches_add_up_to_the_whole_batch_step(tiny, tmp_path, caplog):
+    """Less memory per pass, the same training: gradients of the parts add up to the batch's."""
+    whole = train(_cfg(tiny, tmp_path / "whole", strategy="finetune", batchnorm="frozen", epochs=2))
+    parts = train(_cfg(tiny, tmp_path / "parts", strategy="finetune", batchnorm="frozen", epochs=2, micro_batch=3))
+    assert "batch 8 in passes of up to 3" in caplog.text
+    a, b = load_file(whole.out_dir / "model.safetensors"), load_file(parts.out_dir / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert [r["train_loss"] for r in parts.history] == pytest.approx([r["train_loss"] for r in whole.history])
+    assert parts.accuracy == whole.accuracy

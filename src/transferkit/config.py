@@ -37,6 +37,7 @@ class TrainConfig:
     head_epochs: int = 1  # 'gradual': epochs with a frozen backbone before everything trains
     epochs: int = 5
     batch_size: int = 64
+    micro_batch: int = 0  # images per forward/backward pass (gradients add up to one step); 0: auto
     lr: float = 1e-3  # head learning rate at the peak of the schedule
     backbone_lr_mult: float = 0.1  # backbone lr = lr * this, in 'finetune' and 'gradual'
     optimizer: Optimizer = "adamw"
@@ -85,6 +86,7 @@ class TrainConfig:
                 object.__setattr__(self, name, _coerce(name, value, base))
         _check(self.epochs >= 1, "epochs must be at least 1")
         _check(self.batch_size >= 1, "batch_size must be at least 1")
+        _check(self.micro_batch >= 0, "micro_batch must be >= 0 (0: automatic)")
         _check(self.lr > 0, "lr must be positive")
         _check(self.backbone_lr_mult >= 0, "backbone_lr_mult must be >= 0")
         _check(0 <= self.val_split < 1, "val_split must be in [0, 1), e.g. 0.1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -29,13 +30,15 @@ def train_one_epoch(
     generator: torch.Generator | None = None, total: int | None = None, start_step: int = 0,
     running: dict[str, Any] | None = None, log_every: int = 0, desc: str = "train",
     after_step: Callable[[int, Callable[[], dict[str, Any]]], bool] | None = None,
-    dist: Dist = SINGLE, batchnorm: str = "train",
+    dist: Dist = SINGLE, batchnorm: str = "train", micro_batch: int | None = None,
 ) -> dict[str, Any]:
     """Train over `batches` once, from `start_step` with the `running` sums of a resumed epoch.
 
     `batches` yields whole (global) batches; under torchrun each rank trains on its share of
     every batch and the loss is scaled so that DistributedDataParallel's gradient average equals
     the gradient of the whole batch's loss: the result does not depend on the number of processes.
+    `micro_batch` caps the images per forward/backward pass (gradients accumulate to one step),
+    which bounds activation memory; only BatchNorm's batch statistics see the smaller parts.
     `after_step(step, snapshot)` runs after every step (on every rank); `snapshot()` gives the
     running sums (over all ranks) to checkpoint, and returning True stops the epoch there.
     Returns mean loss, accuracy, images, seconds, the last step and whether it stopped early.
@@ -74,23 +77,35 @@ def train_one_epoch(
         # The loss of the whole batch is the (weighted) mean over all its images.
         norm = float(n) if cpu_weights is None else cpu_weights[labels].sum().item()
         rows = dist.shard(n)
-        x = transform(images[rows].to(device, non_blocking=True), generator, part=(rows, n))
-        mine = labels[rows].to(device, non_blocking=True)
-        with autocast(device, precision):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), mine, weight=class_weights, label_smoothing=label_smoothing,
-                               reduction="sum") * (dist.world / norm)
+        parts = micro_batches(rows, micro_batch)
+        # Every part redraws the whole batch's random crops from the same generator state and
+        # keeps its own rows: the crops do not depend on how the batch is split.
+        fork = generator.get_state() if generator is not None and len(parts) > 1 else None
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        batch_loss = torch.zeros((), dtype=torch.float64, device=device)
+        for i, part in enumerate(parts):
+            if fork is not None:
+                generator.set_state(fork)
+            x = transform(images[part].to(device, non_blocking=True), generator, part=(part, n))
+            mine = labels[part].to(device, non_blocking=True)
+            # DistributedDataParallel averages gradients once per step, after the last part.
+            last = i == len(parts) - 1
+            with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+                with autocast(device, precision):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), mine, weight=class_weights,
+                                       label_smoothing=label_smoothing, reduction="sum") * (dist.world / norm)
+                loss.backward()
+            batch_loss += loss.detach().double()
+            seen += mine.shape[0]
+            correct += (logits.argmax(1) == mine).sum()
         optimizer.step()
         scheduler.step()
-        seen += mine.shape[0]
-        loss_sum += loss.detach().double() * (n / dist.world)  # summed over ranks: batch loss x n
-        correct += (logits.argmax(1) == mine).sum()
+        loss_sum += batch_loss * (n / dist.world)  # summed over ranks: the batch's loss x n
         if step % 20 == 0 or (log_every and step % log_every == 0):
             check_finite(loss_sum, step)
             rate = dist.world * (seen - running.get("seen", 0)) / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{batch_loss.item():.3f}", img_s=f"{rate:.0f}")
             if log_every and step % log_every == 0:
                 log.info("[%s, batch %5d] loss: %.3f", desc, step, loss_sum.item() / max(seen, 1))
         if after_step is not None and after_step(step, snapshot):
@@ -102,6 +117,14 @@ def train_one_epoch(
         raise TransferkitError("no training batches: the training split is empty")
     return {"loss": total_loss / total_seen, "acc": total_correct / total_seen, "images": total_seen,
             "seconds": before + time.perf_counter() - start, "step": step, "stopped": stopped}
+
+
+def micro_batches(rows: slice, size: int | None) -> list[slice]:
+    """`rows` cut into the fewest near-equal parts of at most `size` images."""
+    n = rows.stop - rows.start
+    k = 1 if not size or n <= size else -(-n // size)
+    bounds = [rows.start + (n * i) // k for i in range(k + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 class NonFiniteLoss(TransferkitError):

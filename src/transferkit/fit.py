@@ -43,7 +43,7 @@ from .runtime import Dist, resolve_precision, seed_everything, start_distributed
 
 log = logging.getLogger(__name__)
 
-RESUMABLE_CHANGES = {"epochs", "device", "workers", "log_every", "compile", "checkpoint_every"}
+RESUMABLE_CHANGES = {"epochs", "device", "workers", "log_every", "compile", "checkpoint_every", "micro_batch"}
 RUN_OUTPUTS = ("report*", "eval-*", "curves.png", "train.log")
 
 
@@ -207,6 +207,8 @@ def _run(cfg: TrainConfig, out: Path, state: dict[str, Any] | None, dist: Dist,
                               scale=(cfg.crop_scale, 1.0), channels_last=cfg.channels_last)
     eval_tf = BatchTransform(size, mean, std, channels_last=cfg.channels_last)
     splits = (train_split, val_split, test_split)
+    micro = _micro_batch(cfg, device, size)
+    eval_bs = _eval_batch(cfg, dist, micro)
     runner = model  # what runs forward in training and evaluation
     if cfg.strategy == "linear" and cfg.feature_cache and supports_feature_cache(model, bb.head):
         # A frozen backbone maps each image to the same feature every epoch: compute it once
@@ -215,12 +217,14 @@ def _run(cfg: TrainConfig, out: Path, state: dict[str, Any] | None, dist: Dist,
         identity = {"arch": cfg.model, "weights": bb.weights, "build": bb.build_kwargs, "size": size,
                     "mean": list(mean), "std": list(std), "storage": list(storage.__dict__.values())}
         splits = tuple(None if s is None else features(
-            model, bb.head, s, eval_tf, device=device, precision=precision, batch_size=_eval_batch(cfg, dist),
+            model, bb.head, s, eval_tf, device=device, precision=precision, batch_size=eval_bs,
             identity=identity, use_cache=cfg.cache, dist=dist) for s in splits)
         runner, train_tf, eval_tf = model.get_submodule(bb.head), Identity(), Identity()
+        micro, eval_bs = None, _eval_batch(cfg, dist, None)  # the head alone: memory is no concern
+    inverse_frequency = (counts.sum() / (len(classes) * counts.clamp(min=1))).float().to(device)
     loop = _Loop(cfg, out, model, runner, bb.head, device, precision, splits[0], splits[1], meta, train_tf,
-                 eval_tf, dist, class_weights=(counts.sum() / (len(classes) * counts.clamp(min=1))).float().to(device)
-                 if cfg.class_weights == "auto" else None)
+                 eval_tf, dist, micro=micro, eval_bs=eval_bs,
+                 class_weights=inverse_frequency if cfg.class_weights == "auto" else None)
     initial = None if resuming else {k: v.detach().clone() for k, v in model.state_dict().items()}
     while True:
         try:
@@ -244,7 +248,7 @@ def _run(cfg: TrainConfig, out: Path, state: dict[str, Any] | None, dist: Dist,
     best = load_model_state(out, json.loads((out / META_FILE).read_text())) if dist.main else None
     model.load_state_dict(dist.share(best))
     final = splits[2] if test_split is not None else splits[1]
-    logits, labels = _predict(runner, final, eval_tf, cfg, device, precision, dist)
+    logits, labels = _predict(runner, final, eval_tf, eval_bs, device, precision, dist)
     final = test_split if test_split is not None else val_split
     metrics = classification_metrics(logits, labels, classes)
     measured_on = (f"{final.name} split of {cfg.data}, {len(final):,} images"
@@ -276,13 +280,13 @@ class _Loop:
     """The epoch loop with its resumable state: everything last.pt holds, and nothing more."""
 
     def __init__(self, cfg, out, model, runner, head, device, precision, train_split, val_split, meta,
-                 train_tf, eval_tf, dist, class_weights) -> None:
+                 train_tf, eval_tf, dist, *, micro, eval_bs, class_weights) -> None:
         # `model` is what gets saved; `runner` what runs forward (the head alone on cached features).
         self.cfg, self.out, self.model, self.runner, self.head = cfg, out, model, runner, head
         self.device, self.precision = device, precision
         self.train_split, self.val_split, self.meta = train_split, val_split, meta
         self.train_tf, self.eval_tf, self.class_weights = train_tf, eval_tf, class_weights
-        self.dist = dist
+        self.dist, self.micro, self.eval_bs = dist, micro, eval_bs
         self.steps_done = 0
         self.stop_requested = False
 
@@ -337,8 +341,10 @@ class _Loop:
                 "aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state(), **extra,
             })
 
-        log.info("training %d epochs x %d steps, batch %d, %s, %s on %s", cfg.epochs, steps, cfg.batch_size,
-                 cfg.strategy, self.precision, self.device)
+        share = -(-cfg.batch_size // dist.world)
+        passes = "" if not self.micro or self.micro >= share else f" in passes of up to {self.micro}"
+        log.info("training %d epochs x %d steps, batch %d%s, %s, %s on %s", cfg.epochs, steps, cfg.batch_size,
+                 passes, cfg.strategy, self.precision, self.device)
         trains, wrapped = None, None
         with _first_sigint_stops(self):
             for epoch in range(first_epoch, cfg.epochs + 1):
@@ -373,7 +379,7 @@ class _Loop:
                     label_smoothing=cfg.label_smoothing, class_weights=self.class_weights, generator=aug_gen,
                     total=steps, start_step=start, running=running, log_every=cfg.log_every,
                     desc=f"epoch {epoch}/{cfg.epochs}", after_step=after_step, dist=dist,
-                    batchnorm=cfg.batchnorm,
+                    batchnorm=cfg.batchnorm, micro_batch=self.micro,
                 )
                 if stats.get("stopped") and stats["step"] < steps:
                     raise Interrupted(
@@ -382,7 +388,7 @@ class _Loop:
                     )
                 val_acc = None
                 if self.val_split is not None:
-                    logits, labels = _predict(compiled, self.val_split, self.eval_tf, cfg, self.device,
+                    logits, labels = _predict(compiled, self.val_split, self.eval_tf, self.eval_bs, self.device,
                                               self.precision, dist)
                     val_acc = (logits.argmax(1) == labels).double().mean().item()
                 row = {"epoch": epoch, "train_loss": stats["loss"], "train_acc": stats["acc"], "val_acc": val_acc,
@@ -462,18 +468,31 @@ def _check_distributed(cfg: TrainConfig, dist: Dist, device: torch.device) -> No
                                                    f"{cfg.batch_size // dist.world + 1}"))
 
 
-def _eval_batch(cfg: TrainConfig, dist: Dist) -> int:
-    return max(1, 2 * cfg.batch_size // dist.world)
+def _micro_batch(cfg: TrainConfig, device: torch.device, size: int) -> int | None:
+    """Images per forward/backward pass: --micro-batch, or on a CPU (auto) as many as keep the
+    activations of 16 images at 224 px (a MobileNetV2/ResNet fine-tune then stays under 3 GB)."""
+    if cfg.micro_batch:
+        return cfg.micro_batch
+    return max(1, int(CPU_PIXELS_PER_PASS / size**2)) if device.type == "cpu" else None
 
 
-def _predict(runner, split: Split, transform, cfg: TrainConfig, device: torch.device, precision: str,
+CPU_PIXELS_PER_PASS = 16 * 224 * 224
+
+
+def _eval_batch(cfg: TrainConfig, dist: Dist, micro: int | None) -> int:
+    """Evaluation keeps no activations for a backward pass: twice the training pass."""
+    per_process = max(1, 2 * cfg.batch_size // dist.world)
+    return per_process if micro is None else min(per_process, 2 * micro)
+
+
+def _predict(runner, split: Split, transform, batch_size: int, device: torch.device, precision: str,
              dist: Dist) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of a whole split; under torchrun each rank runs a share, all get all."""
     if not dist.on or len(split) < dist.world:
-        return predict_logits(runner, batches(split, _eval_batch(cfg, dist)), transform, device=device,
+        return predict_logits(runner, batches(split, batch_size), transform, device=device,
                               precision=precision, desc=split.name)
     mine = split.subset(torch.arange(len(split))[dist.shard(len(split))])
-    logits, labels = predict_logits(runner, batches(mine, _eval_batch(cfg, dist)), transform, device=device,
+    logits, labels = predict_logits(runner, batches(mine, batch_size), transform, device=device,
                                     precision=precision, desc=split.name)
     return dist.gather_rows(logits), dist.gather_rows(labels)
 
