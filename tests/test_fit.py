@@ -101,3 +101,28 @@ def test_micro_batches_add_up_to_the_whole_batch_step(tiny, tmp_path, caplog):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert [r["train_loss"] for r in parts.history] == pytest.approx([r["train_loss"] for r in whole.history])
     assert parts.accuracy == whole.accuracy
+
+
+@needs_cifar
+def test_trainable_blocks_train_only_the_last_blocks_and_the_cached_trunk_changes_nothing(tiny, tmp_path, caplog):
+    kw = dict(strategy="finetune", trainable_blocks=2, augment=False)  # one view: the cache loses nothing
+    cached = train(_cfg(tiny, tmp_path / "cached", **kw))
+    assert "training the last 2 blocks on cached activations of layer3.1" in caplog.text
+    live = train(_cfg(tiny, tmp_path / "live", feature_cache=False, **kw))
+    one_epoch = train(_cfg(tiny, tmp_path / "short", epochs=1, **kw))
+    assert "train: features of 27 images from the cache" in caplog.text  # the 3rd run reused the trunk's
+    a, b, c = (load_file(r.out_dir / "model.safetensors") for r in (cached, live, one_epoch))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    frozen = [k for k in a if not k.startswith(("layer4.", "fc."))]
+    assert frozen and all(torch.equal(a[k], c[k]) for k in frozen)  # more epochs left them untouched
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("layer4."))
+    assert cached.accuracy == live.accuracy
+
+
+def test_trainable_blocks_that_do_not_fit_the_model_are_refused(tmp_path):
+    with pytest.raises(TransferkitError, match="not ShuffleNetV2"):
+        train(data=str(tmp_path), model="shufflenet_v2_x0_5", weights="none", trainable_blocks=2,
+              out=str(tmp_path / "r"))
+    with pytest.raises(TransferkitError, match="use it with --strategy finetune or gradual"):
+        TrainConfig.create(strategy="linear", trainable_blocks=1)

@@ -9,7 +9,7 @@ from transferkit.errors import TransferkitError
 from transferkit.models import (
     create_backbone,
     param_groups,
-    set_backbone_trainable,
+    set_trainable,
     train_mode,
 )
 
@@ -46,7 +46,7 @@ def test_head_is_replaced_for_each_family(arch, head, size):
     with torch.no_grad():
         out = bb.model(torch.randn(2, 3, size, size))
     assert out.shape == (2, 7)
-    set_backbone_trainable(bb.model, bb.head, False)
+    set_trainable(bb.model, bb.head, False)
     trainable = {n for n, p in bb.model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(head + ".") for n in trainable)
 
@@ -62,7 +62,7 @@ def _one_step(model, lr=0.1):
 
 def test_frozen_batchnorm_running_stats_do_not_move():
     bb = create_backbone("mobilenet_v2", "none", num_classes=4)
-    set_backbone_trainable(bb.model, bb.head, False)
+    set_trainable(bb.model, bb.head, False)
     before = {k: v.clone() for k, v in bb.model.state_dict().items() if "running" in k}
     head_before = bb.model.get_submodule(bb.head).weight.clone()
     _one_step(bb.model)
@@ -71,7 +71,7 @@ def test_frozen_batchnorm_running_stats_do_not_move():
     assert not torch.equal(head_before, bb.model.get_submodule(bb.head).weight)  # the head did learn
 
     # Unfrozen (finetune, or gradual after its head epochs), BatchNorm adapts to the new data.
-    set_backbone_trainable(bb.model, bb.head, True)
+    set_trainable(bb.model, bb.head, True)
     _one_step(bb.model)
     after = bb.model.state_dict()
     assert any(not torch.equal(v, after[k]) for k, v in before.items())

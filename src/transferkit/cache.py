@@ -37,7 +37,7 @@ def digest(*parts: Any) -> str:
     h = hashlib.sha256(str(FORMAT).encode())
     for p in parts:
         if isinstance(p, torch.Tensor):
-            h.update(p.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes() if p.numel() else b"")
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if p.numel() else b"")
             h.update(str((p.dtype, tuple(p.shape))).encode())
         else:
             h.update(json.dumps(p, sort_keys=True, default=str).encode())

@@ -34,6 +34,7 @@ class TrainConfig:
     model: str = "mobilenet_v2"
     weights: str = "imagenet"  # imagenet | DEFAULT | <torchvision name> | path.pth/.safetensors | none
     strategy: Strategy = "finetune"
+    trainable_blocks: int | None = None  # train only the last K blocks of the backbone (and the head)
     head_epochs: int = 1  # 'gradual': epochs with a frozen backbone before everything trains
     epochs: int = 5
     batch_size: int = 64
@@ -102,6 +103,11 @@ class TrainConfig:
         _check(self.checkpoint_every >= 0, "checkpoint_every must be >= 0")
         _check(self.log_every >= 0, "log_every must be >= 0")
         _check(self.head_epochs >= 0, "head_epochs must be >= 0")
+        _check(self.trainable_blocks is None or self.trainable_blocks >= 1,
+               "trainable_blocks must be at least 1 (for the head alone use --strategy linear)")
+        _check(self.trainable_blocks is None or self.strategy != "linear",
+               "--trainable-blocks trains part of the backbone; use it with --strategy finetune or gradual, "
+               "not linear (which trains the head alone)")
         for name in ("mean", "std"):
             v = getattr(self, name)
             if v is not None:

@@ -1,4 +1,4 @@
-"""Frozen-backbone features, computed once and cached, so a linear probe trains in seconds."""
+"""Frozen-backbone features, computed once and cached, so a linear probe (or the last blocks) trains fast."""
 
 from __future__ import annotations
 
@@ -33,14 +33,16 @@ class Identity:
 def features(
     model: nn.Module, head: str, split: Split, transform: BatchTransform, *, device: torch.device,
     precision: str, batch_size: int, identity: dict, use_cache: bool = True, dist: Dist = SINGLE,
+    at: str | None = None,
 ) -> Split:
-    """The head's input for every image of `split` (eval mode, no augmentation), as a Split.
+    """The head's input (or the output of module `at`) for every image of `split` (eval mode, no
+    augmentation), as a Split.
 
     `identity` names the backbone and preprocessing (arch, weights, size, mean, std); with the
     images' own bytes it keys the cache, so other weights or settings never read these features.
     Under torchrun each rank computes a share and all get all features.
     """
-    key = cache.digest("features", identity, precision, split.images, split.labels)
+    key = cache.digest("features", identity, precision, at, split.images, split.labels)
     hit = cache.load("features", key) if use_cache else None
     if dist.on and not dist.all(hit is not None):
         hit = None  # compute together unless every rank found them
@@ -48,9 +50,12 @@ def features(
         log.info("%s: features of %d images from the cache", split.name, len(split))
         return Split(split.name, hit[0]["features"], split.labels)
     captured: list[torch.Tensor] = []
-    hook = model.get_submodule(head).register_forward_pre_hook(
-        lambda _m, args: captured.append(args[0].detach().float().cpu())
-    )
+    if at is None:
+        hook = model.get_submodule(head).register_forward_pre_hook(
+            lambda _m, args: captured.append(args[0].detach().float().cpu()))
+    else:
+        hook = model.get_submodule(at).register_forward_hook(
+            lambda _m, _args, output: captured.append(output.detach().float().cpu()))
     start = time.perf_counter()
     shared = dist.on and len(split) >= dist.world
     mine = split.subset(torch.arange(len(split))[dist.shard(len(split))]) if shared else split

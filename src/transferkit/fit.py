@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torchvision
 
-from . import __version__
+from . import __version__, cache
 from .checkpoint import (
     LAST_FILE,
     META_FILE,
@@ -37,7 +37,15 @@ from .data.transforms import BatchTransform, batches, num_batches
 from .engine import predict_logits, train_one_epoch
 from .errors import TransferkitError
 from .features import Identity, features, supports_feature_cache
-from .models import check_input_size, create_backbone, param_groups, replace_head, set_backbone_trainable
+from .models import (
+    check_input_size,
+    create_backbone,
+    frozen_prefix,
+    param_groups,
+    replace_head,
+    set_trainable,
+    without,
+)
 from .report import classification_metrics, write_report
 from .runtime import Dist, resolve_precision, seed_everything, start_distributed, stop_distributed
 
@@ -166,6 +174,7 @@ def _run(cfg: TrainConfig, out: Path, state: dict[str, Any] | None, dist: Dist,
         bb = create_backbone(cfg.model, cfg.weights)
         size = cfg.image_size or bb.preprocessing.image_size
         check_input_size(bb, size)
+        frozen_blocks = frozen_prefix(bb.model, bb.head, cfg.trainable_blocks) if cfg.trainable_blocks else []
         mean, std = cfg.mean or bb.preprocessing.mean, cfg.std or bb.preprocessing.std
         storage = Storage(size, resize_for(size, bb.preprocessing.crop_ratio))
         log.info("model %s, weights %s, input %dpx, mean %s std %s", cfg.model, bb.weights, size,
@@ -210,20 +219,31 @@ def _run(cfg: TrainConfig, out: Path, state: dict[str, Any] | None, dist: Dist,
     micro = _micro_batch(cfg, device, size)
     eval_bs = _eval_batch(cfg, dist, micro)
     runner = model  # what runs forward in training and evaluation
-    if cfg.strategy == "linear" and cfg.feature_cache and supports_feature_cache(model, bb.head):
-        # A frozen backbone maps each image to the same feature every epoch: compute it once
-        # (un-augmented), cache it on disk, and train and evaluate only the head on it.
-        set_backbone_trainable(model, bb.head, False)
+    linear_cache = cfg.strategy == "linear" and cfg.feature_cache and supports_feature_cache(model, bb.head)
+    if linear_cache or (frozen_blocks and cfg.feature_cache):
+        # A frozen backbone (or frozen first blocks) maps each image to the same activations
+        # every epoch: compute them once (un-augmented), cache them on disk, and train and
+        # evaluate only the rest of the network on them.
+        set_trainable(model, bb.head, not linear_cache, frozen_blocks)
+        frozen_state = [v for k, v in model.state_dict().items()
+                        if not k.startswith(bb.head + ".") and (linear_cache or k.startswith(
+                            tuple(f"{f}." for f in frozen_blocks)))]
         identity = {"arch": cfg.model, "weights": bb.weights, "build": bb.build_kwargs, "size": size,
-                    "mean": list(mean), "std": list(std), "storage": list(storage.__dict__.values())}
+                    "mean": list(mean), "std": list(std), "storage": list(storage.__dict__.values()),
+                    "frozen": cache.digest(*frozen_state)}
+        at = None if linear_cache else frozen_blocks[-1]
         splits = tuple(None if s is None else features(
             model, bb.head, s, eval_tf, device=device, precision=precision, batch_size=eval_bs,
-            identity=identity, use_cache=cfg.cache, dist=dist) for s in splits)
-        runner, train_tf, eval_tf = model.get_submodule(bb.head), Identity(), Identity()
-        micro, eval_bs = None, _eval_batch(cfg, dist, None)  # the head alone: memory is no concern
+            identity=identity, use_cache=cfg.cache, dist=dist, at=at) for s in splits)
+        runner = model.get_submodule(bb.head) if linear_cache else without(model, frozen_blocks)
+        train_tf, eval_tf = Identity(), Identity()
+        micro, eval_bs = None, _eval_batch(cfg, dist, None)  # the last layers alone: little memory
+        if frozen_blocks:
+            log.info("training the last %d blocks on cached activations of %s (one un-augmented view)",
+                     cfg.trainable_blocks, frozen_blocks[-1])
     inverse_frequency = (counts.sum() / (len(classes) * counts.clamp(min=1))).float().to(device)
     loop = _Loop(cfg, out, model, runner, bb.head, device, precision, splits[0], splits[1], meta, train_tf,
-                 eval_tf, dist, micro=micro, eval_bs=eval_bs,
+                 eval_tf, dist, micro=micro, eval_bs=eval_bs, frozen_blocks=frozen_blocks,
                  class_weights=inverse_frequency if cfg.class_weights == "auto" else None)
     initial = None if resuming else {k: v.detach().clone() for k, v in model.state_dict().items()}
     while True:
@@ -280,13 +300,13 @@ class _Loop:
     """The epoch loop with its resumable state: everything last.pt holds, and nothing more."""
 
     def __init__(self, cfg, out, model, runner, head, device, precision, train_split, val_split, meta,
-                 train_tf, eval_tf, dist, *, micro, eval_bs, class_weights) -> None:
+                 train_tf, eval_tf, dist, *, micro, eval_bs, frozen_blocks, class_weights) -> None:
         # `model` is what gets saved; `runner` what runs forward (the head alone on cached features).
         self.cfg, self.out, self.model, self.runner, self.head = cfg, out, model, runner, head
         self.device, self.precision = device, precision
         self.train_split, self.val_split, self.meta = train_split, val_split, meta
         self.train_tf, self.eval_tf, self.class_weights = train_tf, eval_tf, class_weights
-        self.dist, self.micro, self.eval_bs = dist, micro, eval_bs
+        self.dist, self.micro, self.eval_bs, self.frozen_blocks = dist, micro, eval_bs, frozen_blocks
         self.steps_done = 0
         self.stop_requested = False
 
@@ -349,7 +369,7 @@ class _Loop:
         with _first_sigint_stops(self):
             for epoch in range(first_epoch, cfg.epochs + 1):
                 frozen = cfg.strategy == "linear" or (cfg.strategy == "gradual" and epoch <= cfg.head_epochs)
-                set_backbone_trainable(model, self.head, not frozen)
+                set_trainable(model, self.head, not frozen, self.frozen_blocks)
                 if wrapped is None or (dist.on and frozen != trains):
                     # DistributedDataParallel syncs the parameters that train when it is built.
                     wrapped, trains = self._wrap(compiled), frozen

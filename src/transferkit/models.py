@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import logging
@@ -327,10 +328,64 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], head: str, orig
 # --- freezing and parameter groups --------------------------------------------------------
 
 
-def set_backbone_trainable(model: nn.Module, head: str, trainable: bool) -> None:
-    """Freeze or unfreeze everything outside the head; the head always trains."""
+def trunk(model: nn.Module, head: str) -> list[str]:
+    """The backbone's modules in forward order, down to blocks: a CNN's `features` (or, for
+    ResNet-like models, its top-level modules before the pooling), with stages of blocks opened
+    up (ResNet's layer1 -> its BasicBlocks). Pooling and the classifier are not part of it."""
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Sequential):
+        entries = [(f"features.{n}", m) for n, m in features.named_children()]
+    elif isinstance(getattr(model, "trunk_output", None), nn.Sequential):  # RegNet
+        entries = [("stem", model.stem)] + [(f"trunk_output.{n}", m) for n, m in model.trunk_output.named_children()]
+    elif isinstance(getattr(model, "layer4", None), nn.Sequential):  # ResNet, ResNeXt, Wide ResNet
+        entries = [(n, m) for n, m in model.named_children() if n not in ("avgpool", "fc", head.split(".")[0])]
+    else:
+        raise TransferkitError(
+            f"--trainable-blocks works with CNNs built from a sequence of blocks (ResNet, RegNet, MobileNet, "
+            f"EfficientNet, ConvNeXt, DenseNet, VGG...), not {type(model).__name__}; use --strategy finetune or linear"
+        )
+    blocks = []
+    for name, m in entries:
+        stage = isinstance(m, nn.Sequential) and len(m) > 0 and all(
+            len(list(c.children())) > 0 for c in m.children())
+        blocks += [f"{name}.{n}" for n, _ in m.named_children()] if stage else [name]
+    return blocks
+
+
+def frozen_prefix(model: nn.Module, head: str, trainable_blocks: int) -> list[str]:
+    """The trunk's modules before its last `trainable_blocks` blocks with parameters."""
+    blocks = trunk(model, head)
+    weighted = [i for i, b in enumerate(blocks) if any(True for _ in model.get_submodule(b).parameters())]
+    if trainable_blocks > len(weighted):
+        raise TransferkitError(
+            f"--trainable-blocks {trainable_blocks}: this model's backbone has {len(weighted)} blocks"
+        )
+    return blocks[: weighted[-trainable_blocks]] if trainable_blocks else blocks
+
+
+def without(model: nn.Module, names: list[str]) -> nn.Module:
+    """A view of `model` whose modules `names` pass their input through (nn.Identity); all other
+    modules, and so all parameters, are shared with `model`. Fed the output of a frozen prefix,
+    it computes the rest of the network."""
+    if not names:
+        return model
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    for child in model._modules:
+        if child in names:
+            view._modules[child] = nn.Identity()
+        else:
+            inner = [n[len(child) + 1:] for n in names if n.startswith(child + ".")]
+            if inner:
+                view._modules[child] = without(model._modules[child], inner)
+    return view
+
+
+def set_trainable(model: nn.Module, head: str, backbone: bool, frozen: list[str] = ()) -> None:
+    """The head always trains; the backbone when `backbone`, except the modules named in `frozen`."""
+    prefixes = tuple(f"{f}." for f in frozen)
     for name, p in model.named_parameters():
-        p.requires_grad_(trainable or name.startswith(head + "."))
+        p.requires_grad_(name.startswith(head + ".") or (backbone and not name.startswith(prefixes)))
 
 
 def train_mode(model: nn.Module, batchnorm: str = "train") -> None:
