@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,3 +127,33 @@ def test_trainable_blocks_that_do_not_fit_the_model_are_refused(tmp_path):
               out=str(tmp_path / "r"))
     with pytest.raises(TransferkitError, match="use it with --strategy finetune or gradual"):
         TrainConfig.create(strategy="linear", trainable_blocks=1)
+
+
+@needs_cifar
+def test_streaming_a_folder_from_its_files_trains_exactly_as_in_memory(tiny, tmp_path, monkeypatch, caplog):
+    from transferkit.data import sources
+
+    in_memory = train(_cfg(tiny, tmp_path / "memory", epochs=2, stream="never"))
+    # A machine with little memory: "auto" streams (here through 2 DataLoader worker processes).
+    monkeypatch.setattr(sources, "_memory_bytes", lambda: 4 * 3 * 32 * 32 * 40)
+    streamed = train(_cfg(tiny, tmp_path / "streamed", epochs=2, workers=2))
+    assert "streaming" in caplog.text and "from its files" in caplog.text
+    a, b = load_file(in_memory.out_dir / "model.safetensors"), load_file(streamed.out_dir / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert streamed.accuracy == in_memory.accuracy
+
+
+def test_a_streamed_folder_lists_files_that_are_not_images(tmp_path):
+    from PIL import Image
+
+    from transferkit.data.sources import Storage, load_source
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.new("RGB", (40, 30), (80 * i, 0, 0)).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "a" / "notes.jpg").write_text("not an image")
+    (tmp_path / "b" / "empty.png").write_bytes(b"")
+    src = load_source(str(tmp_path), storage=Storage(32, 36), splits=("train",), stream="always")
+    assert sorted(Path(p).name for p, _ in src.skipped) == ["empty.png", "notes.jpg"]
+    assert len(src.train) == 6 and src.train.images[torch.arange(6)].shape == (6, 3, 32, 32)

@@ -37,7 +37,8 @@ def digest(*parts: Any) -> str:
     h = hashlib.sha256(str(FORMAT).encode())
     for p in parts:
         if isinstance(p, torch.Tensor):
-            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if p.numel() else b"")
+            flat = p.detach().cpu().contiguous().reshape(-1)
+            h.update(flat.view(torch.uint8).numpy().tobytes() if p.numel() else b"")
             h.update(str((p.dtype, tuple(p.shape))).encode())
         else:
             h.update(json.dumps(p, sort_keys=True, default=str).encode())

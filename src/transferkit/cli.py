@@ -34,6 +34,8 @@ HELP = {
     "batch_size": "images per step over all processes (under torchrun each of N processes takes 1/N of it)",
     "trainable_blocks": "train only the backbone's last K blocks and the head; the frozen blocks' activations are "
                         "cached (one un-augmented view) unless --no-feature-cache",
+    "stream": "image folders: auto streams from the files (DataLoader workers) when the decoded images would "
+              "take over a quarter of the memory; always; never (decode all into memory, cached on disk)",
     "micro_batch": "images per forward/backward pass; the step still averages over --batch-size (less memory). "
                    "0: auto, on a CPU 16 images at 224 px (more at smaller sizes), on a GPU the whole batch",
     "batchnorm": "train: batch statistics; frozen: keep the pretrained statistics (small batches); "

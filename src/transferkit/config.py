@@ -18,6 +18,7 @@ Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["cosine", "constant"]
 Precision = Literal["auto", "bf16", "fp32"]
 ClassWeights = Literal["none", "auto"]
+Stream = Literal["auto", "always", "never"]
 BatchNorm = Literal["train", "frozen", "sync"]
 
 
@@ -64,7 +65,8 @@ class TrainConfig:
     cache: bool = True  # cache decoded image folders and frozen features under $TRANSFERKIT_CACHE
     feature_cache: bool = True  # 'linear': train the head on cached features (un-augmented, one view)
     device: str = "auto"
-    workers: int = 2  # threads that decode image files
+    workers: int = 2  # threads (or, when streaming, DataLoader processes) that decode image files
+    stream: Stream = "auto"  # image folders: decode batches from the files instead of holding all in memory
     log_every: int = 0  # also log the running loss every N batches (0: only per epoch)
     checkpoint_every: int = 0  # also save last.pt every N steps (it is saved every epoch and every 5 min)
     out: str | None = None  # run folder; None: runs/<data>-<model>-<time>

@@ -33,7 +33,7 @@ class Identity:
 def features(
     model: nn.Module, head: str, split: Split, transform: BatchTransform, *, device: torch.device,
     precision: str, batch_size: int, identity: dict, use_cache: bool = True, dist: Dist = SINGLE,
-    at: str | None = None,
+    at: str | None = None, workers: int = 0,
 ) -> Split:
     """The head's input (or the output of module `at`) for every image of `split` (eval mode, no
     augmentation), as a Split.
@@ -60,7 +60,7 @@ def features(
     shared = dist.on and len(split) >= dist.world
     mine = split.subset(torch.arange(len(split))[dist.shard(len(split))]) if shared else split
     try:
-        predict_logits(model, batches(mine, batch_size), transform, device=device, precision=precision,
+        predict_logits(model, batches(mine, batch_size, workers=workers), transform, device=device, precision=precision,
                        desc=f"features {split.name}")
     finally:
         hook.remove()

@@ -181,7 +181,7 @@ def _run(cfg: TrainConfig, out: Path, state: dict[str, Any] | None, dist: Dist,
                  _fmt(mean), _fmt(std))
         src = load_source(cfg.data, storage=storage, data_dir=cfg.data_dir, splits=("train", "val", "test"),
                           workers=cfg.workers, max_train_images=cfg.max_train_images, seed=cfg.seed,
-                          use_cache=cfg.cache)
+                          use_cache=cfg.cache, stream=cfg.stream)
     train_split, val_split, test_split = _splits(src, cfg)
     classes = src.classes
     if len(classes) < 2:
@@ -234,7 +234,7 @@ def _run(cfg: TrainConfig, out: Path, state: dict[str, Any] | None, dist: Dist,
         at = None if linear_cache else frozen_blocks[-1]
         splits = tuple(None if s is None else features(
             model, bb.head, s, eval_tf, device=device, precision=precision, batch_size=eval_bs,
-            identity=identity, use_cache=cfg.cache, dist=dist, at=at) for s in splits)
+            identity=identity, use_cache=cfg.cache, dist=dist, at=at, workers=cfg.workers) for s in splits)
         runner = model.get_submodule(bb.head) if linear_cache else without(model, frozen_blocks)
         train_tf, eval_tf = Identity(), Identity()
         micro, eval_bs = None, _eval_batch(cfg, dist, None)  # the last layers alone: little memory
@@ -268,7 +268,7 @@ def _run(cfg: TrainConfig, out: Path, state: dict[str, Any] | None, dist: Dist,
     best = load_model_state(out, json.loads((out / META_FILE).read_text())) if dist.main else None
     model.load_state_dict(dist.share(best))
     final = splits[2] if test_split is not None else splits[1]
-    logits, labels = _predict(runner, final, eval_tf, eval_bs, device, precision, dist)
+    logits, labels = _predict(runner, final, eval_tf, eval_bs, device, precision, dist, cfg.workers)
     final = test_split if test_split is not None else val_split
     metrics = classification_metrics(logits, labels, classes)
     measured_on = (f"{final.name} split of {cfg.data}, {len(final):,} images"
@@ -394,7 +394,8 @@ class _Loop:
                     return stop
 
                 stats = train_one_epoch(
-                    wrapped, batches(self.train_split, cfg.batch_size, order=order, start=start, drop_last=drop_last),
+                    wrapped, batches(self.train_split, cfg.batch_size, order=order, start=start, drop_last=drop_last,
+                                     workers=cfg.workers, share=dist.shard if dist.on else None),
                     self.train_tf, optimizer, scheduler, device=self.device, precision=self.precision,
                     label_smoothing=cfg.label_smoothing, class_weights=self.class_weights, generator=aug_gen,
                     total=steps, start_step=start, running=running, log_every=cfg.log_every,
@@ -409,7 +410,7 @@ class _Loop:
                 val_acc = None
                 if self.val_split is not None:
                     logits, labels = _predict(compiled, self.val_split, self.eval_tf, self.eval_bs, self.device,
-                                              self.precision, dist)
+                                              self.precision, dist, cfg.workers)
                     val_acc = (logits.argmax(1) == labels).double().mean().item()
                 row = {"epoch": epoch, "train_loss": stats["loss"], "train_acc": stats["acc"], "val_acc": val_acc,
                        "lr": optimizer.param_groups[0]["lr"], "seconds": stats["seconds"],
@@ -506,13 +507,13 @@ def _eval_batch(cfg: TrainConfig, dist: Dist, micro: int | None) -> int:
 
 
 def _predict(runner, split: Split, transform, batch_size: int, device: torch.device, precision: str,
-             dist: Dist) -> tuple[torch.Tensor, torch.Tensor]:
+             dist: Dist, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of a whole split; under torchrun each rank runs a share, all get all."""
     if not dist.on or len(split) < dist.world:
-        return predict_logits(runner, batches(split, batch_size), transform, device=device,
+        return predict_logits(runner, batches(split, batch_size, workers=workers), transform, device=device,
                               precision=precision, desc=split.name)
     mine = split.subset(torch.arange(len(split))[dist.shard(len(split))])
-    logits, labels = predict_logits(runner, batches(mine, batch_size), transform, device=device,
+    logits, labels = predict_logits(runner, batches(mine, batch_size, workers=workers), transform, device=device,
                                     precision=precision, desc=split.name)
     return dist.gather_rows(logits), dist.gather_rows(labels)
 

@@ -153,8 +153,8 @@ def evaluate_run(
         )
     remap = torch.tensor([pred.classes.index(c) for c in src.classes])
     labels_src = remap[part.labels]
-    logits, _ = predict_logits(pred.model, batches(part, batch_size), pred.transform, device=pred.device,
-                               precision=pred.precision, desc=split)
+    logits, _ = predict_logits(pred.model, batches(part, batch_size, workers=workers), pred.transform,
+                               device=pred.device, precision=pred.precision, desc=split)
     metrics = classification_metrics(logits, labels_src, pred.classes)
     measured_on = (f"{split} split of {data}, {len(part):,} images, stored at {part.resolution}, "
                    f"model input {pred.storage.size}x{pred.storage.size}")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .. import cache
 from ..errors import TransferkitError, did_you_mean
@@ -40,7 +41,48 @@ class Split:
         return f"{self.images.shape[-1]}x{self.images.shape[-2]}"
 
     def subset(self, index: torch.Tensor, name: str | None = None) -> Split:
-        return Split(name or self.name, self.images[index], self.labels[index])
+        images = self.images.select(index) if isinstance(self.images, FileImages) else self.images[index]
+        return Split(name or self.name, images, self.labels[index])
+
+
+class FileImages:
+    """The images of a split too large to hold in memory: files, decoded when a batch needs them.
+
+    Indexing gives uint8 tensors like an in-memory split; every image comes out as the stored
+    square (centre-fitted unless it already is one), so batches have one shape.
+    """
+
+    def __init__(self, paths: list[Path], storage: Storage) -> None:
+        self.paths, self.storage = paths, storage
+        self.shape = (len(paths), 3, storage.size, storage.size)
+        self.dtype = torch.uint8
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def select(self, index: torch.Tensor) -> FileImages:
+        return FileImages([self.paths[i] for i in torch.as_tensor(index).tolist()], self.storage)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        picked = self.paths[index] if isinstance(index, slice) else [self.paths[i] for i in
+                                                                      torch.as_tensor(index).tolist()]
+        out = torch.zeros((len(picked), 3, self.storage.size, self.storage.size), dtype=torch.uint8)
+        for i, path in enumerate(picked):
+            out[i] = self.decode(path)
+        return out
+
+    def decode(self, path: Path) -> torch.Tensor:
+        size = self.storage.size
+        try:
+            img = pil_to_tensor(open_rgb(path))
+        except UnreadableImage as e:
+            # Files were checked when the folder was read; one that breaks later trains as black.
+            log.warning("unreadable image %s (%s): used as a black image", path, e)
+            return torch.zeros((3, size, size), dtype=torch.uint8)
+        return img if tuple(img.shape[1:]) == (size, size) else center_fit(img, size, self.storage.resize)
+
+    def __str__(self) -> str:  # what cache keys see: the files (paths, sizes, times) and the storage
+        return cache.digest("files", _file_stats(self.paths), self.storage.size, self.storage.resize)
 
 
 @dataclass
@@ -70,11 +112,14 @@ def is_named(data: str) -> bool:
 def load_source(
     data: str, *, storage: Storage, data_dir: str | None = None, splits: Sequence[str] = ("train", "test"),
     workers: int = 2, max_train_images: int | None = None, seed: int = 0, use_cache: bool = True,
+    stream: str = "auto",
 ) -> DataSource:
     """Load a named set or an image folder. `splits` picks which of train/val/test to decode.
 
     `max_train_images` keeps a stratified subset of train (before decoding, for folders).
-    Decoded folders are cached on disk (see cache.py) unless `use_cache` is False.
+    Decoded folders are cached on disk (see cache.py) unless `use_cache` is False. A folder is
+    streamed from its files instead (FileImages) with `stream="always"`, or with "auto" when its
+    decoded images would take more than a quarter of this machine's memory.
     """
     check_data_arg(data)
     if is_named(data):
@@ -82,7 +127,8 @@ def load_source(
         if src.train is not None and max_train_images:
             src.train = src.train.subset(stratified_subset(src.train.labels, max_train_images, seed))
         return src
-    return _load_folder(Path(data).expanduser(), storage, splits, workers, max_train_images, seed, use_cache)
+    return _load_folder(Path(data).expanduser(), storage, splits, workers, max_train_images, seed, use_cache,
+                        stream)
 
 
 def check_data_arg(data: str) -> None:
@@ -186,7 +232,7 @@ def folder_layout(root: Path) -> dict[str, Path]:
 
 def _load_folder(
     root: Path, storage: Storage, splits: Sequence[str], workers: int, max_train: int | None, seed: int,
-    use_cache: bool = True,
+    use_cache: bool = True, stream: str = "auto",
 ) -> DataSource:
     layout = folder_layout(root)
     first = next(iter(layout.values()))
@@ -204,6 +250,7 @@ def _load_folder(
                 f"extra {extra or 'none'}; every split needs the same class folders"
             )
     out = DataSource(name=str(root), classes=classes)
+    listed = {}
     for split, path in layout.items():
         if split not in splits:
             continue
@@ -215,22 +262,59 @@ def _load_folder(
         if split == "train" and max_train:
             keep = stratified_subset(torch.tensor(labels), max_train, seed).tolist()
             paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
-        setattr(out, split, _decode_cached(split, paths, labels, storage, workers, out.skipped, use_cache))
+        listed[split] = paths, labels
+    decoded_bytes = sum(len(p) for p, _ in listed.values()) * 3 * storage.size**2
+    streaming = stream == "always" or (stream == "auto" and decoded_bytes > _memory_bytes() / 4)
+    if streaming:
+        log.info("streaming %s from its files (decoded it would take %.1f GB)", root, decoded_bytes / 1e9)
+    for split, (paths, labels) in listed.items():
+        if streaming:
+            setattr(out, split, _checked_files(split, paths, labels, storage, workers, out.skipped))
+        else:
+            setattr(out, split, _decode_cached(split, paths, labels, storage, workers, out.skipped, use_cache))
     return out
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+def _checked_files(name, paths, labels, storage, workers, skipped) -> Split:
+    """A streamed split: every file's header is read once, so files that are not images are
+    listed and left out up front."""
+    def check(p: Path) -> str | None:
+        try:
+            with Image.open(p) as img:
+                w, h = img.size
+            if w * h > Image.MAX_IMAGE_PIXELS:
+                return f"{w}x{h} pixels is more than PIL's limit of {Image.MAX_IMAGE_PIXELS}"
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return f"not a readable image ({type(e).__name__}: {e})"
+        return None
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        problems = list(pool.map(check, paths, chunksize=256))
+    keep = []
+    for i, (p, problem) in enumerate(zip(paths, problems)):
+        if problem is None:
+            keep.append(i)
+        else:
+            skipped.append((str(p), problem))
+            log.warning("skipping unreadable image %s: %s", p, problem)
+    if not keep:
+        raise TransferkitError(f"none of the {len(paths)} image files in the {name} split could be read")
+    return Split(name, FileImages([paths[i] for i in keep], storage),
+                 torch.tensor([labels[i] for i in keep], dtype=torch.int64))
 
 
 def _decode_cached(name, paths, labels, storage, workers, skipped, use_cache: bool) -> Split:
     """Decode once; later runs on the same files (same paths, sizes, mtimes) and storage read the cache."""
     if not use_cache:
         return _decode(name, paths, labels, storage, workers, skipped)
-    stats = []
-    for p in paths:
-        try:
-            st = p.stat()
-            stats.append((str(p.resolve()), st.st_size, st.st_mtime_ns))
-        except OSError:
-            stats.append((str(p), -1, -1))
-    key = cache.digest("decoded", storage.size, storage.resize, stats, list(labels))
+    key = cache.digest("decoded", storage.size, storage.resize, _file_stats(paths), list(labels))
     hit = cache.load("decoded", key)
     if hit is not None:
         tensors, meta = hit
@@ -242,6 +326,17 @@ def _decode_cached(name, paths, labels, storage, workers, skipped, use_cache: bo
     skipped += mine
     cache.store("decoded", key, {"images": split.images, "labels": split.labels}, {"skipped": json.dumps(mine)})
     return split
+
+
+def _file_stats(paths: list[Path]) -> list[tuple[str, int, int]]:
+    stats = []
+    for p in paths:
+        try:
+            st = p.stat()
+            stats.append((str(p.resolve()), st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append((str(p), -1, -1))
+    return stats
 
 
 def _decode(name, paths, labels, storage, workers, skipped) -> Split:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from .sources import Split
+from .sources import FileImages, Split
 
 
 class BatchTransform:
@@ -74,16 +74,47 @@ class BatchTransform:
 
 def batches(
     split: Split, batch_size: int, *, order: torch.Tensor | None = None, start: int = 0, drop_last: bool = False,
+    workers: int = 0, share: Callable[[int], slice] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (uint8 images, labels) slices of a split, in `order` if given, from batch `start`."""
+    """Yield (uint8 images, labels) slices of a split, in `order` if given, from batch `start`.
+
+    A streamed split (FileImages) is decoded batch by batch in `workers` DataLoader processes,
+    ahead of the training step; with `share(n)`, only these rows of each batch of n are decoded
+    (the rest stay zero): the rows this process trains on.
+    """
     n = len(split)
     stop = n - n % batch_size if drop_last else n
-    for first in range(start * batch_size, stop, batch_size):
-        if order is None:
-            yield split.images[first:first + batch_size], split.labels[first:first + batch_size]
+    index = torch.arange(n) if order is None else order
+    chunks = [index[first:first + batch_size] for first in range(start * batch_size, stop, batch_size)]
+    if isinstance(split.images, FileImages):
+        loader = torch.utils.data.DataLoader(_Decoded(split, chunks, share), batch_size=None, num_workers=workers,
+                                             prefetch_factor=4 if workers else None)
+        yield from loader
+        return
+    for idx in chunks:
+        if order is None:  # contiguous: a view, no copy
+            yield split.images[int(idx[0]):int(idx[-1]) + 1], split.labels[int(idx[0]):int(idx[-1]) + 1]
         else:
-            idx = order[first:first + batch_size]
             yield split.images[idx], split.labels[idx]
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """Batch k of a streamed split, decoded (in a DataLoader worker)."""
+
+    def __init__(self, split: Split, chunks: list[torch.Tensor], share: Callable[[int], slice] | None) -> None:
+        self.split, self.chunks, self.share = split, chunks, share
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.chunks[k]
+        if self.share is None:
+            return self.split.images[idx], self.split.labels[idx]
+        rows = self.share(len(idx))
+        images = torch.zeros((len(idx), *self.split.images.shape[1:]), dtype=torch.uint8)
+        images[rows] = self.split.images[idx[rows]]
+        return images, self.split.labels[idx]
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
