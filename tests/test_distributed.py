@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -143,7 +144,9 @@ def test_a_killed_worker_is_restarted_and_the_job_finishes_from_the_checkpoint(d
         job.kill()
     assert job.returncode == 0, output
     assert "torchrun restart 1: resuming" in output
-    assert f"resuming {out} after epoch 2, step {state['step']}/5" in output
+    # From the checkpoint seen before the kill or a later one (the job goes on for a moment), not from scratch.
+    where = re.search(rf"resuming {re.escape(str(out))} after epoch (\d+)(?:, step (\d+)/5)?", output)
+    assert where and (int(where[1]), int(where[2] or 5)) >= (2, state["step"])
     assert_same_training(two, out)  # the restarted job ends where the uninterrupted one did
 
 
