@@ -135,7 +135,7 @@ def test_streaming_a_folder_from_its_files_trains_exactly_as_in_memory(tiny, tmp
 
     in_memory = train(_cfg(tiny, tmp_path / "memory", epochs=2, stream="never"))
     # A machine with little memory: "auto" streams (here through 2 DataLoader worker processes).
-    monkeypatch.setattr(sources, "_memory_bytes", lambda: 4 * 3 * 32 * 32 * 40)
+    monkeypatch.setattr(sources, "memory_bytes", lambda: 4 * 3 * 32 * 32 * 40)
     streamed = train(_cfg(tiny, tmp_path / "streamed", epochs=2, workers=2))
     assert "streaming" in caplog.text and "from its files" in caplog.text
     a, b = load_file(in_memory.out_dir / "model.safetensors"), load_file(streamed.out_dir / "model.safetensors")

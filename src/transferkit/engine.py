@@ -36,7 +36,8 @@ def train_one_epoch(
 
     `batches` yields whole (global) batches; under torchrun each rank trains on its share of
     every batch and the loss is scaled so that DistributedDataParallel's gradient average equals
-    the gradient of the whole batch's loss: the result does not depend on the number of processes.
+    the gradient of the whole batch's loss: the result does not depend on the number of processes
+    (except through BatchNorm's batch statistics, which each process takes over its share).
     `micro_batch` caps the images per forward/backward pass (gradients accumulate to one step),
     which bounds activation memory; only BatchNorm's batch statistics see the smaller parts.
     `after_step(step, snapshot)` runs after every step (on every rank); `snapshot()` gives the
@@ -62,9 +63,11 @@ def train_one_epoch(
                 "seconds": before + time.perf_counter() - start}
 
     def check_finite(value: torch.Tensor, at: int) -> None:
-        if not torch.isfinite(value).all():
+        mine = not torch.isfinite(value).all()
+        if (dist.sum(float(mine))[0] > 0) if dist.on else mine:  # all processes stop together
+            shown = value.item() if mine else "non-finite in another process"
             raise NonFiniteLoss(
-                f"loss became {value.item()} by step {at} (lr {optimizer.param_groups[0]['lr']:.2e}); the last "
+                f"loss became {shown} by step {at} (lr {optimizer.param_groups[0]['lr']:.2e}); the last "
                 "good checkpoint is kept. Lower --lr, or use --precision fp32"
             )
 
@@ -77,7 +80,7 @@ def train_one_epoch(
         # The loss of the whole batch is the (weighted) mean over all its images.
         norm = float(n) if cpu_weights is None else cpu_weights[labels].sum().item()
         rows = dist.shard(n)
-        parts = micro_batches(rows, micro_batch)
+        parts = micro_batches(rows, micro_batch, -(-n // dist.world))
         # Every part redraws the whole batch's random crops from the same generator state and
         # keeps its own rows: the crops do not depend on how the batch is split.
         fork = generator.get_state() if generator is not None and len(parts) > 1 else None
@@ -119,10 +122,13 @@ def train_one_epoch(
             "seconds": before + time.perf_counter() - start, "step": step, "stopped": stopped}
 
 
-def micro_batches(rows: slice, size: int | None) -> list[slice]:
-    """`rows` cut into the fewest near-equal parts of at most `size` images."""
+def micro_batches(rows: slice, size: int | None, largest: int | None = None) -> list[slice]:
+    """`rows` cut into near-equal parts: as many as the largest share (`largest` rows, on any
+    process) needs for parts of at most `size`, so every process makes the same number of passes
+    (SyncBatchNorm runs a collective in each)."""
     n = rows.stop - rows.start
-    k = 1 if not size or n <= size else -(-n // size)
+    most = max(n, largest or 0)
+    k = 1 if not size or most <= size else -(-most // size)
     bounds = [rows.start + (n * i) // k for i in range(k + 1)]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 

@@ -32,7 +32,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data.images import resize_for
-from .data.sources import DataSource, Split, Storage, check_data_arg, load_source, stratified_split
+from .data.sources import DataSource, Split, Storage, check_data_arg, load_source, memory_bytes, stratified_split
 from .data.transforms import BatchTransform, batches, num_batches
 from .engine import predict_logits, train_one_epoch
 from .errors import TransferkitError
@@ -128,6 +128,9 @@ def _prepare_run_folder(cfg: TrainConfig, resume: str | Path | None, overwrite: 
     """Create (or check) the run folder; returns the config, the folder and whether to resume."""
     # Under torchrun the default name uses the job's run id, which a restarted worker sees again.
     stamp = os.environ.get("TORCHELASTIC_RUN_ID") if dist.on else None
+    stamp = None if stamp == "none" else stamp  # torchrun's default without --rdzv-id / --standalone
+    if dist.on and not cfg.out and not stamp and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        log.warning("no --out: a restarted worker will not find this run; give --out (or --rdzv-id)")
     out = Path(cfg.out or f"runs/{_data_name(cfg.data)}-{cfg.model}-{stamp or time.strftime('%Y%m%d-%H%M%S')}")
     resuming = resume is not None
     if not resuming and dist.restart > 0 and (out / LAST_FILE).exists():
@@ -220,7 +223,9 @@ def _run(cfg: TrainConfig, out: Path, state: dict[str, Any] | None, dist: Dist,
     eval_bs = _eval_batch(cfg, dist, micro)
     runner = model  # what runs forward in training and evaluation
     linear_cache = cfg.strategy == "linear" and cfg.feature_cache and supports_feature_cache(model, bb.head)
-    if linear_cache or (frozen_blocks and cfg.feature_cache):
+    trunk_cache = bool(frozen_blocks) and cfg.feature_cache and _activations_fit(
+        model, frozen_blocks[-1], size, device, sum(len(s) for s in splits if s is not None))
+    if linear_cache or trunk_cache:
         # A frozen backbone (or frozen first blocks) maps each image to the same activations
         # every epoch: compute them once (un-augmented), cache them on disk, and train and
         # evaluate only the rest of the network on them.
@@ -317,6 +322,11 @@ class _Loop:
         # A batch (or a process's share of it) of one image breaks BatchNorm: drop such a last batch.
         drop_last = 0 < len(self.train_split) % cfg.batch_size < 2 * dist.world
         steps = num_batches(len(self.train_split), cfg.batch_size, drop_last)
+        if steps == 0:
+            raise TransferkitError(
+                f"the training split has {len(self.train_split)} images: too few for one batch shared by "
+                f"{dist.world} processes (two images each); add images or use fewer processes"
+            )
         optimizer = _optimizer(cfg, param_groups(model, self.head, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, _lr_factor(cfg.schedule, steps * cfg.epochs, round(cfg.warmup_epochs * steps))
@@ -408,6 +418,7 @@ class _Loop:
                         f"Resume with: {self._resume_command()}"
                     )
                 val_acc = None
+                dist.sync_buffers(self.runner)  # each process's last step moved its own statistics
                 if self.val_split is not None:
                     logits, labels = _predict(compiled, self.val_split, self.eval_tf, self.eval_bs, self.device,
                                               self.precision, dist, cfg.workers)
@@ -474,6 +485,24 @@ def _first_sigint_stops(loop: _Loop):
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+@torch.no_grad()
+def _activations_fit(model: torch.nn.Module, at: str, size: int, device: torch.device, images: int) -> bool:
+    """Whether the output of module `at` for all `images` fits in a quarter of this process's memory."""
+    shape = []
+    hook = model.get_submodule(at).register_forward_hook(lambda _m, _a, out: shape.append(out.shape))
+    model.eval()
+    try:
+        model(torch.zeros(1, 3, size, size, device=device))
+    finally:
+        hook.remove()
+    need = math.prod(shape[0]) * 4 * images
+    if need > memory_bytes() / 4:
+        log.warning("the frozen blocks' activations would take %.1f GB: running them every step instead of "
+                    "caching them", need / 1e9)
+        return False
+    return True
 
 
 def _check_distributed(cfg: TrainConfig, dist: Dist, device: torch.device) -> None:

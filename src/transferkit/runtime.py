@@ -124,6 +124,12 @@ class Dist:
         torch.distributed.all_gather(parts, padded)
         return torch.cat([p[:n] for p, n in zip(parts, sizes.tolist())])
 
+    def sync_buffers(self, module: torch.nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm statistics) in every process, as the saved model has them."""
+        if self.on:
+            for b in module.buffers():
+                torch.distributed.broadcast(b, src=0)
+
     def share(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (an in-memory copy between the job's own processes)."""
         if not self.on:

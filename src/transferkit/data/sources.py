@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .. import cache
@@ -79,7 +80,11 @@ class FileImages:
             # Files were checked when the folder was read; one that breaks later trains as black.
             log.warning("unreadable image %s (%s): used as a black image", path, e)
             return torch.zeros((3, size, size), dtype=torch.uint8)
-        return img if tuple(img.shape[1:]) == (size, size) else center_fit(img, size, self.storage.resize)
+        h, w = img.shape[1:]
+        if h == w and h <= size:  # small squares are upsampled whole, as the batched transform does in memory
+            return img if h == size else F.interpolate(img[None].float(), size=(size, size), mode="bilinear",
+                                                       align_corners=False).round_().clamp_(0, 255)[0].byte()
+        return center_fit(img, size, self.storage.resize)
 
     def __str__(self) -> str:  # what cache keys see: the files (paths, sizes, times) and the storage
         return cache.digest("files", _file_stats(self.paths), self.storage.size, self.storage.resize)
@@ -264,7 +269,7 @@ def _load_folder(
             paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
         listed[split] = paths, labels
     decoded_bytes = sum(len(p) for p, _ in listed.values()) * 3 * storage.size**2
-    streaming = stream == "always" or (stream == "auto" and decoded_bytes > _memory_bytes() / 4)
+    streaming = stream == "always" or (stream == "auto" and decoded_bytes > memory_bytes() / 4)
     if streaming:
         log.info("streaming %s from its files (decoded it would take %.1f GB)", root, decoded_bytes / 1e9)
     for split, (paths, labels) in listed.items():
@@ -275,11 +280,19 @@ def _load_folder(
     return out
 
 
-def _memory_bytes() -> int:
+def memory_bytes() -> int:
+    """This process's part of the memory: the machine's (or its container's limit), divided
+    among the torchrun processes on it."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
-        return 8 << 30
+        total = 8 << 30
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        total = min(total, int(limit)) if limit.isdigit() else total
+    except OSError:
+        pass
+    return total // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _checked_files(name, paths, labels, storage, workers, skipped) -> Split:
@@ -287,10 +300,8 @@ def _checked_files(name, paths, labels, storage, workers, skipped) -> Split:
     listed and left out up front."""
     def check(p: Path) -> str | None:
         try:
-            with Image.open(p) as img:
-                w, h = img.size
-            if w * h > Image.MAX_IMAGE_PIXELS:
-                return f"{w}x{h} pixels is more than PIL's limit of {Image.MAX_IMAGE_PIXELS}"
+            with Image.open(p):  # reads the header; refuses decompression bombs as decoding would
+                pass
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             return f"not a readable image ({type(e).__name__}: {e})"
         return None
