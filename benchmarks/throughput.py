@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/throughput.py [--steps 8] [--size 224] [--models resnet18 mobilenet_v2]
 
 Classic: a folder dataset of PIL images, Resize((size, size)) + ToTensor, DataLoader(batch 64,
-2 workers, shuffle), fp32 SGD. transferkit: images decoded once into a uint8 tensor, batched
-random-resized-crop + flip + normalize, channels_last, precision auto (bf16 only where native).
+2 workers, shuffle), fp32 SGD. transferkit: its own training step (engine.train_one_epoch) on
+images decoded once into a uint8 tensor, batched random-resized-crop + flip + normalize,
+channels_last, precision auto (bf16 only where native), the batch in passes of --micro-batch
+(auto: 16 images at 224 px on a CPU), fp32 SGD.
 Random weights (throughput does not depend on them). Data: ../shared/data/cifar10/train.
 """
 
@@ -20,9 +22,12 @@ import torchvision
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
+from transferkit import TrainConfig
 from transferkit.data.sources import Storage, load_source
 from transferkit.data.transforms import BatchTransform, batches
-from transferkit.runtime import autocast, resolve_precision
+from transferkit.engine import train_one_epoch
+from transferkit.fit import micro_batch_for
+from transferkit.runtime import resolve_precision
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "train"
 
@@ -57,7 +62,9 @@ def classic(arch: str, size: int, steps: int, batch: int, subset: list[int]) -> 
     return timed_steps(step, loader, steps)
 
 
-def transferkit_pipeline(arch: str, size: int, steps: int, batch: int, count: int) -> tuple[float, str]:
+def transferkit_pipeline(arch: str, size: int, steps: int, batch: int, count: int,
+                         micro: int | None) -> tuple[float, str]:
+    """transferkit's own training step (engine.train_one_epoch), as `transferkit train` runs it."""
     device = torch.device("cpu")
     precision = resolve_precision("auto", device)
     src = load_source(str(DATA.parent), storage=Storage(size, round(size / 0.875)), splits=("train",),
@@ -65,19 +72,18 @@ def transferkit_pipeline(arch: str, size: int, steps: int, batch: int, count: in
     tf = BatchTransform(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), train=True, channels_last=True)
     model = torchvision.models.get_model(arch, num_classes=10).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
-    model.train()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     gen = torch.Generator().manual_seed(0)
-
-    def step(x, y):
-        with autocast(device, precision):
-            logits = model(tf(x, gen))
-        loss = torch.nn.functional.cross_entropy(logits.float(), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
     order = torch.randperm(len(src.train), generator=gen)
-    return timed_steps(step, batches(src.train, batch, order=order, drop_last=True), steps), precision
+
+    def run(first: int, n: int) -> dict:
+        part = order[first * batch:(first + n) * batch]
+        return train_one_epoch(model, batches(src.train, batch, order=part, drop_last=True), tf, opt, sched,
+                               device=device, precision=precision, generator=gen, micro_batch=micro)
+
+    run(0, 2)  # warm-up
+    stats = run(2, steps)
+    return stats["images"] / stats["seconds"], precision
 
 
 def main() -> None:
@@ -86,6 +92,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
+    p.add_argument("--micro-batch", type=int, default=0, help="images per pass, as in train (0: auto)")
     args = p.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"needs the shared CIFAR-10 folder at {DATA}")
@@ -95,9 +102,11 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; {args.steps} steps of batch {args.batch_size} at {args.size} px")
     for arch in args.models:
         a = classic(arch, args.size, args.steps, args.batch_size, subset)
-        b, precision = transferkit_pipeline(arch, args.size, args.steps, args.batch_size, count)
-        print(f"{arch:<14} classic {a:6.1f} img/s   transferkit ({precision}) {b:6.1f} img/s   ratio {b / a:.2f}x",
-              flush=True)
+        micro = micro_batch_for(TrainConfig(micro_batch=args.micro_batch), torch.device("cpu"), args.size)
+        b, precision = transferkit_pipeline(arch, args.size, args.steps, args.batch_size, count, micro)
+        passes = f", passes of {micro}" if micro and micro < args.batch_size else ""
+        print(f"{arch:<14} classic {a:6.1f} img/s   transferkit ({precision}{passes}) {b:6.1f} img/s   "
+              f"ratio {b / a:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -219,7 +219,7 @@ def _run(cfg: TrainConfig, out: Path, state: dict[str, Any] | None, dist: Dist,
                               scale=(cfg.crop_scale, 1.0), channels_last=cfg.channels_last)
     eval_tf = BatchTransform(size, mean, std, channels_last=cfg.channels_last)
     splits = (train_split, val_split, test_split)
-    micro = _micro_batch(cfg, device, size)
+    micro = micro_batch_for(cfg, device, size)
     eval_bs = _eval_batch(cfg, dist, micro)
     runner = model  # what runs forward in training and evaluation
     linear_cache = cfg.strategy == "linear" and cfg.feature_cache and supports_feature_cache(model, bb.head)
@@ -518,7 +518,7 @@ def _check_distributed(cfg: TrainConfig, dist: Dist, device: torch.device) -> No
                                                    f"{cfg.batch_size // dist.world + 1}"))
 
 
-def _micro_batch(cfg: TrainConfig, device: torch.device, size: int) -> int | None:
+def micro_batch_for(cfg: TrainConfig, device: torch.device, size: int) -> int | None:
     """Images per forward/backward pass: --micro-batch, or on a CPU (auto) as many as keep the
     activations of 16 images at 224 px (a MobileNetV2/ResNet fine-tune then stays under 3 GB)."""
     if cfg.micro_batch:

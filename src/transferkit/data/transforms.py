@@ -82,9 +82,9 @@ def batches(
     ahead of the training step; with `share(n)`, only these rows of each batch of n are decoded
     (the rest stay zero): the rows this process trains on.
     """
-    n = len(split)
+    index = torch.arange(len(split)) if order is None else order  # `order` may hold only some rows
+    n = len(index)
     stop = n - n % batch_size if drop_last else n
-    index = torch.arange(n) if order is None else order
     chunks = [index[first:first + batch_size] for first in range(start * batch_size, stop, batch_size)]
     if isinstance(split.images, FileImages):
         loader = torch.utils.data.DataLoader(_Decoded(split, chunks, share), batch_size=None, num_workers=workers,
