@@ -152,7 +152,7 @@ def test_a_killed_worker_is_restarted_and_the_job_finishes_from_the_checkpoint(d
 
 @needs_weights
 def test_linear_probe_features_are_shared_out_and_match_one_process(data, tmp_path):
-    args = ["--data", data, "--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--strategy", "linear",
+    args = ["--data", data, "--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--strategy", "linear", "--precision", "fp32",
             "--image-size", "32", "--epochs", "2", "--batch-size", "16", "--val-split", "0.25", "--workers", "1",
             "--no-cache"]
     single = run_cli("train", *args, "--out", tmp_path / "one")
