@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from conftest import SHARED_CIFAR, link_subset, needs_weights, run_cli
 from transferkit.data.transforms import BatchTransform
 from transferkit.runtime import Dist
-# Frozen BatchNorm statistics, no dropout, fp32 (bf16 rounds differently per pass): nothing depends on how a batch is split.
-# Frozen BatchNorm statistics and no dropout: nothing in this run depends on how a batch is split.
+
+# Frozen BatchNorm statistics, no dropout and fp32 (bf16 rounds each pass differently): nothing in
+# this run depends on how a batch is split.
 ARGS = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "16",
         "--val-split", "0.25", "--batchnorm", "frozen", "--precision", "fp32", "--workers", "1", "--epochs", "3"]
 
@@ -152,9 +153,9 @@ def test_a_killed_worker_is_restarted_and_the_job_finishes_from_the_checkpoint(d
 
 @needs_weights
 def test_linear_probe_features_are_shared_out_and_match_one_process(data, tmp_path):
-    args = ["--data", data, "--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--strategy", "linear", "--precision", "fp32",
-            "--image-size", "32", "--epochs", "2", "--batch-size", "16", "--val-split", "0.25", "--workers", "1",
-            "--no-cache"]
+    args = ["--data", data, "--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--strategy", "linear",
+            "--precision", "fp32", "--image-size", "32", "--epochs", "2", "--batch-size", "16", "--val-split", "0.25",
+            "--workers", "1", "--no-cache"]
     single = run_cli("train", *args, "--out", tmp_path / "one")
     assert single.returncode == 0, single.stderr
     two = torchrun("train", *args, "--out", tmp_path / "two")
