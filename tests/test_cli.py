@@ -40,6 +40,33 @@ def test_eval_reproduces_the_test_accuracy_of_training(trained_run, cifar_small)
     assert (out / f"eval-{cifar_small.name}-test.md").is_file()
 
 
+def test_eval_at_another_input_size_and_with_mirror_tta(trained_run, cifar_small, tmp_path):
+    out, _ = trained_run
+    proc = run_cli("eval", out, "--data", cifar_small, "--image-size", "80", "--tta", "--json")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout)
+    assert "model input 80x80, with its mirror image" in metrics["measured_on"]
+    assert metrics["accuracy"] > 0.35 and (out / f"eval-{cifar_small.name}-test-80px-tta.md").is_file()
+
+    # With --tta an image and its mirror image get the same prediction; without it they differ.
+    photo = next((SHARED_CIFAR / "test" / "horse").iterdir())
+    Image.open(photo).save(tmp_path / "a.png")
+    Image.open(photo).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "b.png")
+
+    def probs(*extra):
+        proc = run_cli("predict", out, tmp_path / "a.png", tmp_path / "b.png", "--topk", "10", "--json", *extra)
+        assert proc.returncode == 0, proc.stderr
+        return [{t["class"]: t["prob"] for t in r["top"]} for r in json.loads(proc.stdout)["predictions"]]
+
+    a, b = probs("--tta")
+    assert a == pytest.approx(b, abs=1e-3)
+    a, b = probs()
+    assert a != pytest.approx(b, abs=1e-3)
+
+    proc = run_cli("eval", out, "--image-size", "0")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--image-size 0" in proc.stderr
+
+
 def test_eval_refuses_data_with_other_classes(trained_run, tmp_path):
     out, _ = trained_run
     link_subset(SHARED_CIFAR / "test", tmp_path / "other", 2, ["cat", "dog"])

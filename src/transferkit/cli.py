@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_test_time_options(e)
 
     pr = sub.add_parser("predict", help="classify image files and folders with a run")
     pr.add_argument("run", type=Path)
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--topk", type=int, default=3)
     pr.add_argument("--device", default="auto")
     pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_test_time_options(pr)
 
     d = sub.add_parser("demo", help="offline default job: ImageNet MobileNetV2 fine-tuned on Fashion-MNIST")
     d.add_argument("--out", default="runs/demo")
@@ -157,6 +159,15 @@ def _print_result(result) -> None:
     print(f"run folder: {result.out_dir}  report: {result.out_dir / 'report.md'}")
 
 
+def add_test_time_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=int, metavar="PX",
+                   help="model input side (default: the one trained at); a model trained on random-resized crops "
+                        "often scores higher a little above it")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average each image's prediction with its mirror image's "
+                        "(twice the compute)")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import read_meta
     from .predict import evaluate_run
@@ -165,7 +176,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not data:
         raise TransferkitError("pass --data: the run does not record its data set")
     metrics, measured_on, report = evaluate_run(args.run, data, data_dir=args.data_dir, split=args.split,
-                                                batch_size=args.batch_size, device=args.device)
+                                                batch_size=args.batch_size, device=args.device,
+                                                image_size=args.image_size, flip=args.tta)
     if args.json:
         print(json.dumps(dict(metrics, measured_on=measured_on), indent=2))
         return 0
@@ -185,7 +197,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.topk < 1:
         raise TransferkitError("--topk must be at least 1")
-    predictor = Predictor.from_run(args.run, device=args.device)
+    predictor = Predictor.from_run(args.run, device=args.device, image_size=args.image_size, flip=args.tta)
     results, errors = predictor.predict_paths(args.paths, topk=args.topk)
     for path, reason in errors:
         print(f"skipped {path}: {reason}", file=sys.stderr)

@@ -140,15 +140,26 @@ class NonFiniteLoss(TransferkitError):
 @torch.no_grad()
 def predict_logits(
     model: nn.Module, batches: Batches, transform: BatchTransform, *, device: torch.device,
-    precision: str, total: int | None = None, desc: str = "eval",
+    precision: str, total: int | None = None, desc: str = "eval", flip: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the model in eval mode; returns (fp32 logits on cpu, labels on cpu)."""
+    """Run the model in eval mode; returns (fp32 logits on cpu, labels on cpu). `flip`: test-time
+    augmentation, the mean of the probabilities of each image and its mirror image (as log-probabilities)."""
     model.eval()
     out, ys = [], []
     for images, labels in tqdm(batches, total=total, desc=desc, unit="batch", leave=False,
                                disable=True if is_quiet_rank() else None):
         x = transform(images.to(device, non_blocking=True))
-        with autocast(device, precision):
-            out.append(model(x).float().cpu())
+        out.append(infer(model, x, device=device, precision=precision, flip=flip).cpu())
         ys.append(labels)
     return torch.cat(out), torch.cat(ys)
+
+
+def infer(model: nn.Module, x: torch.Tensor, *, device: torch.device, precision: str,
+          flip: bool = False) -> torch.Tensor:
+    """fp32 logits of a prepared batch; with `flip`, log of the mean probability over x and its mirror."""
+    with autocast(device, precision):
+        logits = model(x).float()
+        if not flip:
+            return logits
+        mirrored = model(x.flip(-1)).float()
+    return ((logits.softmax(1) + mirrored.softmax(1)) / 2).log()

@@ -293,16 +293,22 @@ FIXED_SIZE = ("vit_", "maxvit_")  # position embeddings / window partitions fix 
 
 def check_input_size(bb: Backbone, size: int) -> None:
     """Refuse an input side the architecture cannot take, before any data is loaded."""
-    if bb.arch.startswith(FIXED_SIZE):
-        native = bb.build_kwargs.get("image_size", bb.preprocessing.image_size)
+    check_side(bb.arch, size, bb.build_kwargs.get("image_size", bb.preprocessing.image_size),
+               bb.preprocessing.min_size)
+
+
+def check_side(arch: str, size: int, native: int, min_size: int | None = None) -> None:
+    """`size` as the input side of `arch` (built for `native`); min_size: from its weights' metadata."""
+    if arch.startswith(FIXED_SIZE):
         if size != native:
             raise TransferkitError(
-                f"{bb.arch} only takes {native}x{native} inputs; drop --image-size or set it to {native}"
-            )
-    elif size < bb.preprocessing.min_size:
-        raise TransferkitError(
-            f"{bb.arch} needs inputs of at least {bb.preprocessing.min_size} px; --image-size {size} is too small"
-        )
+                f"{arch} only takes {native}x{native} inputs; drop --image-size or set it to {native}")
+        return
+    if min_size is None:
+        enum = _weights_enum(arch)
+        min_size = enum.DEFAULT.meta.get("min_size", (1, 1))[0] if enum is not None else 1
+    if size < min_size:
+        raise TransferkitError(f"{arch} needs inputs of at least {min_size} px; --image-size {size} is too small")
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], head: str, origin: str) -> None:

@@ -14,11 +14,11 @@ from .checkpoint import load_model_state, read_meta
 from .data.images import IMAGE_EXTENSIONS, UnreadableImage, center_fit, open_rgb, pil_to_tensor, to_rgb
 from .data.sources import Storage, folder_layout, is_named, load_source
 from .data.transforms import BatchTransform, batches
-from .engine import predict_logits
+from .engine import infer, predict_logits
 from .errors import TransferkitError
-from .models import create_backbone, rebuild
+from .models import check_side, create_backbone, rebuild
 from .report import classification_metrics, write_report
-from .runtime import autocast, pick_device, resolve_precision
+from .runtime import pick_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class Predictor:
     def __init__(
         self, model: torch.nn.Module, classes: Sequence[str], *, image_size: int, resize_size: int,
         mean: Sequence[float], std: Sequence[float], native_size: Sequence[int] | None = None,
-        device: str = "auto", precision: str = "auto",
+        device: str = "auto", precision: str = "auto", flip: bool = False,
     ) -> None:
         self.device = pick_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -39,18 +39,30 @@ class Predictor:
         # Images of the training images' own (small) size are upsampled whole, as in training.
         self.native_size = tuple(native_size) if native_size else None
         self.transform = BatchTransform(image_size, tuple(mean), tuple(std))
+        self.flip = flip  # test-time augmentation: average over each image and its mirror image
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "auto") -> Predictor:
-        """Load a run folder written by `transferkit train` (safetensors + model.json)."""
+    def from_run(cls, run_dir: str | Path, device: str = "auto", *, image_size: int | None = None,
+                 flip: bool = False) -> Predictor:
+        """Load a run folder written by `transferkit train` (safetensors + model.json).
+
+        `image_size`: feed the model this input size instead of the trained one (the resize before
+        the centre crop scales with it). A model trained on random-resized crops sees objects larger
+        than they are at test time, so a slightly larger test size often scores higher ("FixRes").
+        `flip`: average the prediction of each image and its mirror image.
+        """
         run_dir = Path(run_dir)
         meta = read_meta(run_dir)
         model = rebuild(meta["arch"], meta["head"], meta["num_classes"], meta.get("build_kwargs"))
         model.load_state_dict(load_model_state(run_dir, meta))
-        return cls(model, meta["classes"], image_size=meta["image_size"], resize_size=meta["resize_size"],
+        size, resize = meta["image_size"], meta["resize_size"]
+        if image_size is not None and image_size != size:
+            check_side(meta["arch"], image_size, size)
+            size, resize = image_size, round(resize * image_size / size)
+        return cls(model, meta["classes"], image_size=size, resize_size=resize,
                    mean=meta["mean"], std=meta["std"], native_size=meta.get("native_size"), device=device,
                    # A run trained in fp32 is evaluated in fp32, so eval reproduces its report.
-                   precision="fp32" if meta.get("precision") == "fp32" else "auto")
+                   precision="fp32" if meta.get("precision") == "fp32" else "auto", flip=flip)
 
     @classmethod
     def from_pretrained(cls, arch: str, weights: str = "imagenet", device: str = "auto") -> Predictor:
@@ -86,8 +98,8 @@ class Predictor:
         for start in range(0, len(prepared), batch_size):
             chunk = prepared[start:start + batch_size]
             x = torch.cat([self.transform(t.unsqueeze(0).to(self.device)) for t in chunk])
-            with autocast(self.device, self.precision):
-                probs = self.model(x).float().softmax(1).cpu()
+            logits = infer(self.model, x, device=self.device, precision=self.precision, flip=self.flip)
+            probs = logits.softmax(1).cpu()
             p, idx = probs.topk(k, dim=1)
             for row_p, row_i in zip(p.tolist(), idx.tolist()):
                 results.append([(self.classes[i], v) for v, i in zip(row_p, row_i)])
@@ -128,11 +140,12 @@ def expand_paths(paths: Sequence[str | Path]) -> tuple[list[Path], list[tuple[st
 
 def evaluate_run(
     run_dir: str | Path, data: str, *, data_dir: str | None = None, split: str | None = None,
-    batch_size: int = 128, device: str = "auto", workers: int = 2,
+    batch_size: int = 128, device: str = "auto", workers: int = 2, image_size: int | None = None,
+    flip: bool = False,
 ) -> tuple[dict[str, Any], str, Path]:
     """Evaluate a run on a data set with the same classes; writes eval-<data>-<split>.md in the run."""
     run_dir = Path(run_dir)
-    pred = Predictor.from_run(run_dir, device=device)
+    pred = Predictor.from_run(run_dir, device=device, image_size=image_size, flip=flip)
     if split is None:
         if is_named(data):
             split = "test"
@@ -154,11 +167,12 @@ def evaluate_run(
     remap = torch.tensor([pred.classes.index(c) for c in src.classes])
     labels_src = remap[part.labels]
     logits, _ = predict_logits(pred.model, batches(part, batch_size, workers=workers), pred.transform,
-                               device=pred.device, precision=pred.precision, desc=split)
+                               device=pred.device, precision=pred.precision, desc=split, flip=pred.flip)
     metrics = classification_metrics(logits, labels_src, pred.classes)
     measured_on = (f"{split} split of {data}, {len(part):,} images, stored at {part.resolution}, "
-                   f"model input {pred.storage.size}x{pred.storage.size}")
+                   f"model input {pred.storage.size}x{pred.storage.size}{', with its mirror image' if flip else ''}")
     name = f"eval-{Path(data).name or 'data'}-{split}"
+    name += (f"-{image_size}px" if image_size else "") + ("-tta" if flip else "")
     report = write_report(run_dir, metrics, title=f"{run_dir.name} evaluated on {data}", measured_on=measured_on,
                           classes=pred.classes, setup={"run": str(run_dir)}, name=name)
     if src.skipped:
