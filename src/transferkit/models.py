@@ -273,7 +273,7 @@ def create_backbone(
     if ref is not None:
         t = ref.transforms()
         prep = Preprocessing(t.crop_size[0], t.resize_size[0], tuple(t.mean), tuple(t.std),
-                             min_size=ref.meta.get("min_size", (1, 1))[0])
+                             min_size=_min_side(ref))
     categories = list(tv_weights.meta.get("categories", [])) if tv_weights is not None else []
     return Backbone(model, arch, head, prep, source, categories, build)
 
@@ -306,9 +306,14 @@ def check_side(arch: str, size: int, native: int, min_size: int | None = None) -
         return
     if min_size is None:
         enum = _weights_enum(arch)
-        min_size = enum.DEFAULT.meta.get("min_size", (1, 1))[0] if enum is not None else 1
+        min_size = _min_side(enum.DEFAULT) if enum is not None else 1
     if size < min_size:
         raise TransferkitError(f"{arch} needs inputs of at least {min_size} px; --image-size {size} is too small")
+
+
+def _min_side(weights) -> int:
+    """The smallest input side torchvision weights' metadata allows."""
+    return weights.meta.get("min_size", (1, 1))[0]
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], head: str, origin: str) -> None:
