@@ -158,3 +158,17 @@ def test_a_streamed_folder_lists_files_that_are_not_images(tmp_path):
     src = load_source(str(tmp_path), storage=Storage(32, 36), splits=("train",), stream="always")
     assert sorted(Path(p).name for p, _ in src.skipped) == ["empty.png", "notes.jpg"]
     assert len(src.train) == 6 and src.train.images[torch.arange(6)].shape == (6, 3, 32, 32)
+
+
+@needs_cifar
+def test_train_tta_reports_what_eval_tta_measures(tiny, tmp_path):
+    """--tta averages the mirror image into the final evaluation, also when the head trained on cached features."""
+    from transferkit.predict import evaluate_run
+
+    for strategy in ("linear", "finetune"):
+        run = train(_cfg(tiny, tmp_path / strategy, strategy=strategy, tta=True, precision="fp32", epochs=2))
+        assert "with its mirror image" in run.measured_on
+        assert "mirror image (--tta)" in (run.out_dir / "report.md").read_text()
+        mirrored, _, _ = evaluate_run(run.out_dir, str(tiny), flip=True, workers=1)
+        plain, _, _ = evaluate_run(run.out_dir, str(tiny), workers=1)
+        assert run.metrics["confusion"] == mirrored["confusion"] != plain["confusion"]

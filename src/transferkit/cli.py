@@ -25,6 +25,8 @@ HELP = {
                 "gradual: head only for --head-epochs, then all",
     "lr": "peak learning rate of the head (per batch of --batch-size)",
     "image_size": "model input side in pixels (default: what the weights were trained at)",
+    "tta": "the final evaluation averages each image's prediction with its mirror image's (as eval --tta; "
+           "twice its compute, training and model selection unchanged)",
     "val_split": "fraction of train held out for model selection when there is no val/ folder",
     "max_train_images": "train on a stratified subset of this many images",
     "precision": "auto: bf16 where the hardware has native bf16, else fp32",

@@ -56,6 +56,7 @@ class TrainConfig:
     image_size: int | None = None  # side of the square model input; None: from the weights
     mean: tuple[float, float, float] | None = None  # None: from the weights
     std: tuple[float, float, float] | None = None
+    tta: bool = False  # final evaluation: average each image's prediction with its mirror image's
     val_split: float = 0.1  # fraction of train held out (stratified) when no val/ folder exists
     max_train_images: int | None = None  # stratified subset of the training images
     seed: int = 0

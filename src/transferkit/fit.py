@@ -51,7 +51,7 @@ from .runtime import Dist, resolve_precision, seed_everything, start_distributed
 
 log = logging.getLogger(__name__)
 
-RESUMABLE_CHANGES = {"epochs", "device", "workers", "log_every", "compile", "checkpoint_every", "micro_batch"}
+RESUMABLE_CHANGES = {"epochs", "device", "workers", "log_every", "compile", "checkpoint_every", "micro_batch", "tta"}
 RUN_OUTPUTS = ("report*", "eval-*", "curves.png", "train.log")
 
 
@@ -272,14 +272,21 @@ def _run(cfg: TrainConfig, out: Path, state: dict[str, Any] | None, dist: Dist,
     # Under torchrun rank 0 reads them and hands them to the others (whose disk may not hold them).
     best = load_model_state(out, json.loads((out / META_FILE).read_text())) if dist.main else None
     model.load_state_dict(dist.share(best))
-    final = splits[2] if test_split is not None else splits[1]
-    logits, labels = _predict(runner, final, eval_tf, eval_bs, device, precision, dist, cfg.workers)
     final = test_split if test_split is not None else val_split
+    if cfg.tta and runner is not model:
+        # Cached features hold one view of each image: the mirror needs the whole model on the images.
+        logits, labels = _predict(model, final, BatchTransform(size, mean, std, channels_last=cfg.channels_last),
+                                  _eval_batch(cfg, dist, micro_batch_for(cfg, device, size)), device, precision,
+                                  dist, cfg.workers, flip=True)
+    else:
+        logits, labels = _predict(runner, splits[2] if test_split is not None else splits[1], eval_tf, eval_bs,
+                                  device, precision, dist, cfg.workers, flip=cfg.tta)
     metrics = classification_metrics(logits, labels, classes)
     measured_on = (f"{final.name} split of {cfg.data}, {len(final):,} images"
                    + ("" if final is test_split else " (no test split: the validation split, also used "
                       "for model selection)")
-                   + f", stored at {final.resolution}, model input {size}x{size}")
+                   + f", stored at {final.resolution}, model input {size}x{size}"
+                   + (", with its mirror image" if cfg.tta else ""))
     setup = {
         "model": f"{cfg.model}, weights {bb.weights}", "strategy": cfg.strategy,
         "epochs": f"{cfg.epochs} (selected: epoch {best_epoch}"
@@ -288,6 +295,7 @@ def _run(cfg: TrainConfig, out: Path, state: dict[str, Any] | None, dist: Dist,
         f"backbone x{cfg.backbone_lr_mult:g}, {cfg.schedule}, label smoothing {cfg.label_smoothing:g}",
         "batch size": cfg.batch_size if not dist.on else f"{cfg.batch_size} ({dist.world} processes)",
         "precision": f"{precision} on {device}",
+        "test-time augmentation": "mirror image (--tta)" if cfg.tta else "none",
         "normalization": f"mean {_fmt(mean)} std {_fmt(std)}", "recipe": cfg.recipe or "defaults",
     }
     if dist.main:
@@ -536,14 +544,15 @@ def _eval_batch(cfg: TrainConfig, dist: Dist, micro: int | None) -> int:
 
 
 def _predict(runner, split: Split, transform, batch_size: int, device: torch.device, precision: str,
-             dist: Dist, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of a whole split; under torchrun each rank runs a share, all get all."""
+             dist: Dist, workers: int = 0, flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of a whole split; under torchrun each rank runs a share, all get all.
+    `flip`: mirror test-time augmentation."""
     if not dist.on or len(split) < dist.world:
         return predict_logits(runner, batches(split, batch_size, workers=workers), transform, device=device,
-                              precision=precision, desc=split.name)
+                              precision=precision, desc=split.name, flip=flip)
     mine = split.subset(torch.arange(len(split))[dist.shard(len(split))])
     logits, labels = predict_logits(runner, batches(mine, batch_size, workers=workers), transform, device=device,
-                                    precision=precision, desc=split.name)
+                                    precision=precision, desc=split.name, flip=flip)
     return dist.gather_rows(logits), dist.gather_rows(labels)
 
 
