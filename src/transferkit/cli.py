@@ -31,7 +31,8 @@ HELP = {
     "max_train_images": "train on a stratified subset of this many images",
     "precision": "auto: bf16 where the hardware has native bf16, else fp32",
     "out": "run folder (default runs/<data>-<model>-<time>)",
-    "recipe": f"preset settings, overridden by explicit flags: {', '.join(RECIPES)} (seed = the classic tutorial)",
+    "recipe": f"preset settings, overridden by explicit flags: {', '.join(RECIPES)} (seed: the classic tutorial; "
+              "demo: the offline default job; fast: a 3-epoch full fine-tune at 112 px with mirror TTA)",
     "log_every": "also log the running loss every N batches",
     "batch_size": "images per step over all processes (under torchrun each of N processes takes 1/N of it)",
     "trainable_blocks": "train only the backbone's last K blocks and the head; the frozen blocks' activations are "

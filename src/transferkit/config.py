@@ -209,4 +209,11 @@ RECIPES: dict[str, dict[str, Any]] = {
         image_size=64, epochs=1, batch_size=64, optimizer="adamw", lr=2e-3,
         backbone_lr_mult=1.0, crop_scale=1.0, flip=True, val_split=0.05,
     ),
+    # A short, strong baseline on a CPU: three epochs of a full fine-tune at 112 px (AdamW at the
+    # best lr of a one-epoch sweep on CIFAR-10, mild crops), passes of 32 images (faster than one
+    # pass of 64 at this size on a 2-core CPU), and mirror test-time augmentation at the end.
+    "fast": dict(
+        strategy="finetune", image_size=112, epochs=3, optimizer="adamw", lr=5e-4, backbone_lr_mult=1.0,
+        crop_scale=0.64, val_split=0.05, micro_batch=32, tta=True,
+    ),
 }
