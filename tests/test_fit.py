@@ -165,8 +165,8 @@ def test_train_tta_reports_what_eval_tta_measures(tiny, tmp_path):
     """--tta averages the mirror image into the final evaluation, also when the head trained on cached features."""
     from transferkit.predict import evaluate_run
 
-    for strategy in ("linear", "finetune"):
-        run = train(_cfg(tiny, tmp_path / strategy, strategy=strategy, tta=True, precision="fp32", epochs=2))
+    for name, kw in (("linear", dict(strategy="linear", tta=True)), ("fast", dict(recipe="fast", strategy="finetune"))):
+        run = train(_cfg(tiny, tmp_path / name, **kw, precision="fp32", epochs=2))  # 'fast': a finetune with --tta
         assert "with its mirror image" in run.measured_on
         assert "mirror image (--tta)" in (run.out_dir / "report.md").read_text()
         mirrored, _, _ = evaluate_run(run.out_dir, str(tiny), flip=True, workers=1)
