@@ -47,6 +47,8 @@ def test_eval_at_another_input_size_and_with_mirror_tta(trained_run, cifar_small
     metrics = json.loads(proc.stdout)
     assert "model input 80x80, with its mirror image" in metrics["measured_on"]
     assert metrics["accuracy"] > 0.35 and (out / f"eval-{cifar_small.name}-test-80px-tta.md").is_file()
+    assert run_cli("eval", out, "--data", cifar_small, "--image-size", "64").returncode == 0  # the trained size
+    assert (out / f"eval-{cifar_small.name}-test.md").is_file() and not list(out.glob("eval-*-64px*"))
 
     # With --tta an image and its mirror image get the same prediction; without it they differ.
     photo = next((SHARED_CIFAR / "test" / "horse").iterdir())

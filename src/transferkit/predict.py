@@ -172,7 +172,8 @@ def evaluate_run(
     measured_on = (f"{split} split of {data}, {len(part):,} images, stored at {part.resolution}, "
                    f"model input {pred.storage.size}x{pred.storage.size}{', with its mirror image' if flip else ''}")
     name = f"eval-{Path(data).name or 'data'}-{split}"
-    name += (f"-{image_size}px" if image_size else "") + ("-tta" if flip else "")
+    other_size = image_size and image_size != read_meta(run_dir)["image_size"]
+    name += (f"-{image_size}px" if other_size else "") + ("-tta" if flip else "")
     report = write_report(run_dir, metrics, title=f"{run_dir.name} evaluated on {data}", measured_on=measured_on,
                           classes=pred.classes, setup={"run": str(run_dir)}, name=name)
     if src.skipped:
