@@ -221,6 +221,7 @@ def _run(cfg: TrainConfig, out: Path, state: dict[str, Any] | None, dist: Dist,
     splits = (train_split, val_split, test_split)
     micro = micro_batch_for(cfg, device, size)
     eval_bs = _eval_batch(cfg, dist, micro)
+    on_images = (eval_tf, eval_bs)  # the whole model on images: what mirror TTA needs after a feature cache
     runner = model  # what runs forward in training and evaluation
     linear_cache = cfg.strategy == "linear" and cfg.feature_cache and supports_feature_cache(model, bb.head)
     trunk_cache = bool(frozen_blocks) and cfg.feature_cache and _activations_fit(
@@ -272,15 +273,14 @@ def _run(cfg: TrainConfig, out: Path, state: dict[str, Any] | None, dist: Dist,
     # Under torchrun rank 0 reads them and hands them to the others (whose disk may not hold them).
     best = load_model_state(out, json.loads((out / META_FILE).read_text())) if dist.main else None
     model.load_state_dict(dist.share(best))
-    final = test_split if test_split is not None else val_split
+    which = 2 if test_split is not None else 1
+    final = (train_split, val_split, test_split)[which]
     if cfg.tta and runner is not model:
         # Cached features hold one view of each image: the mirror needs the whole model on the images.
-        logits, labels = _predict(model, final, BatchTransform(size, mean, std, channels_last=cfg.channels_last),
-                                  _eval_batch(cfg, dist, micro_batch_for(cfg, device, size)), device, precision,
-                                  dist, cfg.workers, flip=True)
+        logits, labels = _predict(model, final, *on_images, device, precision, dist, cfg.workers, flip=True)
     else:
-        logits, labels = _predict(runner, splits[2] if test_split is not None else splits[1], eval_tf, eval_bs,
-                                  device, precision, dist, cfg.workers, flip=cfg.tta)
+        logits, labels = _predict(runner, splits[which], eval_tf, eval_bs, device, precision, dist, cfg.workers,
+                                  flip=cfg.tta)
     metrics = classification_metrics(logits, labels, classes)
     measured_on = (f"{final.name} split of {cfg.data}, {len(final):,} images"
                    + ("" if final is test_split else " (no test split: the validation split, also used "
