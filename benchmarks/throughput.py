@@ -25,8 +25,7 @@ from torchvision import transforms
 from transferkit import TrainConfig
 from transferkit.data.sources import Storage, load_source
 from transferkit.data.transforms import BatchTransform, batches
-from transferkit.engine import train_one_epoch
-from transferkit.fit import micro_batch_for
+from transferkit.engine import micro_batch_for, train_one_epoch
 from transferkit.runtime import resolve_precision
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "train"

@@ -7,15 +7,16 @@ import os
 import pytest
 import torch
 
-import transferkit.data.sources as sources
+import transferkit.data.folders as folders
 from conftest import SHARED_CIFAR
 from transferkit import TrainConfig, train
-from transferkit.data.sources import Storage, load_source
-from transferkit.data.transforms import BatchTransform
+from transferkit.data.preprocess import Preprocessing
+from transferkit.data.sources import load_source
+from transferkit.data.transforms import EvalTransform
 from transferkit.features import features
 from transferkit.models import create_backbone
 
-STORE = Storage(32, 37)
+STORE = Preprocessing(32, 37)
 
 
 @pytest.fixture
@@ -31,25 +32,25 @@ def folder(tmp_path):
 
 
 def test_decoded_folder_is_read_from_the_cache_and_refreshed_when_a_file_changes(folder, monkeypatch):
-    first = load_source(str(folder), storage=STORE)
-    real_open = sources.open_rgb
-    monkeypatch.setattr(sources, "open_rgb", lambda p: (_ for _ in ()).throw(AssertionError("decoded again")))
-    second = load_source(str(folder), storage=STORE)
+    first = load_source(str(folder), preprocessing=STORE)
+    real_read = folders.read_image
+    monkeypatch.setattr(folders, "read_image", lambda p: (_ for _ in ()).throw(AssertionError("decoded again")))
+    second = load_source(str(folder), preprocessing=STORE)
     assert torch.equal(first.train.images, second.train.images) and torch.equal(first.train.labels,
                                                                                 second.train.labels)
-    monkeypatch.setattr(sources, "open_rgb", real_open)
+    monkeypatch.setattr(folders, "read_image", real_read)
     changed = sorted((folder / "cat").iterdir())[0]
     changed.write_bytes(sorted((folder / "dog").iterdir())[0].read_bytes())  # new content, new mtime
     os.utime(changed, ns=(1, 1))
-    third = load_source(str(folder), storage=STORE)
+    third = load_source(str(folder), preprocessing=STORE)
     assert not torch.equal(third.train.images, first.train.images)
     assert torch.equal(third.train.images[0], third.train.images[10])
 
 
 def test_cached_features_equal_freshly_computed_ones(folder):
     bb = create_backbone("resnet18", "none", num_classes=2)
-    split = load_source(str(folder), storage=STORE).train
-    tf = BatchTransform(32, (0.5,) * 3, (0.25,) * 3)
+    split = load_source(str(folder), preprocessing=STORE).train
+    tf = EvalTransform(Preprocessing(32, 37, (0.5,) * 3, (0.25,) * 3))
     kw = dict(device=torch.device("cpu"), precision="fp32", batch_size=8, identity={"arch": "resnet18", "seed": 1})
     computed = features(bb.model, bb.head, split, tf, **kw)
     cached = features(bb.model, bb.head, split, tf, **kw)

@@ -8,11 +8,12 @@ import torch
 from PIL import Image
 
 from conftest import SHARED_CIFAR, link_subset, needs_cifar, needs_fashion
-from transferkit.data.sources import Storage, load_source, stratified_split, stratified_subset
-from transferkit.data.transforms import BatchTransform, batches
+from transferkit.data.preprocess import Preprocessing
+from transferkit.data.sources import load_source, stratified_split, stratified_subset
+from transferkit.data.transforms import TrainTransform, batches
 from transferkit.errors import TransferkitError
 
-STORE = Storage(64, 73)
+STORE = Preprocessing(64, 73)
 
 
 def test_stratified_split_is_seeded_and_keeps_class_balance():
@@ -29,14 +30,14 @@ def test_stratified_split_is_seeded_and_keeps_class_balance():
 @needs_cifar
 def test_image_folder_layouts(tmp_path):
     flat = link_subset(SHARED_CIFAR / "train", tmp_path / "flat", 3, ["cat", "dog"])
-    src = load_source(str(flat), storage=STORE)
+    src = load_source(str(flat), preprocessing=STORE)
     assert src.classes == ["cat", "dog"] and len(src.train) == 6 and src.test is None
     assert src.train.images.shape == (6, 3, 32, 32) and src.train.images.dtype == torch.uint8
 
     split = tmp_path / "split"
     link_subset(SHARED_CIFAR / "train", split / "train", 4, ["cat", "dog"])
     link_subset(SHARED_CIFAR / "test", split / "test", 2, ["cat", "dog"])
-    src = load_source(str(split), storage=STORE, splits=("train", "val", "test"))
+    src = load_source(str(split), preprocessing=STORE, splits=("train", "val", "test"))
     assert len(src.train) == 8 and len(src.test) == 4 and src.val is None
 
 
@@ -46,7 +47,7 @@ def test_mixed_sizes_and_modes_are_stored_as_rgb_squares(tmp_path):
     for name, (mode, size, color) in images.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)
         Image.new(mode, size, color).save(tmp_path / name)
-    src = load_source(str(tmp_path), storage=STORE)
+    src = load_source(str(tmp_path), preprocessing=STORE)
     x = src.train.images.float()
     assert src.train.images.shape == (4, 3, 64, 64)  # small ones upscaled, large ones center-fitted
     assert x[0].mean().item() == pytest.approx(200, abs=1) and x[1].mean().item() == pytest.approx(100, abs=1)
@@ -56,18 +57,18 @@ def test_mixed_sizes_and_modes_are_stored_as_rgb_squares(tmp_path):
 
 def test_bad_folders_are_explained(tmp_path):
     with pytest.raises(TransferkitError, match="no class folders"):
-        load_source(str(tmp_path), storage=STORE)
+        load_source(str(tmp_path), preprocessing=STORE)
     (tmp_path / "train" / "cat").mkdir(parents=True)
     (tmp_path / "test" / "dog").mkdir(parents=True)
     with pytest.raises(TransferkitError, match=r"missing \['cat'\], extra \['dog'\]"):
-        load_source(str(tmp_path), storage=STORE)
+        load_source(str(tmp_path), preprocessing=STORE)
     with pytest.raises(TransferkitError, match="did you mean 'cifar10'"):
-        load_source("cifar1O", storage=STORE)
+        load_source("cifar1O", preprocessing=STORE)
 
 
 @needs_fashion
 def test_fashion_mnist_from_the_debian_package():
-    src = load_source("fashion-mnist", storage=STORE, splits=("train", "test"))
+    src = load_source("fashion-mnist", preprocessing=STORE, splits=("train", "test"))
     assert src.train.images.shape == (60000, 1, 28, 28) and len(src.test) == 10000
     assert torch.bincount(src.test.labels).tolist() == [1000] * 10
     assert src.classes[0] == "T-shirt/top" and src.classes[9] == "Ankle boot"
@@ -75,7 +76,7 @@ def test_fashion_mnist_from_the_debian_package():
 
 def test_grayscale_batches_become_three_channels_normalized():
     x = torch.full((2, 1, 28, 28), 255, dtype=torch.uint8)
-    out = BatchTransform(64, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))(x)
+    out = Preprocessing(64, 73, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)).to_input(x)
     assert out.shape == (2, 3, 64, 64) and torch.allclose(out, torch.full_like(out, 2.0))
 
 
@@ -84,14 +85,14 @@ def test_eval_resize_matches_the_pil_reference_path():
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
     ref = np.asarray(Image.fromarray(img).resize((224, 224), Image.BILINEAR), dtype=np.float32) / 255
-    out = BatchTransform(224, (0, 0, 0), (1, 1, 1))(torch.from_numpy(img).permute(2, 0, 1)[None])
+    out = Preprocessing(224, 256, (0, 0, 0), (1, 1, 1)).to_input(torch.from_numpy(img).permute(2, 0, 1)[None])
     diff = np.abs(out[0].permute(1, 2, 0).numpy() - ref)
     assert diff.mean() < 0.01 and diff.max() < 0.06
 
 
 def test_random_resized_crop_is_seeded_varied_and_flips():
     x = torch.arange(32, dtype=torch.uint8).repeat(4, 3, 32, 1)  # a horizontal ramp
-    tf = BatchTransform(32, (0, 0, 0), (1, 1, 1), train=True, scale=(0.3, 1.0))
+    tf = TrainTransform(Preprocessing(32, 37, (0, 0, 0), (1, 1, 1)), scale=(0.3, 1.0))
     a = tf(x, torch.Generator().manual_seed(0))
     b = tf(x, torch.Generator().manual_seed(0))
     assert torch.equal(a, b)

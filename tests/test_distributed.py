@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SHARED_CIFAR, link_subset, needs_weights, run_cli
-from transferkit.data.transforms import BatchTransform
+from transferkit.data.preprocess import Preprocessing
+from transferkit.data.transforms import TrainTransform
 from transferkit.runtime import Dist
 
 # Frozen BatchNorm statistics, no dropout and fp32 (bf16 rounds each pass differently): nothing in
@@ -36,7 +37,7 @@ def test_shares_of_a_batch_cover_it_once_and_differ_by_at_most_one(n, world):
 
 def test_the_random_crops_of_a_share_are_those_of_the_whole_batch():
     images = torch.randint(0, 256, (10, 3, 24, 24), dtype=torch.uint8)
-    tf = BatchTransform(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), train=True)
+    tf = TrainTransform(Preprocessing(16, 18, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
     whole = tf(images, torch.Generator().manual_seed(3))
     parts = []
     for rank in range(3):

@@ -180,22 +180,32 @@ def test_nan_loss_stops_with_step_lr_and_hint(tiny, tmp_path):
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_out_of_memory_in_the_first_steps_retries_with_half_the_batch(tiny, tmp_path, monkeypatch, caplog):
+def test_out_of_memory_in_the_first_steps_retries_in_smaller_passes_of_the_same_batch(tiny, tmp_path, monkeypatch,
+                                                                                       caplog):
+    """The run that continues is the run asked for: same batch and lr, the batch in smaller passes."""
     from transferkit.data import transforms
 
-    real_call = transforms.BatchTransform.__call__
+    real_call = transforms.TrainTransform.__call__
+    most = {"images": 4}
 
     def small_memory(self, images, generator=None, **kw):
-        if self.random and images.shape[0] > 4:  # training batches only
+        if images.shape[0] > most["images"]:  # a training pass too large for this "device"
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_call(self, images, generator, **kw)
 
-    monkeypatch.setattr(transforms.BatchTransform, "__call__", small_memory)
-    result = train(TrainConfig.create(data=str(tiny), model="resnet18", weights="none", image_size=32, epochs=1,
-                                      batch_size=16, val_split=0.25, out=str(tmp_path / "run"), workers=1))
-    assert TrainConfig.from_yaml(tmp_path / "run" / "config.yaml").batch_size == 4
-    assert "retrying from the start with --batch-size 8" in caplog.text
-    assert "--batch-size 4" in caplog.text and result.metrics["images"] == 18
+    monkeypatch.setattr(transforms.TrainTransform, "__call__", small_memory)
+    cfg = TrainConfig.create(data=str(tiny), model="resnet18", weights="none", image_size=32, epochs=1,
+                             batch_size=16, lr=2e-3, val_split=0.25, out=str(tmp_path / "run"), workers=1)
+    result = train(cfg)
+    saved = TrainConfig.from_yaml(tmp_path / "run" / "config.yaml")
+    assert (saved.batch_size, saved.lr, saved.micro_batch) == (16, 2e-3, 4)
+    assert "retrying from the start in passes of 8 images" in caplog.text
+    assert "in passes of 4 images" in caplog.text and "batch 16 in passes of up to 4" in caplog.text
+    assert result.metrics["images"] == 18
+
+    most["images"] = 0  # not even one image fits: a clear error, not a loop
+    with pytest.raises(TransferkitError, match=r"out of memory in passes of 1 image\(s\) at 32 px; lower --image-size"):
+        train(cfg.replace(out=str(tmp_path / "run2")))
 
 
 def test_small_and_imbalanced_classes_get_a_warning(tmp_path, caplog):

@@ -132,11 +132,11 @@ def test_trainable_blocks_that_do_not_fit_the_model_are_refused(tmp_path):
 
 @needs_cifar
 def test_streaming_a_folder_from_its_files_trains_exactly_as_in_memory(tiny, tmp_path, monkeypatch, caplog):
-    from transferkit.data import sources
+    from transferkit import runtime
 
     in_memory = train(_cfg(tiny, tmp_path / "memory", epochs=2, stream="never"))
     # A machine with little memory: "auto" streams (here through 2 DataLoader worker processes).
-    monkeypatch.setattr(sources, "memory_bytes", lambda: 4 * 3 * 32 * 32 * 40)
+    monkeypatch.setattr(runtime, "memory_bytes", lambda: 4 * 3 * 32 * 32 * 40)
     streamed = train(_cfg(tiny, tmp_path / "streamed", epochs=2, workers=2))
     assert "streaming" in caplog.text and "from its files" in caplog.text
     a, b = load_file(in_memory.out_dir / "model.safetensors"), load_file(streamed.out_dir / "model.safetensors")
@@ -147,7 +147,8 @@ def test_streaming_a_folder_from_its_files_trains_exactly_as_in_memory(tiny, tmp
 def test_a_streamed_folder_lists_files_that_are_not_images(tmp_path):
     from PIL import Image
 
-    from transferkit.data.sources import Storage, load_source
+    from transferkit.data.preprocess import Preprocessing
+    from transferkit.data.sources import load_source
 
     for c in ("a", "b"):
         (tmp_path / c).mkdir()
@@ -155,7 +156,7 @@ def test_a_streamed_folder_lists_files_that_are_not_images(tmp_path):
             Image.new("RGB", (40, 30), (80 * i, 0, 0)).save(tmp_path / c / f"{i}.png")
     (tmp_path / "a" / "notes.jpg").write_text("not an image")
     (tmp_path / "b" / "empty.png").write_bytes(b"")
-    src = load_source(str(tmp_path), storage=Storage(32, 36), splits=("train",), stream="always")
+    src = load_source(str(tmp_path), preprocessing=Preprocessing(32, 36), splits=("train",), stream="always")
     assert sorted(Path(p).name for p, _ in src.skipped) == ["empty.png", "notes.jpg"]
     assert len(src.train) == 6 and src.train.images[torch.arange(6)].shape == (6, 3, 32, 32)
 
@@ -169,6 +170,6 @@ def test_train_tta_reports_what_eval_tta_measures(tiny, tmp_path):
         run = train(_cfg(tiny, tmp_path / name, **kw, precision="fp32", epochs=2))  # 'fast': a finetune with --tta
         assert "with its mirror image" in run.measured_on
         assert "mirror image (--tta)" in (run.out_dir / "report.md").read_text()
-        mirrored, _, _ = evaluate_run(run.out_dir, str(tiny), flip=True, workers=1)
+        mirrored, _, _ = evaluate_run(run.out_dir, str(tiny), tta=True, workers=1)
         plain, _, _ = evaluate_run(run.out_dir, str(tiny), workers=1)
         assert run.metrics["confusion"] == mirrored["confusion"] != plain["confusion"]

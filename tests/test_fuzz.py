@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from transferkit import TrainConfig, TransferkitError
+from transferkit.data.preprocess import Preprocessing
 from transferkit.models import create_backbone
 from transferkit.predict import Predictor
 
@@ -18,8 +19,7 @@ from transferkit.predict import Predictor
 @pytest.fixture(scope="module")
 def predictor():
     bb = create_backbone("mobilenet_v3_small", "none", num_classes=3)
-    return Predictor(bb.model, ["a", "b", "c"], image_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.25,) * 3,
-                     native_size=(32, 32), device="cpu")
+    return Predictor(bb.model, ["a", "b", "c"], Preprocessing(32, 36, (0.5,) * 3, (0.25,) * 3), device="cpu")
 
 
 def _image_bytes(mode, size, fmt, seed):

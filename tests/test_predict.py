@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from conftest import needs_weights
-from transferkit.checkpoint import load_model_state, read_meta, save_model
+from transferkit.checkpoint import ModelCard, load_model_state, read_card, save_model
+from transferkit.data.preprocess import Preprocessing
 from transferkit.errors import TransferkitError
 from transferkit.models import create_backbone, rebuild
 from transferkit.predict import Predictor
@@ -29,10 +28,9 @@ def test_pretrained_mobilenet_names_real_photos():
 def test_checkpoint_round_trip_gives_identical_logits_and_detects_damage(tmp_path):
     bb = create_backbone("resnet18", "none", num_classes=4)
     model = bb.model.eval()
-    meta = {"arch": "resnet18", "head": bb.head, "num_classes": 4}
-    save_model(tmp_path, model, meta)
+    save_model(tmp_path, model, ModelCard("resnet18", bb.head, list("abcd"), Preprocessing()))
     back = rebuild("resnet18", bb.head, 4)
-    back.load_state_dict(load_model_state(tmp_path, read_meta(tmp_path)))
+    back.load_state_dict(load_model_state(tmp_path, read_card(tmp_path)))
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x), back.eval()(x))
@@ -40,4 +38,4 @@ def test_checkpoint_round_trip_gives_identical_logits_and_detects_damage(tmp_pat
     raw = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(TransferkitError, match="truncated or was altered"):
-        load_model_state(tmp_path, json.loads((tmp_path / "model.json").read_text()))
+        load_model_state(tmp_path, read_card(tmp_path))

@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .checkpoint import atomic_write
 from .errors import TransferkitError
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 

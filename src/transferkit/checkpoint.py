@@ -1,4 +1,4 @@
-"""Run-folder files: weights as safetensors + JSON metadata, the resumable last checkpoint.
+"""Run-folder files: weights as safetensors + the model card (model.json), the resumable last checkpoint.
 
 Every file is written to a temporary name and renamed, so a crash leaves the previous file.
 Nothing here unpickles: safetensors for weights, torch.load(weights_only=True) for the rest.
@@ -6,71 +6,80 @@ Nothing here unpickles: safetensors for weights, torch.load(weights_only=True) f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
-import os
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save
 
+from .data.preprocess import Preprocessing
 from .errors import TransferkitError
+from .files import atomic_write
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "model.json"
 LAST_FILE = "last.pt"
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+@dataclass(frozen=True)
+class ModelCard:
+    """model.json: what a run folder's weights are and how images become their input.
 
-
-_UMASK = _current_umask()
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write `data` to `path` via a temporary file in the same folder and an atomic rename.
-
-    A crash or a full disk midway leaves the previous file as it was, and no temporary file.
+    Written as flat JSON (the preprocessing's fields beside the others), so format-1 files of
+    earlier versions read the same.
     """
-    path = Path(path)
-    view = memoryview(data.encode() if isinstance(data, str) else data)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        try:
-            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run folder is meant to be shared
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise TransferkitError(
-            f"could not write {path}: {e.strerror or e}; the previous {path.name} is untouched. "
-            "Free some space (or fix the folder's permissions) and resume with --resume"
-        ) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    arch: str
+    head: str
+    classes: list[str]
+    preprocessing: Preprocessing
+    build_kwargs: dict = field(default_factory=dict)
+    weights: str = ""  # where the backbone's weights came from
+    data: str = ""  # the data set it was trained on
+    strategy: str = ""
+    precision: str = "fp32"  # what it trained in; a run trained in fp32 is evaluated in fp32
+    versions: dict = field(default_factory=dict)
+    best_epoch: int | None = None
+    val_acc: float | None = None
+    epochs_trained: int | None = None
+    batch_size: int | None = None
+    sha256: str | None = None  # of model.safetensors
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def replace(self, **changes: Any) -> ModelCard:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "preprocessing"}
+        return json.dumps({"format": 2, **d, "num_classes": self.num_classes, **self.preprocessing.to_dict()},
+                          indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelCard:
+        d = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)} - {"preprocessing"}
+        return cls(**{k: v for k, v in d.items() if k in names}, preprocessing=Preprocessing.from_dict(d))
 
 
-def save_model(run_dir: Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
-    """Write model.safetensors and model.json (with the weights' sha256)."""
+def save_model(run_dir: Path, model: torch.nn.Module, card: ModelCard) -> ModelCard:
+    """Write model.safetensors and model.json (with the weights' sha256); returns the card written."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     raw = save(state)
-    atomic_write(run_dir / MODEL_FILE, raw)
-    meta = dict(meta, sha256=hashlib.sha256(raw).hexdigest())
-    atomic_write(run_dir / META_FILE, json.dumps(meta, indent=2))
+    atomic_write(Path(run_dir) / MODEL_FILE, raw)
+    card = card.replace(sha256=hashlib.sha256(raw).hexdigest())
+    atomic_write(Path(run_dir) / META_FILE, card.to_json())
+    return card
 
 
-def read_meta(run_dir: Path) -> dict[str, Any]:
+def read_card(run_dir: Path) -> ModelCard:
     """model.json of a run folder, with a clear error when the folder is not a run."""
     path = Path(run_dir) / META_FILE
     if not path.is_file():
@@ -79,18 +88,18 @@ def read_meta(run_dir: Path) -> dict[str, Any]:
             "pass the --out folder of a finished 'transferkit train'"
         )
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TransferkitError(f"{path} is damaged ({e}); retrain or restore it") from None
+        return ModelCard.from_json(path.read_text())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TransferkitError(f"{path} is damaged ({type(e).__name__}: {e}); retrain or restore it") from None
 
 
-def load_model_state(run_dir: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+def load_model_state(run_dir: Path, card: ModelCard) -> dict[str, torch.Tensor]:
     """The run's weights, checked against the sha256 in model.json."""
     path = Path(run_dir) / MODEL_FILE
     if not path.is_file():
         raise TransferkitError(f"{path} is missing; the run did not finish saving a model")
     raw = path.read_bytes()
-    if meta.get("sha256") and hashlib.sha256(raw).hexdigest() != meta["sha256"]:
+    if card.sha256 and hashlib.sha256(raw).hexdigest() != card.sha256:
         raise TransferkitError(
             f"{path} does not match the checksum in {META_FILE}: the file is truncated or was "
             "altered; restore it from a backup or retrain"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import RECIPES, TrainConfig
-from .errors import TransferkitError
+from .errors import Interrupted, TransferkitError
 
 HELP = {
     "data": "cifar10 | cifar100 | fashion-mnist | mnist | an image folder (root/<class>/ or root/train/<class>/)",
@@ -107,14 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
-    from .fit import Interrupted
-
     try:
         return COMMANDS[args.command](args)
     except Interrupted as e:
-        from .runtime import is_quiet_rank
-
-        if not is_quiet_rank():
+        if e.main:  # under torchrun, rank 0 speaks for the job
             print(str(e), file=sys.stderr)
         return 130
     except TransferkitError as e:
@@ -151,13 +147,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _print_result(result) -> None:
-    from .runtime import is_quiet_rank
+    from .report import top_label
 
-    if is_quiet_rank():  # under torchrun, rank 0 speaks for the job
+    if not result.main:  # under torchrun, rank 0 speaks for the job
         return
     m = result.metrics
-    top = next(k for k in m if k.startswith("top"))
-    print(f"accuracy {100 * m['accuracy']:.2f}% ({top.replace('top', 'top-')} {100 * m[top]:.2f}%) on "
+    print(f"accuracy {100 * m['accuracy']:.2f}% ({top_label(m)} {100 * m['top5']:.2f}%) on "
           f"{result.measured_on}; {result.seconds / 60:.1f} min")
     print(f"run folder: {result.out_dir}  report: {result.out_dir / 'report.md'}")
 
@@ -172,20 +167,20 @@ def add_test_time_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import read_meta
+    from .checkpoint import read_card
     from .predict import evaluate_run
+    from .report import top_label
 
-    data = args.data or read_meta(args.run).get("data")
+    data = args.data or read_card(args.run).data
     if not data:
         raise TransferkitError("pass --data: the run does not record its data set")
     metrics, measured_on, report = evaluate_run(args.run, data, data_dir=args.data_dir, split=args.split,
                                                 batch_size=args.batch_size, device=args.device,
-                                                image_size=args.image_size, flip=args.tta)
+                                                image_size=args.image_size, tta=args.tta)
     if args.json:
         print(json.dumps(dict(metrics, measured_on=measured_on), indent=2))
         return 0
-    top = next(k for k in metrics if k.startswith("top"))
-    print(f"accuracy {100 * metrics['accuracy']:.2f}% ({top.replace('top', 'top-')} {100 * metrics[top]:.2f}%) "
+    print(f"accuracy {100 * metrics['accuracy']:.2f}% ({top_label(metrics)} {100 * metrics['top5']:.2f}%) "
           f"on {measured_on}")
     width = max(len(r["class"]) for r in metrics["per_class"])
     for r in metrics["per_class"]:
@@ -200,7 +195,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.topk < 1:
         raise TransferkitError("--topk must be at least 1")
-    predictor = Predictor.from_run(args.run, device=args.device, image_size=args.image_size, flip=args.tta)
+    predictor = Predictor.from_run(args.run, device=args.device, image_size=args.image_size, tta=args.tta)
     results, errors = predictor.predict_paths(args.paths, topk=args.topk)
     for path, reason in errors:
         print(f"skipped {path}: {reason}", file=sys.stderr)

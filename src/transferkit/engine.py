@@ -1,125 +1,97 @@
-"""One training epoch and one evaluation pass: plain functions, explicit arguments."""
+"""The training step, one epoch of them, and evaluation: plain functions, explicit arguments."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .data.transforms import BatchTransform
+from .data.sources import Split
+from .data.transforms import batches as split_batches
+from .data.transforms import num_batches
 from .errors import TransferkitError
 from .models import train_mode
-from .runtime import SINGLE, Dist, autocast, is_quiet_rank
+from .runtime import SINGLE, Dist, autocast
 
 log = logging.getLogger(__name__)
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Transform = Callable[..., torch.Tensor]
 
 
-def train_one_epoch(
-    model: nn.Module, batches: Batches, transform: BatchTransform, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, *, device: torch.device, precision: str,
-    label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None,
-    generator: torch.Generator | None = None, total: int | None = None, start_step: int = 0,
-    running: dict[str, Any] | None = None, log_every: int = 0, desc: str = "train",
-    after_step: Callable[[int, Callable[[], dict[str, Any]]], bool] | None = None,
-    dist: Dist = SINGLE, batchnorm: str = "train", micro_batch: int | None = None,
-) -> dict[str, Any]:
-    """Train over `batches` once, from `start_step` with the `running` sums of a resumed epoch.
+@dataclass(frozen=True)
+class StepSetup:
+    """How a training step runs: the transform, where and in what precision, the loss, the passes."""
 
-    `batches` yields whole (global) batches; under torchrun each rank trains on its share of
-    every batch and the loss is scaled so that DistributedDataParallel's gradient average equals
-    the gradient of the whole batch's loss: the result does not depend on the number of processes
-    (except through BatchNorm's batch statistics, which each process takes over its share).
-    `micro_batch` caps the images per forward/backward pass (gradients accumulate to one step),
-    which bounds activation memory; only BatchNorm's batch statistics see the smaller parts.
-    `after_step(step, snapshot)` runs after every step (on every rank); `snapshot()` gives the
-    running sums (over all ranks) to checkpoint, and returning True stops the epoch there.
-    Returns mean loss, accuracy, images, seconds, the last step and whether it stopped early.
+    transform: Transform
+    device: torch.device
+    precision: str = "fp32"
+    micro_batch: int | None = None  # images per forward/backward pass (None: the whole share at once)
+    label_smoothing: float = 0.0
+    class_weights: torch.Tensor | None = None
+    batchnorm: str = "train"
+    dist: Dist = SINGLE
+
+
+@dataclass
+class StepFigures:
+    """What one step measured on this process: the summed loss (x images), correct answers, images."""
+
+    step: int
+    loss: torch.Tensor
+    correct: torch.Tensor
+    images: int
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, images: torch.Tensor,
+               labels: torch.Tensor, s: StepSetup, generator: torch.Generator | None) -> StepFigures:
+    """One optimizer step on a whole (global) batch, in passes of at most `s.micro_batch` images.
+
+    Under torchrun each process takes its share of the batch; the loss is scaled so that the
+    gradients DDP averages, summed over the passes, are the gradient of the whole batch's mean loss.
+    Every pass redraws the whole batch's random crops from the same generator state and keeps its
+    own rows, so neither the crops nor the step depend on how the batch is split.
     """
-    train_mode(model, batchnorm)
-    running = running or {}
-    loss_sum = running.get("loss_sum", torch.zeros((), dtype=torch.float64)).to(device)
-    correct = running.get("correct", torch.zeros((), dtype=torch.long)).to(device)
-    seen, before = int(running.get("seen", 0)), float(running.get("seconds", 0.0))
-    start = time.perf_counter()
-    cpu_weights = None if class_weights is None else class_weights.cpu()
+    n, d = labels.shape[0], s.dist
+    norm = float(n) if s.class_weights is None else s.class_weights.cpu()[labels].sum().item()
+    passes = micro_batches(d.shard(n), s.micro_batch, -(-n // d.world))
+    fork = generator.get_state() if generator is not None and len(passes) > 1 else None
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=s.device)
+    correct = torch.zeros((), dtype=torch.long, device=s.device)
+    for i, rows in enumerate(passes):
+        if fork is not None:
+            generator.set_state(fork)
+        x = s.transform(images[rows].to(s.device, non_blocking=True), generator, part=(rows, n))
+        y = labels[rows].to(s.device, non_blocking=True)
+        last = i == len(passes) - 1  # DDP averages the gradients once, after the last pass
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast(s.device, s.precision):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, weight=s.class_weights, label_smoothing=s.label_smoothing,
+                                   reduction="sum") * (d.world / norm)
+            loss.backward()
+        loss_sum += loss.detach().double()
+        correct += (logits.argmax(1) == y).sum()
+    optimizer.step()
+    scheduler.step()
+    return StepFigures(0, loss_sum * (n / d.world), correct, passes[-1].stop - passes[0].start)
 
-    def totals() -> tuple[float, int, int]:
-        s, c, n = dist.sum(loss_sum, correct, seen)
-        return s.item(), int(c), int(n)
 
-    def snapshot() -> dict[str, Any]:
-        check_finite(loss_sum, step)
-        s, c, n = totals()
-        return {"loss_sum": torch.tensor(s, dtype=torch.float64), "correct": torch.tensor(c), "seen": n,
-                "seconds": before + time.perf_counter() - start}
-
-    def check_finite(value: torch.Tensor, at: int) -> None:
-        mine = not torch.isfinite(value).all()
-        if (dist.sum(float(mine))[0] > 0) if dist.on else mine:  # all processes stop together
-            shown = value.item() if mine else "non-finite in another process"
-            raise NonFiniteLoss(
-                f"loss became {shown} by step {at} (lr {optimizer.param_groups[0]['lr']:.2e}); the last "
-                "good checkpoint is kept. Lower --lr, or use --precision fp32"
-            )
-
-    step, stopped = start_step, False
-    bar = tqdm(batches, total=total, initial=start_step, desc=desc, unit="batch", leave=False,
-               disable=True if is_quiet_rank() else None)
-    for images, labels in bar:
-        step += 1
-        n = labels.shape[0]
-        # The loss of the whole batch is the (weighted) mean over all its images.
-        norm = float(n) if cpu_weights is None else cpu_weights[labels].sum().item()
-        rows = dist.shard(n)
-        parts = micro_batches(rows, micro_batch, -(-n // dist.world))
-        # Every part redraws the whole batch's random crops from the same generator state and
-        # keeps its own rows: the crops do not depend on how the batch is split.
-        fork = generator.get_state() if generator is not None and len(parts) > 1 else None
-        optimizer.zero_grad(set_to_none=True)
-        batch_loss = torch.zeros((), dtype=torch.float64, device=device)
-        for i, part in enumerate(parts):
-            if fork is not None:
-                generator.set_state(fork)
-            x = transform(images[part].to(device, non_blocking=True), generator, part=(part, n))
-            mine = labels[part].to(device, non_blocking=True)
-            # DistributedDataParallel averages gradients once per step, after the last part.
-            last = i == len(parts) - 1
-            with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-                with autocast(device, precision):
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float(), mine, weight=class_weights,
-                                       label_smoothing=label_smoothing, reduction="sum") * (dist.world / norm)
-                loss.backward()
-            batch_loss += loss.detach().double()
-            seen += mine.shape[0]
-            correct += (logits.argmax(1) == mine).sum()
-        optimizer.step()
-        scheduler.step()
-        loss_sum += batch_loss * (n / dist.world)  # summed over ranks: the batch's loss x n
-        if step % 20 == 0 or (log_every and step % log_every == 0):
-            check_finite(loss_sum, step)
-            rate = dist.world * (seen - running.get("seen", 0)) / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{batch_loss.item():.3f}", img_s=f"{rate:.0f}")
-            if log_every and step % log_every == 0:
-                log.info("[%s, batch %5d] loss: %.3f", desc, step, loss_sum.item() / max(seen, 1))
-        if after_step is not None and after_step(step, snapshot):
-            stopped = True
-            break
-    check_finite(loss_sum, step)
-    total_loss, total_correct, total_seen = totals()
-    if total_seen == 0:
-        raise TransferkitError("no training batches: the training split is empty")
-    return {"loss": total_loss / total_seen, "acc": total_correct / total_seen, "images": total_seen,
-            "seconds": before + time.perf_counter() - start, "step": step, "stopped": stopped}
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches: Batches,
+                    setup: StepSetup, generator: torch.Generator | None, start_step: int = 0) -> Iterator[StepFigures]:
+    """Train over `batches`, yielding each step's figures (numbered from `start_step` + 1)."""
+    train_mode(model, setup.batchnorm)
+    for step, (images, labels) in enumerate(batches, start_step + 1):
+        figures = train_step(model, optimizer, scheduler, images, labels, setup, generator)
+        figures.step = step
+        yield figures
 
 
 def micro_batches(rows: slice, size: int | None, largest: int | None = None) -> list[slice]:
@@ -133,33 +105,68 @@ def micro_batches(rows: slice, size: int | None, largest: int | None = None) -> 
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-class NonFiniteLoss(TransferkitError):
-    """The loss became NaN or infinite."""
-
-
 @torch.no_grad()
-def predict_logits(
-    model: nn.Module, batches: Batches, transform: BatchTransform, *, device: torch.device,
-    precision: str, total: int | None = None, desc: str = "eval", flip: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the model in eval mode; returns (fp32 logits on cpu, labels on cpu). `flip`: test-time
-    augmentation, the mean of the probabilities of each image and its mirror image (as log-probabilities)."""
-    model.eval()
-    out, ys = [], []
-    for images, labels in tqdm(batches, total=total, desc=desc, unit="batch", leave=False,
-                               disable=True if is_quiet_rank() else None):
-        x = transform(images.to(device, non_blocking=True))
-        out.append(infer(model, x, device=device, precision=precision, flip=flip).cpu())
-        ys.append(labels)
-    return torch.cat(out), torch.cat(ys)
+def evaluate(model: nn.Module, split: Split, transform: Transform, *, batch_size: int, device: torch.device,
+             precision: str, tta: bool = False, dist: Dist = SINGLE, workers: int = 0,
+             desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits (on the cpu) and labels of a whole split, in eval mode; `tta`: mirror test-time
+    augmentation. Under torchrun each process runs a share and every process gets all rows."""
+    def run(part: Split) -> tuple[torch.Tensor, torch.Tensor]:
+        model.eval()
+        out, ys = [], []
+        for images, labels in tqdm(split_batches(part, batch_size, workers=workers), desc=desc or split.name,
+                                   unit="batch", leave=False, disable=True if not dist.main else None):
+            x = transform(images.to(device, non_blocking=True))
+            out.append(infer(model, x, device=device, precision=precision, tta=tta).cpu())
+            ys.append(labels)
+        return torch.cat(out), torch.cat(ys)
+
+    return sharded(run, split, dist)
+
+
+def sharded(fn: Callable[[Split], tuple[torch.Tensor, ...]], split: Split, dist: Dist) -> tuple[torch.Tensor, ...]:
+    """fn over this process's share of `split`, its rows gathered from all processes in order."""
+    if not dist.on or len(split) < dist.world:
+        return fn(split)
+    mine = split.subset(torch.arange(len(split))[dist.shard(len(split))])
+    return tuple(dist.gather_rows(t) for t in fn(mine))
 
 
 def infer(model: nn.Module, x: torch.Tensor, *, device: torch.device, precision: str,
-          flip: bool = False) -> torch.Tensor:
-    """fp32 logits of a prepared batch; with `flip`, log of the mean probability over x and its mirror."""
+          tta: bool = False) -> torch.Tensor:
+    """fp32 logits of a prepared batch; with `tta`, the log of the mean probability of x and its mirror image."""
     with autocast(device, precision):
         logits = model(x).float()
-        if not flip:
+        if not tta:
             return logits
         mirrored = model(x.flip(-1)).float()
     return ((logits.softmax(1) + mirrored.softmax(1)) / 2).log()
+
+
+CPU_PIXELS_PER_PASS = 16 * 224 * 224  # a pass of 16 images at 224 px keeps a CPU fine-tune under 3 GB
+
+
+def micro_batch_for(micro_batch: int, device: torch.device, size: int) -> int | None:
+    """Images per forward/backward pass: --micro-batch, or on a CPU (0: auto) as many as keep the
+    activations of 16 images at 224 px; on a GPU the whole batch."""
+    if micro_batch:
+        return micro_batch
+    return max(1, int(CPU_PIXELS_PER_PASS / size**2)) if device.type == "cpu" else None
+
+
+def eval_batch_for(batch_size: int, dist: Dist, micro: int | None) -> int:
+    """Evaluation keeps no activations for a backward pass: twice the training pass."""
+    per_process = max(1, 2 * batch_size // dist.world)
+    return per_process if micro is None else min(per_process, 2 * micro)
+
+
+def steps_per_epoch(images: int, batch_size: int, dist: Dist) -> tuple[int, bool]:
+    """Steps per epoch, and whether the last batch is dropped (a share of one image breaks BatchNorm)."""
+    drop_last = 0 < images % batch_size < 2 * dist.world
+    steps = num_batches(images, batch_size, drop_last)
+    if steps == 0:
+        raise TransferkitError(
+            f"the training split has {images} images: too few for one batch shared by {dist.world} processes "
+            "(two images each); add images or use fewer processes"
+        )
+    return steps, drop_last

@@ -10,6 +10,14 @@ class TransferkitError(Exception):
     """A problem the user can fix; the CLI prints the message and exits with status 2."""
 
 
+class Interrupted(TransferkitError):
+    """Ctrl-C or SIGTERM: the run stopped after a step and saved a checkpoint (the CLI exits 130)."""
+
+    def __init__(self, message: str, main: bool = True) -> None:
+        super().__init__(message)
+        self.main = main  # this process speaks for the job (rank 0 under torchrun)
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return " — did you mean 'x'?" for the closest choice, or an empty string."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

@@ -1,20 +1,48 @@
-"""Frozen-backbone features, computed once and cached, so a linear probe (or the last blocks) trains fast."""
+"""What a training stage runs on: the whole network on images, or its last layers on cached features.
+
+A frozen backbone (linear probe) or frozen first blocks map each image to the same activations
+every epoch: they are computed once (un-augmented), cached on disk, and only the rest of the
+network trains and evaluates on them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import cache
 from .data.sources import Split
-from .data.transforms import BatchTransform, batches
-from .engine import predict_logits
-from .runtime import SINGLE, Dist
+from .engine import Transform, evaluate, sharded
+from .models import set_trainable, without
+from .runtime import SINGLE, Dist, memory_bytes
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What runs forward in training and evaluation, on which splits, with which transforms."""
+
+    runner: nn.Module  # the whole model, its head alone, or the model without its frozen blocks
+    train: Split
+    val: Split | None
+    test: Split | None
+    train_tf: Transform
+    eval_tf: Transform
+    micro: int | None  # images per forward/backward pass (None: the whole batch)
+    eval_batch: int
+    cached: bool = False  # the splits hold cached features, not images
+
+
+def identity(x: torch.Tensor, generator: torch.Generator | None = None, *, part=None) -> torch.Tensor:
+    """The transform of an already-computed feature batch."""
+    return x
 
 
 def supports_feature_cache(model: nn.Module, head: str) -> bool:
@@ -22,16 +50,30 @@ def supports_feature_cache(model: nn.Module, head: str) -> bool:
     return isinstance(model.get_submodule(head), nn.Linear)
 
 
-class Identity:
-    """The transform of an already-computed feature batch."""
-
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None, *, part=None) -> torch.Tensor:
-        return x
+def cached_stage(stage: Stage, model: nn.Module, head: str, frozen_blocks: list[str], key: dict, *,
+                 device: torch.device, precision: str, use_cache: bool, dist: Dist, workers: int,
+                 eval_batch: int) -> Stage:
+    """`stage` moved onto cached activations: the head's input (no `frozen_blocks`: a linear probe)
+    or the output of the last frozen block. `key` names the backbone, weights and preprocessing;
+    the frozen weights themselves are added to it."""
+    set_trainable(model, head, bool(frozen_blocks), frozen_blocks)
+    prefixes = tuple(f"{f}." for f in frozen_blocks)
+    frozen = [v for k, v in model.state_dict().items()
+              if not k.startswith(head + ".") and (not frozen_blocks or k.startswith(prefixes))]
+    key = dict(key, frozen=cache.digest(*frozen))
+    at = frozen_blocks[-1] if frozen_blocks else None
+    splits = [None if s is None else features(
+        model, head, s, stage.eval_tf, device=device, precision=precision, batch_size=stage.eval_batch,
+        identity=key, use_cache=use_cache, dist=dist, at=at, workers=workers) for s in (stage.train, stage.val,
+                                                                                         stage.test)]
+    runner = without(model, frozen_blocks) if frozen_blocks else model.get_submodule(head)
+    return dataclasses.replace(stage, runner=runner, train=splits[0], val=splits[1], test=splits[2],
+                               train_tf=identity, eval_tf=identity, micro=None, eval_batch=eval_batch, cached=True)
 
 
 @torch.no_grad()
 def features(
-    model: nn.Module, head: str, split: Split, transform: BatchTransform, *, device: torch.device,
+    model: nn.Module, head: str, split: Split, transform: Transform, *, device: torch.device,
     precision: str, batch_size: int, identity: dict, use_cache: bool = True, dist: Dist = SINGLE,
     at: str | None = None, workers: int = 0,
 ) -> Split:
@@ -57,15 +99,36 @@ def features(
         hook = model.get_submodule(at).register_forward_hook(
             lambda _m, _args, output: captured.append(output.detach().float().cpu()))
     start = time.perf_counter()
-    shared = dist.on and len(split) >= dist.world
-    mine = split.subset(torch.arange(len(split))[dist.shard(len(split))]) if shared else split
+
+    def run(part: Split) -> tuple[torch.Tensor]:
+        captured.clear()
+        evaluate(model, part, transform, batch_size=batch_size, device=device, precision=precision, workers=workers,
+                 desc=f"features {split.name}")
+        return (torch.cat(captured),)
+
     try:
-        predict_logits(model, batches(mine, batch_size, workers=workers), transform, device=device, precision=precision,
-                       desc=f"features {split.name}")
+        (feats,) = sharded(run, split, dist)
     finally:
         hook.remove()
-    feats = dist.gather_rows(torch.cat(captured)) if shared else torch.cat(captured)
     log.info("%s: features of %d images computed in %.0f s", split.name, len(split), time.perf_counter() - start)
     if use_cache and dist.local_rank == 0:
         cache.store("features", key, {"features": feats})
     return Split(split.name, feats, split.labels)
+
+
+@torch.no_grad()
+def activations_fit(model: nn.Module, at: str, size: int, device: torch.device, images: int) -> bool:
+    """Whether the output of module `at` for all `images` fits in a quarter of this process's memory."""
+    shape = []
+    hook = model.get_submodule(at).register_forward_hook(lambda _m, _a, out: shape.append(out.shape))
+    model.eval()
+    try:
+        model(torch.zeros(1, 3, size, size, device=device))
+    finally:
+        hook.remove()
+    need = math.prod(shape[0]) * 4 * images
+    if need > memory_bytes() / 4:
+        log.warning("the frozen blocks' activations would take %.1f GB: running them every step instead of "
+                    "caching them", need / 1e9)
+        return False
+    return True

@@ -16,12 +16,10 @@ import torchvision
 from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
 
+from .data.preprocess import Preprocessing
 from .errors import TransferkitError, did_you_mean
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Where each family keeps its classifier: the last Linear (or 1x1 Conv) inside this module is
 # the layer that gets replaced. Longest matching prefix wins.
@@ -53,31 +51,17 @@ def check_model_name(name: str) -> None:
 
 
 @dataclass
-class Preprocessing:
-    """What the weights expect: input side, the resize a center crop starts from, mean/std."""
-
-    image_size: int = 224
-    resize_size: int = 256
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    min_size: int = 1  # the smallest input the architecture accepts
-
-    @property
-    def crop_ratio(self) -> float:
-        return self.image_size / self.resize_size
-
-
-@dataclass
 class Backbone:
     """A created model with its head path, preprocessing and where its weights came from."""
 
     model: nn.Module
     arch: str
     head: str
-    preprocessing: Preprocessing
+    preprocessing: Preprocessing  # what the weights were trained with (ImageNet's defaults without weights)
     weights: str  # e.g. "torchvision:IMAGENET1K_V1 (mobilenet_v2-b0353104.pth)", "file:...", "none"
     categories: list[str] = field(default_factory=list)  # the weights' own classes (ImageNet)
     build_kwargs: dict = field(default_factory=dict)  # constructor flags that rebuild() needs
+    min_size: int = 1  # the smallest input side the architecture accepts
 
 
 # --- weights ------------------------------------------------------------------------------
@@ -268,14 +252,14 @@ def create_backbone(
     if num_classes is not None:
         replace_head(model, head, num_classes)
 
-    prep = Preprocessing()
+    prep, min_size = Preprocessing(), 1
     ref = tv_weights or (enum.DEFAULT if enum is not None else None)
     if ref is not None:
         t = ref.transforms()
-        prep = Preprocessing(t.crop_size[0], t.resize_size[0], tuple(t.mean), tuple(t.std),
-                             min_size=_min_side(ref))
+        prep = Preprocessing(t.crop_size[0], t.resize_size[0], tuple(t.mean), tuple(t.std))
+        min_size = _min_side(ref)
     categories = list(tv_weights.meta.get("categories", [])) if tv_weights is not None else []
-    return Backbone(model, arch, head, prep, source, categories, build)
+    return Backbone(model, arch, head, prep, source, categories, build, min_size)
 
 
 def rebuild(arch: str, head: str, num_classes: int, build_kwargs: dict | None = None) -> nn.Module:
@@ -293,8 +277,7 @@ FIXED_SIZE = ("vit_", "maxvit_")  # position embeddings / window partitions fix 
 
 def check_input_size(bb: Backbone, size: int) -> None:
     """Refuse an input side the architecture cannot take, before any data is loaded."""
-    check_side(bb.arch, size, bb.build_kwargs.get("image_size", bb.preprocessing.image_size),
-               bb.preprocessing.min_size)
+    check_side(bb.arch, size, bb.build_kwargs.get("image_size", bb.preprocessing.image_size), bb.min_size)
 
 
 def check_side(arch: str, size: int, native: int, min_size: int | None = None) -> None:

@@ -10,14 +10,15 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .checkpoint import load_model_state, read_meta
-from .data.images import IMAGE_EXTENSIONS, UnreadableImage, center_fit, open_rgb, pil_to_tensor, to_rgb
-from .data.sources import Storage, folder_layout, is_named, load_source
-from .data.transforms import BatchTransform, batches
-from .engine import infer, predict_logits
+from .checkpoint import ModelCard, load_model_state, read_card
+from .data.folders import folder_layout
+from .data.images import IMAGE_EXTENSIONS, UnreadableImage, pil_to_tensor, read_image, to_rgb
+from .data.preprocess import Preprocessing, resolve_preprocessing
+from .data.sources import is_named, load_source
+from .engine import evaluate, infer
 from .errors import TransferkitError
 from .models import check_side, create_backbone, rebuild
-from .report import classification_metrics, write_report
+from .report import classification_metrics, measured_on, write_report
 from .runtime import pick_device, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -26,43 +27,31 @@ log = logging.getLogger(__name__)
 class Predictor:
     """A trained classifier with its preprocessing; call predict() on images or paths."""
 
-    def __init__(
-        self, model: torch.nn.Module, classes: Sequence[str], *, image_size: int, resize_size: int,
-        mean: Sequence[float], std: Sequence[float], native_size: Sequence[int] | None = None,
-        device: str = "auto", precision: str = "auto", flip: bool = False,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, classes: Sequence[str], preprocessing: Preprocessing, *,
+                 device: str = "auto", precision: str = "auto", tta: bool = False) -> None:
         self.device = pick_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
         self.classes = list(classes)
-        self.storage = Storage(image_size, resize_size)
-        # Images of the training images' own (small) size are upsampled whole, as in training.
-        self.native_size = tuple(native_size) if native_size else None
-        self.transform = BatchTransform(image_size, tuple(mean), tuple(std))
-        self.flip = flip  # test-time augmentation: average over each image and its mirror image
+        self.preprocessing = preprocessing
+        self.tta = tta  # test-time augmentation: average over each image and its mirror image
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", *, image_size: int | None = None,
-                 flip: bool = False) -> Predictor:
+                 tta: bool = False) -> Predictor:
         """Load a run folder written by `transferkit train` (safetensors + model.json).
 
         `image_size`: feed the model this input size instead of the trained one (the resize before
         the centre crop scales with it). A model trained on random-resized crops sees objects larger
         than they are at test time, so a slightly larger test size often scores higher ("FixRes").
-        `flip`: average the prediction of each image and its mirror image.
+        `tta`: average the prediction of each image and its mirror image.
         """
-        run_dir = Path(run_dir)
-        meta = read_meta(run_dir)
-        model = rebuild(meta["arch"], meta["head"], meta["num_classes"], meta.get("build_kwargs"))
-        model.load_state_dict(load_model_state(run_dir, meta))
-        size, resize = meta["image_size"], meta["resize_size"]
-        if image_size is not None and image_size != size:
-            check_side(meta["arch"], image_size, size)
-            size, resize = image_size, round(resize * image_size / size)
-        return cls(model, meta["classes"], image_size=size, resize_size=resize,
-                   mean=meta["mean"], std=meta["std"], native_size=meta.get("native_size"), device=device,
+        card = read_card(Path(run_dir))
+        model = rebuild(card.arch, card.head, card.num_classes, card.build_kwargs)
+        model.load_state_dict(load_model_state(Path(run_dir), card))
+        return cls(model, card.classes, _at_size(card, image_size), device=device, tta=tta,
                    # A run trained in fp32 is evaluated in fp32, so eval reproduces its report.
-                   precision="fp32" if meta.get("precision") == "fp32" else "auto", flip=flip)
+                   precision="fp32" if card.precision == "fp32" else "auto")
 
     @classmethod
     def from_pretrained(cls, arch: str, weights: str = "imagenet", device: str = "auto") -> Predictor:
@@ -70,36 +59,19 @@ class Predictor:
         bb = create_backbone(arch, weights)
         if not bb.categories:
             raise TransferkitError(f"weights '{weights}' carry no class names; use a torchvision weights name")
-        p = bb.preprocessing
-        return cls(bb.model, bb.categories, image_size=p.image_size, resize_size=p.resize_size,
-                   mean=p.mean, std=p.std, device=device)
-
-    def _prepare(self, image: torch.Tensor) -> torch.Tensor:
-        if self.native_size and tuple(image.shape[1:]) == self.native_size:
-            return image
-        return center_fit(image, self.storage.size, self.storage.resize)
+        return cls(bb.model, bb.categories, bb.preprocessing, device=device)
 
     @torch.no_grad()
     def predict(
         self, images: Iterable[str | Path | Image.Image | torch.Tensor], topk: int = 5, batch_size: int = 32,
     ) -> list[list[tuple[str, float]]]:
         """Top-k (class, probability) for each image: paths, PIL images or uint8 CHW tensors."""
-        prepared = []
-        for item in images:
-            if isinstance(item, torch.Tensor):
-                t = item if item.dtype == torch.uint8 else (item.clamp(0, 1) * 255).round().to(torch.uint8)
-            elif isinstance(item, Image.Image):
-                t = pil_to_tensor(to_rgb(item))
-            else:
-                t = pil_to_tensor(open_rgb(item))
-            prepared.append(self._prepare(t))
+        inputs = [self.preprocessing.to_input(self.preprocessing.store(_as_uint8(item))[None]) for item in images]
         k = max(1, min(topk, len(self.classes)))
         results = []
-        for start in range(0, len(prepared), batch_size):
-            chunk = prepared[start:start + batch_size]
-            x = torch.cat([self.transform(t.unsqueeze(0).to(self.device)) for t in chunk])
-            logits = infer(self.model, x, device=self.device, precision=self.precision, flip=self.flip)
-            probs = logits.softmax(1).cpu()
+        for start in range(0, len(inputs), batch_size):
+            x = torch.cat(inputs[start:start + batch_size]).to(self.device)
+            probs = infer(self.model, x, device=self.device, precision=self.precision, tta=self.tta).softmax(1).cpu()
             p, idx = probs.topk(k, dim=1)
             for row_p, row_i in zip(p.tolist(), idx.tolist()):
                 results.append([(self.classes[i], v) for v, i in zip(row_p, row_i)])
@@ -113,12 +85,29 @@ class Predictor:
         images, names = [], []
         for f in files:
             try:
-                images.append(pil_to_tensor(open_rgb(f)))
+                images.append(read_image(f))
                 names.append(str(f))
             except UnreadableImage as e:
                 errors.append((str(f), str(e)))
         preds = self.predict(images, topk=topk) if images else []
         return [{"file": n, "top": [{"class": c, "prob": p} for c, p in pr]} for n, pr in zip(names, preds)], errors
+
+
+def _as_uint8(item: str | Path | Image.Image | torch.Tensor) -> torch.Tensor:
+    if isinstance(item, torch.Tensor):
+        return item if item.dtype == torch.uint8 else (item.clamp(0, 1) * 255).round().to(torch.uint8)
+    if isinstance(item, Image.Image):
+        return pil_to_tensor(to_rgb(item))
+    return read_image(item)
+
+
+def _at_size(card: ModelCard, image_size: int | None) -> Preprocessing:
+    """The run's preprocessing, or the same at another input side (its resize keeps the crop ratio)."""
+    pre = card.preprocessing
+    if image_size is None or image_size == pre.image_size:
+        return pre
+    check_side(card.arch, image_size, pre.image_size)
+    return resolve_preprocessing(image_size=image_size, weights=pre)
 
 
 def expand_paths(paths: Sequence[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -141,18 +130,15 @@ def expand_paths(paths: Sequence[str | Path]) -> tuple[list[Path], list[tuple[st
 def evaluate_run(
     run_dir: str | Path, data: str, *, data_dir: str | None = None, split: str | None = None,
     batch_size: int = 128, device: str = "auto", workers: int = 2, image_size: int | None = None,
-    flip: bool = False,
+    tta: bool = False,
 ) -> tuple[dict[str, Any], str, Path]:
     """Evaluate a run on a data set with the same classes; writes eval-<data>-<split>.md in the run."""
     run_dir = Path(run_dir)
-    pred = Predictor.from_run(run_dir, device=device, image_size=image_size, flip=flip)
+    pred = Predictor.from_run(run_dir, device=device, image_size=image_size, tta=tta)
     if split is None:
-        if is_named(data):
-            split = "test"
-        else:
-            layout = folder_layout(Path(data)) if Path(data).is_dir() else {"test": None}
-            split = next(s for s in ("test", "val", "train") if s in layout)
-    src = load_source(data, storage=pred.storage, data_dir=data_dir, splits=(split,), workers=workers)
+        layout = {"test": None} if is_named(data) or not Path(data).is_dir() else folder_layout(Path(data))
+        split = next(s for s in ("test", "val", "train") if s in layout)
+    src = load_source(data, preprocessing=pred.preprocessing, data_dir=data_dir, splits=(split,), workers=workers)
     part = getattr(src, split)
     if part is None:
         raise TransferkitError(f"{data} has no '{split}' split; choose --split train, val or test")
@@ -164,18 +150,16 @@ def evaluate_run(
             f"not known to the model {extra or 'none'}; evaluate on data with the classes "
             f"{', '.join(pred.classes)}"
         )
-    remap = torch.tensor([pred.classes.index(c) for c in src.classes])
-    labels_src = remap[part.labels]
-    logits, _ = predict_logits(pred.model, batches(part, batch_size, workers=workers), pred.transform,
-                               device=pred.device, precision=pred.precision, desc=split, flip=pred.flip)
-    metrics = classification_metrics(logits, labels_src, pred.classes)
-    measured_on = (f"{split} split of {data}, {len(part):,} images, stored at {part.resolution}, "
-                   f"model input {pred.storage.size}x{pred.storage.size}{', with its mirror image' if flip else ''}")
-    name = f"eval-{Path(data).name or 'data'}-{split}"
-    other_size = image_size and image_size != read_meta(run_dir)["image_size"]
-    name += (f"-{image_size}px" if other_size else "") + ("-tta" if flip else "")
-    report = write_report(run_dir, metrics, title=f"{run_dir.name} evaluated on {data}", measured_on=measured_on,
+    labels = torch.tensor([pred.classes.index(c) for c in src.classes])[part.labels]
+    logits, _ = evaluate(pred.model, part, pred.preprocessing.to_input, batch_size=batch_size, device=pred.device,
+                         precision=pred.precision, tta=tta, workers=workers)
+    metrics = classification_metrics(logits, labels, pred.classes)
+    said = measured_on(part, data, pred.preprocessing.image_size, tta=tta)
+    other_size = image_size and image_size != read_card(run_dir).preprocessing.image_size
+    name = f"eval-{Path(data).name or 'data'}-{split}" + (f"-{image_size}px" if other_size else "") + (
+        "-tta" if tta else "")
+    report = write_report(run_dir, metrics, title=f"{run_dir.name} evaluated on {data}", measured_on=said,
                           classes=pred.classes, setup={"run": str(run_dir)}, name=name)
     if src.skipped:
         log.warning("%d unreadable files skipped", len(src.skipped))
-    return metrics, measured_on, report
+    return metrics, said, report

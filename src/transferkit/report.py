@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
@@ -21,12 +21,12 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
     precision = tp / confusion.sum(0).clamp(min=1)
     recall = tp / confusion.sum(1).clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    top = min(5, k)
-    topk = (logits.topk(top, dim=1).indices == labels[:, None]).any(1).double().mean().item()
+    top = min(5, k)  # with fewer than 5 classes, "top5" is top-k over all k (and 1.0)
     return {
         "images": len(labels),
         "accuracy": (pred == labels).double().mean().item(),
-        f"top{top}": topk,
+        "top5": (logits.topk(top, dim=1).indices == labels[:, None]).any(1).double().mean().item(),
+        "topk": top,
         "per_class": [
             {"class": c, "precision": precision[i].item(), "recall": recall[i].item(),
              "f1": f1[i].item(), "support": int(confusion[i].sum())}
@@ -34,6 +34,23 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
         ],
         "confusion": confusion.tolist(),
     }
+
+
+def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl, one line per finished epoch, rewritten whole so it always matches last.pt."""
+    atomic_write(Path(out) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+
+def measured_on(split, data: str, image_size: int, *, tta: bool = False, note: str = "") -> str:
+    """What a figure was measured on: the split, its images, how they were stored and fed to the model."""
+    return (f"{split.name} split of {data}, {len(split):,} images" + (f" ({note})" if note else "")
+            + f", stored at {split.resolution}, model input {image_size}x{image_size}"
+            + (", with its mirror image" if tta else ""))
+
+
+def top_label(metrics: dict[str, Any]) -> str:
+    """'top-5' (or top-k with fewer classes) as a report or the CLI names it."""
+    return f"top-{metrics['topk']}"
 
 
 def _pyplot():
@@ -100,7 +117,6 @@ def write_report(
     out_dir = Path(out_dir)
     conf_png = f"{name}_confusion.png"
     confusion_png(out_dir / conf_png, metrics["confusion"], classes, f"{title}: {measured_on}")
-    top_key = next(k for k in metrics if k.startswith("top"))
     lines = [
         f"# {title}",
         "",
@@ -109,7 +125,7 @@ def write_report(
         "| metric | value |",
         "| --- | --- |",
         f"| accuracy | {100 * metrics['accuracy']:.2f}% |",
-        f"| {top_key.replace('top', 'top-')} accuracy | {100 * metrics[top_key]:.2f}% |",
+        f"| {top_label(metrics)} accuracy | {100 * metrics['top5']:.2f}% |",
         f"| images | {metrics['images']:,} |",
         "",
         "## Setup",

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +76,62 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_seed(seed: int, rank: int, epoch: int = 0) -> int:
+    """The seed of a torchrun process's own randomness (dropout) from the run's seed: rank 0 keeps
+    the run's seed; the others get their own noise, fresh again at each resumed epoch."""
+    return seed + 7919 * rank + 104729 * epoch
+
+
+def memory_bytes() -> int:
+    """This process's part of the memory: the machine's (or its container's limit), divided
+    among the torchrun processes on it."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 << 30
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        total = min(total, int(limit)) if limit.isdigit() else total
+    except OSError:
+        pass
+    return total // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+@dataclass
+class StopFlag:
+    """Set by the first Ctrl-C or SIGTERM: finish the step, save, stop."""
+
+    requested: bool = False
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    """First Ctrl-C (or SIGTERM, what torchrun and job schedulers send) sets the flag; a second
+    one stops at once (KeyboardInterrupt). Outside the main thread signals cannot be caught."""
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    first = 0.0
+
+    def handler(signum, frame):
+        nonlocal first
+        if flag.requested:
+            if time.monotonic() - first < 2:  # the same stop, delivered twice (terminal and torchrun)
+                return
+            raise KeyboardInterrupt
+        flag.requested, first = True, time.monotonic()
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        log.warning("%s: finishing this step and saving a checkpoint (again to abort now)", name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 @dataclass(frozen=True)
 class Dist:
     """This process's place in a torchrun job (rank 0 of 1 outside torchrun)."""
@@ -80,6 +141,17 @@ class Dist:
     local_rank: int = 0
     restart: int = 0  # how often torchrun restarted the workers (--max-restarts)
     started_here: bool = False  # this call created the process group (and destroys it)
+    run_id: str | None = None  # torchrun's --rdzv-id (None for its default, or outside torchrun)
+    max_restarts: int = 0
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        """This process's place as torchrun's environment describes it (the one place that reads it)."""
+        env = os.environ
+        run_id = env.get("TORCHELASTIC_RUN_ID")
+        return cls(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")),
+                   int(env.get("TORCHELASTIC_RESTART_COUNT", "0")), False,
+                   None if run_id in (None, "none") else run_id, int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")))
 
     @property
     def main(self) -> bool:
@@ -138,6 +210,16 @@ class Dist:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
+    def wrap(self, module: torch.nn.Module, compiled: torch.nn.Module, compile: bool,
+             device: torch.device) -> torch.nn.Module:
+        """What runs forward in training: `compiled` alone, or under torchrun DistributedDataParallel
+        around `module` (compiled again when asked)."""
+        if not self.on:
+            return compiled
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        return torch.compile(ddp) if compile else ddp
+
     @contextlib.contextmanager
     def local_main_first(self):
         """The first process on each machine runs the body (downloads, caches) before the others."""
@@ -159,10 +241,9 @@ def start_distributed(device_spec: str) -> tuple[Dist, torch.device]:
     NCCL carries GPU tensors and gloo CPU ones; each process takes the GPU of its LOCAL_RANK.
     Outside torchrun this is just pick_device().
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    dist = Dist.from_env()
+    if not dist.on:
         return Dist(), pick_device(device_spec)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_spec)
     if device.type == "cuda":
         if device.index is not None and device_spec != "auto" and ":" in device_spec:
@@ -170,31 +251,38 @@ def start_distributed(device_spec: str) -> tuple[Dist, torch.device]:
                 f"--device {device_spec} names one GPU, but under torchrun each process takes the GPU of its "
                 "LOCAL_RANK; use --device cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES"
             )
-        if local_rank >= torch.cuda.device_count():
+        if dist.local_rank >= torch.cuda.device_count():
             raise TransferkitError(
-                f"this machine shows {torch.cuda.device_count()} GPUs but torchrun started local rank {local_rank}; "
-                "set --nproc_per_node to at most the number of GPUs"
+                f"this machine shows {torch.cuda.device_count()} GPUs but torchrun started local rank "
+                f"{dist.local_rank}; set --nproc_per_node to at most the number of GPUs"
             )
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    started = False
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if not torch.distributed.is_initialized():
-        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-        # torchrun's store outlives a restart (--max-restarts); keys of its own per attempt keep
-        # the new workers from reading the dead workers' addresses (which fails with "Connection refused").
-        store, _, _ = next(torch.distributed.rendezvous("env://", rank, world))
-        store = torch.distributed.PrefixStore(f"transferkit/attempt{restart}", store)
-        torch.distributed.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
-        started = True
-    return Dist(rank, world, local_rank, restart, started), device
+    if torch.distributed.is_initialized():
+        return dist, device
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    # torchrun's store outlives a restart (--max-restarts); keys of its own per attempt keep
+    # the new workers from reading the dead workers' addresses (which fails with "Connection refused").
+    store, _, _ = next(torch.distributed.rendezvous("env://", dist.rank, dist.world))
+    store = torch.distributed.PrefixStore(f"transferkit/attempt{dist.restart}", store)
+    torch.distributed.init_process_group(backend=backend, store=store, rank=dist.rank, world_size=dist.world)
+    return dataclasses.replace(dist, started_here=True), device
+
+
+def check_world(dist: Dist, device: torch.device, batch_size: int, batchnorm: str) -> None:
+    """Refuse a torchrun job whose global batch or BatchNorm mode does not fit its processes."""
+    if batch_size < 2 * dist.world:
+        raise TransferkitError(
+            f"--batch-size {batch_size} is the global batch, shared by {dist.world} processes; it must be at "
+            f"least {2 * dist.world} (two images per process)"
+        )
+    if batchnorm == "sync" and device.type != "cuda":
+        raise TransferkitError("--batchnorm sync needs GPUs (NCCL); on CPUs use --batchnorm train or frozen")
+    per = f"{batch_size // dist.world}" + ("" if batch_size % dist.world == 0
+                                               else f"-{batch_size // dist.world + 1}")
+    log.info("torchrun: %d processes, global batch %d (%s per process)", dist.world, batch_size, per)
 
 
 def stop_distributed(dist: Dist) -> None:
     if dist.started_here and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def is_quiet_rank() -> bool:
-    """True in torchrun workers other than rank 0: they log errors only and show no progress bars."""
-    return int(os.environ.get("RANK", "0")) != 0

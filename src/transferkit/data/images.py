@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms.v2 import functional as TF
 
 from ..errors import TransferkitError
 
@@ -20,16 +19,35 @@ class UnreadableImage(TransferkitError):
     """A file that is not a decodable image; the message says why."""
 
 
+_BROKEN = (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError)
+
+
 def open_rgb(path: str | Path) -> Image.Image:
     """Decode any image file (L, P, RGBA, CMYK, 16-bit, float...) into an 8-bit RGB image."""
     try:
         with Image.open(path) as im:
             im.load()
             im = ImageOps.exif_transpose(im)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
-        reason = "empty file" if Path(path).is_file() and Path(path).stat().st_size == 0 else str(e)
-        raise UnreadableImage(reason) from None
+    except _BROKEN as e:
+        raise UnreadableImage(_reason(path, e)) from None
     return to_rgb(im)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) as decoded (EXIF orientation applied), from the file's header alone."""
+    try:
+        with Image.open(path) as im:  # refuses decompression bombs as decoding would
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except _BROKEN as e:
+        raise UnreadableImage(_reason(path, e)) from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _reason(path: str | Path, e: Exception) -> str:
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        return "empty file"
+    return str(e) or type(e).__name__
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -54,12 +72,6 @@ def pil_to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
-def center_fit(img: torch.Tensor, size: int, resize: int) -> torch.Tensor:
-    """Resize the shorter side to `resize` (antialiased bilinear), then center-crop `size`."""
-    img = TF.resize(img, [resize], antialias=True)
-    return TF.center_crop(img, [size, size])
-
-
-def resize_for(size: int, crop_ratio: float) -> int:
-    """The shorter-side resize that a center crop of `size` at `crop_ratio` starts from."""
-    return max(size, round(size / crop_ratio))
+def read_image(path: str | Path) -> torch.Tensor:
+    """Decode an image file of any mode into a uint8 RGB tensor (3, H, W)."""
+    return pil_to_tensor(open_rgb(path))

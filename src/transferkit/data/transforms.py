@@ -1,4 +1,4 @@
-"""Batched, device-side transforms: uint8 batch in, normalized float model input out."""
+"""Batched, device-side training transforms and the batches they run on."""
 
 from __future__ import annotations
 
@@ -8,46 +8,43 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .sources import FileImages, Split
+from .preprocess import Preprocessing
+from .sources import Split
 
 
-class BatchTransform:
-    """Resize (or random-resized-crop + flip), scale to [0, 1], normalize; all on the batch's device.
+class EvalTransform:
+    """A stored uint8 batch as model input, by the run's Preprocessing (no randomness)."""
 
-    Every crop is resampled with one `grid_sample` call for the whole batch, so the per-image
-    Python work of the classic PIL loop disappears.
-    """
-
-    def __init__(
-        self, size: int, mean: tuple[float, ...], std: tuple[float, ...], *, train: bool = False,
-        augment: bool = True, flip: bool = True, scale: tuple[float, float] = (0.35, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3), channels_last: bool = False,
-    ) -> None:
-        self.size = size
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
-        self.random = train and augment
-        self.flip = flip
-        self.scale, self.ratio = scale, ratio
-        self.channels_last = channels_last
+    def __init__(self, preprocessing: Preprocessing, channels_last: bool = False) -> None:
+        self.preprocessing, self.channels_last = preprocessing, channels_last
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None, *,
                  part: tuple[slice, int] | None = None) -> torch.Tensor:
-        """`part=(rows, n)`: `images` are these rows of a batch of n (one rank's share under torchrun);
+        return self.preprocessing.to_input(images, self.channels_last)
+
+
+class TrainTransform:
+    """Random-resized-crop + horizontal flip, scale to [0, 1], normalize; all on the batch's device.
+
+    Every crop is resampled with one `grid_sample` call for the whole batch, so the per-image
+    Python work of the classic PIL loop disappears. With `augment=False` it is the EvalTransform.
+    """
+
+    def __init__(self, preprocessing: Preprocessing, *, augment: bool = True, flip: bool = True,
+                 scale: tuple[float, float] = (0.35, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 channels_last: bool = False) -> None:
+        self.preprocessing, self.augment, self.flip = preprocessing, augment, flip
+        self.scale, self.ratio, self.channels_last = scale, ratio, channels_last
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None, *,
+                 part: tuple[slice, int] | None = None) -> torch.Tensor:
+        """`part=(rows, n)`: `images` are these rows of a batch of n (one pass, or one rank's share);
         the random crops are drawn for all n and these rows kept, so the result does not depend on
-        how many processes share the batch."""
-        x = images.float().div_(255)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if self.random:
-            x = self._random_resized_crop(x, generator, part)
-        elif x.shape[-2:] != (self.size, self.size):
-            # Only ever upsampling here (stored images are never larger than the input size),
-            # where bilinear needs no antialiasing; this matches PIL's bilinear Resize.
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
-        x = (x - mean) / std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        how the batch is split."""
+        if not self.augment:
+            return self.preprocessing.to_input(images, self.channels_last)
+        x = self._random_resized_crop(images.float().div_(255), generator, part)
+        return self.preprocessing.normalize(x, self.channels_last)
 
     def _random_resized_crop(self, x: torch.Tensor, g: torch.Generator | None,
                              part: tuple[slice, int] | None) -> torch.Tensor:
@@ -68,7 +65,8 @@ class BatchTransform:
         sign = torch.where(rand() < 0.5, -1.0, 1.0) if self.flip else torch.ones_like(cw)
         zeros = torch.zeros_like(cw)
         theta = torch.cat([cw * sign, zeros, cx, zeros, ch, cy], dim=1).view(n, 2, 3)
-        grid = F.affine_grid(theta, [n, 3, self.size, self.size], align_corners=False)
+        size = self.preprocessing.image_size
+        grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -78,15 +76,15 @@ def batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (uint8 images, labels) slices of a split, in `order` if given, from batch `start`.
 
-    A streamed split (FileImages) is decoded batch by batch in `workers` DataLoader processes,
-    ahead of the training step; with `share(n)`, only these rows of each batch of n are decoded
-    (the rest stay zero): the rows this process trains on.
+    A streamed split is decoded batch by batch in `workers` DataLoader processes, ahead of the
+    training step; with `share(n)`, only these rows of each batch of n are decoded (the rest stay
+    zero): the rows this process trains on.
     """
     index = torch.arange(len(split)) if order is None else order  # `order` may hold only some rows
     n = len(index)
     stop = n - n % batch_size if drop_last else n
     chunks = [index[first:first + batch_size] for first in range(start * batch_size, stop, batch_size)]
-    if isinstance(split.images, FileImages):
+    if split.streamed:
         loader = torch.utils.data.DataLoader(_Decoded(split, chunks, share), batch_size=None, num_workers=workers,
                                              prefetch_factor=4 if workers else None)
         yield from loader

@@ -1,0 +1,216 @@
+"""Image folders: listing, headers, the memory decision, decoding (cached) or streaming from the files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from .. import cache, runtime
+from ..errors import TransferkitError
+from .images import IMAGE_EXTENSIONS, UnreadableImage, image_size, read_image
+from .preprocess import Preprocessing
+from .sources import DataSource, Split, stratified_subset
+
+log = logging.getLogger(__name__)
+
+
+class FileImages:
+    """The images of a split too large to hold in memory: files, decoded when a batch needs them.
+
+    Indexing gives uint8 tensors like an in-memory split, stored by the same rule at the same side.
+    """
+
+    def __init__(self, paths: list[Path], preprocessing: Preprocessing, side: int) -> None:
+        self.paths, self.preprocessing, self.side = paths, preprocessing, side
+        self.shape = (len(paths), 3, side, side)
+        self.dtype = torch.uint8
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def select(self, index: torch.Tensor) -> FileImages:
+        return FileImages([self.paths[i] for i in torch.as_tensor(index).tolist()], self.preprocessing, self.side)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        picked = self.paths[index] if isinstance(index, slice) else [self.paths[i] for i in
+                                                                      torch.as_tensor(index).tolist()]
+        out = torch.zeros((len(picked), 3, self.side, self.side), dtype=torch.uint8)
+        for i, path in enumerate(picked):
+            try:
+                out[i] = stored(read_image(path), self.preprocessing, self.side)
+            except UnreadableImage as e:
+                # Headers were checked when the folder was read; a file that breaks later trains as black.
+                log.warning("unreadable image %s (%s): used as a black image", path, e)
+        return out
+
+    def __str__(self) -> str:  # what cache keys see: the files (paths, sizes, times) and the storage
+        p = self.preprocessing
+        return cache.digest("files", file_stats(self.paths), p.image_size, p.resize_size, self.side)
+
+
+def stored(image: torch.Tensor, pre: Preprocessing, side: int) -> torch.Tensor:
+    """`image` stored at `side`; a file whose pixels disagree with its header is resized to fit."""
+    out = pre.store(image, side)
+    return out if out.shape[-2:] == (side, side) else TF.resize(out, [side, side], antialias=True)
+
+
+def load_folder(root: Path, pre: Preprocessing, splits: Sequence[str], *, workers: int = 2,
+                max_train: int | None = None, seed: int = 0, use_cache: bool = True,
+                stream: str = "auto") -> DataSource:
+    """The splits of an image folder (see load_source), with the bytes their stored images take."""
+    layout, classes = folder_classes(root)
+    out = DataSource(name=str(root), classes=classes)
+    listed: dict[str, tuple[list[Path], list[int], list[tuple[int, int]]]] = {}
+    for split, path in layout.items():
+        if split not in splits:
+            continue
+        paths, labels = _list_files(path, classes)
+        if not paths:
+            raise TransferkitError(f"no image files under {path} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        if split == "train" and max_train:
+            keep = stratified_subset(torch.tensor(labels), max_train, seed).tolist()
+            paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+        listed[split] = _readable(split, paths, labels, workers, use_cache, out.skipped)
+    out.stored_bytes = sum(pre.stored_bytes(sizes) for _, _, sizes in listed.values())
+    allowed = runtime.memory_bytes() / 4
+    streaming = stream == "always" or (stream == "auto" and out.stored_bytes > allowed)
+    log.info("%s: its decoded images take %.2f GB (a quarter of this process's memory is %.2f GB): %s", root,
+             out.stored_bytes / 1e9, allowed / 1e9, "streaming it from its files" if streaming else "kept in memory")
+    for split, (paths, labels, sizes) in listed.items():
+        side = pre.stored_side(sizes)
+        if streaming:
+            images = FileImages(paths, pre, side)
+            setattr(out, split, Split(split, images, torch.tensor(labels, dtype=torch.int64)))
+        else:
+            setattr(out, split, _decode_cached(split, paths, labels, pre, side, workers, out.skipped, use_cache))
+    return out
+
+
+def folder_layout(root: Path) -> dict[str, Path]:
+    """Which split lives where: {'train': root/train, ...} or {'train': root} for a flat tree."""
+    named = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
+    return named or {"train": root}
+
+
+def folder_classes(root: Path) -> tuple[dict[str, Path], list[str]]:
+    """The folder's layout and its class names, the same in every split (or a clear error)."""
+    layout = folder_layout(root)
+    first = next(iter(layout.values()))
+    classes = _class_dirs(first)
+    if not classes:
+        raise TransferkitError(f"no class folders in {first}; expected {first}/<class name>/<image files>")
+    for path in layout.values():
+        other = _class_dirs(path)
+        if other != classes:
+            missing, extra = sorted(set(classes) - set(other)), sorted(set(other) - set(classes))
+            raise TransferkitError(
+                f"classes in {path} differ from {first}: missing {missing or 'none'}, "
+                f"extra {extra or 'none'}; every split needs the same class folders"
+            )
+    return layout, classes
+
+
+def _class_dirs(root: Path) -> list[str]:
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _list_files(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    paths, labels = [], []
+    for i, c in enumerate(classes):
+        for dirpath, _, files in os.walk(root / c, followlinks=True):
+            for f in sorted(files):
+                if Path(f).suffix.lower() in IMAGE_EXTENSIONS and not f.startswith("."):
+                    paths.append(Path(dirpath) / f)
+                    labels.append(i)
+    return paths, labels
+
+
+def file_stats(paths: list[Path]) -> list[tuple[str, int, int]]:
+    """(resolved path, size, mtime) of each file: what says whether a cached result still holds."""
+    stats = []
+    for p in paths:
+        try:
+            st = p.stat()
+            stats.append((str(p.resolve()), st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append((str(p), -1, -1))
+    return stats
+
+
+def _readable(name: str, paths: list[Path], labels: list[int], workers: int, use_cache: bool,
+              skipped: list[tuple[str, str]]) -> tuple[list[Path], list[int], list[tuple[int, int]]]:
+    """The files whose header reads as an image, with their labels and (width, height); the rest
+    are listed in `skipped` with the reason. Headers are cached like decoded images."""
+    key = cache.digest("headers", file_stats(paths))
+    hit = cache.load("headers", key) if use_cache else None
+    if hit is not None:
+        found = [tuple(s) if s[0] >= 0 else r for s, r in zip(hit[0]["sizes"].tolist(),
+                                                              json.loads(hit[1]["reasons"]))]
+    else:
+        def header(p: Path) -> tuple[int, int] | str:
+            try:
+                return image_size(p)
+            except UnreadableImage as e:
+                return str(e)
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            found = list(pool.map(header, paths, chunksize=256))
+        if use_cache:
+            sizes = torch.tensor([s if isinstance(s, tuple) else (-1, -1) for s in found], dtype=torch.int64)
+            cache.store("headers", key, {"sizes": sizes.view(-1, 2)},
+                        {"reasons": json.dumps([s if isinstance(s, str) else "" for s in found])})
+    keep = [i for i, s in enumerate(found) if isinstance(s, tuple)]
+    for p, s in zip(paths, found):
+        if isinstance(s, str):
+            skipped.append((str(p), s))
+            log.warning("skipping unreadable image %s: %s", p, s)
+    if not keep:
+        raise TransferkitError(f"none of the {len(paths)} image files in the {name} split could be read")
+    return [paths[i] for i in keep], [labels[i] for i in keep], [found[i] for i in keep]
+
+
+def _decode_cached(name, paths, labels, pre: Preprocessing, side: int, workers, skipped, use_cache: bool) -> Split:
+    """Decode once; later runs on the same files (same paths, sizes, mtimes) and storage read the cache."""
+    if not use_cache:
+        return _decode(name, paths, labels, pre, side, workers, skipped)
+    key = cache.digest("stored", pre.image_size, pre.resize_size, side, file_stats(paths), list(labels))
+    hit = cache.load("decoded", key)
+    if hit is not None:
+        tensors, meta = hit
+        skipped += [tuple(x) for x in json.loads(meta.get("skipped", "[]"))]
+        log.info("%s: %d decoded images from the cache", name, len(tensors["labels"]))
+        return Split(name, tensors["images"], tensors["labels"])
+    mine: list[tuple[str, str]] = []
+    split = _decode(name, paths, labels, pre, side, workers, mine)
+    skipped += mine
+    cache.store("decoded", key, {"images": split.images, "labels": split.labels}, {"skipped": json.dumps(mine)})
+    return split
+
+
+def _decode(name, paths, labels, pre: Preprocessing, side: int, workers, skipped) -> Split:
+    def load(p: Path) -> torch.Tensor | str:
+        try:
+            return stored(read_image(p), pre, side)
+        except UnreadableImage as e:
+            return str(e)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        loaded = list(pool.map(load, paths, chunksize=64))
+    images, keep = [], []
+    for p, y, img in zip(paths, labels, loaded):
+        if isinstance(img, str):
+            skipped.append((str(p), img))
+            log.warning("skipping unreadable image %s: %s", p, img)
+        else:
+            images.append(img)
+            keep.append(y)
+    if not images:
+        raise TransferkitError(f"none of the {len(paths)} image files in the {name} split could be read")
+    return Split(name, torch.stack(images), torch.tensor(keep, dtype=torch.int64))

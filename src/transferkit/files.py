@@ -1,0 +1,50 @@
+"""Writing run-folder and cache files atomically: a crash or a full disk leaves the previous file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import TransferkitError
+
+
+def umask() -> int:
+    """This process's umask now (read from /proc where it can be, without changing it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write `data` to `path` via a temporary file in the same folder and an atomic rename.
+
+    A crash or a full disk midway leaves the previous file as it was, and no temporary file.
+    """
+    path = Path(path)
+    view = memoryview(data.encode() if isinstance(data, str) else data)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        try:
+            os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600; a run folder is meant to be shared
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise TransferkitError(
+            f"could not write {path}: {e.strerror or e}; the previous {path.name} is untouched. "
+            "Free some space (or fix the folder's permissions) and resume with --resume"
+        ) from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,169 @@
+"""TrainState: everything a run needs to continue exactly where it stopped, and what last.pt holds."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import TransferkitError
+from .runtime import Dist, rank_seed
+
+
+@dataclass
+class Tally:
+    """The running sums of an epoch on this process: loss (x images), correct answers, images, seconds."""
+
+    loss: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    correct: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    images: int = 0
+    seconds_before: float = 0.0  # of the part of the epoch before a resume
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, images: int) -> None:
+        self.loss = self.loss.to(loss.device) + loss
+        self.correct = self.correct.to(correct.device) + correct
+        self.images += images
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def totals(self, dist: Dist) -> tuple[float, int, int]:
+        """(loss x images, correct, images) summed over all processes."""
+        s, c, n = dist.sum(self.loss, self.correct, self.images)
+        return s.item(), int(c), int(n)
+
+    def check_finite(self, dist: Dist, step: int, lr: float) -> None:
+        """Stop every process together when the loss became NaN or infinite."""
+        mine = not torch.isfinite(self.loss).all()
+        if (dist.sum(float(mine))[0] > 0) if dist.on else mine:
+            shown = self.loss.item() if mine else "non-finite in another process"
+            raise NonFiniteLoss(f"loss became {shown} by step {step} (lr {lr:.2e}); the last good checkpoint is "
+                                "kept. Lower --lr, or use --precision fp32")
+
+    def state_dict(self, dist: Dist) -> dict[str, Any]:
+        """The sums over all processes, as last.pt holds them (a resumed rank 0 carries them on)."""
+        s, c, n = self.totals(dist)
+        return {"loss_sum": torch.tensor(s, dtype=torch.float64), "correct": torch.tensor(c), "seen": n,
+                "seconds": self.seconds}
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, Any] | None) -> Tally:
+        if d is None:
+            return cls()
+        return cls(d["loss_sum"].clone(), d["correct"].clone(), int(d["seen"]), float(d["seconds"]))
+
+
+class NonFiniteLoss(TransferkitError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainState:
+    """Model, optimizer, scheduler, random generators, history and best epoch of one run.
+
+    `epoch` and `step` say where it stands: after `step` steps of epoch `epoch` (mid-epoch, with
+    that epoch's image `order` and `running` sums), or at the end of epoch `epoch` (`step` None).
+    """
+
+    model: nn.Module  # the whole network: what is saved (its head alone trains on cached features)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    shuffle: torch.Generator  # the image order of each epoch
+    augment: torch.Generator  # random crops and flips, on the training device
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_acc: float = -1.0
+    epoch: int = 0
+    step: int | None = None
+    order: torch.Tensor | None = None
+    running: dict[str, Any] | None = None
+    steps_taken: int = 0  # in this process's session (not saved): how far a fresh run got
+
+    @property
+    def next_epoch(self) -> int:
+        return self.epoch + (self.step is None)
+
+    def epoch_order(self, epoch: int, n: int) -> torch.Tensor:
+        """The image order of `epoch`: the saved one when resuming in it, else a fresh shuffle."""
+        if self.step is not None and self.epoch == epoch:
+            return self.order
+        self.step = None
+        return torch.randperm(n, generator=self.shuffle)
+
+    def record(self, row: dict[str, Any]) -> bool:
+        """Add an epoch's row to the history; True when it is the best so far (by validation accuracy)."""
+        self.history.append(row)
+        self.epoch, self.step, self.order, self.running = row["epoch"], None, None, None
+        acc = row["val_acc"]
+        if acc is None or acc > self.best_acc:
+            self.best_acc, self.best_epoch = (acc if acc is not None else -1.0), row["epoch"]
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
+            "best_acc": self.best_acc, "best_epoch": self.best_epoch, "history": json.dumps(self.history),
+            "shuffle_rng": self.shuffle.get_state(), "aug_rng": self.augment.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            **({} if self.step is None else {"order": self.order, "running": self.running}),
+        }
+
+    def resume(self, saved: dict[str, Any], source: Path, *, seed: int, dist: Dist) -> None:
+        """Continue from last.pt's contents: rank 0 restores its dropout generator too, the others draw
+        fresh noise of their own (only rank 0's is saved)."""
+        try:
+            self.load_state_dict(saved, global_rng=dist.main)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise TransferkitError(
+                f"{source} does not fit this run's config.yaml ({type(e).__name__}: {e}); was the config edited "
+                "or the run moved to another device type? Start a new run instead."
+            ) from None
+        if not dist.main:
+            torch.manual_seed(rank_seed(seed, dist.rank, self.epoch))
+
+    def load_state_dict(self, d: dict[str, Any], *, global_rng: bool = True) -> None:
+        """Continue from `d`; `global_rng`: also restore torch's global generator (dropout), as rank 0 does."""
+        self.model.load_state_dict(d["model"])
+        self.optimizer.load_state_dict(d["optimizer"])
+        self.scheduler.load_state_dict(d["scheduler"])
+        self.shuffle.set_state(d["shuffle_rng"])
+        self.augment.set_state(d["aug_rng"])
+        if global_rng:
+            torch.set_rng_state(d["torch_rng"])
+        self.history = json.loads(d["history"])
+        self.best_acc, self.best_epoch = d["best_acc"], d["best_epoch"]
+        self.epoch, self.step = d["epoch"], d["step"]
+        self.order, self.running = d.get("order"), d.get("running")
+
+
+def new_state(model: nn.Module, groups: list[dict], *, optimizer: str, lr: float, momentum: float, schedule: str,
+              steps: int, warmup_steps: int, seed: int, device: torch.device) -> TrainState:
+    """A fresh TrainState: the optimizer over `groups`, the schedule over `steps`, seeded generators."""
+    opt = (torch.optim.SGD(groups, lr=lr, momentum=momentum) if optimizer == "sgd"
+           else torch.optim.AdamW(groups, lr=lr))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(schedule, steps, warmup_steps))
+    return TrainState(model, opt, scheduler, torch.Generator().manual_seed(seed),
+                      torch.Generator(device=device).manual_seed(seed + 1))
+
+
+def lr_factor(schedule: str, total: int, warmup: int):
+    """The learning rate at a step, as a fraction of its peak: linear warmup, then cosine (or constant)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor

@@ -1,0 +1,134 @@
+"""One rule from file to model input: eval, predict and the Predictor agree; the memory estimate is
+what is held; streamed and in-memory folders train alike whatever the images' size."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import SHARED_CIFAR, link_subset, needs_cifar, run_cli
+from transferkit import TrainConfig, train
+from transferkit.data.preprocess import Preprocessing
+from transferkit.data.sources import load_source
+from transferkit.engine import evaluate
+from transferkit.predict import Predictor
+
+skimage_data = pytest.importorskip("skimage.data", reason="scikit-image not installed")
+PHOTOS = {"cat": skimage_data.chelsea(), "cup": skimage_data.coffee()}
+
+
+def _crops(photo: np.ndarray, sizes: list[tuple[int, int]], seed: int) -> list[Image.Image]:
+    """Crops of a real photo at random places, resized to each (width, height)."""
+    rng = np.random.default_rng(seed)
+    h, w = photo.shape[:2]
+    out = []
+    for width, height in sizes:
+        side = int(rng.integers(min(h, w) // 3, min(h, w)))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((width, height), Image.BILINEAR)
+        out.append(crop)
+    return out
+
+
+def _folder(root, sizes: list[tuple[int, int]], seed: int = 0):
+    for c, photo in PHOTOS.items():
+        (root / c).mkdir(parents=True)
+        for i, img in enumerate(_crops(photo, sizes, seed)):
+            img.save(root / c / f"{i}_{img.width}x{img.height}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_28px(tmp_path_factory):
+    """A run trained on 28x28 images (as Fashion-MNIST's) at 64 px, in fp32."""
+    root = tmp_path_factory.mktemp("p28")
+    _folder(root / "train", [(28, 28)] * 12)
+    result = train(TrainConfig.create(data=str(root), model="resnet18", weights="none", image_size=64, epochs=1,
+                                      batch_size=8, val_split=0.25, precision="fp32", workers=1,
+                                      out=str(root.parent / "run28")))
+    return result.out_dir
+
+
+MIXED = [(16, 16), (28, 28), (40, 40), (64, 64), (100, 100), (50, 30), (30, 70)]  # smaller, equal, larger, odd
+
+
+@pytest.mark.parametrize("sizes", [MIXED, [(32, 32)] * 3], ids=["mixed sizes", "all 32x32"])
+def test_eval_predict_and_the_predictor_prepare_a_file_alike(run_28px, tmp_path, sizes):
+    data = _folder(tmp_path / "data" / "test", sizes, seed=1).parent
+    files = sorted(str(p) for p in data.rglob("*.png"))
+    proc = run_cli("predict", run_28px, data, "--topk", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    cli = {r["file"]: {t["class"]: t["prob"] for t in r["top"]} for r in json.loads(proc.stdout)["predictions"]}
+    predictor = Predictor.from_run(run_28px, device="cpu")
+    api = {f: dict(top) for f, top in zip(files, predictor.predict(files, topk=2))}
+    # What eval computes: the folder loaded as a split by the run's preprocessing, run in batches.
+    split = load_source(str(data), preprocessing=predictor.preprocessing, splits=("test",)).test
+    logits, labels = evaluate(predictor.model, split, predictor.preprocessing.to_input, batch_size=4,
+                              device=torch.device("cpu"), precision="fp32")
+    ordered = sorted(files, key=lambda f: (f.split("/")[-2], f))  # the split's order: by class, then name
+    on_eval = {f: dict(zip(predictor.classes, p)) for f, p in zip(ordered, logits.softmax(1).tolist())}
+    for f in files:
+        for c in predictor.classes:
+            assert cli[f][c] == pytest.approx(api[f][c], abs=1e-5), f
+            assert on_eval[f][c] == pytest.approx(api[f][c], abs=1e-5), f
+    # And `eval` itself counts what `predict` answers.
+    proc = run_cli("eval", run_28px, "--data", data, "--json")
+    assert proc.returncode == 0, proc.stderr
+    confusion = [[0, 0], [0, 0]]
+    for f in files:
+        confusion[predictor.classes.index(f.split("/")[-2])][predictor.classes.index(max(cli[f], key=cli[f].get))] += 1
+    assert json.loads(proc.stdout)["confusion"] == confusion
+
+
+@pytest.mark.parametrize("sizes", [[(32, 32)] * 10, [(300, 200), (120, 160), (250, 250)] * 3],
+                         ids=["small images", "large images"])
+def test_the_memory_estimate_is_what_the_decoded_images_take(tmp_path, sizes, monkeypatch, caplog):
+    from transferkit import runtime
+
+    _folder(tmp_path / "d", sizes)
+    pre = Preprocessing(224, 256)
+    src = load_source(str(tmp_path / "d"), preprocessing=pre, splits=("train",), stream="never", use_cache=False)
+    held = src.train.images.nbytes
+    assert abs(src.stored_bytes - held) <= 0.05 * held, (src.stored_bytes, held)
+    # With room for 1.5x what they take, the default keeps them in memory and says so.
+    monkeypatch.setattr(runtime, "memory_bytes", lambda: int(4 * 1.5 * held))
+    caplog.set_level(logging.INFO, "transferkit")
+    auto = load_source(str(tmp_path / "d"), preprocessing=pre, splits=("train",), use_cache=False)
+    assert not auto.train.streamed and "kept in memory" in caplog.text
+    monkeypatch.setattr(runtime, "memory_bytes", lambda: int(4 * 0.5 * held))
+    assert load_source(str(tmp_path / "d"), preprocessing=pre, splits=("train",), use_cache=False).train.streamed
+
+
+def _same_weights(a, b):
+    wa, wb = load_file(a.out_dir / "model.safetensors"), load_file(b.out_dir / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a.accuracy == b.accuracy
+
+
+@needs_cifar
+def test_streamed_and_in_memory_train_alike_with_small_images_upsampled(tmp_path):
+    data = tmp_path / "c"
+    link_subset(SHARED_CIFAR / "train", data / "train", 10, ["cat", "ship"])
+    link_subset(SHARED_CIFAR / "test", data / "test", 4, ["cat", "ship"])
+    kw = dict(data=str(data), model="resnet18", weights="none", image_size=64, epochs=2, batch_size=8,
+              val_split=0.25, precision="fp32", workers=1)
+    in_memory = train(TrainConfig.create(**kw, stream="never", out=str(tmp_path / "m")))
+    streamed = train(TrainConfig.create(**kw, stream="always", out=str(tmp_path / "s")))
+    assert "stored at 32x32" in streamed.measured_on  # kept small, upsampled per batch
+    _same_weights(in_memory, streamed)
+
+
+def test_streamed_and_in_memory_train_alike_with_large_images_shrunk(tmp_path):
+    _folder(tmp_path / "p", [(120, 90), (90, 120), (100, 100), (64, 48)] * 3)
+    kw = dict(data=str(tmp_path / "p"), model="resnet18", weights="none", image_size=32, epochs=2, batch_size=8,
+              val_split=0.25, precision="fp32", workers=1)
+    in_memory = train(TrainConfig.create(**kw, stream="never", out=str(tmp_path / "m")))
+    streamed = train(TrainConfig.create(**kw, stream="always", out=str(tmp_path / "s")))
+    assert "stored at 32x32" in streamed.measured_on
+    _same_weights(in_memory, streamed)
