@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 import torchvision
-from tqdm import tqdm
 
 from . import __version__
 from .checkpoint import ModelCard, load_model_state, read_card, save_last, save_model
@@ -31,7 +30,7 @@ from .engine import StepSetup, eval_batch_for, evaluate, micro_batch_for, steps_
 from .errors import Interrupted, TransferkitError
 from .features import Stage, activations_fit, cached_stage, supports_feature_cache
 from .files import atomic_write
-from .logs import run_logging
+from .logs import EpochProgress, run_logging
 from .models import (
     Backbone,
     check_input_size,
@@ -252,10 +251,8 @@ def _epochs(cfg: TrainConfig, out: Path, state: TrainState, stage: Stage, card: 
             logits, labels = evaluate(runner, stage.val, stage.eval_tf, batch_size=stage.eval_batch, device=device,
                                       precision=precision, dist=dist, workers=cfg.workers)
             val_acc = (logits.argmax(1) == labels).double().mean().item()
-        loss, correct, seen = tally.totals(dist)
-        row = {"epoch": epoch, "train_loss": loss / seen, "train_acc": correct / seen, "val_acc": val_acc,
-               "lr": state.optimizer.param_groups[0]["lr"], "seconds": tally.seconds,
-               "img_per_s": seen / max(tally.seconds, 1e-9), "backbone_frozen": frozen}
+        row = {"epoch": epoch, **tally.summary(dist), "val_acc": val_acc, "lr": state.optimizer.param_groups[0]["lr"],
+               "backbone_frozen": frozen}
         best = state.record(row)
         log.info("epoch %d/%d  train_loss %.3f  val_acc %s  lr %.1e  %.0f s  %.0f img/s", epoch, cfg.epochs,
                  row["train_loss"], "-" if val_acc is None else f"{100 * val_acc:.2f}%", row["lr"], row["seconds"],
@@ -276,22 +273,15 @@ def _train_epoch(cfg: TrainConfig, out: Path, state: TrainState, model: torch.nn
     """One epoch's steps (from a resumed position); a checkpoint when due, at a stop, or every N steps."""
     start = state.step or 0
     tally = Tally.from_state_dict(state.running if dist.main and start else None)  # sums over all ranks
-    seen_before, last_save, lr = tally.images, time.monotonic(), 0.0
-    bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
-               disable=True if not dist.main else None)
+    progress = EpochProgress(f"epoch {epoch}/{cfg.epochs}", steps, start, show=dist.main,
+                             log_every=cfg.log_every, world=dist.world)
+    last_save, lr = time.monotonic(), 0.0
     for fig in train_one_epoch(model, state.optimizer, state.scheduler, loader, setup, state.augment, start):
         tally.add(fig.loss, fig.correct, fig.images)
         state.steps_taken += 1
         lr = state.optimizer.param_groups[0]["lr"]
-        bar.update()
-        logged = cfg.log_every and fig.step % cfg.log_every == 0
-        if fig.step % 20 == 0 or logged:
+        if progress.step(fig.step, fig.loss, fig.images, tally):  # every 20 steps, or --log-every
             tally.check_finite(dist, fig.step, lr)
-            rate = dist.world * (tally.images - seen_before) / (time.perf_counter() - tally.started)
-            bar.set_postfix(loss=f"{fig.loss.item() / max(fig.images, 1):.3f}", img_s=f"{rate:.0f}")
-            if logged:
-                log.info("[epoch %d/%d, batch %5d] loss: %.3f", epoch, cfg.epochs, fig.step,
-                         tally.loss.item() / max(tally.images, 1))
         due = (cfg.checkpoint_every and fig.step % cfg.checkpoint_every == 0) or (
             time.monotonic() - last_save > 60 * CHECKPOINT_MINUTES)
         # Every process takes the same decision: a checkpoint's sums are collected from all.
@@ -305,7 +295,7 @@ def _train_epoch(cfg: TrainConfig, out: Path, state: TrainState, model: torch.nn
             if stopping:
                 raise Interrupted(f"interrupted at epoch {epoch}, step {fig.step}/{steps}; checkpoint saved. "
                                   f"Resume with: {resume_command(out, dist)}", dist.main)
-    bar.close()
+    progress.close()
     tally.check_finite(dist, steps, lr)
     return tally
 

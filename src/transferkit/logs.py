@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
 
 LOGGER = "transferkit"
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -35,3 +41,30 @@ def run_logging(quiet: bool) -> Iterator[Callable[[Path], None]]:
                 h.close()
         logger.handlers[:] = handlers
         logger.setLevel(level)
+
+
+class EpochProgress:
+    """One progress bar per epoch (on rank 0) with the loss and speed, and the running loss in the
+    log every `log_every` steps (as the classic tutorial prints it every 100 batches)."""
+
+    def __init__(self, desc: str, total: int, start: int, *, show: bool, log_every: int, world: int) -> None:
+        self.bar = tqdm(total=total, initial=start, desc=desc, unit="batch", leave=False,
+                        disable=True if not show else None)
+        self.desc, self.log_every, self.world = desc, log_every, world
+        self.images, self.started = 0, time.perf_counter()
+
+    def step(self, step: int, loss: torch.Tensor, images: int, running: Any) -> bool:
+        """Count a step; every 20 steps (and every `log_every`) show the figures and return True."""
+        self.bar.update()
+        self.images += images
+        logged = bool(self.log_every) and step % self.log_every == 0
+        if step % 20 and not logged:
+            return False
+        rate = self.world * self.images / (time.perf_counter() - self.started)
+        self.bar.set_postfix(loss=f"{loss.item() / max(images, 1):.3f}", img_s=f"{rate:.0f}")
+        if logged:
+            log.info("[%s, batch %5d] loss: %.3f", self.desc, step, running.loss.item() / max(running.images, 1))
+        return True
+
+    def close(self) -> None:
+        self.bar.close()

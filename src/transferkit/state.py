@@ -40,6 +40,12 @@ class Tally:
         s, c, n = dist.sum(self.loss, self.correct, self.images)
         return s.item(), int(c), int(n)
 
+    def summary(self, dist: Dist) -> dict[str, float]:
+        """The epoch's train loss and accuracy over all processes, its seconds and images per second."""
+        loss, correct, seen = self.totals(dist)
+        return {"train_loss": loss / seen, "train_acc": correct / seen, "seconds": self.seconds,
+                "img_per_s": seen / max(self.seconds, 1e-9)}
+
     def check_finite(self, dist: Dist, step: int, lr: float) -> None:
         """Stop every process together when the loss became NaN or infinite."""
         mine = not torch.isfinite(self.loss).all()
