@@ -22,10 +22,10 @@ import torchvision
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from transferkit import TrainConfig
-from transferkit.data.sources import Storage, load_source
-from transferkit.data.transforms import BatchTransform, batches
-from transferkit.engine import micro_batch_for, train_one_epoch
+from transferkit.data.preprocess import Preprocessing
+from transferkit.data.sources import load_source
+from transferkit.data.transforms import TrainTransform, batches
+from transferkit.engine import StepSetup, micro_batch_for, train_one_epoch
 from transferkit.runtime import resolve_precision
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "train"
@@ -66,23 +66,25 @@ def transferkit_pipeline(arch: str, size: int, steps: int, batch: int, count: in
     """transferkit's own training step (engine.train_one_epoch), as `transferkit train` runs it."""
     device = torch.device("cpu")
     precision = resolve_precision("auto", device)
-    src = load_source(str(DATA.parent), storage=Storage(size, round(size / 0.875)), splits=("train",),
-                      max_train_images=count)
-    tf = BatchTransform(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), train=True, channels_last=True)
+    pre = Preprocessing(size, round(size / 0.875))
+    src = load_source(str(DATA.parent), preprocessing=pre, splits=("train",), max_train_images=count)
+    setup = StepSetup(TrainTransform(pre, channels_last=True), device, precision, micro)
     model = torchvision.models.get_model(arch, num_classes=10).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     gen = torch.Generator().manual_seed(0)
     order = torch.randperm(len(src.train), generator=gen)
 
-    def run(first: int, n: int) -> dict:
+    def run(first: int, n: int) -> float:
+        """Images per second over n steps."""
         part = order[first * batch:(first + n) * batch]
-        return train_one_epoch(model, batches(src.train, batch, order=part, drop_last=True), tf, opt, sched,
-                               device=device, precision=precision, generator=gen, micro_batch=micro)
+        start = time.perf_counter()
+        images = sum(f.images for f in train_one_epoch(model, opt, sched, batches(src.train, batch, order=part,
+                                                                                  drop_last=True), setup, gen))
+        return images / (time.perf_counter() - start)
 
     run(0, 2)  # warm-up
-    stats = run(2, steps)
-    return stats["images"] / stats["seconds"], precision
+    return run(2, steps), precision
 
 
 def main() -> None:
@@ -101,7 +103,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; {args.steps} steps of batch {args.batch_size} at {args.size} px")
     for arch in args.models:
         a = classic(arch, args.size, args.steps, args.batch_size, subset)
-        micro = micro_batch_for(TrainConfig(micro_batch=args.micro_batch), torch.device("cpu"), args.size)
+        micro = micro_batch_for(args.micro_batch, torch.device("cpu"), args.size)
         b, precision = transferkit_pipeline(arch, args.size, args.steps, args.batch_size, count, micro)
         passes = f", passes of {micro}" if micro and micro < args.batch_size else ""
         print(f"{arch:<14} classic {a:6.1f} img/s   transferkit ({precision}{passes}) {b:6.1f} img/s   "

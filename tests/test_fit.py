@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,11 @@ def test_config_file_with_flag_overrides(tiny, tmp_path):
                     f"epochs: 1\nval_split: 0.25\nbatch_size: 8\nout: {tmp_path / 'run'}\n")
     cfg = TrainConfig.from_yaml(path, strategy="linear")
     assert cfg.lr == 0.001 and cfg.strategy == "linear"
+    logger = logging.getLogger("transferkit")
+    before = (logger.level, list(logger.handlers))
     result = train(cfg)
+    assert (logger.level, list(logger.handlers)) == before  # a library call leaves the logger as it found it
+    assert "epoch 1/1" in (result.out_dir / "train.log").read_text()
     saved = TrainConfig.from_yaml(result.out_dir / "config.yaml")
     assert saved == cfg
     assert 0 <= result.accuracy <= 1 and result.metrics["images"] == 18

@@ -10,11 +10,13 @@ import dataclasses
 import hashlib
 import io
 import json
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision
 from safetensors.torch import load_file, save
 
 from .data.preprocess import Preprocessing
@@ -43,7 +45,7 @@ class ModelCard:
     data: str = ""  # the data set it was trained on
     strategy: str = ""
     precision: str = "fp32"  # what it trained in; a run trained in fp32 is evaluated in fp32
-    versions: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=lambda: current_versions())
     best_epoch: int | None = None
     val_acc: float | None = None
     epochs_trained: int | None = None
@@ -67,6 +69,14 @@ class ModelCard:
         d = json.loads(text)
         names = {f.name for f in dataclasses.fields(cls)} - {"preprocessing"}
         return cls(**{k: v for k, v in d.items() if k in names}, preprocessing=Preprocessing.from_dict(d))
+
+
+def current_versions() -> dict[str, str]:
+    """The versions a model card records: transferkit, torch, torchvision, Python."""
+    from . import __version__
+
+    return {"transferkit": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version()}
 
 
 def save_model(run_dir: Path, model: torch.nn.Module, card: ModelCard) -> ModelCard:

@@ -170,3 +170,17 @@ def steps_per_epoch(images: int, batch_size: int, dist: Dist) -> tuple[int, bool
             "(two images each); add images or use fewer processes"
         )
     return steps, drop_last
+
+
+def smaller_passes(micro: int | None, batch_size: int, image_size: int, retry: bool, device: torch.device) -> int:
+    """After running out of memory: half the images per pass (the batch, and so the step, stay the same),
+    or a clear error when a retry is not allowed or one image per pass did not fit."""
+    now = min(micro or batch_size, batch_size)
+    if not retry or now < 2:
+        raise TransferkitError(
+            f"out of memory in passes of {now} image(s) at {image_size} px"
+            + ("" if now < 2 else " after the first steps")
+            + "; lower --image-size, or use --strategy linear or --trainable-blocks K (less to train)")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return now // 2

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import logging
-import platform
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 
-from . import __version__
+from . import engine
 from .checkpoint import ModelCard, load_model_state, read_card, save_last, save_model
 from .config import TrainConfig
 from .data.preprocess import Preprocessing, resolve_preprocessing
 from .data.sources import (
     DataSource,
-    Split,
     check_data_arg,
     inverse_frequency,
     load_source,
@@ -26,7 +23,6 @@ from .data.sources import (
     warn_imbalance,
 )
 from .data.transforms import EvalTransform, TrainTransform, batches
-from .engine import StepSetup, eval_batch_for, evaluate, micro_batch_for, steps_per_epoch, train_one_epoch
 from .errors import Interrupted, TransferkitError
 from .features import Stage, activations_fit, cached_stage, supports_feature_cache
 from .files import atomic_write
@@ -40,17 +36,16 @@ from .models import (
     replace_head,
     set_trainable,
 )
-from .report import classification_metrics, measured_on, write_metrics, write_report
+from .report import RunResult, classification_metrics, measured_on, write_metrics, write_report
 from .runfolder import resume_command, settings_of, start_run
 from .runtime import (
     Dist,
     StopFlag,
     check_world,
+    distributed,
     rank_seed,
     resolve_precision,
     seed_everything,
-    start_distributed,
-    stop_distributed,
     stop_on_signals,
 )
 from .state import Tally, TrainState, new_state
@@ -58,22 +53,6 @@ from .state import Tally, TrainState, new_state
 log = logging.getLogger(__name__)
 
 CHECKPOINT_MINUTES = 5  # mid-epoch checkpoints at least this often, besides --checkpoint-every
-
-
-@dataclass
-class RunResult:
-    """What a finished run measured and where it wrote it."""
-
-    out_dir: Path
-    metrics: dict[str, Any]  # on the test split (or val when the data has no test split)
-    measured_on: str
-    history: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
-    main: bool = True  # this process speaks for the job (rank 0 under torchrun)
-
-    @property
-    def accuracy(self) -> float:
-        return self.metrics["accuracy"]
 
 
 def train(config: TrainConfig | None = None, *, resume: str | Path | None = None,
@@ -85,16 +64,11 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     """
     started = time.perf_counter()
     cfg = settings_of(config, resume, settings)
-    dist, device = start_distributed(cfg.device)
-    try:
-        with run_logging(quiet=not dist.main) as log_to_file:
-            run = start_run(cfg, resume, overwrite, dist)
-            out = Path(run.out)
-            if dist.main:
-                log_to_file(out / "train.log")
-            result = _run(run.cfg, out, run.saved, dist, device)
-    finally:
-        stop_distributed(dist)
+    with distributed(cfg.device) as (dist, device), run_logging(quiet=not dist.main) as log_to_file:
+        run = start_run(cfg, resume, overwrite, dist)
+        if dist.main:
+            log_to_file(Path(run.out) / "train.log")
+        result = _run(run.cfg, Path(run.out), run.saved, dist, device)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -116,8 +90,7 @@ def _run(cfg: TrainConfig, out: Path, saved: dict[str, Any] | None, dist: Dist, 
         pre = resolve_preprocessing(image_size=cfg.image_size, mean=cfg.mean, std=cfg.std, weights=bb.preprocessing)
         check_input_size(bb, pre.image_size)
         frozen_blocks = frozen_prefix(bb.model, bb.head, cfg.trainable_blocks) if cfg.trainable_blocks else []
-        log.info("model %s, weights %s, input %dpx, mean %s std %s", cfg.model, bb.weights, pre.image_size,
-                 _fmt(pre.mean), _fmt(pre.std))
+        log.info("model %s, weights %s, input %dpx, %s", cfg.model, bb.weights, pre.image_size, pre.normalization)
         data = _load_data(cfg, pre, out, dist)
     card = _classifier(cfg, bb, pre, data.classes, precision, dist, device)
     stage = _plan_stage(cfg, bb, pre, frozen_blocks, data, precision, dist, device)
@@ -137,7 +110,7 @@ def _load_data(cfg: TrainConfig, pre: Preprocessing, out: Path, dist: Dist) -> D
         atomic_write(out / "skipped.txt", "".join(f"{p}\t{r}\n" for p, r in src.skipped))
         log.warning("%d unreadable files skipped; list in %s", len(src.skipped), out / "skipped.txt")
     log.info("data %s: %d classes; train %s; val %s; test %s", cfg.data, len(src.classes),
-             *(_describe(s) for s in (src.train, src.val, src.test)))
+             *("none" if s is None else s.description for s in (src.train, src.val, src.test)))
     warn_imbalance(torch.bincount(src.train.labels, minlength=len(src.classes)), src.classes, cfg.class_weights)
     return src
 
@@ -153,20 +126,18 @@ def _classifier(cfg: TrainConfig, bb: Backbone, pre: Preprocessing, classes: lis
     bb.model.to(device)
     if cfg.channels_last:
         bb.model.to(memory_format=torch.channels_last)
-    versions = {"transferkit": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-                "python": platform.python_version()}
     return ModelCard(cfg.model, bb.head, classes, pre, bb.build_kwargs, bb.weights, cfg.data, cfg.strategy,
-                     precision, versions)
+                     precision)
 
 
 def _plan_stage(cfg: TrainConfig, bb: Backbone, pre: Preprocessing, frozen_blocks: list[str], data: DataSource,
                 precision: str, dist: Dist, device: torch.device) -> Stage:
     """The whole network on images, or (a frozen backbone, or frozen first blocks) the rest on cached features."""
-    micro = micro_batch_for(cfg.micro_batch, device, pre.image_size)
+    micro = engine.micro_batch_for(cfg.micro_batch, device, pre.image_size)
     train_tf = TrainTransform(pre, augment=cfg.augment, flip=cfg.flip, scale=(cfg.crop_scale, 1.0),
                               channels_last=cfg.channels_last)
     stage = Stage(bb.model, data.train, data.val, data.test, train_tf, EvalTransform(pre, cfg.channels_last),
-                  micro, eval_batch_for(cfg.batch_size, dist, micro))
+                  micro, engine.eval_batch_for(cfg.batch_size, dist, micro))
     linear = cfg.strategy == "linear" and cfg.feature_cache and supports_feature_cache(bb.model, bb.head)
     images = sum(len(s) for s in (data.train, data.val, data.test) if s is not None)
     trunk = bool(frozen_blocks) and cfg.feature_cache and activations_fit(bb.model, frozen_blocks[-1],
@@ -176,7 +147,7 @@ def _plan_stage(cfg: TrainConfig, bb: Backbone, pre: Preprocessing, frozen_block
     key = {"arch": cfg.model, "weights": bb.weights, "build": bb.build_kwargs, "preprocessing": pre.to_dict()}
     stage = cached_stage(stage, bb.model, bb.head, [] if linear else frozen_blocks, key, device=device,
                          precision=precision, use_cache=cfg.cache, dist=dist, workers=cfg.workers,
-                         eval_batch=eval_batch_for(cfg.batch_size, dist, None))
+                         eval_batch=engine.eval_batch_for(cfg.batch_size, dist, None))
     if not linear:
         log.info("training the last %d blocks on cached activations of %s (one un-augmented view)",
                  cfg.trainable_blocks, frozen_blocks[-1])
@@ -190,7 +161,7 @@ def _train_retrying(cfg: TrainConfig, out: Path, model: torch.nn.Module, stage: 
     (the optimizer step, and so the training, stay what was asked for)."""
     initial = None if saved is not None else {k: v.detach().clone() for k, v in model.state_dict().items()}
     while True:
-        steps, drop_last = steps_per_epoch(len(stage.train), cfg.batch_size, dist)
+        steps, drop_last = engine.steps_per_epoch(len(stage.train), cfg.batch_size, dist)
         state = new_state(model, param_groups(model, card.head, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay),
                           optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, schedule=cfg.schedule,
                           steps=steps * cfg.epochs, warmup_steps=round(cfg.warmup_epochs * steps), seed=cfg.seed,
@@ -204,20 +175,12 @@ def _train_retrying(cfg: TrainConfig, out: Path, model: torch.nn.Module, stage: 
                 _epochs(cfg, out, state, stage, card, frozen_blocks, steps, drop_last, dist, device, precision, stop)
             return state, cfg
         except torch.OutOfMemoryError:
-            share = -(-cfg.batch_size // dist.world)
-            now = min(stage.micro or share, share)
-            if initial is None or state.steps_taken > 10 or dist.on or now < 2:
-                raise TransferkitError(
-                    f"out of memory in passes of {now} image(s) at {card.preprocessing.image_size} px"
-                    + ("" if now < 2 else " after the first steps")
-                    + "; lower --image-size, or use --strategy linear or --trainable-blocks K (less to train)"
-                ) from None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            cfg = cfg.replace(micro_batch=now // 2)
-            stage = replace(stage, micro=now // 2, eval_batch=eval_batch_for(cfg.batch_size, dist, now // 2))
+            retry = initial is not None and state.steps_taken <= 10 and not dist.on  # a fresh run's first steps
+            micro = engine.smaller_passes(stage.micro, cfg.batch_size, card.preprocessing.image_size, retry, device)
+            cfg = cfg.replace(micro_batch=micro)
+            stage = replace(stage, micro=micro, eval_batch=engine.eval_batch_for(cfg.batch_size, dist, micro))
             log.warning("out of memory: retrying from the start in passes of %d images (batch %d and lr unchanged; "
-                        "recorded in %s)", now // 2, cfg.batch_size, out / "config.yaml")
+                        "recorded in %s)", micro, cfg.batch_size, out / "config.yaml")
             atomic_write(out / "config.yaml", cfg.to_yaml())
             model.load_state_dict(initial)
 
@@ -232,7 +195,7 @@ def _epochs(cfg: TrainConfig, out: Path, state: TrainState, stage: Stage, card: 
     log.info("training %d epochs x %d steps, batch %d%s, %s, %s on %s", cfg.epochs, steps, cfg.batch_size,
              passes, cfg.strategy, precision, device)
     weights = None if cfg.class_weights == "none" else inverse_frequency(stage.train.labels, card.num_classes)
-    setup = StepSetup(stage.train_tf, device, precision, stage.micro, cfg.label_smoothing,
+    setup = engine.StepSetup(stage.train_tf, device, precision, stage.micro, cfg.label_smoothing,
                       None if weights is None else weights.to(device), cfg.batchnorm, dist)
     runner = torch.compile(stage.runner) if cfg.compile else stage.runner
     wrapped, trains = None, None
@@ -248,8 +211,8 @@ def _epochs(cfg: TrainConfig, out: Path, state: TrainState, stage: Stage, card: 
         dist.sync_buffers(stage.runner)  # each process's last step moved its own statistics
         val_acc = None
         if stage.val is not None:
-            logits, labels = evaluate(runner, stage.val, stage.eval_tf, batch_size=stage.eval_batch, device=device,
-                                      precision=precision, dist=dist, workers=cfg.workers)
+            logits, labels = engine.evaluate(runner, stage.val, stage.eval_tf, batch_size=stage.eval_batch,
+                                             device=device, precision=precision, dist=dist, workers=cfg.workers)
             val_acc = (logits.argmax(1) == labels).double().mean().item()
         row = {"epoch": epoch, **tally.summary(dist), "val_acc": val_acc, "lr": state.optimizer.param_groups[0]["lr"],
                "backbone_frozen": frozen}
@@ -268,15 +231,16 @@ def _epochs(cfg: TrainConfig, out: Path, state: TrainState, stage: Stage, card: 
                               f"Resume with: {resume_command(out, dist)}", dist.main)
 
 
-def _train_epoch(cfg: TrainConfig, out: Path, state: TrainState, model: torch.nn.Module, loader, setup: StepSetup,
-                 epoch: int, order: torch.Tensor, steps: int, dist: Dist, stop: StopFlag) -> Tally:
+def _train_epoch(cfg: TrainConfig, out: Path, state: TrainState, model: torch.nn.Module, loader,
+                 setup: engine.StepSetup, epoch: int, order: torch.Tensor, steps: int, dist: Dist,
+                 stop: StopFlag) -> Tally:
     """One epoch's steps (from a resumed position); a checkpoint when due, at a stop, or every N steps."""
     start = state.step or 0
     tally = Tally.from_state_dict(state.running if dist.main and start else None)  # sums over all ranks
     progress = EpochProgress(f"epoch {epoch}/{cfg.epochs}", steps, start, show=dist.main,
                              log_every=cfg.log_every, world=dist.world)
     last_save, lr = time.monotonic(), 0.0
-    for fig in train_one_epoch(model, state.optimizer, state.scheduler, loader, setup, state.augment, start):
+    for fig in engine.train_one_epoch(model, state.optimizer, state.scheduler, loader, setup, state.augment, start):
         tally.add(fig.loss, fig.correct, fig.images)
         state.steps_taken += 1
         lr = state.optimizer.param_groups[0]["lr"]
@@ -308,11 +272,11 @@ def _final_evaluation(cfg: TrainConfig, out: Path, state: TrainState, stage: Sta
     final, cached = (data.test, stage.test) if data.test is not None else (data.val, stage.val)
     run = dict(device=device, precision=precision, tta=cfg.tta, dist=dist, workers=cfg.workers)
     if cfg.tta and stage.cached:  # cached features hold one view: the mirror image needs the whole model
-        micro = micro_batch_for(cfg.micro_batch, device, card.preprocessing.image_size)
-        logits, labels = evaluate(state.model, final, EvalTransform(card.preprocessing, cfg.channels_last),
-                                  batch_size=eval_batch_for(cfg.batch_size, dist, micro), **run)
+        micro = engine.micro_batch_for(cfg.micro_batch, device, card.preprocessing.image_size)
+        logits, labels = engine.evaluate(state.model, final, EvalTransform(card.preprocessing, cfg.channels_last),
+                                         batch_size=engine.eval_batch_for(cfg.batch_size, dist, micro), **run)
     else:
-        logits, labels = evaluate(stage.runner, cached, stage.eval_tf, batch_size=stage.eval_batch, **run)
+        logits, labels = engine.evaluate(stage.runner, cached, stage.eval_tf, batch_size=stage.eval_batch, **run)
     metrics = classification_metrics(logits, labels, data.classes)
     size = card.preprocessing.image_size
     note = "" if data.test is not None else "no test split: the validation split, also used for model selection"
@@ -336,14 +300,6 @@ def _setup(cfg: TrainConfig, card: ModelCard, state: TrainState, data: DataSourc
         "batch size": cfg.batch_size if not dist.on else f"{cfg.batch_size} ({dist.world} processes)",
         "precision": f"{card.precision} on {device}",
         "test-time augmentation": "mirror image (--tta)" if cfg.tta else "none",
-        "normalization": f"mean {_fmt(card.preprocessing.mean)} std {_fmt(card.preprocessing.std)}",
+        "normalization": card.preprocessing.normalization,
         "recipe": cfg.recipe or "defaults",
     }
-
-
-def _describe(split: Split | None) -> str:
-    return "none" if split is None else f"{len(split):,} images at {split.resolution}"
-
-
-def _fmt(values) -> str:
-    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"

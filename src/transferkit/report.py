@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .files import atomic_write
+
+
+@dataclass
+class RunResult:
+    """What a finished run measured and where it wrote it (what `train` returns)."""
+
+    out_dir: Path
+    metrics: dict[str, Any]  # on the test split (or val when the data has no test split)
+    measured_on: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    main: bool = True  # this process speaks for the job (rank 0 under torchrun)
+
+    @property
+    def accuracy(self) -> float:
+        return self.metrics["accuracy"]
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:

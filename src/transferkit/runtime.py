@@ -286,3 +286,13 @@ def check_world(dist: Dist, device: torch.device, batch_size: int, batchnorm: st
 def stop_distributed(dist: Dist) -> None:
     if dist.started_here and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(device_spec: str) -> Iterator[tuple[Dist, torch.device]]:
+    """This process's place in the torchrun job (if any) and its device, for the time of the block."""
+    dist, device = start_distributed(device_spec)
+    try:
+        yield dist, device
+    finally:
+        stop_distributed(dist)

@@ -40,6 +40,11 @@ class Preprocessing:
     def crop_ratio(self) -> float:
         return self.image_size / self.resize_size
 
+    @property
+    def normalization(self) -> str:
+        fmt = ", ".join
+        return f"mean ({fmt(f'{v:.3f}' for v in self.mean)}) std ({fmt(f'{v:.3f}' for v in self.std)})"
+
     def keeps(self, width: int, height: int) -> bool:
         """Whether an image of this size is stored at its own size (a small square)."""
         return width == height <= self.image_size

@@ -37,6 +37,10 @@ class Split:
         return f"{self.images.shape[-1]}x{self.images.shape[-2]}"
 
     @property
+    def description(self) -> str:
+        return f"{len(self):,} images at {self.resolution}"
+
+    @property
     def streamed(self) -> bool:
         return not isinstance(self.images, torch.Tensor)
 
