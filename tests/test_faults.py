@@ -204,7 +204,7 @@ def test_out_of_memory_in_the_first_steps_retries_in_smaller_passes_of_the_same_
     assert result.metrics["images"] == 18
 
     most["images"] = 0  # not even one image fits: a clear error, not a loop
-    with pytest.raises(TransferkitError, match=r"out of memory in passes of 1 image\(s\) at 32 px; lower --image-size"):
+    with pytest.raises(TransferkitError, match=r"out of memory in passes of 1 image\(s\) at 32 px; lower"):
         train(cfg.replace(out=str(tmp_path / "run2")))
 
 

@@ -66,7 +66,7 @@ class ModelCard:
 
     @classmethod
     def from_json(cls, text: str) -> ModelCard:
-        d = json.loads(text)
+        d = {"versions": {}, **json.loads(text)}  # not today's versions for a file that names none
         names = {f.name for f in dataclasses.fields(cls)} - {"preprocessing"}
         return cls(**{k: v for k, v in d.items() if k in names}, preprocessing=Preprocessing.from_dict(d))
 

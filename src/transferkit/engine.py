@@ -34,9 +34,12 @@ class StepSetup:
     precision: str = "fp32"
     micro_batch: int | None = None  # images per forward/backward pass (None: the whole share at once)
     label_smoothing: float = 0.0
-    class_weights: torch.Tensor | None = None
+    class_weights: torch.Tensor | None = None  # on the device
     batchnorm: str = "train"
     dist: Dist = SINGLE
+
+    def __post_init__(self) -> None:  # the weights once on the cpu too, to weigh each batch's labels there
+        object.__setattr__(self, "_cpu_weights", None if self.class_weights is None else self.class_weights.cpu())
 
 
 @dataclass
@@ -59,7 +62,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, im
     own rows, so neither the crops nor the step depend on how the batch is split.
     """
     n, d = labels.shape[0], s.dist
-    norm = float(n) if s.class_weights is None else s.class_weights.cpu()[labels].sum().item()
+    norm = float(n) if s.class_weights is None else s._cpu_weights[labels].sum().item()
     passes = micro_batches(d.shard(n), s.micro_batch, -(-n // d.world))
     fork = generator.get_state() if generator is not None and len(passes) > 1 else None
     optimizer.zero_grad(set_to_none=True)
@@ -108,14 +111,16 @@ def micro_batches(rows: slice, size: int | None, largest: int | None = None) -> 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, transform: Transform, *, batch_size: int, device: torch.device,
              precision: str, tta: bool = False, dist: Dist = SINGLE, workers: int = 0,
-             desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             desc: str | None = None, show: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 logits (on the cpu) and labels of a whole split, in eval mode; `tta`: mirror test-time
-    augmentation. Under torchrun each process runs a share and every process gets all rows."""
+    augmentation. Under torchrun each process runs a share and every process gets all rows; rank 0
+    alone shows a progress bar (`show` overrides)."""
+    show = dist.main if show is None else show
     def run(part: Split) -> tuple[torch.Tensor, torch.Tensor]:
         model.eval()
         out, ys = [], []
         for images, labels in tqdm(split_batches(part, batch_size, workers=workers), desc=desc or split.name,
-                                   unit="batch", leave=False, disable=True if not dist.main else None):
+                                   unit="batch", leave=False, disable=True if not show else None):
             x = transform(images.to(device, non_blocking=True))
             out.append(infer(model, x, device=device, precision=precision, tta=tta).cpu())
             ys.append(labels)
@@ -172,15 +177,16 @@ def steps_per_epoch(images: int, batch_size: int, dist: Dist) -> tuple[int, bool
     return steps, drop_last
 
 
-def smaller_passes(micro: int | None, batch_size: int, image_size: int, retry: bool, device: torch.device) -> int:
+def smaller_passes(micro: int | None, batch_size: int, image_size: int, no_retry: str | None,
+                   device: torch.device) -> int:
     """After running out of memory: half the images per pass (the batch, and so the step, stay the same),
-    or a clear error when a retry is not allowed or one image per pass did not fit."""
+    or a clear error when the run may not start again (`no_retry` says why) or one image did not fit."""
     now = min(micro or batch_size, batch_size)
-    if not retry or now < 2:
+    if no_retry or now < 2:
         raise TransferkitError(
             f"out of memory in passes of {now} image(s) at {image_size} px"
-            + ("" if now < 2 else " after the first steps")
-            + "; lower --image-size, or use --strategy linear or --trainable-blocks K (less to train)")
+            + (f" (not retried: {no_retry})" if no_retry and now >= 2 else "")
+            + "; lower --micro-batch or --image-size, or use --strategy linear or --trainable-blocks K")
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return now // 2

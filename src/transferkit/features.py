@@ -80,7 +80,7 @@ def features(
     """The head's input (or the output of module `at`) for every image of `split` (eval mode, no
     augmentation), as a Split.
 
-    `identity` names the backbone and preprocessing (arch, weights, size, mean, std); with the
+    `identity` names the backbone, its weights and the preprocessing; with the precision, `at` and the
     images' own bytes it keys the cache, so other weights or settings never read these features.
     Under torchrun each rank computes a share and all get all features.
     """
@@ -103,7 +103,7 @@ def features(
     def run(part: Split) -> tuple[torch.Tensor]:
         captured.clear()
         evaluate(model, part, transform, batch_size=batch_size, device=device, precision=precision, workers=workers,
-                 desc=f"features {split.name}")
+                 desc=f"features {split.name}", show=dist.main)
         return (torch.cat(captured),)
 
     try:

@@ -158,7 +158,8 @@ def _train_retrying(cfg: TrainConfig, out: Path, model: torch.nn.Module, stage: 
                     saved: dict[str, Any] | None, frozen_blocks: list[str], dist: Dist, device: torch.device,
                     precision: str) -> tuple[TrainState, TrainConfig]:
     """The epochs; a fresh run out of memory in its first steps starts again in passes of half the images
-    (the optimizer step, and so the training, stay what was asked for)."""
+    (batch, learning rate and so the optimizer steps stay what was asked for; only BatchNorm's batch
+    statistics see the smaller passes)."""
     initial = None if saved is not None else {k: v.detach().clone() for k, v in model.state_dict().items()}
     while True:
         steps, drop_last = engine.steps_per_epoch(len(stage.train), cfg.batch_size, dist)
@@ -175,8 +176,9 @@ def _train_retrying(cfg: TrainConfig, out: Path, model: torch.nn.Module, stage: 
                 _epochs(cfg, out, state, stage, card, frozen_blocks, steps, drop_last, dist, device, precision, stop)
             return state, cfg
         except torch.OutOfMemoryError:
-            retry = initial is not None and state.steps_taken <= 10 and not dist.on  # a fresh run's first steps
-            micro = engine.smaller_passes(stage.micro, cfg.batch_size, card.preprocessing.image_size, retry, device)
+            why = ("it was resumed" if initial is None else "torchrun's processes would have to agree" if dist.on
+                   else "it got past its first steps" if state.steps_taken > 10 else None)
+            micro = engine.smaller_passes(stage.micro, cfg.batch_size, card.preprocessing.image_size, why, device)
             cfg = cfg.replace(micro_batch=micro)
             stage = replace(stage, micro=micro, eval_batch=engine.eval_batch_for(cfg.batch_size, dist, micro))
             log.warning("out of memory: retrying from the start in passes of %d images (batch %d and lr unchanged; "
@@ -260,6 +262,7 @@ def _train_epoch(cfg: TrainConfig, out: Path, state: TrainState, model: torch.nn
                 raise Interrupted(f"interrupted at epoch {epoch}, step {fig.step}/{steps}; checkpoint saved. "
                                   f"Resume with: {resume_command(out, dist)}", dist.main)
     progress.close()
+    tally.stop()
     tally.check_finite(dist, steps, lr)
     return tally
 
@@ -269,14 +272,14 @@ def _final_evaluation(cfg: TrainConfig, out: Path, state: TrainState, stage: Sta
     """The selected weights, read back from disk (what is evaluated is what was shipped), on the test split once."""
     best = load_model_state(out, read_card(out)) if dist.main else None
     state.model.load_state_dict(dist.share(best))  # rank 0's disk alone may hold them
-    final, cached = (data.test, stage.test) if data.test is not None else (data.val, stage.val)
+    final, staged = (data.test, stage.test) if data.test is not None else (data.val, stage.val)
     run = dict(device=device, precision=precision, tta=cfg.tta, dist=dist, workers=cfg.workers)
     if cfg.tta and stage.cached:  # cached features hold one view: the mirror image needs the whole model
         micro = engine.micro_batch_for(cfg.micro_batch, device, card.preprocessing.image_size)
         logits, labels = engine.evaluate(state.model, final, EvalTransform(card.preprocessing, cfg.channels_last),
                                          batch_size=engine.eval_batch_for(cfg.batch_size, dist, micro), **run)
     else:
-        logits, labels = engine.evaluate(stage.runner, cached, stage.eval_tf, batch_size=stage.eval_batch, **run)
+        logits, labels = engine.evaluate(stage.runner, staged, stage.eval_tf, batch_size=stage.eval_batch, **run)
     metrics = classification_metrics(logits, labels, data.classes)
     size = card.preprocessing.image_size
     note = "" if data.test is not None else "no test split: the validation split, also used for model selection"

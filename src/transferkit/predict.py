@@ -66,11 +66,12 @@ class Predictor:
         self, images: Iterable[str | Path | Image.Image | torch.Tensor], topk: int = 5, batch_size: int = 32,
     ) -> list[list[tuple[str, float]]]:
         """Top-k (class, probability) for each image: paths, PIL images or uint8 CHW tensors."""
-        inputs = [self.preprocessing.to_input(self.preprocessing.store(_as_uint8(item))[None]) for item in images]
+        pre = self.preprocessing
+        stored = [pre.store(_as_uint8(item)) for item in images]  # on the CPU; as model input on the device, as eval
         k = max(1, min(topk, len(self.classes)))
         results = []
-        for start in range(0, len(inputs), batch_size):
-            x = torch.cat(inputs[start:start + batch_size]).to(self.device)
+        for start in range(0, len(stored), batch_size):
+            x = torch.cat([pre.to_input(t[None].to(self.device)) for t in stored[start:start + batch_size]])
             probs = infer(self.model, x, device=self.device, precision=self.precision, tta=self.tta).softmax(1).cpu()
             p, idx = probs.topk(k, dim=1)
             for row_p, row_i in zip(p.tolist(), idx.tolist()):

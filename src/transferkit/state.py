@@ -25,6 +25,7 @@ class Tally:
     images: int = 0
     seconds_before: float = 0.0  # of the part of the epoch before a resume
     started: float = field(default_factory=time.perf_counter)
+    stopped: float | None = None  # when the epoch's last step ended (validation is not training time)
 
     def add(self, loss: torch.Tensor, correct: torch.Tensor, images: int) -> None:
         self.loss = self.loss.to(loss.device) + loss
@@ -33,7 +34,10 @@ class Tally:
 
     @property
     def seconds(self) -> float:
-        return self.seconds_before + time.perf_counter() - self.started
+        return self.seconds_before + (self.stopped or time.perf_counter()) - self.started
+
+    def stop(self) -> None:
+        self.stopped = time.perf_counter()
 
     def totals(self, dist: Dist) -> tuple[float, int, int]:
         """(loss x images, correct, images) summed over all processes."""

@@ -30,7 +30,6 @@ class FileImages:
     def __init__(self, paths: list[Path], preprocessing: Preprocessing, side: int) -> None:
         self.paths, self.preprocessing, self.side = paths, preprocessing, side
         self.shape = (len(paths), 3, side, side)
-        self.dtype = torch.uint8
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -50,7 +49,7 @@ class FileImages:
                 log.warning("unreadable image %s (%s): used as a black image", path, e)
         return out
 
-    def __str__(self) -> str:  # what cache keys see: the files (paths, sizes, times) and the storage
+    def __str__(self) -> str:  # what cache keys see: the files (paths, sizes, times) and how they are stored
         p = self.preprocessing
         return cache.digest("files", file_stats(self.paths), p.image_size, p.resize_size, self.side)
 
@@ -147,25 +146,24 @@ def file_stats(paths: list[Path]) -> list[tuple[str, int, int]]:
 def _readable(name: str, paths: list[Path], labels: list[int], workers: int, use_cache: bool,
               skipped: list[tuple[str, str]]) -> tuple[list[Path], list[int], list[tuple[int, int]]]:
     """The files whose header reads as an image, with their labels and (width, height); the rest
-    are listed in `skipped` with the reason. Headers are cached like decoded images."""
+    are listed in `skipped` with the reason. Sizes are cached like decoded images; files that failed
+    are read again each time (a permission or a plugin may have been fixed since)."""
+    def header(p: Path) -> tuple[int, int] | str:
+        try:
+            return image_size(p)
+        except UnreadableImage as e:
+            return str(e)
+
     key = cache.digest("headers", file_stats(paths))
     hit = cache.load("headers", key) if use_cache else None
     if hit is not None:
-        found = [tuple(s) if s[0] >= 0 else r for s, r in zip(hit[0]["sizes"].tolist(),
-                                                              json.loads(hit[1]["reasons"]))]
+        found = [tuple(s) if s[0] >= 0 else header(p) for p, s in zip(paths, hit[0]["sizes"].tolist())]
     else:
-        def header(p: Path) -> tuple[int, int] | str:
-            try:
-                return image_size(p)
-            except UnreadableImage as e:
-                return str(e)
-
         with ThreadPoolExecutor(max(1, workers)) as pool:
             found = list(pool.map(header, paths, chunksize=256))
         if use_cache:
             sizes = torch.tensor([s if isinstance(s, tuple) else (-1, -1) for s in found], dtype=torch.int64)
-            cache.store("headers", key, {"sizes": sizes.view(-1, 2)},
-                        {"reasons": json.dumps([s if isinstance(s, str) else "" for s in found])})
+            cache.store("headers", key, {"sizes": sizes.view(-1, 2)})
     keep = [i for i, s in enumerate(found) if isinstance(s, tuple)]
     for p, s in zip(paths, found):
         if isinstance(s, str):
@@ -177,7 +175,7 @@ def _readable(name: str, paths: list[Path], labels: list[int], workers: int, use
 
 
 def _decode_cached(name, paths, labels, pre: Preprocessing, side: int, workers, skipped, use_cache: bool) -> Split:
-    """Decode once; later runs on the same files (same paths, sizes, mtimes) and storage read the cache."""
+    """Decode once; later runs on the same files (same paths, sizes, mtimes), stored alike, read the cache."""
     if not use_cache:
         return _decode(name, paths, labels, pre, side, workers, skipped)
     key = cache.digest("stored", pre.image_size, pre.resize_size, side, file_stats(paths), list(labels))
