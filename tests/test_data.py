@@ -109,3 +109,15 @@ def test_batches_cover_every_image_once():
     split = Split("train", torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.arange(10))
     seen = torch.cat([y for _, y in batches(split, 4, order=torch.randperm(10))])
     assert sorted(seen.tolist()) == list(range(10))
+
+
+def test_a_link_loop_in_a_class_folder_lists_each_image_once_with_its_own_label(tmp_path, caplog):
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.new("RGB", (20, 20), (60 * i, 100 if c == "cat" else 200, 0)).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "dog" / "up").symlink_to("..")  # dog/up/cat/... would label cats as dogs, forever deeper
+    (tmp_path / "cat" / "again").symlink_to(tmp_path / "cat")
+    src = load_source(str(tmp_path), preprocessing=STORE, use_cache=False)
+    assert len(src.train) == 6 and src.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert "reached again through links" in caplog.text and "dog/up" in caplog.text

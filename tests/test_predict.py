@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import needs_weights
+from conftest import needs_weights, run_cli
 from transferkit.checkpoint import ModelCard, load_model_state, read_card, save_model
 from transferkit.data.preprocess import Preprocessing
 from transferkit.errors import TransferkitError
@@ -61,3 +61,41 @@ def test_a_run_folder_of_the_previous_format_still_predicts(tmp_path):
     (tmp_path / "model.json").write_text(json.dumps({"format": 1, "arch": "resnet18"}))
     with pytest.raises(TransferkitError, match="model.json is damaged"):
         Predictor.from_run(tmp_path)
+
+
+@pytest.fixture
+def run(tmp_path):
+    bb = create_backbone("resnet18", "none", num_classes=3)
+    save_model(tmp_path, bb.model.eval(), ModelCard("resnet18", bb.head, ["a", "b", "c"], Preprocessing(32, 37)))
+    return tmp_path
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("image_size", 0), ("image_size", -5), ("mean", [0.5, 0.5]), ("std", [0, 0, 0]), ("arch", "resnet999"),
+    ("arch", "resnet34"), ("head", "classifier"), ("build_kwargs", {"foo": 1}), ("classes", ["a", "b"]),
+    ("classes", "abc"), ("classes", ["a", "a", "b"]), ("format", 99),
+])
+def test_a_hand_edited_model_json_is_refused_with_a_sentence(run, field, value):
+    card = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps(dict(card, **{field: value})))
+    proc = run_cli("predict", run, "x.png")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "model.json" in proc.stderr
+
+
+def test_the_predictor_takes_a_path_arrays_and_tensors_alike_and_refuses_what_it_cannot_read(run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "x.png")
+    p = Predictor.from_run(run, device="cpu")
+    expected = p.predict([Image.fromarray(rgb)], topk=3)
+    assert p.predict(str(tmp_path / "x.png"), topk=3) == expected  # one path alone: one image
+    assert p.predict([rgb], topk=3) == expected  # (H, W, C) array
+    assert p.predict([torch.from_numpy(rgb).permute(2, 0, 1)], topk=3) == expected
+    assert p.predict([torch.from_numpy(rgb).permute(2, 0, 1) / 255.0], topk=3)[0][0][0] == expected[0][0][0]
+    for bad, message in [(torch.rand(3, 8, 8) * 255, "values in \\[0, 1\\]"), (torch.zeros(4, 8, 8), "1 or 3 channels"),
+                         (42, "cannot predict a int")]:
+        with pytest.raises(TransferkitError, match=message):
+            p.predict([bad])

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +24,12 @@ from .data.preprocess import Preprocessing
 from .errors import TransferkitError
 from .files import atomic_write
 
+log = logging.getLogger(__name__)
+
 MODEL_FILE = "model.safetensors"
 META_FILE = "model.json"
 LAST_FILE = "last.pt"
+FORMAT = 2  # of model.json: 1 was transferkit 0.1's flat file (the same fields, and native_size)
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,15 @@ class ModelCard:
     batch_size: int | None = None
     sha256: str | None = None  # of model.safetensors
 
+    def __post_init__(self) -> None:
+        if not (isinstance(self.arch, str) and isinstance(self.head, str) and isinstance(self.build_kwargs, dict)):
+            raise ValueError("arch and head must be names, build_kwargs a mapping")
+        if not (isinstance(self.classes, list) and len(self.classes) >= 2
+                and all(isinstance(c, str) for c in self.classes)):
+            raise ValueError(f"classes must be a list of at least two names, not {self.classes!r}")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must not repeat a name: {self.classes}")
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)
@@ -61,12 +74,17 @@ class ModelCard:
 
     def to_json(self) -> str:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "preprocessing"}
-        return json.dumps({"format": 2, **d, "num_classes": self.num_classes, **self.preprocessing.to_dict()},
+        return json.dumps({"format": FORMAT, **d, "num_classes": self.num_classes, **self.preprocessing.to_dict()},
                           indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> ModelCard:
         d = {"versions": {}, **json.loads(text)}  # not today's versions for a file that names none
+        if not isinstance(d.get("format", 1), int) or d.get("format", 1) > FORMAT:
+            raise ValueError(f"format {d.get('format')!r} is newer than this transferkit reads ({FORMAT}); "
+                             "upgrade transferkit")
+        if "num_classes" in d and d["num_classes"] != len(d.get("classes", [])):
+            raise ValueError(f"num_classes {d['num_classes']} but {len(d.get('classes', []))} class names")
         names = {f.name for f in dataclasses.fields(cls)} - {"preprocessing"}
         return cls(**{k: v for k, v in d.items() if k in names}, preprocessing=Preprocessing.from_dict(d))
 
@@ -109,7 +127,9 @@ def load_model_state(run_dir: Path, card: ModelCard) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise TransferkitError(f"{path} is missing; the run did not finish saving a model")
     raw = path.read_bytes()
-    if card.sha256 and hashlib.sha256(raw).hexdigest() != card.sha256:
+    if not card.sha256:
+        log.warning("%s names no sha256 of %s: the weights cannot be checked", META_FILE, path)
+    elif hashlib.sha256(raw).hexdigest() != card.sha256:
         raise TransferkitError(
             f"{path} does not match the checksum in {META_FILE}: the file is truncated or was "
             "altered; restore it from a backup or retrain"

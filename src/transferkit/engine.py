@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -175,6 +175,24 @@ def steps_per_epoch(images: int, batch_size: int, dist: Dist) -> tuple[int, bool
             "(two images each); add images or use fewer processes"
         )
     return steps, drop_last
+
+
+def check_passes(model: nn.Module, frozen: Sequence[str], batch_size: int, last_batch: int, micro: int | None,
+                 dist: Dist) -> None:
+    """Refuse passes of one image where BatchNorm normalizes with batch statistics (it cannot: the
+    run would stop with a traceback at that pass). `frozen`: module names whose BatchNorm stays frozen."""
+    prefixes = tuple(f"{f}." for f in frozen)
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not (name + ".").startswith(prefixes)
+               for name, m in model.named_modules()):
+        return
+    for n in {batch_size, last_batch} - {0}:
+        for rank in range(dist.world):
+            rows = Dist(rank=rank, world=dist.world).shard(n)
+            if min(p.stop - p.start for p in micro_batches(rows, micro, -(-n // dist.world))) < 2:
+                raise TransferkitError(
+                    f"a batch of {n} image(s) in passes of {micro or n} on {dist.world} process(es) leaves passes "
+                    "of one image, which BatchNorm cannot normalize; use a larger --batch-size, --micro-batch 3 "
+                    "or more, or --batchnorm frozen")
 
 
 def smaller_passes(micro: int | None, batch_size: int, image_size: int, no_retry: str | None,

@@ -196,6 +196,13 @@ def _epochs(cfg: TrainConfig, out: Path, state: TrainState, stage: Stage, card: 
     passes = "" if not stage.micro or stage.micro >= share else f" in passes of up to {stage.micro}"
     log.info("training %d epochs x %d steps, batch %d%s, %s, %s on %s", cfg.epochs, steps, cfg.batch_size,
              passes, cfg.strategy, precision, device)
+    if cfg.strategy != "linear" and cfg.batchnorm != "frozen":
+        last = len(stage.train) % cfg.batch_size if not drop_last else 0
+        engine.check_passes(stage.runner, [] if stage.cached else frozen_blocks, cfg.batch_size, last, stage.micro,
+                            dist)
+    if state.next_epoch > cfg.epochs:
+        log.info("%s has trained all %d epochs: evaluating it again (resume with --epochs N to train more)", out,
+                 cfg.epochs)
     weights = None if cfg.class_weights == "none" else inverse_frequency(stage.train.labels, card.num_classes)
     setup = engine.StepSetup(stage.train_tf, device, precision, stage.micro, cfg.label_smoothing,
                       None if weights is None else weights.to(device), cfg.batchnorm, dist)

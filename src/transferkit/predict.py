@@ -7,17 +7,18 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from .checkpoint import ModelCard, load_model_state, read_card
 from .data.folders import folder_layout
-from .data.images import IMAGE_EXTENSIONS, UnreadableImage, pil_to_tensor, read_image, to_rgb
+from .data.images import UnreadableImage, pil_to_tensor, read_image, to_rgb, walk_images
 from .data.preprocess import Preprocessing, resolve_preprocessing
 from .data.sources import is_named, load_source
 from .engine import evaluate, infer
 from .errors import TransferkitError
-from .models import check_side, create_backbone, rebuild
+from .models import check_model_name, check_side, create_backbone, rebuild
 from .report import classification_metrics, measured_on, write_report
 from .runtime import pick_device, resolve_precision
 
@@ -47,8 +48,17 @@ class Predictor:
         `tta`: average the prediction of each image and its mirror image.
         """
         card = read_card(Path(run_dir))
-        model = rebuild(card.arch, card.head, card.num_classes, card.build_kwargs)
-        model.load_state_dict(load_model_state(Path(run_dir), card))
+        state = load_model_state(Path(run_dir), card)
+        try:
+            check_model_name(card.arch)
+            model = rebuild(card.arch, card.head, card.num_classes, card.build_kwargs)
+            model.load_state_dict(state)
+        except (TransferkitError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+            raise TransferkitError(
+                f"{run_dir}/model.json does not describe {run_dir}/model.safetensors (arch {card.arch!r}, head "
+                f"{card.head!r}, {card.num_classes} classes: {str(e).splitlines()[0][:200]}); was model.json "
+                "edited? Restore it from the run, or retrain"
+            ) from None
         return cls(model, card.classes, _at_size(card, image_size), device=device, tta=tta,
                    # A run trained in fp32 is evaluated in fp32, so eval reproduces its report.
                    precision="fp32" if card.precision == "fp32" else "auto")
@@ -63,9 +73,13 @@ class Predictor:
 
     @torch.no_grad()
     def predict(
-        self, images: Iterable[str | Path | Image.Image | torch.Tensor], topk: int = 5, batch_size: int = 32,
+        self, images: Iterable[str | Path | Image.Image | torch.Tensor | np.ndarray] | str | Path, topk: int = 5,
+        batch_size: int = 32,
     ) -> list[list[tuple[str, float]]]:
-        """Top-k (class, probability) for each image: paths, PIL images or uint8 CHW tensors."""
+        """Top-k (class, probability) for each image: paths, PIL images, uint8 tensors (C, H, W) or
+        arrays (H, W, C); float ones with values in [0, 1]. One path alone is one image."""
+        if isinstance(images, (str, Path)):
+            images = [images]
         pre = self.preprocessing
         stored = [pre.store(_as_uint8(item)) for item in images]  # on the CPU; as model input on the device, as eval
         k = max(1, min(topk, len(self.classes)))
@@ -85,8 +99,8 @@ class Predictor:
         files, errors = expand_paths(paths)
         images, names = [], []
         for f in files:
-            try:
-                images.append(read_image(f))
+            try:  # held as stored (at most the input size), not at the photo's full size; storing is idempotent
+                images.append(self.preprocessing.store(read_image(f)))
                 names.append(str(f))
             except UnreadableImage as e:
                 errors.append((str(f), str(e)))
@@ -94,12 +108,33 @@ class Predictor:
         return [{"file": n, "top": [{"class": c, "prob": p} for c, p in pr]} for n, pr in zip(names, preds)], errors
 
 
-def _as_uint8(item: str | Path | Image.Image | torch.Tensor) -> torch.Tensor:
-    if isinstance(item, torch.Tensor):
-        return item if item.dtype == torch.uint8 else (item.clamp(0, 1) * 255).round().to(torch.uint8)
+def _as_uint8(item: str | Path | Image.Image | torch.Tensor | np.ndarray) -> torch.Tensor:
+    """An image as a uint8 tensor (C, H, W) with C 1 or 3, or a clear error."""
+    if isinstance(item, (str, Path)):
+        return read_image(item)
     if isinstance(item, Image.Image):
         return pil_to_tensor(to_rgb(item))
-    return read_image(item)
+    channels_last = isinstance(item, np.ndarray)
+    if channels_last:
+        item = torch.from_numpy(np.ascontiguousarray(item))
+    if not isinstance(item, torch.Tensor):
+        raise TransferkitError(f"cannot predict a {type(item).__name__}: pass file paths, PIL images, uint8 "
+                               "tensors (C, H, W) or arrays (H, W, C)")
+    t = item[None] if item.ndim == 2 else item
+    if t.ndim == 3 and (channels_last or t.shape[0] not in (1, 3)) and t.shape[-1] in (1, 3):
+        t = t.permute(2, 0, 1)
+    if t.ndim != 3 or t.shape[0] not in (1, 3):
+        raise TransferkitError(f"an image tensor needs 1 or 3 channels, (C, H, W) or (H, W, C); got shape "
+                               f"{tuple(item.shape)} (convert RGBA images to RGB first)")
+    if t.dtype == torch.uint8:
+        return t
+    if t.is_floating_point() and (t.min() < 0 or t.max() > 1):
+        raise TransferkitError(f"a float image tensor holds values in [0, 1], this one {t.min():.3g}..{t.max():.3g}; "
+                               "divide by 255, or pass uint8")
+    scale = 255 if t.is_floating_point() else 1
+    if not t.is_floating_point() and (t.min() < 0 or t.max() > 255):
+        raise TransferkitError(f"an integer image tensor holds values in 0..255, this one {t.min()}..{t.max()}")
+    return (t.double() * scale).round().to(torch.uint8)
 
 
 def _at_size(card: ModelCard, image_size: int | None) -> Preprocessing:
@@ -107,6 +142,8 @@ def _at_size(card: ModelCard, image_size: int | None) -> Preprocessing:
     pre = card.preprocessing
     if image_size is None or image_size == pre.image_size:
         return pre
+    if not 16 <= image_size <= 1024:
+        raise TransferkitError(f"--image-size {image_size}: use a side between 16 and 1024 pixels")
     check_side(card.arch, image_size, pre.image_size)
     return resolve_preprocessing(image_size=image_size, weights=pre)
 
@@ -117,7 +154,8 @@ def expand_paths(paths: Sequence[str | Path]) -> tuple[list[Path], list[tuple[st
     errors: list[tuple[str, str]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            found, left_out = walk_images(p)
+            errors += [(item, "left out: reached again through a link") for item in left_out]
             if not found:
                 errors.append((str(p), "folder holds no image files"))
             files += found

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +13,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .. import cache, runtime
 from ..errors import TransferkitError
-from .images import IMAGE_EXTENSIONS, UnreadableImage, image_size, read_image
+from .images import IMAGE_EXTENSIONS, UnreadableImage, image_size, read_image, walk_images
 from .preprocess import Preprocessing
 from .sources import DataSource, Split, stratified_subset
 
@@ -81,7 +80,9 @@ def load_folder(root: Path, pre: Preprocessing, splits: Sequence[str], *, worker
     allowed = runtime.memory_bytes() / 4
     streaming = stream == "always" or (stream == "auto" and out.stored_bytes > allowed)
     log.info("%s: its decoded images take %.2f GB (a quarter of this process's memory is %.2f GB): %s", root,
-             out.stored_bytes / 1e9, allowed / 1e9, "streaming it from its files" if streaming else "kept in memory")
+             out.stored_bytes / 1e9, allowed / 1e9, "kept in memory (--stream never)" if stream == "never" else
+             "streaming it from its files" + (" (--stream always)" if stream == "always" else "") if streaming
+             else "kept in memory")
     for split, (paths, labels, sizes) in listed.items():
         side = pre.stored_side(sizes)
         if streaming:
@@ -123,11 +124,12 @@ def _class_dirs(root: Path) -> list[str]:
 def _list_files(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
     paths, labels = [], []
     for i, c in enumerate(classes):
-        for dirpath, _, files in os.walk(root / c, followlinks=True):
-            for f in sorted(files):
-                if Path(f).suffix.lower() in IMAGE_EXTENSIONS and not f.startswith("."):
-                    paths.append(Path(dirpath) / f)
-                    labels.append(i)
+        found, left_out = walk_images(root / c)
+        if left_out:
+            log.warning("%s: left out %d folder(s) or file(s) reached again through links, e.g. %s", root / c,
+                        len(left_out), "; ".join(left_out[:3]))
+        paths += found
+        labels += [i] * len(found)
     return paths, labels
 
 

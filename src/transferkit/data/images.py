@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,34 @@ def to_rgb(im: Image.Image) -> Image.Image:
 def pil_to_tensor(im: Image.Image) -> torch.Tensor:
     """RGB PIL image -> uint8 tensor (3, H, W)."""
     return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def walk_images(root: Path) -> tuple[list[Path], list[str]]:
+    """The image files under `root`, sorted, following links to folders; each real folder and file once.
+
+    A link back to `root` or a folder above it (a loop) and a folder or file reached a second time
+    are left out; the second list says which.
+    """
+    top = os.path.realpath(root)
+    files, left_out, folders, seen = [], [], set(), set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in folders or (dirpath != str(root) and os.path.commonpath([real, top]) == real):
+            left_out.append(f"{dirpath} (the folder {real} again, through a link)")
+            dirnames[:] = []
+            continue
+        folders.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS or name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            if os.path.realpath(path) in seen:
+                left_out.append(f"{path} (the file {os.path.realpath(path)} again)")
+                continue
+            seen.add(os.path.realpath(path))
+            files.append(path)
+    return files, left_out
 
 
 def read_image(path: str | Path) -> torch.Tensor:

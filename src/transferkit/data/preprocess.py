@@ -36,6 +36,19 @@ class Preprocessing:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
+    def __post_init__(self) -> None:
+        for name in ("image_size", "resize_size"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a whole number, not {getattr(self, name)!r}")
+        if not 1 <= self.image_size <= self.resize_size:
+            raise ValueError(f"need 1 <= image_size <= resize_size, not {self.image_size} and {self.resize_size}")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if not isinstance(v, tuple) or len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):
+                raise ValueError(f"{name} must be three numbers (R, G, B), not {v!r}")
+        if not all(s > 0 for s in self.std):
+            raise ValueError(f"std values must be positive, not {self.std}")
+
     @property
     def crop_ratio(self) -> float:
         return self.image_size / self.resize_size
@@ -92,7 +105,8 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        return cls(int(d["image_size"]), int(d["resize_size"]), tuple(d["mean"]), tuple(d["std"]))
+        return cls(d["image_size"], d["resize_size"], tuple(d["mean"]) if isinstance(d["mean"], list) else d["mean"],
+                   tuple(d["std"]) if isinstance(d["std"], list) else d["std"])
 
 
 def resolve_preprocessing(*, image_size: int | None = None, mean: Sequence[float] | None = None,
