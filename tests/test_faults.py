@@ -204,8 +204,10 @@ def test_out_of_memory_in_the_first_steps_retries_in_smaller_passes_of_the_same_
     assert result.metrics["images"] == 18
 
     most["images"] = 0  # not even one image fits: a clear error, not a loop
+    with pytest.raises(TransferkitError, match=r"out of memory, and smaller passes would break BatchNorm.*frozen"):
+        train(cfg.replace(out=str(tmp_path / "run2")))  # passes of 2 would leave single images in a batch of 11
     with pytest.raises(TransferkitError, match=r"out of memory in passes of 1 image\(s\) at 32 px; lower"):
-        train(cfg.replace(out=str(tmp_path / "run2")))
+        train(cfg.replace(batchnorm="frozen", out=str(tmp_path / "run3")))
 
 
 def test_passes_of_one_image_under_batchnorm_are_refused_before_training(tiny, tmp_path):

@@ -178,9 +178,19 @@ def steps_per_epoch(images: int, batch_size: int, dist: Dist) -> tuple[int, bool
 
 
 def check_passes(model: nn.Module, frozen: Sequence[str], batch_size: int, last_batch: int, micro: int | None,
-                 dist: Dist) -> None:
+                 dist: Dist, after_oom: bool = False) -> None:
     """Refuse passes of one image where BatchNorm normalizes with batch statistics (it cannot: the
     run would stop with a traceback at that pass). `frozen`: module names whose BatchNorm stays frozen."""
+    try:
+        _check_passes(model, frozen, batch_size, last_batch, micro, dist)
+    except TransferkitError as e:
+        if after_oom:  # the passes were made smaller because memory ran out
+            raise TransferkitError(f"out of memory, and smaller passes would break BatchNorm: {e}") from None
+        raise
+
+
+def _check_passes(model: nn.Module, frozen: Sequence[str], batch_size: int, last_batch: int, micro: int | None,
+                  dist: Dist) -> None:
     prefixes = tuple(f"{f}." for f in frozen)
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not (name + ".").startswith(prefixes)
                for name, m in model.named_modules()):

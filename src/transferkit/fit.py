@@ -10,44 +10,20 @@ from typing import Any
 
 import torch
 
-from . import engine
+from . import engine, models, runtime
 from .checkpoint import ModelCard, load_model_state, read_card, save_last, save_model
 from .config import TrainConfig
+from .data import sources
 from .data.preprocess import Preprocessing, resolve_preprocessing
-from .data.sources import (
-    DataSource,
-    check_data_arg,
-    inverse_frequency,
-    load_source,
-    train_val_test,
-    warn_imbalance,
-)
+from .data.sources import DataSource
 from .data.transforms import EvalTransform, TrainTransform, batches
 from .errors import Interrupted, TransferkitError
 from .features import Stage, activations_fit, cached_stage, supports_feature_cache
 from .files import atomic_write
 from .logs import EpochProgress, run_logging
-from .models import (
-    Backbone,
-    check_input_size,
-    create_backbone,
-    frozen_prefix,
-    param_groups,
-    replace_head,
-    set_trainable,
-)
 from .report import RunResult, classification_metrics, measured_on, write_metrics, write_report
 from .runfolder import resume_command, settings_of, start_run
-from .runtime import (
-    Dist,
-    StopFlag,
-    check_world,
-    distributed,
-    rank_seed,
-    resolve_precision,
-    seed_everything,
-    stop_on_signals,
-)
+from .runtime import Dist, StopFlag
 from .state import Tally, TrainState, new_state
 
 log = logging.getLogger(__name__)
@@ -64,7 +40,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     """
     started = time.perf_counter()
     cfg = settings_of(config, resume, settings)
-    with distributed(cfg.device) as (dist, device), run_logging(quiet=not dist.main) as log_to_file:
+    with runtime.distributed(cfg.device) as (dist, device), run_logging(quiet=not dist.main) as log_to_file:
         run = start_run(cfg, resume, overwrite, dist)
         if dist.main:
             log_to_file(Path(run.out) / "train.log")
@@ -77,19 +53,19 @@ def _run(cfg: TrainConfig, out: Path, saved: dict[str, Any] | None, dist: Dist, 
     """The steps of a run, in order."""
     if dist.main:
         atomic_write(out / "config.yaml", cfg.to_yaml())
-    precision = resolve_precision(cfg.precision, device)
-    seed_everything(cfg.seed)
+    precision = runtime.resolve_precision(cfg.precision, device)
+    runtime.seed_everything(cfg.seed)
     if cfg.recipe:
         log.info("recipe '%s'", cfg.recipe)
-    check_data_arg(cfg.data)
+    sources.check_data_arg(cfg.data)
     if dist.on:
-        check_world(dist, device, cfg.batch_size, cfg.batchnorm)
+        runtime.check_world(dist, device, cfg.batch_size, cfg.batchnorm)
     # Under torchrun the first process of each machine fetches weights and fills the caches; the others read them.
     with dist.local_main_first():
-        bb = create_backbone(cfg.model, cfg.weights)
+        bb = models.create_backbone(cfg.model, cfg.weights)
         pre = resolve_preprocessing(image_size=cfg.image_size, mean=cfg.mean, std=cfg.std, weights=bb.preprocessing)
-        check_input_size(bb, pre.image_size)
-        frozen_blocks = frozen_prefix(bb.model, bb.head, cfg.trainable_blocks) if cfg.trainable_blocks else []
+        models.check_input_size(bb, pre.image_size)
+        frozen_blocks = models.frozen_prefix(bb.model, bb.head, cfg.trainable_blocks) if cfg.trainable_blocks else []
         log.info("model %s, weights %s, input %dpx, %s", cfg.model, bb.weights, pre.image_size, pre.normalization)
         data = _load_data(cfg, pre, out, dist)
     card = _classifier(cfg, bb, pre, data.classes, precision, dist, device)
@@ -100,10 +76,10 @@ def _run(cfg: TrainConfig, out: Path, saved: dict[str, Any] | None, dist: Dist, 
 
 def _load_data(cfg: TrainConfig, pre: Preprocessing, out: Path, dist: Dist) -> DataSource:
     """The splits (val carved from train when the data has none), with unreadable files listed."""
-    src = load_source(cfg.data, preprocessing=pre, data_dir=cfg.data_dir, splits=("train", "val", "test"),
+    src = sources.load_source(cfg.data, preprocessing=pre, data_dir=cfg.data_dir, splits=("train", "val", "test"),
                       workers=cfg.workers, max_train_images=cfg.max_train_images, seed=cfg.seed,
                       use_cache=cfg.cache, stream=cfg.stream)
-    src.train, src.val, src.test = train_val_test(src, cfg.val_split, cfg.seed)
+    src.train, src.val, src.test = sources.train_val_test(src, cfg.val_split, cfg.seed)
     if len(src.classes) < 2:
         raise TransferkitError(f"{cfg.data} has one class ({src.classes[0]}); a classifier needs at least two")
     if src.skipped and dist.main:
@@ -111,16 +87,16 @@ def _load_data(cfg: TrainConfig, pre: Preprocessing, out: Path, dist: Dist) -> D
         log.warning("%d unreadable files skipped; list in %s", len(src.skipped), out / "skipped.txt")
     log.info("data %s: %d classes; train %s; val %s; test %s", cfg.data, len(src.classes),
              *("none" if s is None else s.description for s in (src.train, src.val, src.test)))
-    warn_imbalance(torch.bincount(src.train.labels, minlength=len(src.classes)), src.classes, cfg.class_weights)
+    sources.warn_imbalance(torch.bincount(src.train.labels, minlength=len(src.classes)), src.classes, cfg.class_weights)
     return src
 
 
-def _classifier(cfg: TrainConfig, bb: Backbone, pre: Preprocessing, classes: list[str], precision: str,
+def _classifier(cfg: TrainConfig, bb: models.Backbone, pre: Preprocessing, classes: list[str], precision: str,
                 dist: Dist, device: torch.device) -> ModelCard:
     """Swap in the new head and place the model; returns the card that goes with its weights."""
-    replace_head(bb.model, bb.head, len(classes))
+    models.replace_head(bb.model, bb.head, len(classes))
     if dist.rank > 0:
-        torch.manual_seed(rank_seed(cfg.seed, dist.rank))  # own dropout noise; weights come from rank 0
+        torch.manual_seed(runtime.rank_seed(cfg.seed, dist.rank))  # own dropout noise; weights come from rank 0
     if cfg.batchnorm == "sync" and dist.on:
         bb.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(bb.model)
     bb.model.to(device)
@@ -130,7 +106,7 @@ def _classifier(cfg: TrainConfig, bb: Backbone, pre: Preprocessing, classes: lis
                      precision)
 
 
-def _plan_stage(cfg: TrainConfig, bb: Backbone, pre: Preprocessing, frozen_blocks: list[str], data: DataSource,
+def _plan_stage(cfg: TrainConfig, bb: models.Backbone, pre: Preprocessing, frozen_blocks: list[str], data: DataSource,
                 precision: str, dist: Dist, device: torch.device) -> Stage:
     """The whole network on images, or (a frozen backbone, or frozen first blocks) the rest on cached features."""
     micro = engine.micro_batch_for(cfg.micro_batch, device, pre.image_size)
@@ -161,9 +137,13 @@ def _train_retrying(cfg: TrainConfig, out: Path, model: torch.nn.Module, stage: 
     (batch, learning rate and so the optimizer steps stay what was asked for; only BatchNorm's batch
     statistics see the smaller passes)."""
     initial = None if saved is not None else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    retried = False
     while True:
         steps, drop_last = engine.steps_per_epoch(len(stage.train), cfg.batch_size, dist)
-        state = new_state(model, param_groups(model, card.head, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay),
+        if cfg.strategy != "linear" and cfg.batchnorm != "frozen":  # BatchNorm trains on batch statistics
+            engine.check_passes(stage.runner, [] if stage.cached else frozen_blocks, cfg.batch_size,
+                                0 if drop_last else len(stage.train) % cfg.batch_size, stage.micro, dist, retried)
+        state = new_state(model, models.param_groups(model, card.head, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay),
                           optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, schedule=cfg.schedule,
                           steps=steps * cfg.epochs, warmup_steps=round(cfg.warmup_epochs * steps), seed=cfg.seed,
                           device=device)
@@ -172,7 +152,7 @@ def _train_retrying(cfg: TrainConfig, out: Path, model: torch.nn.Module, stage: 
             where = f"epoch {state.epoch}" + ("" if state.step is None else f", step {state.step}/{steps}")
             log.info("resuming %s after %s of %d epochs", out, where, cfg.epochs)
         try:
-            with stop_on_signals() as stop:
+            with runtime.stop_on_signals() as stop:
                 _epochs(cfg, out, state, stage, card, frozen_blocks, steps, drop_last, dist, device, precision, stop)
             return state, cfg
         except torch.OutOfMemoryError:
@@ -185,6 +165,7 @@ def _train_retrying(cfg: TrainConfig, out: Path, model: torch.nn.Module, stage: 
                         "recorded in %s)", micro, cfg.batch_size, out / "config.yaml")
             atomic_write(out / "config.yaml", cfg.to_yaml())
             model.load_state_dict(initial)
+            retried = True
 
 
 def _epochs(cfg: TrainConfig, out: Path, state: TrainState, stage: Stage, card: ModelCard, frozen_blocks: list[str],
@@ -196,21 +177,17 @@ def _epochs(cfg: TrainConfig, out: Path, state: TrainState, stage: Stage, card: 
     passes = "" if not stage.micro or stage.micro >= share else f" in passes of up to {stage.micro}"
     log.info("training %d epochs x %d steps, batch %d%s, %s, %s on %s", cfg.epochs, steps, cfg.batch_size,
              passes, cfg.strategy, precision, device)
-    if cfg.strategy != "linear" and cfg.batchnorm != "frozen":
-        last = len(stage.train) % cfg.batch_size if not drop_last else 0
-        engine.check_passes(stage.runner, [] if stage.cached else frozen_blocks, cfg.batch_size, last, stage.micro,
-                            dist)
     if state.next_epoch > cfg.epochs:
         log.info("%s has trained all %d epochs: evaluating it again (resume with --epochs N to train more)", out,
                  cfg.epochs)
-    weights = None if cfg.class_weights == "none" else inverse_frequency(stage.train.labels, card.num_classes)
+    weights = None if cfg.class_weights == "none" else sources.inverse_frequency(stage.train.labels, card.num_classes)
     setup = engine.StepSetup(stage.train_tf, device, precision, stage.micro, cfg.label_smoothing,
-                      None if weights is None else weights.to(device), cfg.batchnorm, dist)
+                             None if weights is None else weights.to(device), cfg.batchnorm, dist)
     runner = torch.compile(stage.runner) if cfg.compile else stage.runner
     wrapped, trains = None, None
     for epoch in range(state.next_epoch, cfg.epochs + 1):
         frozen = cfg.strategy == "linear" or (cfg.strategy == "gradual" and epoch <= cfg.head_epochs)
-        set_trainable(state.model, card.head, not frozen, frozen_blocks)
+        models.set_trainable(state.model, card.head, not frozen, frozen_blocks)
         if wrapped is None or (dist.on and frozen != trains):  # DDP syncs the parameters that train when built
             wrapped, trains = dist.wrap(stage.runner, runner, cfg.compile, device), frozen
         order = state.epoch_order(epoch, len(stage.train))
