@@ -140,7 +140,8 @@ def test_a_finished_run_is_not_overwritten_by_accident(trained_run, cifar_small)
     (["predict", "NOT_A_RUN", "x.jpg"], "not a transferkit run folder"),
 ])
 def test_bad_arguments_exit_2_with_a_message(tmp_path, args, message):
-    args = [str(tmp_path) if a == "DATA" else a for a in args]
+    (tmp_path / "data").mkdir()
+    args = [str(tmp_path / "data") if a == "DATA" else a for a in args]
     proc = run_cli(*args, "--out", tmp_path / "run") if args[0] == "train" else run_cli(*args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
@@ -170,3 +171,43 @@ def test_models_lists_backbones_and_offline_weights():
 
     if local_weight_file(MobileNet_V2_Weights.IMAGENET1K_V1) is not None:
         assert rows["mobilenet_v2"].split()[1] == "IMAGENET1K_V1"
+
+
+def test_a_run_folder_is_locked_while_a_run_writes_it(cifar_small, tmp_path):
+    """A second training into the same --out is refused by name; the first finishes untouched."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = ["train", "--data", cifar_small, "--model", "resnet18", "--weights", "none", "--image-size", "32",
+            "--epochs", "4", "--batch-size", "8", "--workers", "1", "--checkpoint-every", "1", "--out", out]
+    first = subprocess.Popen([sys.executable, "-m", "transferkit", *map(str, args)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "last.pt").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = run_cli(*args, "--overwrite")
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"is being written by another transferkit run (process {first.pid})" in second.stderr
+        assert run_cli("eval", out, "--data", cifar_small).returncode in (0, 2)  # eval may read it meanwhile
+    finally:
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert run_cli("train", "--resume", out, "--epochs", "5").returncode == 0  # the lock went with the process
+
+
+def test_an_empty_class_folder_and_an_out_inside_the_data_are_refused(tmp_path):
+    for c in ("cat", "dog"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (i * 40, 90 if c == "cat" else 180, 0)).save(tmp_path / "d" / c / f"{i}.png")
+    (tmp_path / "d" / "ghost").mkdir()
+    proc = run_cli("train", "--data", tmp_path / "d", "--weights", "none", "--out", tmp_path / "r1")
+    assert proc.returncode == 2 and "without images" in proc.stderr and "ghost" in proc.stderr
+    (tmp_path / "d" / "ghost").rmdir()
+    proc = run_cli("train", "--data", tmp_path / "d", "--weights", "none", "--out", tmp_path / "d" / "run")
+    assert proc.returncode == 2 and "inside --data" in proc.stderr and not (tmp_path / "d" / "run").exists()
+    proc = run_cli("train", "--model", "resnet18")
+    assert proc.returncode == 2 and "train needs --data" in proc.stderr and "transferkit demo" in proc.stderr

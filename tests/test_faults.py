@@ -136,7 +136,7 @@ def test_a_checkpoint_carrying_code_is_refused_and_never_runs(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(TrainConfig.create(data=str(tmp_path), weights="none").to_yaml())
+    (run / "config.yaml").write_text(TrainConfig.create(data=str(tmp_path / "data"), weights="none").to_yaml())
     torch.save({"model": Payload()}, run / "last.pt")
     proc = run_cli("train", "--resume", run)
     assert proc.returncode == 2 and "last.pt" in proc.stderr and "Traceback" not in proc.stderr

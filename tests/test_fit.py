@@ -128,8 +128,9 @@ def test_trainable_blocks_train_only_the_last_blocks_and_the_cached_trunk_change
 
 
 def test_trainable_blocks_that_do_not_fit_the_model_are_refused(tmp_path):
+    (tmp_path / "data").mkdir()
     with pytest.raises(TransferkitError, match="not ShuffleNetV2"):
-        train(data=str(tmp_path), model="shufflenet_v2_x0_5", weights="none", trainable_blocks=2,
+        train(data=str(tmp_path / "data"), model="shufflenet_v2_x0_5", weights="none", trainable_blocks=2,
               out=str(tmp_path / "r"))
     with pytest.raises(TransferkitError, match="use it with --strategy finetune or gradual"):
         TrainConfig.create(strategy="linear", trainable_blocks=1)

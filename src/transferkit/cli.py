@@ -126,6 +126,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if args.resume is None and args.config is None and "data" not in flags and flags.get("recipe") != "demo":
+        raise TransferkitError("train needs --data: an image folder (root/<class>/ or root/train/<class>/) or one "
+                               "of cifar10, cifar100, fashion-mnist, mnist; 'transferkit demo' runs the offline "
+                               "default job")
     if args.resume is not None:
         result = train(resume=args.resume, **flags)
     elif args.config is not None:

@@ -22,7 +22,7 @@ from .features import Stage, activations_fit, cached_stage, supports_feature_cac
 from .files import atomic_write
 from .logs import EpochProgress, run_logging
 from .report import RunResult, classification_metrics, measured_on, write_metrics, write_report
-from .runfolder import resume_command, settings_of, start_run
+from .runfolder import resume_command, run_folder, settings_of
 from .runtime import Dist, StopFlag
 from .state import Tally, TrainState, new_state
 
@@ -40,8 +40,8 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     """
     started = time.perf_counter()
     cfg = settings_of(config, resume, settings)
-    with runtime.distributed(cfg.device) as (dist, device), run_logging(quiet=not dist.main) as log_to_file:
-        run = start_run(cfg, resume, overwrite, dist)
+    with runtime.distributed(cfg.device) as (dist, device), run_logging(quiet=not dist.main) as log_to_file, \
+            run_folder(cfg, resume, overwrite, dist) as run:
         if dist.main:
             log_to_file(Path(run.out) / "train.log")
         result = _run(run.cfg, Path(run.out), run.saved, dist, device)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .checkpoint import LAST_FILE, META_FILE, MODEL_FILE, load_last
 from .config import TrainConfig
@@ -17,6 +21,7 @@ from .runtime import Dist
 log = logging.getLogger(__name__)
 
 RESUMABLE_CHANGES = {"epochs", "device", "workers", "log_every", "compile", "checkpoint_every", "micro_batch", "tta"}
+LOCK_FILE = ".lock"
 RUN_OUTPUTS = (LAST_FILE, MODEL_FILE, META_FILE, "metrics.jsonl", "skipped.txt", "report*", "eval-*", "curves.png",
                "train.log")
 
@@ -48,30 +53,63 @@ class RunStart:
     error: str | None = None
 
 
-def start_run(cfg: TrainConfig, resume: str | Path | None, overwrite: bool, dist: Dist) -> RunStart:
-    """Rank 0 prepares the run folder and reads last.pt; every process gets the same RunStart."""
-    start = RunStart(error="rank 0 did not prepare the run")
-    if dist.main:
-        try:
-            cfg, out, resuming = _prepare(cfg, resume, overwrite, dist)
-            start = RunStart(cfg, str(out), load_last(out) if resuming else None)
-        except TransferkitError as e:
-            start = RunStart(error=str(e))
-    start = dist.share(start)
-    if start.error is not None:
-        raise TransferkitError(start.error)
-    return start
+@contextlib.contextmanager
+def run_folder(cfg: TrainConfig, resume: str | Path | None, overwrite: bool, dist: Dist) -> Iterator[RunStart]:
+    """Rank 0 prepares the run folder, locks it for the time of the block and reads last.pt; every
+    process gets the same RunStart."""
+    start, lock = RunStart(error="rank 0 did not prepare the run"), None
+    try:
+        if dist.main:
+            try:
+                cfg, out, resuming, lock = _prepare(cfg, resume, overwrite, dist)
+                start = RunStart(cfg, str(out), load_last(out) if resuming else None)
+            except TransferkitError as e:
+                start = RunStart(error=str(e))
+        start = dist.share(start)
+        if start.error is not None:
+            raise TransferkitError(start.error)
+        yield start
+    finally:
+        if lock is not None:
+            lock.close()  # the OS releases the lock with the file (and with a killed process)
+
+
+def _lock(out: Path) -> IO[str]:
+    """An OS lock on the run folder while this process writes it; a second run is refused by name."""
+    f = open(out / LOCK_FILE, "a+")  # held open for the whole run
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise TransferkitError(f"{out} is being written by another transferkit run (process {holder}); wait for "
+                               "it to finish, or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def _prepare(cfg: TrainConfig, resume: str | Path | None, overwrite: bool,
-             dist: Dist) -> tuple[TrainConfig, Path, bool]:
-    """Create (or check) the run folder; returns the config, the folder and whether to resume."""
+             dist: Dist) -> tuple[TrainConfig, Path, bool, IO[str]]:
+    """Create (or check) and lock the run folder; returns the config, the folder, whether to resume, the lock."""
     if dist.on and not cfg.out and not dist.run_id and dist.max_restarts > 0:
         log.warning("no --out: a restarted worker will not find this run; give --out (or --rdzv-id)")
     # Under torchrun the default name uses the job's run id, which a restarted worker sees again.
     stamp = (dist.run_id if dist.on else None) or time.strftime("%Y%m%d-%H%M%S")
     out = Path(cfg.out or f"runs/{Path(cfg.data).name or 'data'}-{cfg.model}-{stamp}")
+    data = Path(cfg.data).expanduser()
+    if data.is_dir() and data.resolve() in (out.resolve(), *out.resolve().parents):
+        raise TransferkitError(f"--out {out} is inside --data {cfg.data}: the run's files would become images of "
+                               "a class; choose an --out outside the data folder")
     resuming = resume is not None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TransferkitError(f"cannot create the run folder {out}: {e.strerror or e}; choose another --out") from None
+    lock = _lock(out)
     if not resuming and dist.restart > 0 and (out / LAST_FILE).exists():
         # torchrun restarted the workers after one died (--max-restarts): continue from last.pt.
         saved = TrainConfig.from_yaml(out / "config.yaml")
@@ -82,18 +120,18 @@ def _prepare(cfg: TrainConfig, resume: str | Path | None, overwrite: bool,
             raise TransferkitError(f"torchrun restart: {out} holds a run with other settings "
                                    f"({', '.join(differs)}); not resuming it")
         log.warning("torchrun restart %d: resuming from %s", dist.restart, out / LAST_FILE)
-        return saved.replace(out=str(out), **keep), out, True
+        return saved.replace(out=str(out), **keep), out, True, lock
     if not resuming and (out / LAST_FILE).exists() and not overwrite:
+        lock.close()
         raise TransferkitError(
             f"{out} already holds a run; pass --resume {out} to continue it, --overwrite to "
             "replace it, or another --out"
         )
-    out.mkdir(parents=True, exist_ok=True)
     if overwrite and not resuming:
         for old in RUN_OUTPUTS:
             for f in out.glob(old):
                 f.unlink()
-    return cfg.replace(out=str(out)), out, resuming
+    return cfg.replace(out=str(out)), out, resuming, lock
 
 
 def resume_command(out: Path, dist: Dist) -> str:

@@ -72,6 +72,10 @@ def load_folder(root: Path, pre: Preprocessing, splits: Sequence[str], *, worker
         paths, labels = _list_files(path, classes)
         if not paths:
             raise TransferkitError(f"no image files under {path} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        empty = [c for i, c in enumerate(classes) if i not in set(labels)]
+        if split == "train" and empty:
+            raise TransferkitError(f"class folder(s) without images in {path}: {', '.join(empty)}; a class needs "
+                                   "training images: add some, or remove the folder(s)")
         if split == "train" and max_train:
             keep = stratified_subset(torch.tensor(labels), max_train, seed).tolist()
             paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
