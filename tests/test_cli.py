@@ -211,3 +211,17 @@ def test_an_empty_class_folder_and_an_out_inside_the_data_are_refused(tmp_path):
     assert proc.returncode == 2 and "inside --data" in proc.stderr and not (tmp_path / "d" / "run").exists()
     proc = run_cli("train", "--model", "resnet18")
     assert proc.returncode == 2 and "train needs --data" in proc.stderr and "transferkit demo" in proc.stderr
+
+
+def test_overwrite_with_a_mistake_in_the_new_settings_keeps_the_old_run(cifar_small, tmp_path):
+    out = tmp_path / "run"
+    base = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--epochs", "1", "--workers", "1",
+            "--out", out]
+    assert run_cli("train", "--data", cifar_small, *base).returncode == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.name not in ("train.log", ".lock")}
+    for mistake in (["--data", tmp_path / "typo"], ["--data", cifar_small, "--model", "resnet5"]):
+        proc = run_cli("train", *base, *mistake, "--overwrite")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert {f.name: f.read_bytes() for f in out.iterdir() if f.name not in ("train.log", ".lock")} == before
+    assert run_cli("train", "--data", cifar_small, *base, "--overwrite", "--seed", "1").returncode == 0
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]  # replaced once it was good

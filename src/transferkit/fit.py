@@ -22,7 +22,7 @@ from .features import Stage, activations_fit, cached_stage, supports_feature_cac
 from .files import atomic_write
 from .logs import EpochProgress, run_logging
 from .report import RunResult, classification_metrics, measured_on, write_metrics, write_report
-from .runfolder import resume_command, run_folder, settings_of
+from .runfolder import begin_writing, resume_command, run_folder, settings_of
 from .runtime import Dist, StopFlag
 from .state import Tally, TrainState, new_state
 
@@ -44,15 +44,14 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
             run_folder(cfg, resume, overwrite, dist) as run:
         if dist.main:
             log_to_file(Path(run.out) / "train.log")
-        result = _run(run.cfg, Path(run.out), run.saved, dist, device)
+        result = _run(run.cfg, Path(run.out), run.saved, run.replace, dist, device)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _run(cfg: TrainConfig, out: Path, saved: dict[str, Any] | None, dist: Dist, device: torch.device) -> RunResult:
+def _run(cfg: TrainConfig, out: Path, saved: dict[str, Any] | None, replace: bool, dist: Dist,
+         device: torch.device) -> RunResult:
     """The steps of a run, in order."""
-    if dist.main:
-        atomic_write(out / "config.yaml", cfg.to_yaml())
     precision = runtime.resolve_precision(cfg.precision, device)
     runtime.seed_everything(cfg.seed)
     if cfg.recipe:
@@ -67,24 +66,23 @@ def _run(cfg: TrainConfig, out: Path, saved: dict[str, Any] | None, dist: Dist, 
         models.check_input_size(bb, pre.image_size)
         frozen_blocks = models.frozen_prefix(bb.model, bb.head, cfg.trainable_blocks) if cfg.trainable_blocks else []
         log.info("model %s, weights %s, input %dpx, %s", cfg.model, bb.weights, pre.image_size, pre.normalization)
-        data = _load_data(cfg, pre, out, dist)
+        data = _load_data(cfg, pre)
     card = _classifier(cfg, bb, pre, data.classes, precision, dist, device)
+    if dist.main:
+        begin_writing(out, cfg, replace, data.skipped)
     stage = _plan_stage(cfg, bb, pre, frozen_blocks, data, precision, dist, device)
     state, cfg = _train_retrying(cfg, out, bb.model, stage, card, saved, frozen_blocks, dist, device, precision)
     return _final_evaluation(cfg, out, state, stage, data, card, dist, device, precision)
 
 
-def _load_data(cfg: TrainConfig, pre: Preprocessing, out: Path, dist: Dist) -> DataSource:
+def _load_data(cfg: TrainConfig, pre: Preprocessing) -> DataSource:
     """The splits (val carved from train when the data has none), with unreadable files listed."""
     src = sources.load_source(cfg.data, preprocessing=pre, data_dir=cfg.data_dir, splits=("train", "val", "test"),
-                      workers=cfg.workers, max_train_images=cfg.max_train_images, seed=cfg.seed,
-                      use_cache=cfg.cache, stream=cfg.stream)
+                              workers=cfg.workers, max_train_images=cfg.max_train_images, seed=cfg.seed,
+                              use_cache=cfg.cache, stream=cfg.stream)
     src.train, src.val, src.test = sources.train_val_test(src, cfg.val_split, cfg.seed)
     if len(src.classes) < 2:
         raise TransferkitError(f"{cfg.data} has one class ({src.classes[0]}); a classifier needs at least two")
-    if src.skipped and dist.main:
-        atomic_write(out / "skipped.txt", "".join(f"{p}\t{r}\n" for p, r in src.skipped))
-        log.warning("%d unreadable files skipped; list in %s", len(src.skipped), out / "skipped.txt")
     log.info("data %s: %d classes; train %s; val %s; test %s", cfg.data, len(src.classes),
              *("none" if s is None else s.description for s in (src.train, src.val, src.test)))
     sources.warn_imbalance(torch.bincount(src.train.labels, minlength=len(src.classes)), src.classes, cfg.class_weights)

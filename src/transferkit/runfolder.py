@@ -16,14 +16,15 @@ from typing import IO, Any
 from .checkpoint import LAST_FILE, META_FILE, MODEL_FILE, load_last
 from .config import TrainConfig
 from .errors import TransferkitError
+from .files import atomic_write
 from .runtime import Dist
 
 log = logging.getLogger(__name__)
 
 RESUMABLE_CHANGES = {"epochs", "device", "workers", "log_every", "compile", "checkpoint_every", "micro_batch", "tta"}
 LOCK_FILE = ".lock"
-RUN_OUTPUTS = (LAST_FILE, MODEL_FILE, META_FILE, "metrics.jsonl", "skipped.txt", "report*", "eval-*", "curves.png",
-               "train.log")
+# What --overwrite replaces (train.log is kept: the new run's log follows the old one's).
+RUN_OUTPUTS = (LAST_FILE, MODEL_FILE, META_FILE, "metrics.jsonl", "skipped.txt", "report*", "eval-*", "curves.png")
 
 
 def settings_of(config: TrainConfig | None, resume: str | Path | None, settings: dict[str, Any]) -> TrainConfig:
@@ -51,6 +52,7 @@ class RunStart:
     out: str = ""
     saved: dict[str, Any] | None = None  # last.pt's contents when resuming
     error: str | None = None
+    replace: bool = False  # --overwrite: an old run's files go when this run writes its first file
 
 
 @contextlib.contextmanager
@@ -62,7 +64,8 @@ def run_folder(cfg: TrainConfig, resume: str | Path | None, overwrite: bool, dis
         if dist.main:
             try:
                 cfg, out, resuming, lock = _prepare(cfg, resume, overwrite, dist)
-                start = RunStart(cfg, str(out), load_last(out) if resuming else None)
+                start = RunStart(cfg, str(out), load_last(out) if resuming else None,
+                                 replace=overwrite and not resuming)
             except TransferkitError as e:
                 start = RunStart(error=str(e))
         start = dist.share(start)
@@ -127,11 +130,20 @@ def _prepare(cfg: TrainConfig, resume: str | Path | None, overwrite: bool,
             f"{out} already holds a run; pass --resume {out} to continue it, --overwrite to "
             "replace it, or another --out"
         )
-    if overwrite and not resuming:
+    return cfg.replace(out=str(out)), out, resuming, lock
+
+
+def begin_writing(out: Path, cfg: TrainConfig, replace: bool, skipped: list[tuple[str, str]]) -> None:
+    """The run has its settings, data and weights: only now does it replace an old run (--overwrite)
+    and write its first files, config.yaml and the list of unreadable files."""
+    if replace:
         for old in RUN_OUTPUTS:
             for f in out.glob(old):
                 f.unlink()
-    return cfg.replace(out=str(out)), out, resuming, lock
+    atomic_write(out / "config.yaml", cfg.to_yaml())
+    if skipped:
+        atomic_write(out / "skipped.txt", "".join(f"{p}\t{r}\n" for p, r in skipped))
+        log.warning("%d unreadable files skipped; list in %s", len(skipped), out / "skipped.txt")
 
 
 def resume_command(out: Path, dist: Dist) -> str:
