@@ -181,7 +181,7 @@ def test_a_run_folder_is_locked_while_a_run_writes_it(cifar_small, tmp_path):
 
     out = tmp_path / "run"
     args = ["train", "--data", cifar_small, "--model", "resnet18", "--weights", "none", "--image-size", "32",
-            "--epochs", "4", "--batch-size", "8", "--workers", "1", "--checkpoint-every", "1", "--out", out]
+            "--epochs", "6", "--batch-size", "8", "--workers", "1", "--checkpoint-every", "1", "--out", out]
     first = subprocess.Popen([sys.executable, "-m", "transferkit", *map(str, args)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
@@ -195,7 +195,7 @@ def test_a_run_folder_is_locked_while_a_run_writes_it(cifar_small, tmp_path):
     finally:
         _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
-    assert run_cli("train", "--resume", out, "--epochs", "5").returncode == 0  # the lock went with the process
+    assert run_cli("train", "--resume", out, "--epochs", "7").returncode == 0  # the lock went with the process
 
 
 def test_an_empty_class_folder_and_an_out_inside_the_data_are_refused(tmp_path):
