@@ -96,7 +96,7 @@ def _odd_images(folder):
 def test_predict_any_image_mode_and_reports_unreadable_files(trained_run, tmp_path):
     out, _ = trained_run
     _odd_images(tmp_path)
-    proc = run_cli("predict", out, tmp_path, tmp_path / "missing.jpg", "--topk", "3", "--json")
+    proc = run_cli("predict", out, tmp_path, "--topk", "3", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     predicted = {p.split("/")[-1] for p in (r["file"] for r in result["predictions"])}
@@ -105,8 +105,12 @@ def test_predict_any_image_mode_and_reports_unreadable_files(trained_run, tmp_pa
         assert len(r["top"]) == 3 and sum(t["prob"] for t in r["top"]) <= 1.0 + 1e-6
         assert r["top"][0]["prob"] >= r["top"][1]["prob"]
     failed = {e["file"].split("/")[-1] for e in result["errors"]}
-    assert failed == {"empty.jpg", "notes.png", "cut.jpg", "missing.jpg"}
+    assert failed == {"empty.jpg", "notes.png", "cut.jpg"}
     assert "skipped" in proc.stderr and "Traceback" not in proc.stderr
+    # A path named on the command line that does not exist is a mistake, not a file to skip.
+    proc = run_cli("predict", out, tmp_path / "rgb.jpg", tmp_path / "missing.jpg")
+    assert proc.returncode == 2 and "no such file or folder: " in proc.stderr and "missing.jpg" in proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
 
 
 @needs_cifar

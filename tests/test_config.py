@@ -44,3 +44,13 @@ def test_yaml_round_trip(tmp_path):
     path.write_text(c.to_yaml())
     assert TrainConfig.from_yaml(path) == c
     assert TrainConfig.from_yaml(path, epochs=3).epochs == 3
+
+
+def test_random_weights_train_the_backbone_at_the_heads_lr_unless_told_otherwise(tmp_path):
+    """With --weights none there is nothing pretrained to protect: the backbone is not held at a tenth of the lr."""
+    assert TrainConfig.create(weights="none").backbone_lr_mult == 1.0
+    assert TrainConfig.create(weights="none", backbone_lr_mult=0.3).backbone_lr_mult == 0.3
+    assert TrainConfig.create().backbone_lr_mult == 0.1  # pretrained weights: a smaller lr for the backbone
+    path = tmp_path / "config.yaml"
+    path.write_text(TrainConfig.create(weights="none").to_yaml())
+    assert TrainConfig.from_yaml(path).backbone_lr_mult == 1.0

@@ -27,7 +27,7 @@ def tiny(tmp_path_factory):
 
 def _cfg(tiny, out, **kw):
     base = dict(data=str(tiny), model="resnet18", weights="none", image_size=32, epochs=3, batch_size=8,
-                val_split=0.25, out=str(out), strategy="gradual", head_epochs=1, workers=1)
+                val_split=0.25, out=str(out), strategy="gradual", head_epochs=1, workers=1, backbone_lr_mult=0.1)
     return TrainConfig.create(**{**base, **kw})
 
 

@@ -200,6 +200,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise TransferkitError("--topk must be at least 1")
     predictor = Predictor.from_run(args.run, device=args.device, image_size=args.image_size, tta=args.tta)
+    missing = [str(p) for p in args.paths if not Path(p).exists()]
+    if missing:  # named on the command line: a typo, not a file to skip
+        raise TransferkitError(f"no such file or folder: {', '.join(missing)}")
     results, errors = predictor.predict_paths(args.paths, topk=args.topk)
     for path, reason in errors:
         print(f"skipped {path}: {reason}", file=sys.stderr)

@@ -135,6 +135,8 @@ class TrainConfig:
                 )
             merged.update(RECIPES[recipe], recipe=recipe)
         merged.update({k: v for k, v in settings.items() if v is not None})
+        if str(merged.get("weights", "")).lower() == "none" and "backbone_lr_mult" not in merged:
+            merged["backbone_lr_mult"] = 1.0  # a random backbone has nothing to keep: it learns at the head's lr
         return cls(**merged)
 
     @classmethod

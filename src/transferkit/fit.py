@@ -66,6 +66,9 @@ def _run(cfg: TrainConfig, out: Path, saved: dict[str, Any] | None, replace: boo
         models.check_input_size(bb, pre.image_size)
         frozen_blocks = models.frozen_prefix(bb.model, bb.head, cfg.trainable_blocks) if cfg.trainable_blocks else []
         log.info("model %s, weights %s, input %dpx, %s", cfg.model, bb.weights, pre.image_size, pre.normalization)
+        if cfg.weights.lower() == "none" and cfg.strategy != "linear":
+            log.info("random weights: the backbone learns at %g x the head's lr (--backbone-lr-mult)",
+                     cfg.backbone_lr_mult)
         data = _load_data(cfg, pre)
     card = _classifier(cfg, bb, pre, data.classes, precision, dist, device)
     if dist.main:
