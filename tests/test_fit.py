@@ -179,3 +179,18 @@ def test_train_tta_reports_what_eval_tta_measures(tiny, tmp_path):
         mirrored, _, _ = evaluate_run(run.out_dir, str(tiny), tta=True, workers=1)
         plain, _, _ = evaluate_run(run.out_dir, str(tiny), workers=1)
         assert run.metrics["confusion"] == mirrored["confusion"] != plain["confusion"]
+
+
+@needs_cifar
+def test_train_from_python_shows_its_progress_where_nobody_configured_logging(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    def call(out):
+        return (f"train(data={str(tiny)!r}, model='resnet18', weights='none', image_size=32, epochs=1, batch_size=8, "
+                f"val_split=0.25, workers=1, out={str(tmp_path / out)!r})")
+
+    script = f"from transferkit import train; {call('one')}; {call('two')}"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("epoch 1/1  train_loss") == 2  # once per run, not silent, not doubled

@@ -18,14 +18,20 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def run_logging(quiet: bool) -> Iterator[Callable[[Path], None]]:
-    """Within the block the package logs at INFO (errors only when `quiet`: torchrun's other ranks);
-    the callable it gives adds a log file. Level and handlers are restored on exit."""
+    """Within the block the package logs at INFO (errors only when `quiet`: torchrun's other ranks), on
+    stderr too when nothing else would show it; the callable it gives adds a log file. Level and
+    handlers are restored on exit."""
     logger = logging.getLogger(LOGGER)
     level, handlers = logger.level, list(logger.handlers)
     if quiet:
         logger.setLevel(logging.ERROR)
     elif level == logging.NOTSET or level > logging.INFO:
         logger.setLevel(logging.INFO)
+    if not quiet and not logger.handlers and not logging.getLogger().handlers:
+        # A library call where nobody configured logging: show the run's progress on stderr, as the CLI does.
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(console)
 
     def to_file(path: Path) -> None:
         handler = logging.FileHandler(path)
