@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 from .. import cache, runtime
 from ..errors import TransferkitError
@@ -42,7 +41,7 @@ class FileImages:
         out = torch.zeros((len(picked), 3, self.side, self.side), dtype=torch.uint8)
         for i, path in enumerate(picked):
             try:
-                out[i] = stored(read_image(path), self.preprocessing, self.side)
+                out[i] = self.preprocessing.store(read_image(path), self.side)
             except UnreadableImage as e:
                 # Headers were checked when the folder was read; a file that breaks later trains as black.
                 log.warning("unreadable image %s (%s): used as a black image", path, e)
@@ -51,12 +50,6 @@ class FileImages:
     def __str__(self) -> str:  # what cache keys see: the files (paths, sizes, times) and how they are stored
         p = self.preprocessing
         return cache.digest("files", file_stats(self.paths), p.image_size, p.resize_size, self.side)
-
-
-def stored(image: torch.Tensor, pre: Preprocessing, side: int) -> torch.Tensor:
-    """`image` stored at `side`; a file whose pixels disagree with its header is resized to fit."""
-    out = pre.store(image, side)
-    return out if out.shape[-2:] == (side, side) else TF.resize(out, [side, side], antialias=True)
 
 
 def load_folder(root: Path, pre: Preprocessing, splits: Sequence[str], *, workers: int = 2,
@@ -201,7 +194,7 @@ def _decode_cached(name, paths, labels, pre: Preprocessing, side: int, workers, 
 def _decode(name, paths, labels, pre: Preprocessing, side: int, workers, skipped) -> Split:
     def load(p: Path) -> torch.Tensor | str:
         try:
-            return stored(read_image(p), pre, side)
+            return pre.store(read_image(p), side)
         except UnreadableImage as e:
             return str(e)
 

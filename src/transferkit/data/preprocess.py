@@ -76,13 +76,18 @@ class Preprocessing:
         return len(sizes) * channels * self.stored_side(sizes) ** 2
 
     def store(self, images: torch.Tensor, side: int | None = None) -> torch.Tensor:
-        """uint8 image(s) (..., C, H, W) as stored in a split of side `side` (None: this image alone)."""
+        """uint8 image(s) (..., C, H, W) as stored in a split of side `side` (None: this image alone).
+        With `side` the result always has that side: a file whose pixels disagree with its header
+        (which decided the split's side) is resized to fit."""
         h, w = images.shape[-2:]
         if not self.keeps(w, h):
-            return TF.center_crop(TF.resize(images, [self.resize_size], antialias=True),
-                                  [self.image_size, self.image_size])
-        side = side or h
-        return images if h == side else _upsample(images, side)
+            out = TF.center_crop(TF.resize(images, [self.resize_size], antialias=True),
+                                 [self.image_size, self.image_size])
+        else:
+            out = images if h == (side or h) else _upsample(images, side)
+        if side is not None and out.shape[-2:] != (side, side):
+            out = TF.resize(out, [side, side], antialias=True)
+        return out
 
     def to_input(self, stored: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """A stored uint8 batch (N, C, h, w) as normalized float model input (N, 3, S, S)."""
