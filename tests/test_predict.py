@@ -99,3 +99,115 @@ def test_the_predictor_takes_a_path_arrays_and_tensors_alike_and_refuses_what_it
                          (42, "cannot predict a int")]:
         with pytest.raises(TransferkitError, match=message):
             p.predict([bad])
+
+
+def _bomb(path):
+    """A small PNG (about 100 KB) that declares 100 Mpx: decoded whole it would take 300 MB as RGB."""
+    from PIL import Image
+
+    Image.new("1", (10_000, 10_000)).save(path)
+    assert path.stat().st_size < 200_000
+
+
+def test_a_decompression_bomb_is_skipped_by_the_pixel_limit_without_pils_warning(run, tmp_path, recwarn):
+    """100 Mpx is over PIL's 89 Mpx limit, under which PIL only warns and decodes; transferkit refuses it."""
+    from PIL import Image
+
+    from transferkit.data.images import UnreadableImage, image_size
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _bomb(folder / "bomb.png")
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(folder / "red.png")
+    results, errors = Predictor.from_run(run, device="cpu").predict_paths([folder], topk=2)
+    assert [r["file"] for r in results] == [str(folder / "red.png")]
+    assert [e[0] for e in errors] == [str(folder / "bomb.png")] and "pixel limit" in errors[0][1]
+    with pytest.raises(UnreadableImage, match="pixel limit"):  # training reads headers with image_size
+        image_size(folder / "bomb.png")
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    proc = run_cli("predict", run, folder)
+    assert proc.returncode == 0 and "red.png" in proc.stdout, proc.stderr
+    assert "skipped" in proc.stderr and "bomb.png" in proc.stderr and "pixel limit" in proc.stderr
+    assert "DecompressionBomb" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_predict_paths_holds_one_batch_of_images_whatever_the_folder_size(run, tmp_path, monkeypatch):
+    """Images are decoded, stored and predicted a batch at a time; results come out as they are ready."""
+    import weakref
+
+    from PIL import Image
+
+    from transferkit.data import preprocess
+
+    for i in range(40):  # 24x24 squares are stored at their own size: the decoded tensor is the stored one
+        Image.new("RGB", (24, 24), (i * 6, 100, 50)).save(tmp_path / f"{i:02d}.png")
+    live, most = [0], [0]
+
+    def gone() -> None:
+        live[0] -= 1
+
+    store = preprocess.Preprocessing.store
+
+    def counted(self, images, side=None):
+        out = store(self, images, side)
+        live[0] += 1
+        most[0] = max(most[0], live[0])
+        weakref.finalize(out, gone)
+        return out
+
+    monkeypatch.setattr(preprocess.Preprocessing, "store", counted)
+    p = Predictor.from_run(run, device="cpu")
+    results, errors = p.predict_paths([tmp_path], topk=1, batch_size=8)
+    assert len(results) == 40 and not errors
+    assert most[0] <= 8 + 1, f"{most[0]} stored images alive at once with batches of 8"
+    # The same answers as predicting the images one at a time.
+    one = p.predict([tmp_path / "07.png"], topk=1)[0]
+    assert results[7]["top"][0]["class"] == one[0][0] and results[7]["top"][0]["prob"] == pytest.approx(one[0][1])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--topk", "0"], "--topk 0"), (["--batch-size", "0"], "--batch-size 0"),
+    (["--batch-size", "-3"], "--batch-size -3"), (["--image-size", "1"], "--image-size 1"),
+])
+def test_predict_refuses_bad_numbers_with_a_sentence(run, tmp_path, args, message):
+    proc = run_cli("predict", run, tmp_path, *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_predict_shows_a_progress_bar_on_a_terminal_only(run, tmp_path):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+    import threading
+
+    from PIL import Image
+
+    for i in range(12):
+        Image.new("RGB", (50, 40), (i * 20, 3, 3)).save(tmp_path / f"{i:02d}.png")
+    args = [sys.executable, "-m", "transferkit", "predict", str(run), str(tmp_path), "--batch-size", "4"]
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 columns wide
+    seen: list[bytes] = []
+
+    def read() -> None:
+        try:
+            while chunk := os.read(master, 65536):
+                seen.append(chunk)
+        except OSError:  # the terminal closed
+            pass
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    proc = subprocess.run(args, stdout=subprocess.PIPE, stderr=slave, text=True, timeout=300)
+    os.close(slave)
+    reader.join(10)
+    os.close(master)
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 12
+    assert b"12/12" in b"".join(seen)
+    piped = run_cli("predict", run, tmp_path, "--batch-size", "4")
+    assert piped.returncode == 0 and "12/12" not in piped.stderr and "img/s" not in piped.stderr

@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="classify image files and folders with a run")
     pr.add_argument("run", type=Path)
     pr.add_argument("paths", nargs="+", help="image files and/or folders")
-    pr.add_argument("--topk", type=int, default=3)
+    pr.add_argument("--topk", type=int, default=3, help="how many classes to show per image (default: 3)")
+    pr.add_argument("--batch-size", type=int, default=32,
+                    help="images decoded and predicted at a time; memory holds one batch (default: 32)")
     pr.add_argument("--device", default="auto")
     pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_test_time_options(pr)
@@ -195,28 +197,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import Predictor
+    from tqdm import tqdm
+
+    from .predict import Predictor, expand_paths
 
     if args.topk < 1:
-        raise TransferkitError("--topk must be at least 1")
+        raise TransferkitError(f"--topk {args.topk}: show at least 1 class per image")
+    _check_batch_size(args.batch_size)
     predictor = Predictor.from_run(args.run, device=args.device, image_size=args.image_size, tta=args.tta)
     missing = [str(p) for p in args.paths if not Path(p).exists()]
     if missing:  # named on the command line: a typo, not a file to skip
         raise TransferkitError(f"no such file or folder: {', '.join(missing)}")
-    results, errors = predictor.predict_paths(args.paths, topk=args.topk)
+    files, errors = expand_paths(args.paths)
     for path, reason in errors:
         print(f"skipped {path}: {reason}", file=sys.stderr)
+    results = []
+    # Results are printed as each batch is ready; the bar shows only on a terminal (stderr), never in a pipe.
+    with tqdm(total=len(files), unit="img", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False) as bar:
+        for path, top in predictor.predict_files(files, topk=args.topk, batch_size=args.batch_size):
+            bar.update()
+            if isinstance(top, str):
+                errors.append((str(path), top))
+                bar.write(f"skipped {path}: {top}", file=sys.stderr)
+                continue
+            results.append({"file": str(path), "top": [{"class": c, "prob": p} for c, p in top]})
+            if not args.json:
+                bar.write(f"{path}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in top), file=sys.stdout)
     if args.json:
         print(json.dumps({"predictions": results,
                           "errors": [{"file": p, "reason": r} for p, r in errors]}, indent=2))
-    else:
-        for r in results:
-            tops = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in r["top"])
-            print(f"{r['file']}: {tops}")
     if not results:
         print("error: no image could be read", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise TransferkitError(f"--batch-size {batch_size}: use at least 1 image per batch")
 
 
 def cmd_models(args: argparse.Namespace) -> int:

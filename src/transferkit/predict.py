@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,32 +80,69 @@ class Predictor:
         arrays (H, W, C); float ones with values in [0, 1]. One path alone is one image."""
         if isinstance(images, (str, Path)):
             images = [images]
-        pre = self.preprocessing
-        stored = [pre.store(_as_uint8(item)) for item in images]  # on the CPU; as model input on the device, as eval
+        if batch_size < 1:
+            raise TransferkitError(f"batch_size {batch_size}: predict at least one image at a time")
         k = max(1, min(topk, len(self.classes)))
-        results = []
-        for start in range(0, len(stored), batch_size):
-            x = torch.cat([pre.to_input(t[None].to(self.device)) for t in stored[start:start + batch_size]])
-            probs = infer(self.model, x, device=self.device, precision=self.precision, tta=self.tta).softmax(1).cpu()
-            p, idx = probs.topk(k, dim=1)
-            for row_p, row_i in zip(p.tolist(), idx.tolist()):
-                results.append([(self.classes[i], v) for v, i in zip(row_p, row_i)])
-        return results
+        results: list[list[tuple[str, float]]] = []
+        stored: list[torch.Tensor] = []  # one batch at a time, as stored (at most the input side), on the CPU
+        for item in images:
+            stored.append(self.preprocessing.store(_as_uint8(item)))
+            if len(stored) == batch_size:
+                results += self._top(stored, k)
+                stored = []
+        return results + (self._top(stored, k) if stored else [])
+
+    @torch.no_grad()
+    def _top(self, stored: list[torch.Tensor], k: int) -> list[list[tuple[str, float]]]:
+        """Top-k of a batch of stored images: as model input on the device, the way eval feeds them."""
+        x = torch.cat([self.preprocessing.to_input(t[None].to(self.device)) for t in stored])
+        probs = infer(self.model, x, device=self.device, precision=self.precision, tta=self.tta).softmax(1).cpu()
+        p, idx = probs.topk(k, dim=1)
+        return [[(self.classes[i], v) for v, i in zip(row_p, row_i)] for row_p, row_i in zip(p.tolist(), idx.tolist())]
 
     def predict_paths(
-        self, paths: Sequence[str | Path], topk: int = 5
+        self, paths: Sequence[str | Path], topk: int = 5, batch_size: int = 32
     ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
         """Predict files and folders (searched recursively). Returns (results, [(path, reason)])."""
         files, errors = expand_paths(paths)
-        images, names = [], []
-        for f in files:
-            try:  # held as stored (at most the input size), not at the photo's full size; storing is idempotent
-                images.append(self.preprocessing.store(read_image(f)))
-                names.append(str(f))
+        results = []
+        for path, top in self.predict_files(files, topk=topk, batch_size=batch_size):
+            if isinstance(top, str):
+                errors.append((str(path), top))
+            else:
+                results.append({"file": str(path), "top": [{"class": c, "prob": p} for c, p in top]})
+        return results, errors
+
+    def predict_files(
+        self, files: Iterable[str | Path], topk: int = 5, batch_size: int = 32
+    ) -> Iterator[tuple[Path, list[tuple[str, float]] | str]]:
+        """(path, top-k) for each file in order, or (path, why it was skipped), a batch at a time.
+
+        Each image is decoded, stored at the input side and its full-size pixels dropped before the
+        next is read, so memory holds one photo and one batch, whatever the number of files.
+        """
+        if batch_size < 1:
+            raise TransferkitError(f"batch_size {batch_size}: predict at least one image at a time")
+        k = max(1, min(topk, len(self.classes)))
+        batch: list[tuple[Path, torch.Tensor | str]] = []
+        images = 0
+        for f in map(Path, files):
+            try:
+                batch.append((f, self.preprocessing.store(read_image(f))))
+                images += 1
             except UnreadableImage as e:
-                errors.append((str(f), str(e)))
-        preds = self.predict(images, topk=topk) if images else []
-        return [{"file": n, "top": [{"class": c, "prob": p} for c, p in pr]} for n, pr in zip(names, preds)], errors
+                batch.append((f, str(e)))
+            if images == batch_size:
+                yield from self._answers(batch, k)
+                batch, images = [], 0
+        yield from self._answers(batch, k)
+
+    def _answers(self, batch: list[tuple[Path, torch.Tensor | str]],
+                 k: int) -> Iterator[tuple[Path, list[tuple[str, float]] | str]]:
+        stored = [t for _, t in batch if not isinstance(t, str)]
+        tops = iter(self._top(stored, k) if stored else [])
+        for path, t in batch:
+            yield path, t if isinstance(t, str) else next(tops)
 
 
 def _as_uint8(item: str | Path | Image.Image | torch.Tensor | np.ndarray) -> torch.Tensor:

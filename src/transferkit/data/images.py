@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,33 @@ class UnreadableImage(TransferkitError):
 
 _BROKEN = (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError)
 
+# PIL warns about an image over Image.MAX_IMAGE_PIXELS (about 89 Mpx) and decodes it anyway, up to twice that.
+# transferkit refuses every such file itself (_check_pixels: training, eval and predict alike, the file listed
+# with the reason), so PIL's raw warning would only repeat it in a form the user cannot act on. It is silenced
+# around each open (where a caller set "always", as pytest's recwarn does) and, for threads whose
+# catch_warnings blocks overlap, once for the process.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def _open(path: str | Path) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def _check_pixels(im: Image.Image) -> None:
+    """Refuse an image whose header declares more pixels than PIL's limit, before decoding it."""
+    limit, (w, h) = Image.MAX_IMAGE_PIXELS, im.size
+    if limit and w * h > limit:
+        raise UnreadableImage(f"declares {w}x{h} pixels ({w * h / 1e6:.0f} Mpx), over the pixel limit of "
+                              f"{limit / 1e6:.0f} Mpx (a decompression bomb, or a photo to scale down first)")
+
 
 def open_rgb(path: str | Path) -> Image.Image:
     """Decode any image file (L, P, RGBA, CMYK, 16-bit, float...) into an 8-bit RGB image."""
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
+            _check_pixels(im)
             im.load()
             im = ImageOps.exif_transpose(im)
     except _BROKEN as e:
@@ -37,7 +60,8 @@ def open_rgb(path: str | Path) -> Image.Image:
 def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) as decoded (EXIF orientation applied), from the file's header alone."""
     try:
-        with Image.open(path) as im:  # refuses decompression bombs as decoding would
+        with _open(path) as im:  # refuses decompression bombs as decoding would
+            _check_pixels(im)
             w, h = im.size
             orientation = im.getexif().get(0x0112, 1)
     except _BROKEN as e:
@@ -48,6 +72,8 @@ def image_size(path: str | Path) -> tuple[int, int]:
 def _reason(path: str | Path, e: Exception) -> str:
     if Path(path).is_file() and Path(path).stat().st_size == 0:
         return "empty file"
+    if isinstance(e, Image.DecompressionBombError):  # over twice the limit: PIL refuses it while opening
+        return f"over the pixel limit of {Image.MAX_IMAGE_PIXELS / 1e6:.0f} Mpx ({e})"
     return str(e) or type(e).__name__
 
 
