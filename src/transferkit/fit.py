@@ -13,7 +13,7 @@ import torch
 from . import engine, models, runtime
 from .checkpoint import ModelCard, load_model_state, read_card, save_last, save_model
 from .config import TrainConfig
-from .data import sources
+from .data import heldout, sources
 from .data.preprocess import Preprocessing, resolve_preprocessing
 from .data.sources import DataSource
 from .data.transforms import EvalTransform, TrainTransform, batches
@@ -73,6 +73,8 @@ def _run(cfg: TrainConfig, out: Path, saved: dict[str, Any] | None, replace: boo
     card = _classifier(cfg, bb, pre, data.classes, precision, dist, device)
     if dist.main:
         begin_writing(out, cfg, replace, data.skipped)
+        heldout.write_split_record(out, cfg.data, data, val_split=cfg.val_split, seed=cfg.seed,
+                                   max_train_images=cfg.max_train_images)
     stage = _plan_stage(cfg, bb, pre, frozen_blocks, data, precision, dist, device)
     state, cfg = _train_retrying(cfg, out, bb.model, stage, card, saved, frozen_blocks, dist, device, precision)
     return _final_evaluation(cfg, out, state, stage, data, card, dist, device, precision)

@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 
 from .checkpoint import ModelCard, load_model_state, read_card
+from .data import heldout
 from .data.folders import folder_layout
 from .data.images import UnreadableImage, pil_to_tensor, read_image, to_rgb, walk_images
 from .data.preprocess import Preprocessing, resolve_preprocessing
-from .data.sources import is_named, load_source
+from .data.sources import DataSource, Split, check_data_arg, is_named, load_source
 from .engine import evaluate, infer
 from .errors import TransferkitError
 from .models import check_model_name, check_side, create_backbone, rebuild
@@ -204,20 +205,29 @@ def expand_paths(paths: Sequence[str | Path]) -> tuple[list[Path], list[tuple[st
 
 
 def evaluate_run(
-    run_dir: str | Path, data: str, *, data_dir: str | None = None, split: str | None = None,
+    run_dir: str | Path, data: str | None = None, *, data_dir: str | None = None, split: str | None = None,
     batch_size: int = 128, device: str = "auto", workers: int = 2, image_size: int | None = None,
-    tta: bool = False,
-) -> tuple[dict[str, Any], str, Path]:
-    """Evaluate a run on a data set with the same classes; writes eval-<data>-<split>.md in the run."""
+    tta: bool = False, report_dir: str | Path | None = None,
+) -> tuple[dict[str, Any], str, Path | None]:
+    """Evaluate a run on a data set with the same classes; writes eval-<data>-<split>.md in the run
+    (or `report_dir`) and returns (metrics, what they were measured on, the report or None if unwritable).
+
+    On the run's own data (the default) it scores the split the run held out: test if the data has one,
+    else the validation split exactly as the run carved it from train (split.json); `split="train"`
+    scores the images that trained the model, and says so.
+    """
     run_dir = Path(run_dir)
+    if batch_size < 1:
+        raise TransferkitError(f"batch_size {batch_size}: evaluate at least 1 image per batch")
+    card = read_card(run_dir)
+    data = data or card.data
+    if not data:
+        raise TransferkitError(f"pass --data: {run_dir}/model.json does not record the data set it was trained on")
     pred = Predictor.from_run(run_dir, device=device, image_size=image_size, tta=tta)
-    if split is None:
-        layout = {"test": None} if is_named(data) or not Path(data).is_dir() else folder_layout(Path(data))
-        split = next(s for s in ("test", "val", "train") if s in layout)
-    src = load_source(data, preprocessing=pred.preprocessing, data_dir=data_dir, splits=(split,), workers=workers)
-    part = getattr(src, split)
-    if part is None:
-        raise TransferkitError(f"{data} has no '{split}' split; choose --split train, val or test")
+    check_data_arg(data)
+    own = _same_data(data, card.data)
+    part, src, note = _split_to_score(run_dir, data, split, pred.preprocessing, own=own, data_dir=data_dir,
+                                      workers=workers, same_pre=pred.preprocessing == card.preprocessing)
     if sorted(src.classes) != sorted(pred.classes):
         missing = sorted(set(pred.classes) - set(src.classes))
         extra = sorted(set(src.classes) - set(pred.classes))
@@ -230,12 +240,94 @@ def evaluate_run(
     logits, _ = evaluate(pred.model, part, pred.preprocessing.to_input, batch_size=batch_size, device=pred.device,
                          precision=pred.precision, tta=tta, workers=workers)
     metrics = classification_metrics(logits, labels, pred.classes)
-    said = measured_on(part, data, pred.preprocessing.image_size, tta=tta)
-    other_size = image_size and image_size != read_card(run_dir).preprocessing.image_size
-    name = f"eval-{Path(data).name or 'data'}-{split}" + (f"-{image_size}px" if other_size else "") + (
+    said = measured_on(part, data, pred.preprocessing.image_size, tta=tta, note=note)
+    other_size = image_size and image_size != card.preprocessing.image_size
+    name = f"eval-{Path(data).name or 'data'}-{part.name}" + (f"-{image_size}px" if other_size else "") + (
         "-tta" if tta else "")
-    report = write_report(run_dir, metrics, title=f"{run_dir.name} evaluated on {data}", measured_on=said,
-                          classes=pred.classes, setup={"run": str(run_dir)}, name=name)
     if src.skipped:
         log.warning("%d unreadable files skipped", len(src.skipped))
+    report = _write_eval_report(Path(report_dir) if report_dir is not None else run_dir, run_dir, metrics,
+                                title=f"{run_dir.name} evaluated on {data}", measured_on=said, classes=pred.classes,
+                                setup={"run": str(run_dir)}, name=name)
     return metrics, said, report
+
+
+def _same_data(data: str, trained_on: str) -> bool:
+    """Whether `data` names the data set the run trained on (a named set, or the same folder)."""
+    if not trained_on:
+        return False
+    if is_named(data) or is_named(trained_on):
+        return data.lower() == trained_on.lower()
+    try:
+        return Path(data).expanduser().resolve() == Path(trained_on).expanduser().resolve()
+    except OSError:
+        return False
+
+
+def _split_to_score(run_dir: Path, data: str, split: str | None, pre: Preprocessing, *, own: bool,
+                    data_dir: str | None, workers: int, same_pre: bool) -> tuple[Split, DataSource, str]:
+    """The split to evaluate, its source, and a note for what it was measured on."""
+    record = heldout.read_split_record(run_dir) if own else None
+    if own and record is None:
+        record = _record_from_config(run_dir, data)
+    if split is None:
+        if record is not None:
+            split = record["evaluate"]
+        else:
+            layout = {"test": None} if is_named(data) else folder_layout(Path(data).expanduser())
+            split = next(s for s in ("test", "val", "train") if s in layout)
+    carved = record is not None and float(record.get("val_split") or 0) > 0 and split in ("train", "val")
+    if carved:
+        src, kept, held = heldout.carve(data, record, pre, data_dir=data_dir, workers=workers)
+        part = held if split == "val" else kept
+    else:
+        max_train = record.get("max_train_images") if record is not None and split == "train" else None
+        src = load_source(data, preprocessing=pre, data_dir=data_dir, splits=(split,), workers=workers,
+                          max_train_images=max_train, seed=int(record.get("seed", 0)) if record else 0)
+        part = getattr(src, split)
+        if part is None:
+            raise TransferkitError(f"{data} has no '{split}' split; choose --split train, val or test")
+    note = ""
+    if record is not None:
+        if record.get("unchecked"):
+            log.warning("%s records no held-out split (trained by an earlier transferkit): evaluating %s, %s",
+                        run_dir, f"the {split} split of {data}", "carved again by config.yaml's val_split and seed; "
+                        "it could not be checked against the run's" if carved else "as the data lays it out")
+        else:
+            heldout.check_same(split, part, record.get(split), len(src.classes),
+                               by_content=same_pre and split != "train", run_dir=run_dir, data=data)
+        again = ", re-carved from config.yaml and unchecked" if record.get("unchecked") else ""
+        if split == "val":
+            note = (f"held out of train by the run: {100 * float(record['val_split']):g}% of each class, seed "
+                    f"{record.get('seed', 0)}{again}; it chose its epoch on them" if carved
+                    else "the run chose its epoch on them")
+        elif split == "train":
+            note = "the run's training images: these images trained the model, so they overstate its accuracy"
+            log.warning("--split train: %s trained on these %d images; its figures on them overstate what it "
+                        "does on new images", run_dir, len(part))
+    return part, src, note
+
+
+def _record_from_config(run_dir: Path, data: str) -> dict[str, Any] | None:
+    """For a run without split.json: the rule its config.yaml gives (val_split, seed, max_train_images), unchecked."""
+    from .config import TrainConfig
+
+    try:
+        cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
+    except (TransferkitError, OSError, ValueError, TypeError):
+        return None
+    layout = {"train": None, "test": None} if is_named(data) else folder_layout(Path(data).expanduser())
+    carved = heldout.val_carved(data) and cfg.val_split > 0
+    return {"unchecked": True, "evaluate": "test" if "test" in layout else "val", "seed": cfg.seed,
+            "val_split": cfg.val_split if carved else 0.0, "max_train_images": cfg.max_train_images}
+
+
+def _write_eval_report(where: Path, run_dir: Path, metrics: dict[str, Any], **report: Any) -> Path | None:
+    """The report in `where`; if it cannot be written there, one line that says so (the figures stand)."""
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        return write_report(where, metrics, **report)
+    except (OSError, TransferkitError) as e:
+        why = getattr(e, "strerror", None) or str(e).split(";")[0]
+        log.warning("could not write the report into %s (%s); --report-dir DIR writes it elsewhere", where, why)
+        return None

@@ -1,0 +1,99 @@
+"""split.json: which images a run held out (and so which it trained on), for `eval RUN` to score the right ones."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import TransferkitError
+from ..files import atomic_write
+from .folders import folder_layout
+from .preprocess import Preprocessing
+from .sources import DataSource, Split, is_named, load_source, train_val_test
+
+log = logging.getLogger(__name__)
+
+SPLIT_FILE = "split.json"
+FORMAT = 1
+
+
+def fingerprint(split: Split, chunk: int = 256) -> str:
+    """sha256 of a split's labels and stored pixels: the same whether it is held in memory or streamed."""
+    h = hashlib.sha256(split.labels.numpy().tobytes())
+    for start in range(0, len(split), chunk):  # a streamed split decodes a chunk at a time
+        h.update(memoryview(split.images[start:start + chunk].contiguous().numpy()).cast("B"))
+    return h.hexdigest()
+
+
+def _summary(split: Split | None, classes: int) -> dict[str, Any] | None:
+    if split is None:
+        return None
+    return {"images": len(split), "per_class": torch.bincount(split.labels, minlength=classes).tolist()}
+
+
+def val_carved(data: str) -> bool:
+    """Whether a run on `data` holds its validation split out of train (no val/ folder of its own)."""
+    return is_named(data) or "val" not in folder_layout(Path(data).expanduser())
+
+
+def write_split_record(out: Path, data: str, src: DataSource, *, val_split: float, seed: int,
+                       max_train_images: int | None) -> None:
+    """Write split.json: the rule that carved validation out of train, the counts and a fingerprint to check it."""
+    carved = src.val is not None and val_carved(data)
+    val = _summary(src.val, len(src.classes))
+    if val is not None:
+        val.update(source="carved from train" if carved else "val", fingerprint=fingerprint(src.val))
+    record = {
+        "format": FORMAT, "data": data, "classes": src.classes, "evaluate": "test" if src.test is not None else "val",
+        # The rule: load train (a stratified subset of max_train_images with seed), hold out val_split of each class.
+        "val_split": val_split if carved else 0.0, "seed": seed, "max_train_images": max_train_images,
+        "train": _summary(src.train, len(src.classes)), "val": val, "test": _summary(src.test, len(src.classes)),
+    }
+    atomic_write(Path(out) / SPLIT_FILE, json.dumps(record, indent=2))
+
+
+def read_split_record(run_dir: Path) -> dict[str, Any] | None:
+    """split.json of a run folder, or None for a run of an earlier transferkit (or a damaged file, with a warning)."""
+    path = Path(run_dir) / SPLIT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or record.get("format") != FORMAT:
+            raise ValueError(f"format {record.get('format') if isinstance(record, dict) else record!r}")
+        return record
+    except (OSError, ValueError) as e:
+        log.warning("%s is unreadable (%s): treating the run as one that records no held-out split", path, e)
+        return None
+
+
+def carve(data: str, record: dict[str, Any], pre: Preprocessing, *, data_dir: str | None,
+          workers: int) -> tuple[DataSource, Split, Split]:
+    """The run's train and val splits carved again from `data` by the record's rule: (source, train, val)."""
+    src = load_source(data, preprocessing=pre, data_dir=data_dir, splits=("train",), workers=workers,
+                      max_train_images=record.get("max_train_images"), seed=int(record.get("seed", 0)))
+    src.val = src.test = None
+    train, val, _ = train_val_test(src, float(record["val_split"]), int(record.get("seed", 0)))
+    return src, train, val
+
+
+def check_same(name: str, split: Split, recorded: dict[str, Any] | None, classes: int, *, by_content: bool,
+               run_dir: Path, data: str) -> None:
+    """Refuse a split that is not the one the run recorded: the data changed since training."""
+    if recorded is None:
+        return
+    now = _summary(split, classes)
+    same = now["per_class"] == recorded.get("per_class", now["per_class"])
+    if same and by_content and recorded.get("fingerprint"):
+        same = fingerprint(split) == recorded["fingerprint"]
+    if not same:
+        raise TransferkitError(
+            f"the {name} split of {data} is not the one {run_dir} recorded in {SPLIT_FILE} ({recorded['images']:,} "
+            f"images then, {len(split):,} now{', other images' if now['images'] == recorded['images'] else ''}): "
+            "the data changed since training; pass --data with images the run never saw, or --split test"
+        )

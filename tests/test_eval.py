@@ -1,0 +1,169 @@
+"""eval: the run's own held-out split by default, bad numbers and folders refused, a read-only run folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import SHARED_CIFAR, link_subset, needs_cifar, run_cli
+from transferkit.checkpoint import ModelCard, save_model
+from transferkit.data.preprocess import Preprocessing
+from transferkit.models import create_backbone
+
+
+@pytest.fixture(scope="module")
+def run_and_data(tmp_path_factory) -> tuple[Path, Path]:
+    """A run folder (random resnet18, classes a, b, c) and a data folder with a test/ split of those classes."""
+    run, data = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("data")
+    bb = create_backbone("resnet18", "none", num_classes=3)
+    save_model(run, bb.model.eval(), ModelCard("resnet18", bb.head, ["a", "b", "c"], Preprocessing(32, 37),
+                                               data=str(data)))
+    for k, c in enumerate("abc"):
+        (data / "test" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 40), (80 * k, 30 * i, 90)).save(data / "test" / c / f"{i}.png")
+    return run, data
+
+
+def _immutable(path: Path, on: bool) -> bool:
+    """chattr +i / -i: even root cannot write into an immutable folder (tests run as root)."""
+    if shutil.which("chattr") is None:
+        return False
+    return subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True).returncode == 0
+
+
+def test_eval_on_a_read_only_run_folder_prints_its_figures_and_says_where_it_could_not_write(run_and_data,
+                                                                                            tmp_path):
+    run, data = run_and_data
+    for old in run.glob("eval-*"):
+        old.unlink()
+    if not _immutable(run, True):
+        pytest.skip("chattr +i does not work here")
+    try:
+        assert not _writable(run)
+        proc = run_cli("eval", run, "--data", data)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert "accuracy" in proc.stdout and "(3 images)" in proc.stdout
+        said = [line for line in proc.stderr.splitlines() if "could not write" in line]
+        assert len(said) == 1 and str(run) in said[0] and "--report-dir" in said[0], proc.stderr
+        assert not list(run.glob("eval-*")) and not list(run.glob(".*tmp"))
+        proc = run_cli("eval", run, "--data", data, "--report-dir", tmp_path / "reports", "--json")
+        assert proc.returncode == 0 and json.loads(proc.stdout)["images"] == 9, proc.stderr
+        assert (tmp_path / "reports" / f"eval-{data.name}-test.md").is_file()
+        assert (tmp_path / "reports" / f"eval-{data.name}-test.json").is_file()
+    finally:
+        _immutable(run, False)
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        (folder / ".probe").write_text("x")
+    except OSError:
+        return False
+    (folder / ".probe").unlink()
+    return True
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--batch-size", "0"], "--batch-size 0"), (["--batch-size", "-5"], "--batch-size -5"),
+    (["--split", "val"], "no 'val' split"),
+])
+def test_eval_refuses_bad_settings_with_a_sentence(run_and_data, args, message):
+    run, data = run_and_data
+    proc = run_cli("eval", run, "--data", data, *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
+    assert _errors(proc) == 1, proc.stderr
+
+
+def _errors(proc: subprocess.CompletedProcess) -> int:
+    """How many error lines (one sentence each) stderr holds, besides the progress it logs."""
+    return sum(line.startswith("error:") for line in proc.stderr.splitlines())
+
+
+def test_eval_and_predict_on_folders_that_are_not_runs_say_so(run_and_data, tmp_path):
+    run, data = run_and_data
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    (broken / "model.json").unlink()
+    (tmp_path / "afile").write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nomodel = tmp_path / "nomodel"
+    shutil.copytree(run, nomodel)
+    (nomodel / "model.safetensors").unlink()
+    for folder, message in [(broken, "not a transferkit run folder"), (tmp_path / "afile", "not a transferkit run"),
+                            (empty, "not a transferkit run folder"), (tmp_path / "nowhere", "not a transferkit run"),
+                            (nomodel, "model.safetensors is missing")]:
+        for proc in (run_cli("eval", folder, "--data", data), run_cli("eval", folder),
+                     run_cli("predict", folder, data)):
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+            assert message in proc.stderr and _errors(proc) == 1, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def flat_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A real 1-epoch run on a flat root/<class>/ folder: its validation split is carved out of train."""
+    if not (SHARED_CIFAR / "train").is_dir():
+        pytest.skip(f"shared CIFAR-10 folder not found at {SHARED_CIFAR}")
+    root = tmp_path_factory.mktemp("flat")
+    flat = link_subset(SHARED_CIFAR / "train", root / "flat", 12, ["cat", "dog", "ship"])
+    run = root / "run"
+    proc = run_cli("train", "--data", flat, "--model", "resnet18", "--weights", "none", "--strategy", "linear",
+                   "--image-size", "32", "--epochs", "1", "--batch-size", "9", "--val-split", "0.25", "--workers", "1",
+                   "--out", run)
+    assert proc.returncode == 0, proc.stderr
+    return run, flat
+
+
+@needs_cifar
+def test_eval_of_a_run_scores_the_validation_split_it_held_out_not_its_training_images(flat_run):
+    run, flat = flat_run
+    trained = json.loads((run / "report.json").read_text())  # no test split: measured on the held-out 9
+    assert trained["images"] == 9
+    for extra in ([], ["--split", "val"], ["--data", flat]):
+        proc = run_cli("eval", run, "--json", *extra)
+        assert proc.returncode == 0, proc.stderr
+        metrics = json.loads(proc.stdout)
+        assert metrics["images"] == 9 and metrics["accuracy"] == pytest.approx(trained["accuracy"]), extra
+        assert "val split" in metrics["measured_on"] and "held out" in metrics["measured_on"]
+    proc = run_cli("eval", run, "--split", "train")
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert "27 images" in first and "trained the model" in first, first
+    assert "trained the model" in (run / f"eval-{flat.name}-train.md").read_text()
+
+
+@needs_cifar
+def test_eval_of_an_old_run_without_a_split_record_warns_and_says_what_it_evaluated(flat_run, tmp_path):
+    run, flat = flat_run
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    (old / "split.json").unlink()
+    proc = run_cli("eval", old, "--json")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout)
+    assert metrics["images"] == 9 and "re-carved" in metrics["measured_on"]
+    assert "warning:" in proc.stderr and "records no held-out split" in proc.stderr
+
+
+@needs_cifar
+def test_the_held_out_split_has_one_fingerprint_in_memory_and_streamed(flat_run):
+    """A run that streamed its images and an eval that holds them in memory (or the reverse) agree."""
+    from transferkit.data import heldout
+
+    run, flat = flat_run
+    record = json.loads((run / "split.json").read_text())
+    pre = Preprocessing(32, 37)
+    prints = set()
+    for stream in ("always", "never"):
+        src = heldout.load_source(str(flat), preprocessing=pre, splits=("train",), stream=stream)
+        src.val = src.test = None
+        _, val, _ = heldout.train_val_test(src, record["val_split"], record["seed"])
+        assert val.streamed == (stream == "always")
+        prints.add(heldout.fingerprint(val))
+    assert prints == {record["val"]["fingerprint"]}
