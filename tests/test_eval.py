@@ -96,6 +96,8 @@ def test_eval_and_predict_on_folders_that_are_not_runs_say_so(run_and_data, tmp_
     nomodel = tmp_path / "nomodel"
     shutil.copytree(run, nomodel)
     (nomodel / "model.safetensors").unlink()
+    proc = run_cli("predict", run, "/dev/null")
+    assert proc.returncode == 2 and "not a file or folder" in proc.stderr and "Traceback" not in proc.stderr
     for folder, message in [(broken, "not a transferkit run folder"), (tmp_path / "afile", "not a transferkit run"),
                             (empty, "not a transferkit run folder"), (tmp_path / "nowhere", "not a transferkit run"),
                             (nomodel, "model.safetensors is missing")]:
@@ -143,12 +145,16 @@ def test_eval_of_an_old_run_without_a_split_record_warns_and_says_what_it_evalua
     run, flat = flat_run
     old = tmp_path / "old"
     shutil.copytree(run, old)
-    (old / "split.json").unlink()
+    (old / "split.json").unlink(missing_ok=True)  # as a run of an earlier transferkit
     proc = run_cli("eval", old, "--json")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads(proc.stdout)
     assert metrics["images"] == 9 and "re-carved" in metrics["measured_on"]
     assert "warning:" in proc.stderr and "records no held-out split" in proc.stderr
+    (old / "split.json").write_text('{"format": 1}')  # damaged: read as no record, not a traceback
+    proc = run_cli("eval", old, "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["images"] == 9, proc.stderr
+    assert "split.json is unreadable" in proc.stderr and "records no held-out split" in proc.stderr
 
 
 @needs_cifar

@@ -199,6 +199,8 @@ def expand_paths(paths: Sequence[str | Path]) -> tuple[list[Path], list[tuple[st
             files += found
         elif p.is_file():
             files.append(p)
+        elif p.exists():
+            errors.append((str(p), "not a file or folder (a device, pipe or socket)"))
         else:
             errors.append((str(p), "no such file or folder"))
     return files, errors
@@ -290,7 +292,8 @@ def _split_to_score(run_dir: Path, data: str, split: str | None, pre: Preprocess
     note = ""
     if record is not None:
         if record.get("unchecked"):
-            log.warning("%s records no held-out split (trained by an earlier transferkit): evaluating %s, %s",
+            log.warning("%s records no held-out split (no usable split.json; earlier transferkit versions wrote "
+                        "none): evaluating %s, %s",
                         run_dir, f"the {split} split of {data}", "carved again by config.yaml's val_split and seed; "
                         "it could not be checked against the run's" if carved else "as the data lays it out")
         else:

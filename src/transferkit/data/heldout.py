@@ -66,6 +66,11 @@ def read_split_record(run_dir: Path) -> dict[str, Any] | None:
         record = json.loads(path.read_text())
         if not isinstance(record, dict) or record.get("format") != FORMAT:
             raise ValueError(f"format {record.get('format') if isinstance(record, dict) else record!r}")
+        if record.get("evaluate") not in ("test", "val") or not isinstance(record.get("val_split"), (int, float)) \
+                or not isinstance(record.get("seed"), int) or not all(
+                    record.get(s) is None or isinstance(record[s], dict) and isinstance(record[s].get("images"), int)
+                    for s in ("train", "val", "test")):
+            raise ValueError("not the fields transferkit writes")
         return record
     except (OSError, ValueError) as e:
         log.warning("%s is unreadable (%s): treating the run as one that records no held-out split", path, e)
