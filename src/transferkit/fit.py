@@ -153,7 +153,7 @@ def _train_retrying(cfg: TrainConfig, out: Path, model: torch.nn.Module, stage: 
             where = f"epoch {state.epoch}" + ("" if state.step is None else f", step {state.step}/{steps}")
             log.info("resuming %s after %s of %d epochs", out, where, cfg.epochs)
         try:
-            with runtime.stop_on_signals() as stop:
+            with runtime.stop_on_signals(repeat_window=2.0 if dist.on else 0.0) as stop:
                 _epochs(cfg, out, state, stage, card, frozen_blocks, steps, drop_last, dist, device, precision, stop)
             return state, cfg
         except torch.OutOfMemoryError:
