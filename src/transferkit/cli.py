@@ -29,6 +29,8 @@ HELP = {
            "twice its compute, training and model selection unchanged)",
     "val_split": "fraction of train held out for model selection when there is no val/ folder",
     "max_train_images": "train on a stratified subset of this many images",
+    "dedupe": "image folders: drop from val and test the images whose file has the same bytes as a training "
+              "image's (leakage; they are always counted and named in a warning)",
     "precision": "auto: bf16 where the hardware has native bf16, else fp32",
     "out": "run folder (default runs/<data>-<model>-<time>)",
     "recipe": f"preset settings, overridden by explicit flags: {', '.join(RECIPES)} (seed: the classic tutorial; "
