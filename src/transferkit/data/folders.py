@@ -175,16 +175,17 @@ def _readable(name: str, paths: list[Path], labels: list[int], workers: int, use
     key = cache.digest("headers", file_stats(paths))
     hit = cache.load("headers", key) if use_cache else None
     if hit is not None and "hashes" in hit[0]:  # entries from before hashes were kept are built again
-        sizes, digests = hit[0]["sizes"].tolist(), hit[0]["hashes"].numpy()
-        found = [(tuple(s), digests[i].tobytes()) if s[0] >= 0 else header(p)
+        sizes, raw = hit[0]["sizes"].tolist(), hit[0]["hashes"].numpy().tobytes()
+        found = [(tuple(s), raw[i * HASH_BYTES:(i + 1) * HASH_BYTES]) if s[0] >= 0 else header(p)
                  for i, (p, s) in enumerate(zip(paths, sizes))]
     else:
         with ThreadPoolExecutor(max(1, workers)) as pool:
             found = list(pool.map(header, paths, chunksize=256))
         if use_cache:
             sizes = torch.tensor([s if isinstance(s, tuple) else (-1, -1) for s, _ in found], dtype=torch.int64)
-            digests = torch.tensor([list(h or bytes(HASH_BYTES)) for _, h in found], dtype=torch.uint8)
-            cache.store("headers", key, {"sizes": sizes.view(-1, 2), "hashes": digests.view(-1, HASH_BYTES)})
+            raw = b"".join(h or bytes(HASH_BYTES) for _, h in found)
+            digests = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, HASH_BYTES)
+            cache.store("headers", key, {"sizes": sizes.view(-1, 2), "hashes": digests})
     hashes = [h for _, h in found]
     found = [s for s, _ in found]
     keep = [i for i, s in enumerate(found) if isinstance(s, tuple)]
