@@ -12,6 +12,7 @@ from transferkit import TrainConfig, train
 from transferkit.data import sources
 from transferkit.data.preprocess import Preprocessing
 from transferkit.data.sources import load_source, train_val_test
+from transferkit.errors import TransferkitError
 
 STORE = Preprocessing(32, 37)
 CLASSES = ["cat", "dog", "ship"]
@@ -101,3 +102,16 @@ def test_a_file_copied_inside_train_is_found_across_train_and_the_carved_val(tmp
     kept = len(src.val)
     sources.check_leakage(src, dedupe=True)
     assert len(src.val) == kept - len(expected) and not set(src.val.files) & set(expected)
+
+
+@needs_cifar
+def test_dedupe_refuses_to_leave_an_evaluation_split_empty(tmp_path):
+    root = tmp_path / "all-copies"
+    link_subset(SHARED_CIFAR / "train", root / "train", 3, ["cat", "dog"])
+    for f in (root / "train").rglob("*.jpg"):
+        (root / "test" / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (root / "test" / f.parent.name / f"copy-{f.name}").write_bytes(f.read_bytes())
+    src = load_source(str(root), preprocessing=STORE, splits=("train", "val", "test"), use_cache=False)
+    src.train, src.val, src.test = train_val_test(src, 0.0, seed=0)
+    with pytest.raises(TransferkitError, match="all 6 test images .* copies of training images"):
+        sources.check_leakage(src, dedupe=True)

@@ -231,9 +231,9 @@ def check_leakage(src: DataSource, dedupe: bool = False, shown: int = 5) -> None
         pairs = "; ".join(f"{_shown(originals[split.hashes[i]], src.name)} = {_shown(split.files[i], src.name)}"
                           for i in copies[:shown]) + ("; ..." if len(copies) > shown else "")
         if not dedupe:
-            log.warning("%d of %d %s images are byte-for-byte copies of training images (leakage: they inflate "
-                        "its figures): %s; --dedupe drops them from val and test", len(copies), len(split), name,
-                        pairs)
+            log.warning("%d of %d %s images are byte-for-byte copies of training images (leakage: the %s "
+                        "figures will look better than they are): %s; --dedupe drops them from val and test",
+                        len(copies), len(split), name, name, pairs)
             continue
         keep = sorted(set(range(len(split))) - set(copies))
         if not keep:
