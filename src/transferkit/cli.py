@@ -29,6 +29,8 @@ GROUPS: dict[str, tuple[str, list[tuple[str, str | None, str]]]] = {
                                   "data has no val/ folder; 0: none"),
         ("max_train_images", "N", "train on a stratified subset of this many images [default: all]"),
         ("class_weights", None, "auto: weight the loss by inverse class frequency (for imbalanced data)"),
+        ("dedupe", None, "drop val/test images whose file has the same bytes as a training image (copies are "
+                         "always reported)"),
     ]),
     "model and weights": ("the backbone, its weights and what trains", [
         ("model", "NAME", "any torchvision classification model, e.g. resnet18, mobilenet_v2, convnext_tiny "

@@ -84,6 +84,7 @@ def _load_data(cfg: TrainConfig, pre: Preprocessing) -> DataSource:
                               workers=cfg.workers, max_train_images=cfg.max_train_images, seed=cfg.seed,
                               use_cache=cfg.cache, stream=cfg.stream)
     src.train, src.val, src.test = sources.train_val_test(src, cfg.val_split, cfg.seed)
+    sources.check_leakage(src, dedupe=cfg.dedupe)  # after carving val: a copy inside train may now be on both sides
     if len(src.classes) < 2:
         raise TransferkitError(f"{cfg.data} has one class ({src.classes[0]}); a classifier needs at least two")
     log.info("data %s: %d classes; train %s; val %s; test %s", cfg.data, len(src.classes),
