@@ -123,6 +123,13 @@ def test_many_classes_draw_the_most_confused_pairs_instead_of_the_matrix(drawn, 
     assert "class_007 → class_042" in text and "most confused" in text.lower()
 
 
+def test_many_classes_without_a_mistake_say_so(drawn, tmp_path):
+    labels = torch.arange(40).repeat(3)
+    metrics = classification_metrics(torch.nn.functional.one_hot(labels, 40).float(), labels, _names(40))
+    md = write_report(tmp_path, metrics, title=TITLE, measured_on=SENTENCE, classes=_names(40), setup={})
+    assert _fits(drawn["report_confusion.png"]) and "no image was misclassified" in md.read_text()
+
+
 # item 17: lr ----------------------------------------------------------------------------------------------------
 
 def test_training_table_shows_each_epochs_first_and_last_lr_and_reads_old_rows(tmp_path):

@@ -186,12 +186,14 @@ def _confused_pairs_png(path: Path, confusion: list[list[int]], classes: list[st
         ax.set_xlim(0, 1.2 * pairs[0][2])
         ax.xaxis.get_major_locator().set_params(integer=True)
     else:
+        ax.set_xticks([])
         ax.set_yticks([])
         ax.text(0.5, 0.5, "no image was misclassified", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("images (share of the true class's images)")
     ax.set_ylabel("true → predicted")
-    head = (f"The {len(pairs)} most confused pairs of {len(classes)} classes (a matrix of "
-            f"{len(classes)}x{len(classes)} would be unreadable; report.json holds it).")
+    k = len(classes)
+    head = (f"The {len(pairs)} most frequent mistakes among {k} classes (their {k}x{k} matrix would be "
+            "unreadable; the report's .json holds it)." if pairs else f"{k} classes, no mistakes.")
     top = _titles(fig, ax, title, " ".join(filter(None, [subtitle, head])), bars)
     fig.set_figheight(top + 0.3 * max(len(pairs), 3) + 0.9)
     _save_png(fig, path)
