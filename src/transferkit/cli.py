@@ -248,13 +248,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _print_result(result) -> None:
-    from .report import top_label
+    from .report import accuracy_line
 
     if not result.main:  # under torchrun, rank 0 speaks for the job
         return
-    m = result.metrics
-    print(f"accuracy {100 * m['accuracy']:.2f}% ({top_label(m)} {100 * m['top5']:.2f}%) on "
-          f"{result.measured_on}; {result.seconds / 60:.1f} min")
+    print(f"{accuracy_line(result.metrics)} on {result.measured_on}; {result.seconds / 60:.1f} min")
     print(f"run folder: {result.out_dir}  report: {result.out_dir / 'report.md'}")
 
 
@@ -270,7 +268,7 @@ def add_test_time_options(p: argparse.ArgumentParser) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import read_card
     from .predict import evaluate_run
-    from .report import top_label
+    from .report import accuracy_line
 
     data = args.data or read_card(args.run).data
     if not data:
@@ -281,8 +279,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(dict(metrics, measured_on=measured_on), indent=2))
         return 0
-    print(f"accuracy {100 * metrics['accuracy']:.2f}% ({top_label(metrics)} {100 * metrics['top5']:.2f}%) "
-          f"on {measured_on}")
+    print(f"{accuracy_line(metrics)} on {measured_on}")
     width = max(len(r["class"]) for r in metrics["per_class"])
     for r in metrics["per_class"]:
         print(f"  {r['class']:<{width}}  precision {100 * r['precision']:5.1f}%  recall {100 * r['recall']:5.1f}%"

@@ -21,7 +21,7 @@ from .errors import Interrupted, TransferkitError
 from .features import Stage, activations_fit, cached_stage, supports_feature_cache
 from .files import atomic_write
 from .logs import EpochProgress, run_logging
-from .report import RunResult, classification_metrics, measured_on, write_metrics, write_report
+from .report import RunResult, classification_metrics, lr_range, measured_on, write_metrics, write_report
 from .runfolder import begin_writing, resume_command, run_folder, settings_of
 from .runtime import Dist, StopFlag
 from .state import Tally, TrainState, new_state
@@ -202,12 +202,11 @@ def _epochs(cfg: TrainConfig, out: Path, state: TrainState, stage: Stage, card: 
             logits, labels = engine.evaluate(runner, stage.val, stage.eval_tf, batch_size=stage.eval_batch,
                                              device=device, precision=precision, dist=dist, workers=cfg.workers)
             val_acc = (logits.argmax(1) == labels).double().mean().item()
-        row = {"epoch": epoch, **tally.summary(dist), "val_acc": val_acc, "lr": state.optimizer.param_groups[0]["lr"],
-               "backbone_frozen": frozen}
+        row = {"epoch": epoch, **tally.summary(dist), "val_acc": val_acc, "backbone_frozen": frozen}
         best = state.record(row)
-        log.info("epoch %d/%d  train_loss %.3f  val_acc %s  lr %.1e  %.0f s  %.0f img/s", epoch, cfg.epochs,
-                 row["train_loss"], "-" if val_acc is None else f"{100 * val_acc:.2f}%", row["lr"], row["seconds"],
-                 row["img_per_s"])
+        log.info("epoch %d/%d  train_loss %.3f  val_acc %s  lr %s  %.0f s  %.0f img/s", epoch, cfg.epochs,
+                 row["train_loss"], "-" if val_acc is None else f"{100 * val_acc:.2f}%", lr_range(row, "->"),
+                 row["seconds"], row["img_per_s"])
         if dist.main:
             write_metrics(out, state.history)
             if best:
@@ -227,9 +226,9 @@ def _train_epoch(cfg: TrainConfig, out: Path, state: TrainState, model: torch.nn
     tally = Tally.from_state_dict(state.running if dist.main and start else None)  # sums over all ranks
     progress = EpochProgress(f"epoch {epoch}/{cfg.epochs}", steps, start, show=dist.main,
                              log_every=cfg.log_every, world=dist.world)
-    last_save, lr = time.monotonic(), 0.0
+    last_save, lr = time.monotonic(), state.optimizer.param_groups[0]["lr"]  # lr: what the coming step uses
     for fig in engine.train_one_epoch(model, state.optimizer, state.scheduler, loader, setup, state.augment, start):
-        tally.add(fig.loss, fig.correct, fig.images)
+        tally.add(fig.loss, fig.correct, fig.images, lr)
         state.steps_taken += 1
         lr = state.optimizer.param_groups[0]["lr"]
         if progress.step(fig.step, fig.loss, fig.images, tally):  # every 20 steps, or --log-every
