@@ -77,3 +77,18 @@ def test_linear_probe_second_run_hits_both_caches(folder, tmp_path, caplog):
 
     p = Predictor.from_run(tmp_path / "b", device="cpu")
     assert len(p.predict([sorted((folder / "cat").iterdir())[0]], topk=2)[0]) == 2
+
+
+def test_content_hashes_are_cached_and_refreshed_when_a_file_changes(folder, monkeypatch):
+    first = load_source(str(folder), preprocessing=STORE)
+    assert len(first.train.hashes) == 20 and len(set(first.train.hashes)) == 20
+    real_hash = folders.file_hash
+    monkeypatch.setattr(folders, "file_hash", lambda p: (_ for _ in ()).throw(AssertionError("hashed again")))
+    second = load_source(str(folder), preprocessing=STORE)
+    assert second.train.hashes == first.train.hashes and second.train.files == first.train.files
+    monkeypatch.setattr(folders, "file_hash", real_hash)
+    changed = sorted((folder / "cat").iterdir())[0]
+    changed.write_bytes(sorted((folder / "dog").iterdir())[0].read_bytes())  # now a copy of the first dog
+    os.utime(changed, ns=(1, 1))
+    third = load_source(str(folder), preprocessing=STORE)
+    assert third.train.hashes[0] == third.train.hashes[10] != first.train.hashes[0]

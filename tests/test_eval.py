@@ -173,3 +173,22 @@ def test_the_held_out_split_has_one_fingerprint_in_memory_and_streamed(flat_run)
         assert val.streamed == (stream == "always")
         prints.add(heldout.fingerprint(val))
     assert prints == {record["val"]["fingerprint"]}
+
+
+@needs_cifar
+def test_eval_of_a_dedupe_run_scores_the_validation_split_it_kept(tmp_path):
+    """--dedupe dropped val images that copy training images; eval RUN drops the same ones."""
+    flat = link_subset(SHARED_CIFAR / "train", tmp_path / "flat", 12, ["cat", "dog", "ship"])
+    for f in sorted((flat / "cat").iterdir()):  # every cat twice: carving puts some pairs on both sides
+        (flat / "cat" / f"copy_{f.name}").write_bytes(f.read_bytes())  # a copy, not a link (links count once)
+    run = tmp_path / "run"
+    proc = run_cli("train", "--data", flat, "--model", "resnet18", "--weights", "none", "--strategy", "linear",
+                   "--image-size", "32", "--epochs", "1", "--batch-size", "9", "--val-split", "0.25", "--workers", "1",
+                   "--dedupe", "--out", run)
+    assert proc.returncode == 0, proc.stderr
+    trained = json.loads((run / "report.json").read_text())
+    assert trained["images"] < 12, "no copy landed in val: the test needs another seed"  # 6 + 3 + 3 before
+    proc = run_cli("eval", run, "--json")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout)
+    assert metrics["images"] == trained["images"] and metrics["accuracy"] == pytest.approx(trained["accuracy"])

@@ -61,7 +61,7 @@ def wait_for_checkpoints(proc, path, count, timeout=120):
 
 def outcome(run):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    keep = ("epoch", "train_loss", "train_acc", "val_acc", "lr", "backbone_frozen")
+    keep = ("epoch", "train_loss", "train_acc", "val_acc", "lr_start", "lr_end", "backbone_frozen")
     return ([{k: r[k] for k in keep} for r in rows], json.loads((run / "report.json").read_text())["accuracy"],
             load_file(run / "model.safetensors"))
 

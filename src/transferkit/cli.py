@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import logging
 import sys
@@ -14,69 +15,161 @@ from pathlib import Path
 from . import __version__
 from .config import RECIPES, TrainConfig
 from .errors import Interrupted, TransferkitError
+from .runfolder import RESUMABLE_CHANGES
 
-HELP = {
-    "data": "cifar10 | cifar100 | fashion-mnist | mnist | an image folder (root/<class>/ or root/train/<class>/)",
-    "data_dir": "where named data sets live / are downloaded (default ~/.cache/transferkit/data)",
-    "model": "any torchvision classification model, e.g. resnet18, mobilenet_v2, convnext_tiny",
-    "weights": "imagenet (default: ImageNet weights, preferring ones on this machine) | DEFAULT | a "
-               "torchvision weights name such as IMAGENET1K_V1 | path.pth/.safetensors | none",
-    "strategy": "linear: frozen backbone, head only; finetune: all layers (backbone at --backbone-lr-mult); "
-                "gradual: head only for --head-epochs, then all",
-    "lr": "peak learning rate of the head (per batch of --batch-size)",
-    "image_size": "model input side in pixels (default: what the weights were trained at)",
-    "tta": "the final evaluation averages each image's prediction with its mirror image's (as eval --tta; "
-           "twice its compute, training and model selection unchanged)",
-    "val_split": "fraction of train held out for model selection when there is no val/ folder",
-    "max_train_images": "train on a stratified subset of this many images",
-    "precision": "auto: bf16 where the hardware has native bf16, else fp32",
-    "out": "run folder (default runs/<data>-<model>-<time>)",
-    "recipe": f"preset settings, overridden by explicit flags: {', '.join(RECIPES)} (seed: the classic tutorial; "
-              "demo: the offline default job; fast: a 3-epoch full fine-tune at 112 px with mirror TTA)",
-    "log_every": "also log the running loss every N batches",
-    "batch_size": "images per step over all processes (under torchrun each of N processes takes 1/N of it)",
-    "trainable_blocks": "train only the backbone's last K blocks and the head; the frozen blocks' activations are "
-                        "cached (one un-augmented view) unless --no-feature-cache",
-    "stream": "image folders: auto streams from the files (DataLoader workers) when the decoded images would "
-              "take over a quarter of the memory; always; never (decode all into memory, cached on disk)",
-    "micro_batch": "images per forward/backward pass; the step still averages over --batch-size (less memory). "
-                   "0: auto, on a CPU 16 images at 224 px (more at smaller sizes), on a GPU the whole batch",
-    "batchnorm": "train: batch statistics; frozen: keep the pretrained statistics (small batches); "
-                 "sync: SyncBatchNorm across the GPUs of a torchrun job",
+# Every TrainConfig setting, by group, with one line of help: (name, metavar, help). The default is added
+# from the dataclass; a Literal's choices show in the flag itself.
+GROUPS: dict[str, tuple[str, list[tuple[str, str | None, str]]]] = {
+    "data": ("what to train on", [
+        ("data", "DATA", "required: an image folder (root/<class>/ or root/train/<class>/ with val/ or test/) "
+                         "or one of cifar10, cifar100, fashion-mnist, mnist"),
+        ("data_dir", "DIR", "where named data sets are read from or downloaded to "
+                            "[default: ~/.cache/transferkit/data]"),
+        ("val_split", "FRACTION", "fraction of train held out (per class, seeded) for model selection when the "
+                                  "data has no val/ folder; 0: none"),
+        ("max_train_images", "N", "train on a stratified subset of this many images [default: all]"),
+        ("class_weights", None, "auto: weight the loss by inverse class frequency (for imbalanced data)"),
+        ("dedupe", None, "drop val/test images whose file has the same bytes as a training image (copies are "
+                         "always reported)"),
+    ]),
+    "model and weights": ("the backbone, its weights and what trains", [
+        ("model", "NAME", "any torchvision classification model, e.g. resnet18, mobilenet_v2, convnext_tiny "
+                          "('transferkit models' lists them)"),
+        ("weights", "W", "imagenet (its ImageNet weights, preferring ones on this machine) | DEFAULT | a "
+                         "torchvision weights name such as IMAGENET1K_V1 | FILE.pth/.safetensors | none"),
+        ("strategy", None, "linear: frozen backbone, head only; finetune: everything (backbone at "
+                           "--backbone-lr-mult); gradual: head only for --head-epochs, then everything"),
+        ("trainable_blocks", "K", "train only the backbone's last K blocks and the head (finetune, gradual) "
+                                  "[default: all blocks]"),
+        ("head_epochs", "N", "gradual: epochs with a frozen backbone before everything trains"),
+        ("batchnorm", None, "train: batch statistics; frozen: keep the pretrained statistics (small batches); "
+                            "sync: SyncBatchNorm across the processes of a torchrun job"),
+        ("image_size", "PX", "side of the square model input [default: what the weights were trained at]"),
+        ("mean", None, "input normalization mean [default: the weights' own]"),
+        ("std", None, "input normalization std [default: the weights' own]"),
+    ]),
+    "training": ("optimization; lr values are per batch of --batch-size images", [
+        ("recipe", "NAME", f"preset settings, overridden by explicit flags: {', '.join(RECIPES)} (seed: the "
+                           "classic tutorial; demo: the offline demo job; fast: 3 epochs at 112 px with TTA)"),
+        ("epochs", "N", "passes over the training images"),
+        ("batch_size", "N", "images per optimizer step, over all processes under torchrun"),
+        ("lr", "LR", "the head's peak learning rate"),
+        ("backbone_lr_mult", "X", "backbone lr = lr x this (finetune, gradual) [default: 0.1; 1 with --weights "
+                                  "none]"),
+        ("optimizer", None, "AdamW, or SGD with --momentum"),
+        ("momentum", "M", "SGD momentum"),
+        ("weight_decay", "WD", "weight decay, never on norm weights and biases"),
+        ("schedule", None, "cosine decay after the warmup, or constant"),
+        ("warmup_epochs", "E", "linear warmup from 0, in epochs (fractions allowed)"),
+        ("label_smoothing", "S", "label smoothing of the cross-entropy loss"),
+        ("seed", "N", "seeds the split, the order, the augmentation and the new head"),
+    ]),
+    "augmentation and evaluation": ("batched on the training device", [
+        ("augment", None, "random-resized crop and flip on training batches"),
+        ("flip", None, "horizontal flips (turn off for digits and text)"),
+        ("crop_scale", "AREA", "smallest crop (fraction of the image area) of the random-resized crop"),
+        ("tta", None, "the final evaluation averages each image with its mirror image (as eval --tta)"),
+    ]),
+    "speed and memory": ("none of these changes what is learned, except --precision", [
+        ("device", "DEV", "auto (a GPU when there is one), cpu, cuda, cuda:1, mps"),
+        ("precision", None, "auto: bf16 where the hardware has native bf16, else fp32"),
+        ("micro_batch", "N", "images per forward/backward pass; the step still averages over --batch-size. "
+                             "0: auto (on a CPU 16 at 224 px, more at smaller sizes; on a GPU the whole batch)"),
+        ("channels_last", None, "channels-last memory format (faster convolutions on CPUs and GPUs)"),
+        ("compile", None, "torch.compile the model (slow start, faster steps)"),
+        ("workers", "N", "threads, or DataLoader processes when streaming, that decode image files"),
+        ("stream", None, "image folders: always decode batches from the files, never (hold all decoded images "
+                         "in memory), or auto: stream when they would take over a quarter of the memory"),
+        ("cache", None, "cache decoded image folders and frozen features under $TRANSFERKIT_CACHE"),
+        ("feature_cache", None, "linear or --trainable-blocks: train on cached features of the frozen part "
+                                "(one un-augmented view)"),
+    ]),
+    "run folder and resume": ("one folder per run: settings, metrics, model, checkpoint, report", [
+        ("out", "DIR", "the run folder [default: runs/<data>-<model>-<time>]"),
+        ("log_every", "N", "also log the running loss every N steps; 0: once per epoch"),
+        ("checkpoint_every", "N", "also save last.pt every N steps; 0: after every epoch and every 5 minutes"),
+    ]),
 }
+DISTRIBUTED = ("several GPUs or machines: torchrun --nproc_per_node=N -m transferkit train ... (DDP; NCCL on GPUs, "
+               "gloo on CPUs); --batch-size stays the global batch, only rank 0 writes the run folder")
+EXAMPLES = """examples:
+  transferkit train --data path/to/images --model mobilenet_v2 --out runs/pets
+  transferkit train --data cifar10 --model resnet18 --strategy linear --epochs 3 --image-size 112
+  transferkit train --resume runs/pets --epochs 10      # continue, and train 5 more epochs"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors print the one useful line (not the whole usage first) and where the help is."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} ('{self.prog} --help' lists the options)\n")
+
+    def unknown(self, extra: list[str]) -> typing.NoReturn:
+        """Options this command does not know, with the closest ones it does."""
+        known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        flags = [x.split("=")[0] for x in extra if x.startswith("-")]
+        close = difflib.get_close_matches(flags[0], known, n=1, cutoff=0.75) if flags else []
+        hint = f" — did you mean '{close[0]}'?" if close else ""
+        self.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+
+class _Help(argparse.HelpFormatter):
+    """Wrapped text, except the examples, which keep their lines."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return text + "\n" if text.startswith("examples:") else super()._fill_text(text, width, indent)
+
+
+def _default(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "none"
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        args = typing.get_args(kind)
-        base = next((a for a in args if a is not type(None)), kind) if args and type(None) in args else kind
-        extra: dict = {"default": None, "help": HELP.get(f.name, "") + f" (default: {f.default})"}
-        if base is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **extra)
-        elif typing.get_origin(base) is typing.Literal:
-            p.add_argument(flag, choices=typing.get_args(base), **extra)
-        elif typing.get_origin(base) is tuple:
-            p.add_argument(flag, type=float, nargs=3, metavar=("R", "G", "B"), **extra)
-        else:
-            p.add_argument(flag, type=base, **extra)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for title, (description, entries) in GROUPS.items():
+        group = p.add_argument_group(title, description)
+        for name, metavar, text in entries:
+            flag = "--" + name.replace("_", "-")
+            kind = hints[name]
+            args = typing.get_args(kind)
+            base = next((a for a in args if a is not type(None)), kind) if args and type(None) in args else kind
+            shown = "" if "[default" in text or name == "data" else f" [default: {_default(defaults[name])}]"
+            extra: dict = {"default": None, "help": text + shown}
+            if base is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, **extra)
+            elif typing.get_origin(base) is typing.Literal:
+                group.add_argument(flag, choices=typing.get_args(base), **extra)
+            elif typing.get_origin(base) is tuple:
+                group.add_argument(flag, type=float, nargs=3, metavar=("R", "G", "B"), **extra)
+            else:
+                group.add_argument(flag, type=base, metavar=metavar, **extra)
+    p.add_argument_group("distributed", DISTRIBUTED)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="transferkit", description="Transfer learning for image classification on PyTorch."
-    )
+    parser = _Parser(prog="transferkit", description="Transfer learning for image classification on PyTorch.")
     parser.add_argument("--version", action="version", version=f"transferkit {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final result")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="fine-tune a pretrained backbone on a data set")
+    t = sub.add_parser("train", help="fine-tune a pretrained backbone on a data set",
+                       usage="transferkit train --data DATA [--model NAME] [--out DIR] [options]",
+                       description="Fine-tune an ImageNet-pretrained backbone: select the best epoch on a "
+                                   "validation split, evaluate once on the test split, write one run folder.",
+                       epilog=EXAMPLES, formatter_class=_Help)
     _add_config_flags(t)
-    t.add_argument("--config", type=Path, help="YAML file of settings (a run's config.yaml works); flags win")
-    t.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in this folder")
-    t.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    folder = next(g for g in t._action_groups if g.title == "run folder and resume")
+    folder.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in this folder (only "
+                        f"{', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+    folder.add_argument("--overwrite", action="store_true", help="replace the run already in --out (only once "
+                        "the new run has its data and weights)")
+    folder.add_argument("--config", type=Path, metavar="FILE", help="read settings from YAML (a run's "
+                        "config.yaml works); flags win")
 
     e = sub.add_parser("eval", help="evaluate a run on a data set with the same classes")
     e.add_argument("run", type=Path)
@@ -103,15 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_test_time_options(pr)
 
     d = sub.add_parser("demo", help="offline default job: ImageNet MobileNetV2 fine-tuned on Fashion-MNIST")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--epochs", type=int)
+    d.add_argument("--out", default="runs/demo", metavar="DIR", help="the run folder [default: runs/demo]")
+    d.add_argument("--epochs", type=int, metavar="N", help="epochs to train [default: 1, the demo recipe's]")
 
     sub.add_parser("models", help="list backbones and whether their weights are on this machine")
+    parser.commands = sub.choices
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.commands[args.command].unknown(extra)
     _setup_logging(args.quiet)
     try:
         return COMMANDS[args.command](args)
@@ -157,13 +254,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _print_result(result) -> None:
-    from .report import top_label
+    from .report import accuracy_line
 
     if not result.main:  # under torchrun, rank 0 speaks for the job
         return
-    m = result.metrics
-    print(f"accuracy {100 * m['accuracy']:.2f}% ({top_label(m)} {100 * m['top5']:.2f}%) on "
-          f"{result.measured_on}; {result.seconds / 60:.1f} min")
+    print(f"{accuracy_line(result.metrics)} on {result.measured_on}; {result.seconds / 60:.1f} min")
     print(f"run folder: {result.out_dir}  report: {result.out_dir / 'report.md'}")
 
 
@@ -178,7 +273,7 @@ def add_test_time_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .predict import evaluate_run
-    from .report import top_label
+    from .report import accuracy_line
 
     _check_batch_size(args.batch_size)
     metrics, measured_on, report = evaluate_run(args.run, args.data, data_dir=args.data_dir, split=args.split,
@@ -187,8 +282,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(dict(metrics, measured_on=measured_on), indent=2))
     else:
-        print(f"accuracy {100 * metrics['accuracy']:.2f}% ({top_label(metrics)} {100 * metrics['top5']:.2f}%) "
-              f"on {measured_on}")
+        print(f"{accuracy_line(metrics)} on {measured_on}")
         width = max(len(r["class"]) for r in metrics["per_class"])
         for r in metrics["per_class"]:
             print(f"  {r['class']:<{width}}  precision {100 * r['precision']:5.1f}%  recall "

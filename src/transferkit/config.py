@@ -59,6 +59,7 @@ class TrainConfig:
     tta: bool = False  # final evaluation: average each image's prediction with its mirror image's
     val_split: float = 0.1  # fraction of train held out (stratified) when no val/ folder exists
     max_train_images: int | None = None  # stratified subset of the training images
+    dedupe: bool = False  # drop val/test images whose file has the same bytes as a training image's (always warned)
     seed: int = 0
     precision: Precision = "auto"  # auto: bf16 where the hardware runs it fast, else fp32
     channels_last: bool = True

@@ -21,7 +21,7 @@ from .errors import Interrupted, TransferkitError
 from .features import Stage, activations_fit, cached_stage, supports_feature_cache
 from .files import atomic_write
 from .logs import EpochProgress, run_logging
-from .report import RunResult, classification_metrics, measured_on, write_metrics, write_report
+from .report import RunResult, classification_metrics, lr_range, measured_on, write_metrics, write_report
 from .runfolder import begin_writing, resume_command, run_folder, settings_of
 from .runtime import Dist, StopFlag
 from .state import Tally, TrainState, new_state
@@ -74,7 +74,7 @@ def _run(cfg: TrainConfig, out: Path, saved: dict[str, Any] | None, replace: boo
     if dist.main:
         begin_writing(out, cfg, replace, data.skipped)
         heldout.write_split_record(out, cfg.data, data, val_split=cfg.val_split, seed=cfg.seed,
-                                   max_train_images=cfg.max_train_images)
+                                   max_train_images=cfg.max_train_images, dedupe=cfg.dedupe)
     stage = _plan_stage(cfg, bb, pre, frozen_blocks, data, precision, dist, device)
     state, cfg = _train_retrying(cfg, out, bb.model, stage, card, saved, frozen_blocks, dist, device, precision)
     return _final_evaluation(cfg, out, state, stage, data, card, dist, device, precision)
@@ -86,6 +86,7 @@ def _load_data(cfg: TrainConfig, pre: Preprocessing) -> DataSource:
                               workers=cfg.workers, max_train_images=cfg.max_train_images, seed=cfg.seed,
                               use_cache=cfg.cache, stream=cfg.stream)
     src.train, src.val, src.test = sources.train_val_test(src, cfg.val_split, cfg.seed)
+    sources.check_leakage(src, dedupe=cfg.dedupe)  # after carving val: a copy inside train may now be on both sides
     if len(src.classes) < 2:
         raise TransferkitError(f"{cfg.data} has one class ({src.classes[0]}); a classifier needs at least two")
     log.info("data %s: %d classes; train %s; val %s; test %s", cfg.data, len(src.classes),
@@ -155,7 +156,7 @@ def _train_retrying(cfg: TrainConfig, out: Path, model: torch.nn.Module, stage: 
             where = f"epoch {state.epoch}" + ("" if state.step is None else f", step {state.step}/{steps}")
             log.info("resuming %s after %s of %d epochs", out, where, cfg.epochs)
         try:
-            with runtime.stop_on_signals() as stop:
+            with runtime.stop_on_signals(repeat_window=2.0 if dist.on else 0.0) as stop:
                 _epochs(cfg, out, state, stage, card, frozen_blocks, steps, drop_last, dist, device, precision, stop)
             return state, cfg
         except torch.OutOfMemoryError:
@@ -203,12 +204,11 @@ def _epochs(cfg: TrainConfig, out: Path, state: TrainState, stage: Stage, card: 
             logits, labels = engine.evaluate(runner, stage.val, stage.eval_tf, batch_size=stage.eval_batch,
                                              device=device, precision=precision, dist=dist, workers=cfg.workers)
             val_acc = (logits.argmax(1) == labels).double().mean().item()
-        row = {"epoch": epoch, **tally.summary(dist), "val_acc": val_acc, "lr": state.optimizer.param_groups[0]["lr"],
-               "backbone_frozen": frozen}
+        row = {"epoch": epoch, **tally.summary(dist), "val_acc": val_acc, "backbone_frozen": frozen}
         best = state.record(row)
-        log.info("epoch %d/%d  train_loss %.3f  val_acc %s  lr %.1e  %.0f s  %.0f img/s", epoch, cfg.epochs,
-                 row["train_loss"], "-" if val_acc is None else f"{100 * val_acc:.2f}%", row["lr"], row["seconds"],
-                 row["img_per_s"])
+        log.info("epoch %d/%d  train_loss %.3f  val_acc %s  lr %s  %.0f s  %.0f img/s", epoch, cfg.epochs,
+                 row["train_loss"], "-" if val_acc is None else f"{100 * val_acc:.2f}%", lr_range(row, "->"),
+                 row["seconds"], row["img_per_s"])
         if dist.main:
             write_metrics(out, state.history)
             if best:
@@ -228,9 +228,9 @@ def _train_epoch(cfg: TrainConfig, out: Path, state: TrainState, model: torch.nn
     tally = Tally.from_state_dict(state.running if dist.main and start else None)  # sums over all ranks
     progress = EpochProgress(f"epoch {epoch}/{cfg.epochs}", steps, start, show=dist.main,
                              log_every=cfg.log_every, world=dist.world)
-    last_save, lr = time.monotonic(), 0.0
+    last_save, lr = time.monotonic(), state.optimizer.param_groups[0]["lr"]  # lr: what the coming step uses
     for fig in engine.train_one_epoch(model, state.optimizer, state.scheduler, loader, setup, state.augment, start):
-        tally.add(fig.loss, fig.correct, fig.images)
+        tally.add(fig.loss, fig.correct, fig.images, lr)
         state.steps_taken += 1
         lr = state.optimizer.param_groups[0]["lr"]
         if progress.step(fig.step, fig.loss, fig.images, tally):  # every 20 steps, or --log-every

@@ -16,7 +16,7 @@ from .data import heldout
 from .data.folders import folder_layout
 from .data.images import UnreadableImage, pil_to_tensor, read_image, to_rgb, walk_images
 from .data.preprocess import Preprocessing, resolve_preprocessing
-from .data.sources import DataSource, Split, check_data_arg, is_named, load_source
+from .data.sources import DataSource, Split, check_data_arg, check_leakage, is_named, load_source
 from .engine import evaluate, infer
 from .errors import TransferkitError
 from .models import check_model_name, check_side, create_backbone, rebuild
@@ -283,9 +283,13 @@ def _split_to_score(run_dir: Path, data: str, split: str | None, pre: Preprocess
         src, kept, held = heldout.carve(data, record, pre, data_dir=data_dir, workers=workers)
         part = held if split == "val" else kept
     else:
-        max_train = record.get("max_train_images") if record is not None and split == "train" else None
-        src = load_source(data, preprocessing=pre, data_dir=data_dir, splits=(split,), workers=workers,
-                          max_train_images=max_train, seed=int(record.get("seed", 0)) if record else 0)
+        max_train = record.get("max_train_images") if record is not None else None
+        dedupe = bool(record and record.get("dedupe")) and split != "train"  # the run dropped copies of train
+        src = load_source(data, preprocessing=pre, data_dir=data_dir, workers=workers,
+                          splits=(split, "train") if dedupe else (split,), max_train_images=max_train,
+                          seed=int(record.get("seed", 0)) if record else 0)
+        if dedupe:
+            check_leakage(src, dedupe=True)
         part = getattr(src, split)
         if part is None:
             raise TransferkitError(f"{data} has no '{split}' split; choose --split train, val or test")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,13 @@ class RunResult:
         return self.metrics["accuracy"]
 
 
+TOP_K = 5  # metrics["top5"]: None with TOP_K classes or fewer, where every image is "in the top 5"
+MATRIX_MAX_CLASSES = 30  # above this a full confusion matrix is unreadable: the most confused pairs instead
+CONFUSED_PAIRS = 20  # how many pairs that picture and its table show
+
+
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
-    """Accuracy, top-5, per-class precision/recall/F1 and the confusion matrix (rows: true)."""
+    """Accuracy, top-5 (None with 5 classes or fewer), per-class precision/recall/F1, confusion matrix (rows: true)."""
     k = len(classes)
     pred = logits.argmax(1)
     confusion = torch.bincount(labels * k + pred, minlength=k * k).view(k, k)
@@ -38,12 +44,12 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
     precision = tp / confusion.sum(0).clamp(min=1)
     recall = tp / confusion.sum(1).clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    top = min(5, k)  # with fewer than 5 classes, "top5" is top-k over all k (and 1.0)
+    top5 = ((logits.topk(TOP_K, dim=1).indices == labels[:, None]).any(1).double().mean().item()
+            if k > TOP_K else None)
     return {
         "images": len(labels),
         "accuracy": (pred == labels).double().mean().item(),
-        "top5": (logits.topk(top, dim=1).indices == labels[:, None]).any(1).double().mean().item(),
-        "topk": top,
+        "top5": top5,
         "per_class": [
             {"class": c, "precision": precision[i].item(), "recall": recall[i].item(),
              "f1": f1[i].item(), "support": int(confusion[i].sum())}
@@ -65,9 +71,34 @@ def measured_on(split, data: str, image_size: int, *, tta: bool = False, note: s
             + (", with its mirror image" if tta else ""))
 
 
-def top_label(metrics: dict[str, Any]) -> str:
-    """'top-5' (or top-k with fewer classes) as a report or the CLI names it."""
-    return f"top-{metrics['topk']}"
+def accuracy_line(metrics: dict[str, Any]) -> str:
+    """'accuracy 91.20% (top-5 99.10%)' as the CLI prints it; top-5 only where it is not 100% by construction."""
+    top5 = metrics.get("top5")
+    return f"accuracy {100 * metrics['accuracy']:.2f}%" + ("" if top5 is None else f" (top-5 {100 * top5:.2f}%)")
+
+
+def lr_range(row: dict[str, Any], arrow: str = "→") -> str:
+    """An epoch's learning rate, first step to last ('1.0e-03 → 5.0e-04'); rows written before hold one `lr`."""
+    if "lr_start" not in row:  # the one lr of an older row is the epoch's last
+        return "-" if row.get("lr") is None else f"{arrow} {row['lr']:.1e}"
+    start, end = row["lr_start"], row["lr_end"]
+    if start is None:
+        return "-"
+    return f"{start:.1e}" if f"{start:.1e}" == f"{end:.1e}" else f"{start:.1e} {arrow} {end:.1e}"
+
+
+def confused_pairs(confusion: list[list[int]], classes: list[str], n: int = CONFUSED_PAIRS
+                   ) -> list[tuple[str, str, int, float]]:
+    """The `n` most frequent mistakes: (true class, predicted class, images, share of the true class's images)."""
+    m = torch.tensor(confusion, dtype=torch.long)
+    support = m.sum(1)
+    off = m.clone()
+    off.fill_diagonal_(0)
+    flat = off.flatten()
+    order = sorted(range(len(flat)), key=lambda i: -int(flat[i]))[:n]  # stable: ties keep class order
+    k = len(classes)
+    return [(classes[i // k], classes[i % k], int(flat[i]), int(flat[i]) / max(1, int(support[i // k])))
+            for i in order if flat[i] > 0]
 
 
 def _pyplot():
@@ -82,47 +113,146 @@ def _pyplot():
 def _save_png(fig, path: Path) -> None:
     """Render to memory, then write with the run folder's one atomic writer."""
     buf = io.BytesIO()
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(buf, format="png", dpi=100)
     _pyplot().close(fig)
     atomic_write(path, buf.getvalue())
 
 
-def confusion_png(path: Path, confusion: list[list[int]], classes: list[str], title: str) -> None:
-    """Draw the row-normalized confusion matrix with counts."""
+def _wrap(text: str, width_in: float, fontsize: float) -> str:
+    """`text` in lines that fit `width_in` inches at `fontsize` points (DejaVu Sans: about 0.6 em a character)."""
+    return "\n".join(textwrap.wrap(text, max(12, int(width_in * 72 / (0.62 * fontsize))), break_long_words=True,
+                                    break_on_hyphens=False))
+
+
+def _titles(fig, ax, title: str, subtitle: str, under: float) -> float:
+    """A short bold title over the figure and the details over the axes (`under` inches wide, where they are
+    centred), both wrapped to fit; returns their height in inches (for sizing the figure)."""
+    title, subtitle = _wrap(title, fig.get_figwidth() - 0.4, 13), _wrap(subtitle, under, 9)
+    fig.suptitle(title, fontsize=13, fontweight="bold")
+    if subtitle:
+        ax.set_title(subtitle, fontsize=9, color="0.25")
+    return (1.3 * 13 * (title.count("\n") + 1) + (1.3 * 9 * (subtitle.count("\n") + 1) if subtitle else 0)) / 72 + 0.3
+
+
+def confusion_png(path: Path, confusion: list[list[int]], classes: list[str], title: str, subtitle: str = "") -> None:
+    """The confusion matrix with counts, coloured by share of each true class; above MATRIX_MAX_CLASSES classes
+    a bar chart of the most confused pairs instead."""
+    if len(classes) > MATRIX_MAX_CLASSES:
+        _confused_pairs_png(path, confusion, classes, title, subtitle)
+        return
     plt = _pyplot()
     m = torch.tensor(confusion, dtype=torch.float64)
     norm = m / m.sum(1, keepdim=True).clamp(min=1)
     k = len(classes)
-    side = min(4 + 0.45 * k, 30)
-    fig, ax = plt.subplots(figsize=(side, side))
+    grid = max(3.5, min(0.55 * k, 16.0))  # inches of the matrix itself
+    names = 0.09 * max(len(c) for c in classes)  # inches of the longest class name at 10 pt
+    tilt = k > 3 or names > grid / k
+    fig, ax = plt.subplots(figsize=(grid + names + 1.0, 1.0), layout="constrained")
     ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
-    if k <= 30:
-        ax.set_xticks(range(k), classes, rotation=60, ha="right")
-        ax.set_yticks(range(k), classes)
-        for i in range(k):
-            for j in range(k):
-                if m[i, j]:
-                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), classes, rotation=60 if tilt else 0, ha="right" if tilt else "center")
+    ax.set_yticks(range(k), classes)
+    # The counts' size follows the cell: as large as the widest count allows, 6-16 pt.
+    cell = grid * 72 / k
+    digits = len(str(int(m.max()))) if m.numel() else 1
+    size = max(6.0, min(14.0, 0.4 * cell, 0.75 * cell / (0.62 * digits)))
+    for i in range(k):
+        for j in range(k):
+            if m[i, j]:
+                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=size,
+                        color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    top = _titles(fig, ax, title, " ".join(filter(None, [subtitle, "Colour: share of the true class's images."])),
+                  grid + 0.6)
+    fig.set_figheight(grid + top + (0.87 * names if tilt else 0.2) + 1.0)  # matrix, titles, names, axis label
     _save_png(fig, path)
 
 
+def _confused_pairs_png(path: Path, confusion: list[list[int]], classes: list[str], title: str, subtitle: str) -> None:
+    """A horizontal bar per (true -> predicted) pair, most frequent at the top."""
+    plt = _pyplot()
+    pairs = confused_pairs(confusion, classes)
+    names = 0.09 * (max((len(t) + len(p) for t, p, _, _ in pairs), default=10) + 3)  # inches of the longest label
+    bars = 6.0
+    fig, ax = plt.subplots(figsize=(names + bars + 0.8, 1.0), layout="constrained")
+    if pairs:
+        rows = list(reversed(pairs))  # barh draws the first row at the bottom
+        ax.barh(range(len(rows)), [n for _, _, n, _ in rows], color="tab:red")
+        ax.set_yticks(range(len(rows)), [f"{t} → {p}" for t, p, _, _ in rows])
+        for y, (_, _, n, share) in enumerate(rows):
+            ax.annotate(f" {n} ({100 * share:.0f}%)", (n, y), va="center", fontsize=9)
+        ax.set_xlim(0, 1.2 * pairs[0][2])
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.text(0.5, 0.5, "no image was misclassified", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("images (share of the true class's images)")
+    ax.set_ylabel("true → predicted")
+    k = len(classes)
+    head = (f"The {len(pairs)} most frequent mistakes among {k} classes (their {k}x{k} matrix would be "
+            "unreadable; the report's .json holds it)." if pairs else f"{k} classes, no mistakes.")
+    top = _titles(fig, ax, title, " ".join(filter(None, [subtitle, head])), bars)
+    fig.set_figheight(top + 0.3 * max(len(pairs), 3) + 0.9)
+    _save_png(fig, path)
+
+
+def _accuracy_limits(values: list[float]) -> tuple[float, float]:
+    """A y range in % around the values, at least 10 points tall, inside 0-100."""
+    lo, hi = min(values), max(values)
+    pad = max(2.0, 0.1 * (hi - lo))
+    lo, hi = lo - pad, hi + pad
+    if hi - lo < 10:
+        mid = (lo + hi) / 2
+        lo, hi = mid - 5, mid + 5
+    if lo < 0:
+        lo, hi = 0.0, max(hi - lo, 10.0)
+    if hi > 100:
+        lo, hi = max(0.0, lo - (hi - 100)), 100.0
+    return lo, hi
+
+
 def curves_png(path: Path, history: list[dict[str, Any]]) -> None:
-    """Training loss and validation accuracy per epoch."""
+    """Training loss, and train beside validation accuracy, per epoch."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.plot(epochs, [h["train_loss"] for h in history], marker="o")
-    a.set_xlabel("epoch")
+    style = {"marker": "o"} if len(epochs) <= 15 else {}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    losses = [h["train_loss"] for h in history]
+    a.plot(epochs, losses, color="tab:blue", **style)
+    a.set_ylim(0, 1.1 * max(losses) if max(losses) > 0 else 1)
     a.set_title("train loss")
-    if any(h.get("val_acc") is not None for h in history):
-        b.plot(epochs, [100 * h["val_acc"] for h in history], marker="o", color="tab:green")
-    b.set_xlabel("epoch")
-    b.set_title("validation accuracy (%)")
+    b.plot(epochs, [100 * h["train_acc"] for h in history], color="tab:blue", label="train", **style)
+    shown = [100 * h["train_acc"] for h in history]
+    val = [(h["epoch"], 100 * h["val_acc"]) for h in history if h.get("val_acc") is not None]
+    if val:
+        b.plot(*zip(*val), color="tab:green", label="validation", **style)
+        shown += [v for _, v in val]
+    b.set_ylim(*_accuracy_limits(shown))
+    b.set_title("accuracy (%)")
+    b.legend(loc="lower right")
+    if len(epochs) <= 3:  # a few points: their values, rather than a reading off the axis
+        for ax, fmt in ((a, "{:.3f}"), (b, "{:.1f}%")):
+            for line in ax.get_lines():
+                for x, y in zip(line.get_xdata(), line.get_ydata()):
+                    ax.annotate(fmt.format(y), (x, y), xytext=(6, 4), textcoords="offset points", fontsize=8,
+                                color=line.get_color())
+    frozen = [h["epoch"] for h in history if h.get("backbone_frozen")]
+    thawed = [h["epoch"] for h in history if h.get("backbone_frozen") is False]
+    for ax in (a, b):
+        ax.set_xlabel("epoch")
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # one epoch is a point in the middle, not on 0.96-1.04
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.grid(alpha=0.3)
+        if frozen and thawed and min(thawed) > min(frozen):  # 'gradual': where the backbone started to train
+            ax.axvline(min(thawed) - 0.5, color="0.5", linestyle="--", linewidth=1)
+    if frozen and thawed and min(thawed) > min(frozen):
+        a.annotate(" backbone unfrozen", (min(thawed) - 0.5, 0.02), xycoords=("data", "axes fraction"), fontsize=8,
+                   color="0.4")
     _save_png(fig, path)
 
 
@@ -133,7 +263,8 @@ def write_report(
     """Write <name>.md (+ <name>_confusion.png, curves.png) and <name>.json; returns the .md path."""
     out_dir = Path(out_dir)
     conf_png = f"{name}_confusion.png"
-    confusion_png(out_dir / conf_png, metrics["confusion"], classes, f"{title}: {measured_on}")
+    confusion_png(out_dir / conf_png, metrics["confusion"], classes, title, f"Measured on the {measured_on}.")
+    top5 = metrics.get("top5")
     lines = [
         f"# {title}",
         "",
@@ -142,7 +273,7 @@ def write_report(
         "| metric | value |",
         "| --- | --- |",
         f"| accuracy | {100 * metrics['accuracy']:.2f}% |",
-        f"| {top_label(metrics)} accuracy | {100 * metrics['top5']:.2f}% |",
+        *([] if top5 is None else [f"| top-{TOP_K} accuracy | {100 * top5:.2f}% |"]),
         f"| images | {metrics['images']:,} |",
         "",
         "## Setup",
@@ -152,20 +283,29 @@ def write_report(
     ]
     if history:
         curves_png(out_dir / "curves.png", history)
-        lines += ["## Training", "", "| epoch | train loss | train acc | val acc | lr | seconds |",
+        lines += ["## Training", "", "| epoch | train loss | train acc | val acc | lr (first → last step) | seconds |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for h in history:
             val = f"{100 * h['val_acc']:.2f}%" if h.get("val_acc") is not None else "-"
             lines.append(f"| {h['epoch']} | {h['train_loss']:.4f} | {100 * h['train_acc']:.2f}% | "
-                         f"{val} | {h['lr']:.2e} | {h['seconds']:.0f} |")
+                         f"{val} | {lr_range(h)} | {h['seconds']:.{1 if h['seconds'] < 10 else 0}f} |")
         lines += ["", "![curves](curves.png)", ""]
     lines += ["## Per class", "", "| class | precision | recall | F1 | images |",
               "| --- | --- | --- | --- | --- |"]
     for row in metrics["per_class"]:
         lines.append(f"| {row['class']} | {100 * row['precision']:.1f}% | {100 * row['recall']:.1f}% | "
                      f"{100 * row['f1']:.1f}% | {row['support']} |")
-    lines += ["", "## Confusion matrix (rows: true class, columns: predicted)", "",
-              f"![confusion matrix]({conf_png})", ""]
+    if len(classes) > MATRIX_MAX_CLASSES:
+        pairs = confused_pairs(metrics["confusion"], classes)
+        lines += ["", f"## Most confused pairs (true → predicted; the whole {len(classes)}x{len(classes)} matrix "
+                  f"is in {name}.json)", "",
+                  "| true → predicted | images | share of the true class |", "| --- | --- | --- |",
+                  *[f"| {t} → {p} | {n} | {100 * share:.1f}% |" for t, p, n, share in pairs],
+                  *([] if pairs else ["| (none: no image was misclassified) | 0 | |"]),
+                  "", f"![most confused pairs]({conf_png})", ""]
+    else:
+        lines += ["", "## Confusion matrix (rows: true class, columns: predicted)", "",
+                  f"![confusion matrix]({conf_png})", ""]
     path = out_dir / f"{name}.md"
     atomic_write(path, "\n".join(lines))
     atomic_write(out_dir / f"{name}.json", json.dumps(dict(metrics, measured_on=measured_on), indent=2))

@@ -105,9 +105,11 @@ class StopFlag:
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[StopFlag]:
+def stop_on_signals(repeat_window: float = 0.0) -> Iterator[StopFlag]:
     """First Ctrl-C (or SIGTERM, what torchrun and job schedulers send) sets the flag; a second
-    one stops at once (KeyboardInterrupt). Outside the main thread signals cannot be caught."""
+    one stops at once (KeyboardInterrupt). Under torchrun a terminal's Ctrl-C reaches a worker
+    twice (from the terminal and from torchrun), so a repeat within `repeat_window` seconds is
+    the same stop. Outside the main thread signals cannot be caught."""
     flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -117,7 +119,7 @@ def stop_on_signals() -> Iterator[StopFlag]:
     def handler(signum, frame):
         nonlocal first
         if flag.requested:
-            if time.monotonic() - first < 2:  # the same stop, delivered twice (terminal and torchrun)
+            if time.monotonic() - first < repeat_window:
                 return
             raise KeyboardInterrupt
         flag.requested, first = True, time.monotonic()

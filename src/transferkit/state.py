@@ -26,11 +26,17 @@ class Tally:
     seconds_before: float = 0.0  # of the part of the epoch before a resume
     started: float = field(default_factory=time.perf_counter)
     stopped: float | None = None  # when the epoch's last step ended (validation is not training time)
+    lr_start: float | None = None  # the head's lr at the epoch's first step (kept across a resume) ...
+    lr_end: float | None = None  # ... and at its last: one figure would hide a schedule's whole epoch
 
-    def add(self, loss: torch.Tensor, correct: torch.Tensor, images: int) -> None:
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, images: int, lr: float | None = None) -> None:
+        """Count one step's figures; `lr`: the learning rate that step used."""
         self.loss = self.loss.to(loss.device) + loss
         self.correct = self.correct.to(correct.device) + correct
         self.images += images
+        if lr is not None:
+            self.lr_start = lr if self.lr_start is None else self.lr_start
+            self.lr_end = lr
 
     @property
     def seconds(self) -> float:
@@ -45,10 +51,10 @@ class Tally:
         return s.item(), int(c), int(n)
 
     def summary(self, dist: Dist) -> dict[str, float]:
-        """The epoch's train loss and accuracy over all processes, its seconds and images per second."""
+        """The epoch's train loss and accuracy over all processes, its first and last lr, seconds, images/s."""
         loss, correct, seen = self.totals(dist)
-        return {"train_loss": loss / seen, "train_acc": correct / seen, "seconds": self.seconds,
-                "img_per_s": seen / max(self.seconds, 1e-9)}
+        return {"train_loss": loss / seen, "train_acc": correct / seen, "lr_start": self.lr_start,
+                "lr_end": self.lr_end, "seconds": self.seconds, "img_per_s": seen / max(self.seconds, 1e-9)}
 
     def check_finite(self, dist: Dist, step: int, lr: float) -> None:
         """Stop every process together when the loss became NaN or infinite."""
@@ -62,13 +68,14 @@ class Tally:
         """The sums over all processes, as last.pt holds them (a resumed rank 0 carries them on)."""
         s, c, n = self.totals(dist)
         return {"loss_sum": torch.tensor(s, dtype=torch.float64), "correct": torch.tensor(c), "seen": n,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "lr_start": self.lr_start, "lr_end": self.lr_end}
 
     @classmethod
     def from_state_dict(cls, d: dict[str, Any] | None) -> Tally:
         if d is None:
             return cls()
-        return cls(d["loss_sum"].clone(), d["correct"].clone(), int(d["seen"]), float(d["seconds"]))
+        return cls(d["loss_sum"].clone(), d["correct"].clone(), int(d["seen"]), float(d["seconds"]),
+                   lr_start=d.get("lr_start"), lr_end=d.get("lr_end"))  # a last.pt from before has neither
 
 
 class NonFiniteLoss(TransferkitError):

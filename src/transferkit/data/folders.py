@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -58,7 +59,7 @@ def load_folder(root: Path, pre: Preprocessing, splits: Sequence[str], *, worker
     """The splits of an image folder (see load_source), with the bytes their stored images take."""
     layout, classes = folder_classes(root)
     out = DataSource(name=str(root), classes=classes)
-    listed: dict[str, tuple[list[Path], list[int], list[tuple[int, int]]]] = {}
+    listed: dict[str, tuple[list[Path], list[int], list[tuple[int, int]], list[bytes]]] = {}
     for split, path in layout.items():
         if split not in splits:
             continue
@@ -73,20 +74,26 @@ def load_folder(root: Path, pre: Preprocessing, splits: Sequence[str], *, worker
             keep = stratified_subset(torch.tensor(labels), max_train, seed).tolist()
             paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
         listed[split] = _readable(split, paths, labels, workers, use_cache, out.skipped)
-    out.stored_bytes = sum(pre.stored_bytes(sizes) for _, _, sizes in listed.values())
+    out.stored_bytes = sum(pre.stored_bytes(sizes) for _, _, sizes, _ in listed.values())
     allowed = runtime.memory_bytes() / 4
     streaming = stream == "always" or (stream == "auto" and out.stored_bytes > allowed)
     log.info("%s: its decoded images take %.2f GB (a quarter of this process's memory is %.2f GB): %s", root,
              out.stored_bytes / 1e9, allowed / 1e9, "kept in memory (--stream never)" if stream == "never" else
              "streaming it from its files" + (" (--stream always)" if stream == "always" else "") if streaming
              else "kept in memory")
-    for split, (paths, labels, sizes) in listed.items():
+    for split, (paths, labels, sizes, hashes) in listed.items():
         side = pre.stored_side(sizes)
         if streaming:
             images = FileImages(paths, pre, side)
-            setattr(out, split, Split(split, images, torch.tensor(labels, dtype=torch.int64)))
+            setattr(out, split, Split(split, images, torch.tensor(labels, dtype=torch.int64), [str(p) for p in paths],
+                                      hashes))
         else:
-            setattr(out, split, _decode_cached(split, paths, labels, pre, side, workers, out.skipped, use_cache))
+            decoded = _decode_cached(split, paths, labels, pre, side, workers, out.skipped, use_cache)
+            gone = {p for p, _ in out.skipped}  # files whose header read but whose pixels did not
+            kept = [i for i, p in enumerate(paths) if str(p) not in gone]
+            decoded.files, decoded.hashes = [str(paths[i]) for i in kept], [hashes[i] for i in kept]
+            assert len(decoded.files) == len(decoded), "decoded images and their files out of step"
+            setattr(out, split, decoded)
     return out
 
 
@@ -142,27 +149,45 @@ def file_stats(paths: list[Path]) -> list[tuple[str, int, int]]:
     return stats
 
 
+HASH_BYTES = 16
+
+
+def file_hash(path: Path) -> bytes:
+    """A digest of the file's bytes: equal for exact copies (and links to one file), whatever their names."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=HASH_BYTES)).digest()
+
+
 def _readable(name: str, paths: list[Path], labels: list[int], workers: int, use_cache: bool,
-              skipped: list[tuple[str, str]]) -> tuple[list[Path], list[int], list[tuple[int, int]]]:
-    """The files whose header reads as an image, with their labels and (width, height); the rest
-    are listed in `skipped` with the reason. Sizes are cached like decoded images; files that failed
-    are read again each time (a permission or a plugin may have been fixed since)."""
-    def header(p: Path) -> tuple[int, int] | str:
+              skipped: list[tuple[str, str]]) -> tuple[list[Path], list[int], list[tuple[int, int]], list[bytes]]:
+    """The files whose header reads as an image, with their labels, (width, height) and content hash;
+    the rest are listed in `skipped` with the reason. Sizes and hashes are cached like decoded images
+    (keyed by paths, sizes, mtimes); files that failed are read again each time (a permission or a
+    plugin may have been fixed since)."""
+    def header(p: Path) -> tuple[tuple[int, int] | str, bytes]:
         try:
-            return image_size(p)
+            return image_size(p), file_hash(p)  # reading the bytes costs little next to decoding them
         except UnreadableImage as e:
-            return str(e)
+            return str(e), b""
+        except OSError as e:
+            return f"cannot read it ({e.strerror or e})", b""
 
     key = cache.digest("headers", file_stats(paths))
     hit = cache.load("headers", key) if use_cache else None
-    if hit is not None:
-        found = [tuple(s) if s[0] >= 0 else header(p) for p, s in zip(paths, hit[0]["sizes"].tolist())]
+    if hit is not None and "hashes" in hit[0]:  # entries from before hashes were kept are built again
+        sizes, raw = hit[0]["sizes"].tolist(), hit[0]["hashes"].numpy().tobytes()
+        found = [(tuple(s), raw[i * HASH_BYTES:(i + 1) * HASH_BYTES]) if s[0] >= 0 else header(p)
+                 for i, (p, s) in enumerate(zip(paths, sizes))]
     else:
         with ThreadPoolExecutor(max(1, workers)) as pool:
             found = list(pool.map(header, paths, chunksize=256))
         if use_cache:
-            sizes = torch.tensor([s if isinstance(s, tuple) else (-1, -1) for s in found], dtype=torch.int64)
-            cache.store("headers", key, {"sizes": sizes.view(-1, 2)})
+            sizes = torch.tensor([s if isinstance(s, tuple) else (-1, -1) for s, _ in found], dtype=torch.int64)
+            raw = b"".join(h or bytes(HASH_BYTES) for _, h in found)
+            digests = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, HASH_BYTES)
+            cache.store("headers", key, {"sizes": sizes.view(-1, 2), "hashes": digests})
+    hashes = [h for _, h in found]
+    found = [s for s, _ in found]
     keep = [i for i, s in enumerate(found) if isinstance(s, tuple)]
     for p, s in zip(paths, found):
         if isinstance(s, str):
@@ -170,7 +195,7 @@ def _readable(name: str, paths: list[Path], labels: list[int], workers: int, use
             log.warning("skipping unreadable image %s: %s", p, s)
     if not keep:
         raise TransferkitError(f"none of the {len(paths)} image files in the {name} split could be read")
-    return [paths[i] for i in keep], [labels[i] for i in keep], [found[i] for i in keep]
+    return [paths[i] for i in keep], [labels[i] for i in keep], [found[i] for i in keep], [hashes[i] for i in keep]
 
 
 def _decode_cached(name, paths, labels, pre: Preprocessing, side: int, workers, skipped, use_cache: bool) -> Split:

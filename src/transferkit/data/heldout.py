@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from ..errors import TransferkitError
 from ..files import atomic_write
 from .folders import folder_layout
 from .preprocess import Preprocessing
-from .sources import DataSource, Split, is_named, load_source, train_val_test
+from .sources import DataSource, Split, check_leakage, is_named, load_source, train_val_test
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,21 @@ def val_carved(data: str) -> bool:
 
 
 def write_split_record(out: Path, data: str, src: DataSource, *, val_split: float, seed: int,
-                       max_train_images: int | None) -> None:
-    """Write split.json: the rule that carved validation out of train, the counts and a fingerprint to check it."""
+                       max_train_images: int | None, dedupe: bool = False) -> None:
+    """Write split.json: the rule that carved validation out of train, the counts, the held-out files and a
+    fingerprint of their pixels to check them by."""
     carved = src.val is not None and val_carved(data)
     val = _summary(src.val, len(src.classes))
     if val is not None:
         val.update(source="carved from train" if carved else "val", fingerprint=fingerprint(src.val))
+        if src.val.files is not None:
+            val["files"] = [os.path.relpath(f, data) for f in src.val.files]
     record = {
         "format": FORMAT, "data": data, "classes": src.classes, "evaluate": "test" if src.test is not None else "val",
-        # The rule: load train (a stratified subset of max_train_images with seed), hold out val_split of each class.
+        # The rule: load train (a stratified subset of max_train_images with seed), hold out val_split of each
+        # class, then (dedupe) drop val and test images whose bytes are a training image's.
         "val_split": val_split if carved else 0.0, "seed": seed, "max_train_images": max_train_images,
+        "dedupe": dedupe,
         "train": _summary(src.train, len(src.classes)), "val": val, "test": _summary(src.test, len(src.classes)),
     }
     atomic_write(Path(out) / SPLIT_FILE, json.dumps(record, indent=2))
@@ -83,8 +89,10 @@ def carve(data: str, record: dict[str, Any], pre: Preprocessing, *, data_dir: st
     src = load_source(data, preprocessing=pre, data_dir=data_dir, splits=("train",), workers=workers,
                       max_train_images=record.get("max_train_images"), seed=int(record.get("seed", 0)))
     src.val = src.test = None
-    train, val, _ = train_val_test(src, float(record["val_split"]), int(record.get("seed", 0)))
-    return src, train, val
+    src.train, src.val, _ = train_val_test(src, float(record["val_split"]), int(record.get("seed", 0)))
+    if record.get("dedupe"):
+        check_leakage(src, dedupe=True)
+    return src, src.train, src.val
 
 
 def check_same(name: str, split: Split, recorded: dict[str, Any] | None, classes: int, *, by_content: bool,

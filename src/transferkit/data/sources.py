@@ -28,6 +28,8 @@ class Split:
     name: str
     images: torch.Tensor  # or folders.FileImages, which indexes like one
     labels: torch.Tensor
+    files: list[str] | None = None  # image folders: each image's file
+    hashes: list[bytes] | None = None  # image folders: a digest of each file's bytes (exact copies match)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -46,7 +48,10 @@ class Split:
 
     def subset(self, index: torch.Tensor, name: str | None = None) -> Split:
         images = self.images.select(index) if self.streamed else self.images[index]
-        return Split(name or self.name, images, self.labels[index])
+        picked = torch.as_tensor(index).tolist()
+        return Split(name or self.name, images, self.labels[index],
+                     None if self.files is None else [self.files[i] for i in picked],
+                     None if self.hashes is None else [self.hashes[i] for i in picked])
 
 
 @dataclass
@@ -194,6 +199,55 @@ def train_val_test(src: DataSource, val_split: float, seed: int) -> tuple[Split,
             "set --val-split 0.1 or add a test/ folder"
         )
     return train, val, src.test
+
+
+def check_leakage(src: DataSource, dedupe: bool = False, shown: int = 5) -> None:
+    """Warn about val/test images whose file has the bytes of a training image's; `dedupe` drops them.
+
+    Called after val is carved, so a file copied inside train that lands on both sides is found too.
+    Copies within one split are no leakage: they are only counted at debug level.
+    """
+    train = src.train
+    if train is None or train.hashes is None:  # named data sets: no files to compare
+        return
+    originals: dict[bytes, str] = {}
+    for f, h in zip(train.files, train.hashes):
+        originals.setdefault(h, f)
+    for split in (train, src.val, src.test):
+        if split is not None and split.hashes is not None and len(set(split.hashes)) < len(split):
+            log.debug("%s: %d images are copies of others in the same split (not leakage)", split.name,
+                      len(split) - len(set(split.hashes)))
+    if src.val is not None and src.test is not None and src.val.hashes and src.test.hashes:
+        shared = set(src.val.hashes) & set(src.test.hashes)  # selection saw them, training did not
+        if shared:
+            log.debug("%d test images are copies of val images", sum(h in shared for h in src.test.hashes))
+    for name in ("val", "test"):
+        split = getattr(src, name)
+        if split is None or split.hashes is None:
+            continue
+        copies = [i for i, h in enumerate(split.hashes) if h in originals]
+        if not copies:
+            continue
+        pairs = "; ".join(f"{_shown(originals[split.hashes[i]], src.name)} = {_shown(split.files[i], src.name)}"
+                          for i in copies[:shown]) + ("; ..." if len(copies) > shown else "")
+        if not dedupe:
+            log.warning("%d of %d %s images are byte-for-byte copies of training images (leakage: the %s "
+                        "figures will look better than they are): %s; --dedupe drops them from val and test",
+                        len(copies), len(split), name, name, pairs)
+            continue
+        keep = sorted(set(range(len(split))) - set(copies))
+        if not keep:
+            raise TransferkitError(f"all {len(split)} {name} images of {src.name} are copies of training images, so "
+                                   f"--dedupe would leave none to evaluate on; replace them with other images")
+        setattr(src, name, split.subset(torch.tensor(keep, dtype=torch.int64)))
+        log.info("--dedupe: dropped %d of %d %s images that are byte-for-byte copies of training images (%s); "
+                 "%d left", len(copies), len(split), name, pairs, len(keep))
+
+
+def _shown(path: str, root: str) -> str:
+    """A path as the user knows it: inside the data folder, relative to it."""
+    rel = os.path.relpath(path, root)
+    return path if rel.startswith("..") else rel
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,217 @@
+"""The report a user reads: its pictures at 1-30 epochs and 2-100 classes, the lr column, top-5 only where it means
+something."""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+
+import pytest
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.transforms import Bbox
+
+from conftest import SHARED_CIFAR, link_subset, run_cli
+from transferkit import cli, report
+from transferkit.report import RunResult, classification_metrics, write_report
+
+SENTENCE = ("test split of /work/shared/data/cifar10, 10,000 images, stored at 64 px, model input 64x64, "
+            "with its mirror image")
+TITLE = "mobilenet_v2 on /work/shared/data/cifar10"
+
+
+@pytest.fixture
+def drawn(monkeypatch) -> dict[str, object]:
+    """Every figure report.py saves, by file name, as it was laid out when saved."""
+    figures: dict[str, object] = {}
+    save = report._save_png
+
+    def keep(fig, path):
+        save(fig, path)
+        figures[path.name] = fig
+
+    monkeypatch.setattr(report, "_save_png", keep)
+    return figures
+
+
+def _names(k: int) -> list[str]:
+    return [f"class_{i:03d}" for i in range(k)]
+
+
+def _metrics(k: int, per_class: int = 30, confused: tuple[int, int, int] | None = None) -> dict:
+    """Metrics of a made-up model that is right 70% of the time; `confused` = (true, predicted, times) on top."""
+    g = torch.Generator().manual_seed(k)
+    labels = torch.arange(k).repeat_interleave(per_class)
+    pred = torch.where(torch.rand(len(labels), generator=g) < 0.7, labels, torch.randint(k, labels.shape, generator=g))
+    if confused:
+        t, p, n = confused
+        labels, pred = torch.cat([labels, torch.full((n,), t)]), torch.cat([pred, torch.full((n,), p)])
+    return classification_metrics(torch.nn.functional.one_hot(pred, k).float(), labels, _names(k))
+
+
+def _history(epochs: int, **lr_keys) -> list[dict]:
+    return [{"epoch": e, "train_loss": 2 / (e + 0.5), "train_acc": 1 - 1 / (e + 1.2), "val_acc": 1 - 1 / (e + 1.5),
+             "lr": 1e-3 * 0.5 * (1 + math.cos(math.pi * e / epochs)), "seconds": 12.0, "img_per_s": 300.0,
+             **lr_keys} for e in range(1, epochs + 1)]
+
+
+def _renderer(fig):
+    return FigureCanvasAgg(fig).get_renderer()  # a saved (closed) figure has lost its canvas
+
+
+def _fits(fig) -> bool:
+    """Everything drawn (titles, labels, tick labels) lies inside the picture."""
+    inside = fig.get_tightbbox(_renderer(fig))
+    return Bbox.union([inside, fig.bbox_inches]).bounds == pytest.approx(fig.bbox_inches.bounds, abs=0.02)
+
+
+# item 16: pictures -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [2, 10, 30, 100])
+def test_confusion_picture_fits_its_title_and_says_what_it_measured(drawn, tmp_path, k):
+    write_report(tmp_path, _metrics(k), title=TITLE, measured_on=SENTENCE, classes=_names(k), setup={})
+    fig = drawn["report_confusion.png"]
+    assert _fits(fig), "a title or label is cut off at the picture's edge"
+    shown = " ".join(t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text")) if t.get_visible())
+    assert "10,000 images" in shown.replace("\n", " ")  # the details are in the picture, wrapped, not clipped
+
+
+@pytest.mark.parametrize("k", [2, 10, 30])
+def test_confusion_counts_are_readable_and_fit_their_cells(drawn, tmp_path, k):
+    write_report(tmp_path, _metrics(k, per_class=300), title=TITLE, measured_on=SENTENCE, classes=_names(k), setup={})
+    fig = drawn["report_confusion.png"]
+    (ax,) = [a for a in fig.axes if a.images]  # the matrix (not its colour bar)
+    renderer = _renderer(fig)
+    cell = ax.get_window_extent(renderer).width / k
+    counts = [t for t in ax.texts if t.get_text().strip().isdigit()]
+    assert counts, "no counts drawn"
+    assert min(t.get_fontsize() for t in counts) >= (12 if k <= 10 else 8)
+    assert max(t.get_window_extent(renderer).width for t in counts) < cell  # "300" never spills into the next cell
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 30])
+def test_curves_have_whole_epochs_and_train_beside_validation_accuracy(drawn, tmp_path, epochs):
+    write_report(tmp_path, _metrics(3), title=TITLE, measured_on=SENTENCE, classes=_names(3), setup={},
+                 history=_history(epochs))
+    fig = drawn["curves.png"]
+    assert _fits(fig)
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert ticks and all(t == int(t) for t in ticks), f"fractional epoch ticks {ticks}"
+        assert set(range(1, epochs + 1)) <= {round(t) for t in ticks} or len(ticks) >= 4
+    (acc,) = [a for a in fig.axes if "accuracy" in a.get_title().lower()]
+    labels = {line.get_label() for line in acc.get_lines()}
+    assert {"train", "validation"} <= labels
+    lo, hi = acc.get_ylim()
+    assert 0 <= lo and hi <= 100 and hi - lo >= 10  # one epoch is not drawn on a 59.4 ... 60.6 axis
+    (loss,) = [a for a in fig.axes if "loss" in a.get_title().lower()]
+    assert loss.get_ylim()[0] == 0
+
+
+def test_many_classes_draw_the_most_confused_pairs_instead_of_the_matrix(drawn, tmp_path):
+    metrics = _metrics(100, per_class=10, confused=(7, 42, 9))
+    md = write_report(tmp_path, metrics, title=TITLE, measured_on=SENTENCE, classes=_names(100), setup={})
+    fig = drawn["report_confusion.png"]
+    assert _fits(fig)
+    (ax,) = fig.axes
+    rows = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert 5 <= len(rows) <= 25
+    assert "class_007" in rows[-1] and "class_042" in rows[-1]  # barh draws the first pair at the top
+    text = md.read_text()
+    assert "class_007 → class_042" in text and "most confused" in text.lower()
+
+
+def test_many_classes_without_a_mistake_say_so(drawn, tmp_path):
+    labels = torch.arange(40).repeat(3)
+    metrics = classification_metrics(torch.nn.functional.one_hot(labels, 40).float(), labels, _names(40))
+    md = write_report(tmp_path, metrics, title=TITLE, measured_on=SENTENCE, classes=_names(40), setup={})
+    assert _fits(drawn["report_confusion.png"]) and "no image was misclassified" in md.read_text()
+
+
+# item 17: lr ----------------------------------------------------------------------------------------------------
+
+def test_training_table_shows_each_epochs_first_and_last_lr_and_reads_old_rows(tmp_path):
+    rows = _history(2)
+    rows[0].pop("lr")
+    rows[0].update(lr_start=1e-4, lr_end=1e-3)
+    rows[1].pop("lr")
+    rows[1].update(lr_start=1e-3, lr_end=5e-4)
+    text = write_report(tmp_path, _metrics(3), title=TITLE, measured_on=SENTENCE, classes=_names(3), setup={},
+                        history=rows).read_text()
+    assert "| 1.0e-04 → 1.0e-03 |" in text and "| 1.0e-03 → 5.0e-04 |" in text
+
+    old = _history(2)  # a run from before: one lr per epoch, at its end
+    text = write_report(tmp_path, _metrics(3), title=TITLE, measured_on=SENTENCE, classes=_names(3), setup={},
+                        history=old).read_text()
+    assert f"| → {old[1]['lr']:.1e} |" in text
+
+
+# item 18: top-5 -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_top5_is_null_with_five_classes_or_fewer(tmp_path, k):
+    metrics = _metrics(k)
+    assert "top5" in metrics and metrics["top5"] is None
+    write_report(tmp_path, metrics, title=TITLE, measured_on=SENTENCE, classes=_names(k), setup={})
+    assert "top-" not in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["top5"] is None
+
+
+def test_top5_is_reported_with_more_than_five_classes(tmp_path):
+    metrics = _metrics(6)
+    assert 0 < metrics["top5"] <= 1 and metrics["top5"] > metrics["accuracy"]
+    write_report(tmp_path, metrics, title=TITLE, measured_on=SENTENCE, classes=_names(6), setup={})
+    assert "| top-5 accuracy |" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("k", [3, 10])
+def test_cli_prints_top5_only_where_it_means_something(tmp_path, capsys, monkeypatch, k):
+    metrics = _metrics(k)
+    cli._print_result(RunResult(tmp_path, metrics, SENTENCE, seconds=60))
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"accuracy {100 * metrics['accuracy']:.2f}%")
+    assert ("top-5" in printed) == (k > 5) and "top-3" not in printed
+
+    import transferkit.predict
+
+    monkeypatch.setattr(transferkit.predict, "evaluate_run", lambda *a, **kw: (metrics, SENTENCE, tmp_path / "r.md"))
+    args = types.SimpleNamespace(run=tmp_path, data="somewhere", data_dir=None, split="test", batch_size=8,
+                                 device="cpu", image_size=None, tta=False, json=False)
+    assert cli.cmd_eval(args) == 0
+    printed = capsys.readouterr().out
+    assert ("top-5" in printed) == (k > 5) and "top-3" not in printed
+
+
+# items 16-18 through a real run ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def three_class_run(tmp_path_factory):
+    """A real 2-epoch CLI run on 3 CIFAR-10 classes (random weights, head only, 32 px: seconds): a warmup
+    epoch, then a cosine one."""
+    if not (SHARED_CIFAR / "train").is_dir():
+        pytest.skip(f"shared CIFAR-10 folder not found at {SHARED_CIFAR}")
+    root = tmp_path_factory.mktemp("three")
+    link_subset(SHARED_CIFAR / "train", root / "train", 16, ["airplane", "cat", "ship"])
+    link_subset(SHARED_CIFAR / "test", root / "test", 6, ["airplane", "cat", "ship"])
+    out = tmp_path_factory.mktemp("runs") / "three"
+    proc = run_cli("train", "--data", root, "--model", "mobilenet_v2", "--weights", "none", "--strategy", "linear",
+                   "--lr", "3e-3", "--epochs", "2", "--warmup-epochs", "1", "--image-size", "32", "--batch-size", "8",
+                   "--val-split", "0.25", "--out", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return root, out, proc
+
+
+def test_real_run_records_first_and_last_lr_and_no_top5_of_three_classes(three_class_run):
+    root, out, proc = three_class_run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows
+    assert first["lr_start"] < first["lr_end"] == pytest.approx(3e-3)  # warmup to the peak (--lr 3e-3)
+    assert last["lr_start"] > last["lr_end"] > 0  # cosine: the last step still trains
+    assert f"lr {last['lr_start']:.1e} -> {last['lr_end']:.1e}" in proc.stderr
+    assert f"{last['lr_start']:.1e} → {last['lr_end']:.1e}" in (out / "report.md").read_text()
+    assert "top-" not in proc.stdout and json.loads((out / "report.json").read_text())["top5"] is None
+    proc = run_cli("eval", out, "--data", root)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("accuracy ") and "top-" not in proc.stdout
