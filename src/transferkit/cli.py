@@ -172,26 +172,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "config.yaml works); flags win")
 
     e = sub.add_parser("eval", help="evaluate a run on a data set with the same classes")
-    e.add_argument("run", type=Path)
-    e.add_argument("--data", help="data set (default: the one the run was trained on)")
-    e.add_argument("--data-dir")
+    e.add_argument("run", type=Path, help="a run folder (the --out of 'transferkit train')")
+    e.add_argument("--data", help="data set with the run's classes (default: the one the run was trained on)")
+    e.add_argument("--data-dir", help="where named data sets live (default ~/.cache/transferkit/data)")
     e.add_argument("--split", choices=("train", "val", "test"),
                    help="default: the split the run held out (test, else its validation split, as the run carved "
                         "it from train); train: the images that trained it (the report says so)")
     e.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: 128)")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N, mps")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--report-dir", type=Path, metavar="DIR",
                    help="write the report (eval-<data>-<split>.md, .json, .png) here instead of the run folder")
     add_test_time_options(e)
 
     pr = sub.add_parser("predict", help="classify image files and folders with a run")
-    pr.add_argument("run", type=Path)
+    pr.add_argument("run", type=Path, help="a run folder (the --out of 'transferkit train')")
     pr.add_argument("paths", nargs="+", help="image files and/or folders")
     pr.add_argument("--topk", type=int, default=3, help="how many classes to show per image (default: 3)")
     pr.add_argument("--batch-size", type=int, default=32,
                     help="images decoded and predicted at a time; memory holds one batch (default: 32)")
-    pr.add_argument("--device", default="auto")
+    pr.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N, mps")
     pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_test_time_options(pr)
 
