@@ -192,3 +192,23 @@ def test_eval_of_a_dedupe_run_scores_the_validation_split_it_kept(tmp_path):
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads(proc.stdout)
     assert metrics["images"] == trained["images"] and metrics["accuracy"] == pytest.approx(trained["accuracy"])
+
+
+@needs_cifar
+def test_eval_refuses_a_held_out_split_whose_files_changed_since_training(tmp_path):
+    flat = link_subset(SHARED_CIFAR / "train", tmp_path / "flat", 8, ["cat", "dog"])
+    run = tmp_path / "run"
+    proc = run_cli("train", "--data", flat, "--model", "resnet18", "--weights", "none", "--strategy", "linear",
+                   "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--val-split", "0.25", "--workers", "1",
+                   "--out", run)
+    assert proc.returncode == 0, proc.stderr
+    held = json.loads((run / "split.json").read_text())["val"]["files"]
+    assert len(held) == 4 and run_cli("eval", run).returncode == 0
+    changed = flat / held[0]
+    other = next(f for f in sorted((SHARED_CIFAR / "test" / changed.parent.name).iterdir()))
+    changed.unlink()
+    changed.write_bytes(other.read_bytes())  # same name, same class, other pixels
+    for extra in ([], ["--image-size", "48"]):
+        proc = run_cli("eval", run, *extra)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "the data changed since training" in proc.stderr and "other images" in proc.stderr

@@ -302,7 +302,7 @@ def _split_to_score(run_dir: Path, data: str, split: str | None, pre: Preprocess
                         "it could not be checked against the run's" if carved else "as the data lays it out")
         else:
             heldout.check_same(split, part, record.get(split), len(src.classes),
-                               by_content=same_pre and split != "train", run_dir=run_dir, data=data)
+                               same_pixels=same_pre, run_dir=run_dir, data=data)
         again = ", re-carved from config.yaml and unchecked" if record.get("unchecked") else ""
         if split == "val":
             note = (f"held out of train by the run: {100 * float(record['val_split']):g}% of each class, seed "

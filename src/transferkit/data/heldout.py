@@ -24,11 +24,16 @@ FORMAT = 1
 
 
 def fingerprint(split: Split, chunk: int = 256) -> str:
-    """sha256 of a split's labels and stored pixels: the same whether it is held in memory or streamed."""
+    """sha256 of a split's labels and its files' bytes (image folders: their content hashes, cheap and the same
+    whether held in memory or streamed), else of its stored pixels (named sets): 'files:...' or 'pixels:...'."""
     h = hashlib.sha256(split.labels.numpy().tobytes())
-    for start in range(0, len(split), chunk):  # a streamed split decodes a chunk at a time
+    if split.hashes is not None:
+        for digest in split.hashes:
+            h.update(digest)
+        return f"files:{h.hexdigest()}"
+    for start in range(0, len(split), chunk):
         h.update(memoryview(split.images[start:start + chunk].contiguous().numpy()).cast("B"))
-    return h.hexdigest()
+    return f"pixels:{h.hexdigest()}"
 
 
 def _summary(split: Split | None, classes: int) -> dict[str, Any] | None:
@@ -95,15 +100,17 @@ def carve(data: str, record: dict[str, Any], pre: Preprocessing, *, data_dir: st
     return src, src.train, src.val
 
 
-def check_same(name: str, split: Split, recorded: dict[str, Any] | None, classes: int, *, by_content: bool,
+def check_same(name: str, split: Split, recorded: dict[str, Any] | None, classes: int, *, same_pixels: bool,
                run_dir: Path, data: str) -> None:
     """Refuse a split that is not the one the run recorded: the data changed since training."""
     if recorded is None:
         return
     now = _summary(split, classes)
     same = now["per_class"] == recorded.get("per_class", now["per_class"])
-    if same and by_content and recorded.get("fingerprint"):
-        same = fingerprint(split) == recorded["fingerprint"]
+    known = recorded.get("fingerprint") or ""
+    # Stored pixels depend on the input size: at another --image-size only the counts can be compared.
+    if same and known and (known.startswith("files:") or same_pixels):
+        same = fingerprint(split) == known
     if not same:
         raise TransferkitError(
             f"the {name} split of {data} is not the one {run_dir} recorded in {SPLIT_FILE} ({recorded['images']:,} "
