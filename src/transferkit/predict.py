@@ -248,7 +248,7 @@ def evaluate_run(
         "-tta" if tta else "")
     if src.skipped:
         log.warning("%d unreadable files skipped", len(src.skipped))
-    report = _write_eval_report(Path(report_dir) if report_dir is not None else run_dir, run_dir, metrics,
+    report = _write_eval_report(Path(report_dir) if report_dir is not None else run_dir, metrics,
                                 title=f"{run_dir.name} evaluated on {data}", measured_on=said, classes=pred.classes,
                                 setup={"run": str(run_dir)}, name=name)
     return metrics, said, report
@@ -310,8 +310,6 @@ def _split_to_score(run_dir: Path, data: str, split: str | None, pre: Preprocess
                     else "the run chose its epoch on them")
         elif split == "train":
             note = "the run's training images: these images trained the model, so they overstate its accuracy"
-            log.warning("--split train: %s trained on these %d images; its figures on them overstate what it "
-                        "does on new images", run_dir, len(part))
     return part, src, note
 
 
@@ -326,10 +324,11 @@ def _record_from_config(run_dir: Path, data: str) -> dict[str, Any] | None:
     layout = {"train": None, "test": None} if is_named(data) else folder_layout(Path(data).expanduser())
     carved = heldout.val_carved(data) and cfg.val_split > 0
     return {"unchecked": True, "evaluate": "test" if "test" in layout else "val", "seed": cfg.seed,
-            "val_split": cfg.val_split if carved else 0.0, "max_train_images": cfg.max_train_images}
+            "val_split": cfg.val_split if carved else 0.0, "max_train_images": cfg.max_train_images,
+            "dedupe": getattr(cfg, "dedupe", False)}
 
 
-def _write_eval_report(where: Path, run_dir: Path, metrics: dict[str, Any], **report: Any) -> Path | None:
+def _write_eval_report(where: Path, metrics: dict[str, Any], **report: Any) -> Path | None:
     """The report in `where`; if it cannot be written there, one line that says so (the figures stand)."""
     try:
         where.mkdir(parents=True, exist_ok=True)

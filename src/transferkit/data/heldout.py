@@ -50,7 +50,7 @@ def val_carved(data: str) -> bool:
 def write_split_record(out: Path, data: str, src: DataSource, *, val_split: float, seed: int,
                        max_train_images: int | None, dedupe: bool = False) -> None:
     """Write split.json: the rule that carved validation out of train, the counts, the held-out files and a
-    fingerprint of their pixels to check them by."""
+    fingerprint of their contents to check them by."""
     carved = src.val is not None and val_carved(data)
     val = _summary(src.val, len(src.classes))
     if val is not None:
@@ -107,7 +107,7 @@ def check_same(name: str, split: Split, recorded: dict[str, Any] | None, classes
         return
     now = _summary(split, classes)
     same = now["per_class"] == recorded.get("per_class", now["per_class"])
-    known = recorded.get("fingerprint") or ""
+    known = recorded.get("fingerprint") if isinstance(recorded.get("fingerprint"), str) else ""
     # Stored pixels depend on the input size: at another --image-size only the counts can be compared.
     if same and known and (known.startswith("files:") or same_pixels):
         same = fingerprint(split) == known
@@ -115,5 +115,5 @@ def check_same(name: str, split: Split, recorded: dict[str, Any] | None, classes
         raise TransferkitError(
             f"the {name} split of {data} is not the one {run_dir} recorded in {SPLIT_FILE} ({recorded['images']:,} "
             f"images then, {len(split):,} now{', other images' if now['images'] == recorded['images'] else ''}): "
-            "the data changed since training; pass --data with images the run never saw, or --split test"
+            "the data changed since training; pass --data with images the run never saw, or retrain"
         )
