@@ -18,8 +18,6 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
-from .data.folders import folder_classes
-from .data.images import walk_images
 from .data.sources import DataSource, is_named
 from .errors import TransferkitError
 
@@ -29,25 +27,23 @@ KEY = "fingerprints"  # in last.pt: zlib-compressed JSON as a uint8 tensor (a pl
 SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
 
 
-def data_listing(data: str) -> dict[str, Any]:
-    """The files of an image folder per split, as [path relative to the folder, size, mtime_ns, label]."""
-    if is_named(data):
-        return {"named": data.lower()}
-    root = Path(data)
-    layout, classes = folder_classes(root)
+def data_listing(data: DataSource, where: str) -> dict[str, Any]:
+    """The files of an image folder per split as listed (before unreadable ones are skipped), as
+    [path relative to the folder, size, mtime_ns, label]; a named set by its name."""
+    if is_named(where):
+        return {"named": where.lower()}
     files: dict[str, list[list[Any]]] = {}
-    for split, path in layout.items():
+    for split, (paths, labels) in data.listed.items():
         rows = []
-        for label, c in enumerate(classes):
-            for p in walk_images(path / c)[0]:
-                try:
-                    st = p.stat()
-                    size, mtime = st.st_size, st.st_mtime_ns
-                except OSError:
-                    size, mtime = -1, -1
-                rows.append([os.path.relpath(p, root), size, mtime, label])
+        for p, label in zip(paths, labels):
+            try:
+                st = p.stat()
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:
+                size, mtime = -1, -1
+            rows.append([os.path.relpath(p, where), size, mtime, label])
         files[split] = rows
-    return {"classes": classes, "files": files}
+    return {"classes": data.classes, "files": files}
 
 
 def splits_of(data: DataSource) -> dict[str, list[Any]]:

@@ -70,13 +70,10 @@ def _run(cfg: TrainConfig, out: Path, saved: dict[str, Any] | None, replace: boo
             log.info("random weights: the backbone learns at %g x the head's lr (--backbone-lr-mult)",
                      cfg.backbone_lr_mult)
         cfg, requested = _resolved(cfg, bb, pre, out, saved)
-        recorded = None if saved is None else fingerprint.unpack(saved)
-        listing = fingerprint.data_listing(cfg.data)
-        if recorded is not None:  # before the data is read: a resume on other files stops at once
-            fingerprint.check_data(recorded, listing, None, cfg.data)
         data = _load_data(cfg, pre)
-    splits = fingerprint.splits_of(data)
-    if recorded is not None:
+    listing, splits = fingerprint.data_listing(data, cfg.data), fingerprint.splits_of(data)
+    recorded = None if saved is None else fingerprint.unpack(saved)
+    if recorded is not None:  # a resume continues on the files it started with, or stops here
         fingerprint.check_data(recorded, listing, splits, cfg.data)
     prints = fingerprint.pack({"settings": fingerprint.settings_of(cfg, UNCHECKED), "listing": listing,
                                "splits": splits})

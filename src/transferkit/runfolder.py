@@ -40,7 +40,8 @@ def settings_of(config: TrainConfig | None, resume: str | Path | None, settings:
         if changed or config is not None:
             raise TransferkitError(
                 f"--resume continues a run with its own config.yaml; only {', '.join(sorted(RESUMABLE_CHANGES))} "
-                f"may change, and --data give the new place of moved data (not {', '.join(changed) or 'a new config'})"
+                f"may change, and --data may name the new place of moved data "
+                f"(not {', '.join(changed) or 'a new config'})"
             )
         if not (Path(resume) / "config.yaml").is_file():
             raise TransferkitError(f"nothing to resume in '{resume}': no config.yaml (is it a run folder?)")
