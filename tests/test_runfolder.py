@@ -72,7 +72,9 @@ def tree(path: Path) -> dict[str, int]:
     ["--data", "{data}", "--device", "tpu"],
     ["--data", "{data}", "--model", "resnet18", "--weights", "IMAGENET1K_V1"],  # not on disk, no network here
     ["--data", "{data}/train/cat", "--model", "resnet18", "--weights", "none"],  # no class folders: found on reading
-], ids=["bad-data", "unknown-device", "weights-offline", "fails-on-data"])
+    ["--data", "{data}", "--model", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "1",
+     "--workers", "1"],  # passes of one image under BatchNorm: refused after config.yaml, before training
+], ids=["bad-data", "unknown-device", "weights-offline", "fails-on-data", "fails-before-training"])
 def test_a_run_that_fails_before_training_leaves_no_run_folder(args, data, tmp_path):
     cwd = tmp_path / "here"
     cwd.mkdir()

@@ -28,6 +28,7 @@ RESUMABLE_CHANGES = {"epochs", "device", "workers", "log_every", "compile", "che
 MOVABLE = {"data", "data_dir"}  # a resume may name the data's new place: its fingerprint says whether it is the same
 UNCHECKED = RESUMABLE_CHANGES | MOVABLE | {"out"}  # what the settings' fingerprint leaves out
 LOCK_FILE = ".lock"
+BEFORE_TRAINING = {LOCK_FILE, "train.log", "config.yaml", "skipped.txt"}  # a run that fails with only these goes
 # What --overwrite replaces (train.log is kept: the new run's log follows the old one's).
 RUN_OUTPUTS = (LAST_FILE, MODEL_FILE, META_FILE, "metrics.jsonl", "skipped.txt", "report*", "eval-*", "curves.png")
 
@@ -100,13 +101,14 @@ def _check_settings(saved: dict[str, Any], cfg: TrainConfig, out: Path) -> None:
 
 
 def _discard(made: list[Path]) -> None:
-    """Remove the folders this run created while it wrote nothing in them but its lock and log: a run that
-    fails before its first real file leaves nothing behind (and never removes what was there before)."""
+    """Remove the folders this run created while it wrote nothing in them but what it writes before training
+    (lock, log, config.yaml, skipped.txt): a run that fails before it trains leaves nothing behind, and what
+    was there before this run is never removed."""
     if not made:
         return
     try:
         left = {p.name for p in made[0].iterdir()}
-        if not left <= {LOCK_FILE, "train.log"}:
+        if not left <= BEFORE_TRAINING:
             return
         for name in left:
             (made[0] / name).unlink()
