@@ -46,6 +46,17 @@ def test_yaml_round_trip(tmp_path):
     assert TrainConfig.from_yaml(path, epochs=3).epochs == 3
 
 
+def test_yaml_keeps_what_was_asked_for_beside_the_resolved_values_and_reads_back_the_resolved(tmp_path):
+    from transferkit.config import requested_from
+
+    c = TrainConfig.create(data="some/folder", weights="IMAGENET1K_V1", image_size=224, mean=(0.485, 0.456, 0.406),
+                           std=(0.229, 0.224, 0.225))
+    path = tmp_path / "config.yaml"
+    path.write_text(c.to_yaml({"weights": "imagenet", "image_size": None, "mean": None, "std": None}))
+    assert TrainConfig.from_yaml(path) == c
+    assert requested_from(path) == {"weights": "imagenet", "image_size": None, "mean": None, "std": None}
+
+
 def test_random_weights_train_the_backbone_at_the_heads_lr_unless_told_otherwise(tmp_path):
     """With --weights none there is nothing pretrained to protect: the backbone is not held at a tenth of the lr."""
     assert TrainConfig.create(weights="none").backbone_lr_mult == 1.0

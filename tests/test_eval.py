@@ -212,3 +212,18 @@ def test_eval_refuses_a_held_out_split_whose_files_changed_since_training(tmp_pa
         proc = run_cli("eval", run, *extra)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert "the data changed since training" in proc.stderr and "other images" in proc.stderr
+
+
+@needs_cifar
+def test_eval_on_the_run_s_data_moved_elsewhere_still_scores_the_held_out_split(tmp_path):
+    flat = link_subset(SHARED_CIFAR / "train", tmp_path / "flat", 8, ["cat", "dog"])
+    run = tmp_path / "run"
+    proc = run_cli("train", "--data", flat, "--model", "resnet18", "--weights", "none", "--strategy", "linear",
+                   "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--val-split", "0.25", "--workers", "1",
+                   "--out", run)
+    assert proc.returncode == 0, proc.stderr
+    moved = flat.rename(tmp_path / "moved")
+    proc = run_cli("eval", run, "--data", moved, "--json")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout)
+    assert metrics["images"] == 4 and "held out" in metrics["measured_on"]

@@ -136,6 +136,7 @@ def test_a_checkpoint_carrying_code_is_refused_and_never_runs(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
+    (tmp_path / "data").mkdir()  # a resume whose data folder is missing would stop before reading last.pt
     (run / "config.yaml").write_text(TrainConfig.create(data=str(tmp_path / "data"), weights="none").to_yaml())
     torch.save({"model": Payload()}, run / "last.pt")
     proc = run_cli("train", "--resume", run)

@@ -121,6 +121,11 @@ def read_card(run_dir: Path) -> ModelCard:
         raise TransferkitError(f"{path} is damaged ({type(e).__name__}: {e}); retrain or restore it") from None
 
 
+def update_card(run_dir: Path, **changes: Any) -> None:
+    """Change fields of a run's model.json that do not touch its weights (e.g. the data's new place)."""
+    atomic_write(Path(run_dir) / META_FILE, read_card(run_dir).replace(**changes).to_json())
+
+
 def load_model_state(run_dir: Path, card: ModelCard) -> dict[str, torch.Tensor]:
     """The run's weights, checked against the sha256 in model.json."""
     path = Path(run_dir) / MODEL_FILE

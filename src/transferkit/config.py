@@ -149,20 +149,41 @@ class TrainConfig:
             raise TransferkitError(f"cannot read config '{path}': {e}") from None
         if not isinstance(loaded, dict):
             raise TransferkitError(f"config '{path}' must be a mapping of setting: value")
+        loaded.pop(REQUESTED, None)  # what the user typed, kept beside the resolved values for the reader
         recipe = overrides.pop("recipe", None) or loaded.pop("recipe", None)
         loaded.pop("recipe", None)
         loaded.update({k: v for k, v in overrides.items() if v is not None})
         return cls.create(recipe=recipe, **loaded)
 
-    def to_yaml(self) -> str:
-        """The resolved settings as YAML, loadable by from_yaml."""
+    def to_yaml(self, requested: dict[str, Any] | None = None) -> str:
+        """The settings as YAML, loadable by from_yaml; `requested`: what was asked for where it differs
+        (e.g. weights: imagenet beside the resolved IMAGENET1K_V1), written after them and ignored on reading."""
         d = dataclasses.asdict(self)
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-        return yaml.safe_dump(d, sort_keys=False)
+        text = yaml.safe_dump(d, sort_keys=False)
+        if requested:
+            asked = {k: list(v) if isinstance(v, tuple) else v for k, v in requested.items()}
+            text += ("# What was asked for, where it differs from the resolved value above (which is what trained;\n"
+                     "# transferkit reads only the values above).\n"
+                     + yaml.safe_dump({REQUESTED: asked}, sort_keys=False))
+        return text
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some settings changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+REQUESTED = "requested"
+
+
+def requested_from(path: str | Path) -> dict[str, Any]:
+    """The `requested:` mapping of a config.yaml (what was asked for before resolving), or {}."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    asked = loaded.get(REQUESTED) if isinstance(loaded, dict) else None
+    return asked if isinstance(asked, dict) else {}
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from . import engine, models, runtime
-from .checkpoint import ModelCard, load_model_state, read_card, save_last, save_model
-from .config import TrainConfig
+from . import engine, fingerprint, models, runtime
+from .checkpoint import META_FILE, ModelCard, load_model_state, read_card, save_last, save_model, update_card
+from .config import TrainConfig, requested_from
 from .data import heldout, sources
 from .data.preprocess import Preprocessing, resolve_preprocessing
 from .data.sources import DataSource
@@ -22,7 +22,7 @@ from .features import Stage, activations_fit, cached_stage, supports_feature_cac
 from .files import atomic_write
 from .logs import EpochProgress, run_logging
 from .report import RunResult, classification_metrics, lr_range, measured_on, write_metrics, write_report
-from .runfolder import begin_writing, resume_command, run_folder, settings_of
+from .runfolder import UNCHECKED, begin_writing, resume_command, run_folder, settings_of
 from .runtime import Dist, StopFlag
 from .state import Tally, TrainState, new_state
 
@@ -69,15 +69,39 @@ def _run(cfg: TrainConfig, out: Path, saved: dict[str, Any] | None, replace: boo
         if cfg.weights.lower() == "none" and cfg.strategy != "linear":
             log.info("random weights: the backbone learns at %g x the head's lr (--backbone-lr-mult)",
                      cfg.backbone_lr_mult)
+        cfg, requested = _resolved(cfg, bb, pre, out, saved)
         data = _load_data(cfg, pre)
+    listing, splits = fingerprint.data_listing(data, cfg.data), fingerprint.splits_of(data)
+    recorded = None if saved is None else fingerprint.unpack(saved)
+    if recorded is not None:  # a resume continues on the files it started with, or stops here
+        fingerprint.check_data(recorded, listing, splits, cfg.data)
+    prints = fingerprint.pack({"settings": fingerprint.settings_of(cfg, UNCHECKED), "listing": listing,
+                               "splits": splits})
     card = _classifier(cfg, bb, pre, data.classes, precision, dist, device)
     if dist.main:
-        begin_writing(out, cfg, replace, data.skipped)
+        begin_writing(out, cfg, replace, data.skipped, requested)
         heldout.write_split_record(out, cfg.data, data, val_split=cfg.val_split, seed=cfg.seed,
                                    max_train_images=cfg.max_train_images, dedupe=cfg.dedupe)
+        if saved is not None and (out / META_FILE).is_file() and read_card(out).data != cfg.data:
+            update_card(out, data=cfg.data)  # resumed on its moved data: eval finds it there
     stage = _plan_stage(cfg, bb, pre, frozen_blocks, data, precision, dist, device)
-    state, cfg = _train_retrying(cfg, out, bb.model, stage, card, saved, frozen_blocks, dist, device, precision)
+    state, cfg = _train_retrying(cfg, out, bb.model, stage, card, saved, frozen_blocks, dist, device, precision,
+                                 prints)
     return _final_evaluation(cfg, out, state, stage, data, card, dist, device, precision)
+
+
+def _resolved(cfg: TrainConfig, bb: models.Backbone, pre: Preprocessing, out: Path,
+              saved: dict[str, Any] | None) -> tuple[TrainConfig, dict[str, Any]]:
+    """The settings as they train (the weights actually loaded, the preprocessing resolved from them), and
+    what was asked for where it differs (a resumed run keeps what its config.yaml says was asked for)."""
+    kind, _, name = bb.weights.partition(":")
+    weights = {"torchvision": name.split(" (")[0], "file": name}.get(kind, cfg.weights)
+    resolved = cfg.replace(weights=weights, image_size=pre.image_size, mean=pre.mean, std=pre.std)
+    asked = {k: getattr(cfg, k) for k in ("weights", "image_size", "mean", "std") if getattr(cfg, k) !=
+             getattr(resolved, k)}
+    if saved is not None:
+        asked = {**requested_from(out / "config.yaml"), **asked}
+    return resolved, asked
 
 
 def _load_data(cfg: TrainConfig, pre: Preprocessing) -> DataSource:
@@ -136,7 +160,7 @@ def _plan_stage(cfg: TrainConfig, bb: models.Backbone, pre: Preprocessing, froze
 
 def _train_retrying(cfg: TrainConfig, out: Path, model: torch.nn.Module, stage: Stage, card: ModelCard,
                     saved: dict[str, Any] | None, frozen_blocks: list[str], dist: Dist, device: torch.device,
-                    precision: str) -> tuple[TrainState, TrainConfig]:
+                    precision: str, prints: torch.Tensor) -> tuple[TrainState, TrainConfig]:
     """The epochs; a fresh run out of memory in its first steps starts again in passes of half the images
     (batch, learning rate and so the optimizer steps stay what was asked for; only BatchNorm's batch
     statistics see the smaller passes)."""
@@ -151,6 +175,7 @@ def _train_retrying(cfg: TrainConfig, out: Path, model: torch.nn.Module, stage: 
                           optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, schedule=cfg.schedule,
                           steps=steps * cfg.epochs, warmup_steps=round(cfg.warmup_epochs * steps), seed=cfg.seed,
                           device=device)
+        state.fingerprints = prints  # last.pt records what the run trains on and with
         if saved is not None:
             state.resume(saved, out / "last.pt", seed=cfg.seed, dist=dist)
             where = f"epoch {state.epoch}" + ("" if state.step is None else f", step {state.step}/{steps}")
@@ -167,7 +192,7 @@ def _train_retrying(cfg: TrainConfig, out: Path, model: torch.nn.Module, stage: 
             stage = replace(stage, micro=micro, eval_batch=engine.eval_batch_for(cfg.batch_size, dist, micro))
             log.warning("out of memory: retrying from the start in passes of %d images (batch %d and lr unchanged; "
                         "recorded in %s)", micro, cfg.batch_size, out / "config.yaml")
-            atomic_write(out / "config.yaml", cfg.to_yaml())
+            atomic_write(out / "config.yaml", cfg.to_yaml(requested_from(out / "config.yaml")))
             model.load_state_dict(initial)
             retried = True
 

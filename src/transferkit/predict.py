@@ -228,8 +228,17 @@ def evaluate_run(
     pred = Predictor.from_run(run_dir, device=device, image_size=image_size, tta=tta)
     check_data_arg(data)
     own = _same_data(data, card.data)
-    part, src, note = _split_to_score(run_dir, data, split, pred.preprocessing, own=own, data_dir=data_dir,
-                                      workers=workers, same_pre=pred.preprocessing == card.preprocessing)
+    # The folder it trained on is gone and another is named: most likely the same data, moved (checked below).
+    moved = not own and bool(card.data) and not is_named(card.data) and not Path(card.data).expanduser().exists()
+    score = dict(data_dir=data_dir, workers=workers, same_pre=pred.preprocessing == card.preprocessing)
+    try:
+        part, src, note = _split_to_score(run_dir, data, split, pred.preprocessing, own=own or moved, **score)
+    except heldout.SplitChanged:
+        if not moved:
+            raise
+        log.warning("%s is not the data %s trained on, moved (its held-out split differs from split.json): "
+                    "evaluating it as other data", data, run_dir)
+        part, src, note = _split_to_score(run_dir, data, split, pred.preprocessing, own=False, **score)
     if sorted(src.classes) != sorted(pred.classes):
         missing = sorted(set(pred.classes) - set(src.classes))
         extra = sorted(set(src.classes) - set(pred.classes))

@@ -7,14 +7,17 @@ import dataclasses
 import fcntl
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from . import fingerprint
 from .checkpoint import LAST_FILE, META_FILE, MODEL_FILE, load_last
-from .config import TrainConfig
+from .config import TrainConfig, requested_from
+from .data import sources
 from .errors import TransferkitError
 from .files import atomic_write
 from .runtime import Dist
@@ -22,23 +25,28 @@ from .runtime import Dist
 log = logging.getLogger(__name__)
 
 RESUMABLE_CHANGES = {"epochs", "device", "workers", "log_every", "compile", "checkpoint_every", "micro_batch", "tta"}
+MOVABLE = {"data", "data_dir"}  # a resume may name the data's new place: its fingerprint says whether it is the same
+UNCHECKED = RESUMABLE_CHANGES | MOVABLE | {"out"}  # what the settings' fingerprint leaves out
 LOCK_FILE = ".lock"
+BEFORE_TRAINING = {LOCK_FILE, "train.log", "config.yaml", "skipped.txt"}  # a run that fails with only these goes
 # What --overwrite replaces (train.log is kept: the new run's log follows the old one's).
 RUN_OUTPUTS = (LAST_FILE, MODEL_FILE, META_FILE, "metrics.jsonl", "skipped.txt", "report*", "eval-*", "curves.png")
 
 
 def settings_of(config: TrainConfig | None, resume: str | Path | None, settings: dict[str, Any]) -> TrainConfig:
-    """The run's settings: a resumed run's own config.yaml (only RESUMABLE_CHANGES may change), or new ones."""
+    """The run's settings: a resumed run's own config.yaml (only RESUMABLE_CHANGES may change, and --data
+    may point to its moved data folder), or new ones."""
     if resume is not None:
-        changed = sorted(set(settings) - RESUMABLE_CHANGES)
+        changed = sorted(set(settings) - RESUMABLE_CHANGES - MOVABLE)
         if changed or config is not None:
             raise TransferkitError(
                 f"--resume continues a run with its own config.yaml; only {', '.join(sorted(RESUMABLE_CHANGES))} "
-                f"may change (not {', '.join(changed) or 'a new config'})"
+                f"may change, and --data may name the new place of moved data "
+                f"(not {', '.join(changed) or 'a new config'})"
             )
         if not (Path(resume) / "config.yaml").is_file():
             raise TransferkitError(f"nothing to resume in '{resume}': no config.yaml (is it a run folder?)")
-        return TrainConfig.from_yaml(Path(resume) / "config.yaml", **settings, out=str(resume))
+        return TrainConfig.from_yaml(Path(resume) / "config.yaml", **settings, out=str(Path(resume).absolute()))
     if config is None:
         return TrainConfig.create(**settings)
     return config.replace(**settings) if settings else config
@@ -59,27 +67,108 @@ class RunStart:
 def run_folder(cfg: TrainConfig, resume: str | Path | None, overwrite: bool, dist: Dist) -> Iterator[RunStart]:
     """Rank 0 prepares the run folder, locks it for the time of the block and reads last.pt; every
     process gets the same RunStart."""
-    start, lock = RunStart(error="rank 0 did not prepare the run"), None
+    start, lock, made = RunStart(error="rank 0 did not prepare the run"), None, []
     try:
         if dist.main:
             try:
-                cfg, out, resuming, lock = _prepare(cfg, resume, overwrite, dist)
-                start = RunStart(cfg, str(out), load_last(out) if resuming else None,
-                                 replace=overwrite and not resuming)
+                cfg, out, resuming, lock, made = _prepare(cfg, resume, overwrite, dist)
+                saved = load_last(out) if resuming else None
+                if saved is not None:
+                    _check_settings(saved, cfg, out)
+                start = RunStart(cfg, str(out), saved, replace=overwrite and not resuming)
             except TransferkitError as e:
                 start = RunStart(error=str(e))
         start = dist.share(start)
         if start.error is not None:
             raise TransferkitError(start.error)
         yield start
+    except BaseException:
+        _discard(made)
+        raise
     finally:
         if lock is not None:
             lock.close()  # the OS releases the lock with the file (and with a killed process)
 
 
+def _check_settings(saved: dict[str, Any], cfg: TrainConfig, out: Path) -> None:
+    """A resume continues with the settings the run started with: config.yaml edited since is refused."""
+    prints = fingerprint.unpack(saved)
+    if prints is None:
+        log.warning("%s records no fingerprint of its data and settings (an earlier transferkit wrote it): cannot "
+                    "check that they are still the ones the run started with", out / LAST_FILE)
+        return
+    fingerprint.check_settings(prints["settings"], fingerprint.settings_of(cfg, UNCHECKED), out)
+
+
+def _discard(made: list[Path]) -> None:
+    """Remove the folders this run created while it wrote nothing in them but what it writes before training
+    (lock, log, config.yaml, skipped.txt): a run that fails before it trains leaves nothing behind, and what
+    was there before this run is never removed."""
+    if not made:
+        return
+    try:
+        left = {p.name for p in made[0].iterdir()}
+        if not left <= BEFORE_TRAINING:
+            return
+        for name in left:
+            (made[0] / name).unlink()
+        for folder in made:  # deepest first; a parent that holds anything else stays
+            folder.rmdir()
+    except OSError:
+        pass
+
+
+def _make_folder(out: Path, resuming: bool) -> list[Path]:
+    """Create the run folder (and its parents) and check that it takes files; returns the folders created,
+    deepest first."""
+    made, p = [], out
+    while not (p.exists() or p.is_symlink()) and p != p.parent:
+        made.append(p)
+        p = p.parent
+    if out.exists() and not out.is_dir():
+        raise TransferkitError(f"--out {out} is a file, not a folder; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TransferkitError(f"cannot create the run folder {out} ({e.strerror or e}); choose another --out "
+                               "in a folder you can write") from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        _discard(made)
+        if resuming:
+            raise TransferkitError(f"the run folder {out} is read-only ({e.strerror or e}); make it writable to "
+                                   "resume it, or copy it elsewhere and resume the copy") from None
+        raise TransferkitError(f"cannot write in the run folder {out} ({e.strerror or e}); choose another --out "
+                               "in a folder you can write") from None
+    return made
+
+
+def _absolute(cfg: TrainConfig, resume: str | Path | None) -> TrainConfig:
+    """The data folder, data_dir and out as absolute paths: the run is found again from any directory."""
+    changes: dict[str, Any] = {"out": str(Path(cfg.out).expanduser().absolute())} if cfg.out else {}
+    if cfg.data_dir:
+        changes["data_dir"] = str(Path(cfg.data_dir).expanduser().absolute())
+    if not sources.is_named(cfg.data):
+        data = Path(cfg.data).expanduser()
+        if data.exists():
+            changes["data"] = str(data.absolute())
+        elif resume is not None:
+            raise TransferkitError(
+                f"the run's data folder {cfg.data} (recorded in {Path(resume) / 'config.yaml'}) is missing; if it "
+                f"moved, pass its new place: transferkit train --resume {resume} --data NEWPATH")
+    return cfg.replace(**changes) if changes else cfg
+
+
 def _lock(out: Path) -> IO[str]:
     """An OS lock on the run folder while this process writes it; a second run is refused by name."""
-    f = open(out / LOCK_FILE, "a+")  # held open for the whole run
+    try:
+        f = open(out / LOCK_FILE, "a+")  # held open for the whole run
+    except OSError as e:
+        raise TransferkitError(f"cannot write in the run folder {out} ({e.strerror or e}); choose another --out "
+                               "in a folder you can write") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -96,51 +185,61 @@ def _lock(out: Path) -> IO[str]:
 
 
 def _prepare(cfg: TrainConfig, resume: str | Path | None, overwrite: bool,
-             dist: Dist) -> tuple[TrainConfig, Path, bool, IO[str]]:
-    """Create (or check) and lock the run folder; returns the config, the folder, whether to resume, the lock."""
+             dist: Dist) -> tuple[TrainConfig, Path, bool, IO[str], list[Path]]:
+    """Create (or check) and lock the run folder; returns the config, the folder, whether to resume, the lock
+    and the folders this run created."""
     if dist.on and not cfg.out and not dist.run_id and dist.max_restarts > 0:
         log.warning("no --out: a restarted worker will not find this run; give --out (or --rdzv-id)")
+    cfg = _absolute(cfg, resume)
     # Under torchrun the default name uses the job's run id, which a restarted worker sees again.
     stamp = (dist.run_id if dist.on else None) or time.strftime("%Y%m%d-%H%M%S")
-    out = Path(cfg.out or f"runs/{Path(cfg.data).name or 'data'}-{cfg.model}-{stamp}")
+    out = Path(cfg.out or f"runs/{Path(cfg.data).name or 'data'}-{cfg.model}-{stamp}").absolute()
     data = Path(cfg.data).expanduser()
     if data.is_dir() and data.resolve() in (out.resolve(), *out.resolve().parents):
         raise TransferkitError(f"--out {out} is inside --data {cfg.data}: the run's files would become images of "
                                "a class; choose an --out outside the data folder")
     resuming = resume is not None
+    made = _make_folder(out, resuming)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TransferkitError(f"cannot create the run folder {out}: {e.strerror or e}; choose another --out") from None
-    lock = _lock(out)
-    if not resuming and dist.restart > 0 and (out / LAST_FILE).exists():
-        # torchrun restarted the workers after one died (--max-restarts): continue from last.pt.
-        saved = TrainConfig.from_yaml(out / "config.yaml")
-        keep = {k: getattr(cfg, k) for k in RESUMABLE_CHANGES}
-        differs = [k for k in dataclasses.asdict(cfg)
-                   if k not in keep and k != "out" and getattr(cfg, k) != getattr(saved, k)]
-        if differs:
-            raise TransferkitError(f"torchrun restart: {out} holds a run with other settings "
-                                   f"({', '.join(differs)}); not resuming it")
-        log.warning("torchrun restart %d: resuming from %s", dist.restart, out / LAST_FILE)
-        return saved.replace(out=str(out), **keep), out, True, lock
-    if not resuming and (out / LAST_FILE).exists() and not overwrite:
+        lock = _lock(out)
+    except BaseException:
+        _discard(made)
+        raise
+    try:
+        if not resuming and dist.restart > 0 and (out / LAST_FILE).exists():
+            # torchrun restarted the workers after one died (--max-restarts): continue from last.pt.
+            saved = TrainConfig.from_yaml(out / "config.yaml")
+            asked = saved.replace(**requested_from(out / "config.yaml"))  # config.yaml holds resolved values
+            keep = {k: getattr(cfg, k) for k in RESUMABLE_CHANGES}
+            differs = [k for k in dataclasses.asdict(cfg)
+                       if k not in keep and k != "out" and getattr(cfg, k) != getattr(asked, k)]
+            if differs:
+                raise TransferkitError(f"torchrun restart: {out} holds a run with other settings "
+                                       f"({', '.join(differs)}); not resuming it")
+            log.warning("torchrun restart %d: resuming from %s", dist.restart, out / LAST_FILE)
+            return saved.replace(out=str(out), **keep), out, True, lock, made
+        if not resuming and (out / LAST_FILE).exists() and not overwrite:
+            raise TransferkitError(
+                f"{out} already holds a run; pass --resume {out} to continue it, --overwrite to "
+                "replace it, or another --out"
+            )
+    except BaseException:
         lock.close()
-        raise TransferkitError(
-            f"{out} already holds a run; pass --resume {out} to continue it, --overwrite to "
-            "replace it, or another --out"
-        )
-    return cfg.replace(out=str(out)), out, resuming, lock
+        _discard(made)
+        raise
+    return cfg.replace(out=str(out)), out, resuming, lock, made
 
 
-def begin_writing(out: Path, cfg: TrainConfig, replace: bool, skipped: list[tuple[str, str]]) -> None:
+def begin_writing(out: Path, cfg: TrainConfig, replace: bool, skipped: list[tuple[str, str]],
+                  requested: dict[str, Any] | None = None) -> None:
     """The run has its settings, data and weights: only now does it replace an old run (--overwrite)
-    and write its first files, config.yaml and the list of unreadable files."""
+    and write its first files, config.yaml (resolved settings, and what was `requested` where it differs)
+    and the list of unreadable files."""
     if replace:
         for old in RUN_OUTPUTS:
             for f in out.glob(old):
                 f.unlink()
-    atomic_write(out / "config.yaml", cfg.to_yaml())
+    atomic_write(out / "config.yaml", cfg.to_yaml(requested))
     if skipped:
         atomic_write(out / "skipped.txt", "".join(f"{p}\t{r}\n" for p, r in skipped))
         log.warning("%d unreadable files skipped; list in %s", len(skipped), out / "skipped.txt")

@@ -103,6 +103,7 @@ class TrainState:
     order: torch.Tensor | None = None
     running: dict[str, Any] | None = None
     steps_taken: int = 0  # in this process's session (not saved): how far a fresh run got
+    fingerprints: torch.Tensor | None = None  # of the run's data and settings (fingerprint.pack), checked on resume
 
     @property
     def next_epoch(self) -> int:
@@ -133,6 +134,7 @@ class TrainState:
             "shuffle_rng": self.shuffle.get_state(), "aug_rng": self.augment.get_state(),
             "torch_rng": torch.get_rng_state(),
             **({} if self.step is None else {"order": self.order, "running": self.running}),
+            **({} if self.fingerprints is None else {"fingerprints": self.fingerprints}),
         }
 
     def resume(self, saved: dict[str, Any], source: Path, *, seed: int, dist: Dist) -> None:

@@ -64,6 +64,7 @@ def load_folder(root: Path, pre: Preprocessing, splits: Sequence[str], *, worker
         if split not in splits:
             continue
         paths, labels = _list_files(path, classes)
+        out.listed[split] = (paths, labels)  # what the run's fingerprint records
         if not paths:
             raise TransferkitError(f"no image files under {path} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
         empty = [c for i, c in enumerate(classes) if i not in set(labels)]

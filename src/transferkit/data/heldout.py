@@ -23,6 +23,10 @@ SPLIT_FILE = "split.json"
 FORMAT = 1
 
 
+class SplitChanged(TransferkitError):
+    """The split carved or loaded now is not the one split.json recorded."""
+
+
 def fingerprint(split: Split, chunk: int = 256) -> str:
     """sha256 of a split's labels and its files' bytes (image folders: their content hashes, cheap and the same
     whether held in memory or streamed), else of its stored pixels (named sets): 'files:...' or 'pixels:...'."""
@@ -112,7 +116,7 @@ def check_same(name: str, split: Split, recorded: dict[str, Any] | None, classes
     if same and known and (known.startswith("files:") or same_pixels):
         same = fingerprint(split) == known
     if not same:
-        raise TransferkitError(
+        raise SplitChanged(
             f"the {name} split of {data} is not the one {run_dir} recorded in {SPLIT_FILE} ({recorded['images']:,} "
             f"images then, {len(split):,} now{', other images' if now['images'] == recorded['images'] else ''}): "
             "the data changed since training; pass --data with images the run never saw, or retrain"

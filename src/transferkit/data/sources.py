@@ -65,6 +65,7 @@ class DataSource:
     test: Split | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     stored_bytes: int = 0  # what its decoded images take (estimated from the headers for folders)
+    listed: dict[str, tuple[list[Path], list[int]]] = field(default_factory=dict)  # folders: files, labels by split
 
 
 def is_named(data: str) -> bool:
