@@ -127,6 +127,14 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
     assert [f.name for f in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
 
 
+def test_a_folder_that_takes_no_new_files_is_a_sentence_and_changes_nothing(tmp_path):
+    from transferkit.files import atomic_write
+
+    with pytest.raises(TransferkitError, match="takes no new files.*nothing in it was changed"):
+        atomic_write(tmp_path / "gone" / "report.md", "x")  # the folder is missing (or read-only, or full)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_checkpoint_carrying_code_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "payload-ran"
 

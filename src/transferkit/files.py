@@ -29,7 +29,11 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     """
     path = Path(path)
     view = memoryview(data.encode() if isinstance(data, str) else data)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise TransferkitError(f"could not write {path}: {e.strerror or e}; the folder {path.parent} takes no new "
+                               "files (full, read-only or missing); nothing in it was changed") from None
     try:
         try:
             os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600; a run folder is meant to be shared
@@ -43,7 +47,8 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise TransferkitError(
             f"could not write {path}: {e.strerror or e}; the previous {path.name} is untouched. "
-            "Free some space (or fix the folder's permissions) and resume with --resume"
+            "Free some space or fix the folder's permissions, then run the command again (a training run: "
+            "transferkit train --resume)"
         ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
