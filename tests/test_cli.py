@@ -185,12 +185,13 @@ def test_a_run_folder_is_locked_while_a_run_writes_it(cifar_small, tmp_path):
 
     out = tmp_path / "run"
     args = ["train", "--data", cifar_small, "--model", "resnet18", "--weights", "none", "--image-size", "32",
-            "--epochs", "6", "--batch-size", "8", "--workers", "1", "--checkpoint-every", "1", "--out", out]
+            "--epochs", "4", "--batch-size", "8", "--workers", "1", "--out", out]
     first = subprocess.Popen([sys.executable, "-m", "transferkit", *map(str, args)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not (out / "last.pt").exists() and first.poll() is None and time.monotonic() < deadline:
+        # config.yaml is written once the run has its data and weights, and before it trains (4 epochs)
+        while not (out / "config.yaml").exists() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         second = run_cli(*args, "--overwrite")
         assert second.returncode == 2 and "Traceback" not in second.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import types
 
 import pytest
 import torch
@@ -177,8 +176,8 @@ def test_cli_prints_top5_only_where_it_means_something(tmp_path, capsys, monkeyp
     import transferkit.predict
 
     monkeypatch.setattr(transferkit.predict, "evaluate_run", lambda *a, **kw: (metrics, SENTENCE, tmp_path / "r.md"))
-    args = types.SimpleNamespace(run=tmp_path, data="somewhere", data_dir=None, split="test", batch_size=8,
-                                 device="cpu", image_size=None, tta=False, json=False)
+    args = cli.build_parser().parse_args(["eval", str(tmp_path), "--data", "somewhere", "--split", "test",
+                                          "--batch-size", "8", "--device", "cpu"])
     assert cli.cmd_eval(args) == 0
     printed = capsys.readouterr().out
     assert ("top-5" in printed) == (k > 5) and "top-3" not in printed
