@@ -170,3 +170,36 @@ def test_predict_bad_csv_path_exits_2_before_any_work(where, why, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: --csv") and why in proc.stderr and "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_eval_of_the_carved_val_split_lists_its_files(fp32_run, tmp_path):
+    """Val carved from train keeps each image's file through the carving: the rows name train/ files."""
+    out = fp32_run
+    proc = run_cli("eval", out, "--split", "val", "--device", "cpu", "--report-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    stem = next(tmp_path.glob("eval-*.md")).stem
+    rows = _rows(tmp_path / f"{stem}_errors.csv")
+    confusion = json.loads((tmp_path / f"{stem}.json").read_text())["confusion"]
+    assert len(rows) == sum(n for i, row in enumerate(confusion) for j, n in enumerate(row) if i != j) > 0
+    assert all(Path(r["file"]).parent.parent.name == "train" and Path(r["file"]).parent.name == r["true"]
+               for r in rows)
+
+
+def test_a_streamed_split_reads_only_the_sheets_files(cifar_small, tmp_path, monkeypatch):
+    """Streamed from its files, the split decodes just the images on the sheet to draw it."""
+    from transferkit.data import folders
+
+    files = sorted((cifar_small / "test").rglob("*.jpg"))[:60]
+    classes = sorted({f.parent.name for f in files})
+    labels = torch.tensor([classes.index(f.parent.name) for f in files])
+    pre = Preprocessing(64, 73)
+    split = Split("test", folders.FileImages(files, pre, 64), labels, [str(f) for f in files])
+    read = []
+    real = folders.read_image
+    monkeypatch.setattr(folders, "read_image", lambda p: read.append(p) or real(p))
+    torch.manual_seed(1)
+    logits = torch.randn(len(files), len(classes)) * 4
+    info = write_errors(tmp_path, "report", logits, labels, split, classes, pre)
+    rows = _rows(tmp_path / "errors.csv")
+    assert info["tiles"] == len(read) == min(25, len(rows))
+    assert [str(p) for p in read] == [r["file"] for r in rows[:25]]
