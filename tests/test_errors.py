@@ -203,3 +203,12 @@ def test_a_streamed_split_reads_only_the_sheets_files(cifar_small, tmp_path, mon
     rows = _rows(tmp_path / "errors.csv")
     assert info["tiles"] == len(read) == min(25, len(rows))
     assert [str(p) for p in read] == [r["file"] for r in rows[:25]]
+
+
+def test_predict_csv_of_no_readable_image_leaves_no_file(fp32_run, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"not an image")
+    table = tmp_path / "pred.csv"
+    proc = run_cli("predict", fp32_run, tmp_path / "in", "--csv", table, "--device", "cpu")
+    assert proc.returncode == 2 and "no image could be read" in proc.stderr
+    assert not table.exists() and not list(tmp_path.glob(".pred.csv.*"))
