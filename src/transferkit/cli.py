@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import difflib
 import json
 import logging
+import os
 import sys
+import tempfile
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +18,7 @@ from pathlib import Path
 from . import __version__
 from .config import RECIPES, TrainConfig
 from .errors import Interrupted, TransferkitError
+from .files import umask
 from .runfolder import RESUMABLE_CHANGES
 
 # Every TrainConfig setting, by group, with one line of help: (name, metavar, help). The default is added
@@ -193,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="images decoded and predicted at a time; memory holds one batch (default: 32)")
     pr.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N, mps")
     pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pr.add_argument("--csv", type=Path, metavar="FILE",
+                    help="also write the predictions to FILE as CSV: file, class_1, prob_1, ... class_k, prob_k")
     add_test_time_options(pr)
 
     d = sub.add_parser("demo", help="offline default job: ImageNet MobileNetV2 fine-tuned on Fashion-MNIST")
@@ -303,14 +309,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.topk < 1:
+        raise TransferkitError(f"--topk {args.topk}: show at least 1 class per image")
+    _check_batch_size(args.batch_size)
+    table = _csv_out(args.csv) if args.csv is not None else None  # a bad path fails before any work
+    try:
+        return _predict(args, table)
+    finally:
+        if table is not None and not table[1].closed:  # stopped or failed midway: no half-written CSV
+            table[1].close()
+            Path(table[0]).unlink(missing_ok=True)
+
+
+def _csv_out(path: Path) -> tuple[str, typing.TextIO]:
+    """A temporary file beside `path`, open for the CSV (renamed onto `path` when all is written)."""
+    if path.is_dir():
+        raise TransferkitError(f"--csv {path} is a folder; name a file, e.g. {path / 'predictions.csv'}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise TransferkitError(f"--csv {path}: the folder {folder} does not exist; create it or write elsewhere")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise TransferkitError(f"--csv {path}: cannot write into {folder} ({e.strerror or e}); pick a writable "
+                               "folder") from None
+    return tmp, os.fdopen(fd, "w", newline="")
+
+
+def _predict(args: argparse.Namespace, table: tuple[str, typing.TextIO] | None) -> int:
     from tqdm import tqdm
 
     from .predict import Predictor, expand_paths
 
-    if args.topk < 1:
-        raise TransferkitError(f"--topk {args.topk}: show at least 1 class per image")
-    _check_batch_size(args.batch_size)
     predictor = Predictor.from_run(args.run, device=args.device, image_size=args.image_size, tta=args.tta)
+    writer = None
+    if table is not None:
+        k = max(1, min(args.topk, len(predictor.classes)))
+        writer = csv.writer(table[1], lineterminator="\n")
+        writer.writerow(["file", *(f"{what}_{i}" for i in range(1, k + 1) for what in ("class", "prob"))])
     missing = [str(p) for p in args.paths if not Path(p).exists()]
     if missing:  # named on the command line: a typo, not a file to skip
         raise TransferkitError(f"no such file or folder: {', '.join(missing)}")
@@ -327,6 +363,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 bar.write(f"skipped {path}: {top}", file=sys.stderr)
                 continue
             results.append({"file": str(path), "top": [{"class": c, "prob": p} for c, p in top]})
+            if writer is not None:
+                writer.writerow([str(path), *(v for c, p in top for v in (c, f"{p:.6g}"))])
             if not args.json:
                 bar.write(f"{path}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in top), file=sys.stdout)
     if args.json:
@@ -335,6 +373,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not results:
         print("error: no image could be read", file=sys.stderr)
         return 2
+    if table is not None:
+        tmp, f = table
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600, as files.atomic_write does
+        os.replace(tmp, args.csv)
+        print(f"predictions: {args.csv}", file=sys.stderr)
     return 0
 
 

@@ -17,6 +17,7 @@ from .data import heldout, sources
 from .data.preprocess import Preprocessing, resolve_preprocessing
 from .data.sources import DataSource
 from .data.transforms import EvalTransform, TrainTransform, batches
+from .error_analysis import write_errors
 from .errors import Interrupted, TransferkitError
 from .features import Stage, activations_fit, cached_stage, supports_feature_cache
 from .files import atomic_write
@@ -297,8 +298,10 @@ def _final_evaluation(cfg: TrainConfig, out: Path, state: TrainState, stage: Sta
     note = "" if data.test is not None else "no test split: the validation split, also used for model selection"
     said = measured_on(final, cfg.data, size, tta=cfg.tta, note=note)
     if dist.main:
+        errors = write_errors(out, "report", logits, labels, final, data.classes, card.preprocessing,
+                              title=f"{cfg.model} on {cfg.data}")
         report = write_report(out, metrics, title=f"{cfg.model} on {cfg.data}", measured_on=said, classes=data.classes,
-                              setup=_setup(cfg, card, state, data, dist, device), history=state.history)
+                              setup=_setup(cfg, card, state, data, dist, device), history=state.history, errors=errors)
         log.info("report: %s", report)
     return RunResult(out, metrics, said, state.history, main=dist.main)
 

@@ -18,6 +18,7 @@ from .data.images import UnreadableImage, pil_to_tensor, read_image, to_rgb, wal
 from .data.preprocess import Preprocessing, resolve_preprocessing
 from .data.sources import DataSource, Split, check_data_arg, check_leakage, is_named, load_source
 from .engine import evaluate, infer
+from .error_analysis import write_errors
 from .errors import TransferkitError
 from .models import check_model_name, check_side, create_backbone, rebuild
 from .report import classification_metrics, measured_on, write_report
@@ -259,7 +260,8 @@ def evaluate_run(
         log.warning("%d unreadable files skipped", len(src.skipped))
     report = _write_eval_report(Path(report_dir) if report_dir is not None else run_dir, metrics,
                                 title=f"{run_dir.name} evaluated on {data}", measured_on=said, classes=pred.classes,
-                                setup={"run": str(run_dir)}, name=name)
+                                setup={"run": str(run_dir)}, name=name,
+                                analysed=(logits, labels, part, pred.classes, pred.preprocessing))
     return metrics, said, report
 
 
@@ -337,11 +339,13 @@ def _record_from_config(run_dir: Path, data: str) -> dict[str, Any] | None:
             "dedupe": getattr(cfg, "dedupe", False)}
 
 
-def _write_eval_report(where: Path, metrics: dict[str, Any], **report: Any) -> Path | None:
-    """The report in `where`; if it cannot be written there, one line that says so (the figures stand)."""
+def _write_eval_report(where: Path, metrics: dict[str, Any], analysed: tuple[Any, ...], **report: Any) -> Path | None:
+    """The report and its errors in `where` (`analysed`: logits, labels, split, classes, preprocessing); if they
+    cannot be written there, one line that says so (the figures stand)."""
     try:
         where.mkdir(parents=True, exist_ok=True)
-        return write_report(where, metrics, **report)
+        errors = write_errors(where, report["name"], *analysed, title=report["title"])
+        return write_report(where, metrics, errors=errors, **report)
     except (OSError, TransferkitError) as e:
         why = getattr(e, "strerror", None) or str(e).split(";")[0]
         log.warning("could not write the report into %s (%s); --report-dir DIR writes it elsewhere", where, why)

@@ -110,12 +110,12 @@ def _pyplot():
     return plt
 
 
-def _save_png(fig, path: Path) -> None:
+def _save_png(fig, path: Path, metadata: dict[str, str] | None = None) -> None:
     """Render to memory, then write with the run folder's one atomic writer."""
     buf = io.BytesIO()
     if fig.get_layout_engine() is None:
         fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=100, metadata=metadata)
     _pyplot().close(fig)
     atomic_write(path, buf.getvalue())
 
@@ -259,8 +259,10 @@ def curves_png(path: Path, history: list[dict[str, Any]]) -> None:
 def write_report(
     out_dir: Path, metrics: dict[str, Any], *, title: str, measured_on: str, classes: list[str],
     setup: dict[str, Any], history: list[dict[str, Any]] | None = None, name: str = "report",
+    errors: dict[str, Any] | None = None,
 ) -> Path:
-    """Write <name>.md (+ <name>_confusion.png, curves.png) and <name>.json; returns the .md path."""
+    """Write <name>.md (+ <name>_confusion.png, curves.png) and <name>.json; returns the .md path.
+    `errors`: what error_analysis.write_errors wrote (errors.csv, the top-losses sheet), linked from the report."""
     out_dir = Path(out_dir)
     conf_png = f"{name}_confusion.png"
     confusion_png(out_dir / conf_png, metrics["confusion"], classes, title, f"Measured on the {measured_on}.")
@@ -295,18 +297,37 @@ def write_report(
     for row in metrics["per_class"]:
         lines.append(f"| {row['class']} | {100 * row['precision']:.1f}% | {100 * row['recall']:.1f}% | "
                      f"{100 * row['f1']:.1f}% | {row['support']} |")
-    if len(classes) > MATRIX_MAX_CLASSES:
-        pairs = confused_pairs(metrics["confusion"], classes)
-        lines += ["", f"## Most confused pairs (true → predicted; the whole {len(classes)}x{len(classes)} matrix "
-                  f"is in {name}.json)", "",
-                  "| true → predicted | images | share of the true class |", "| --- | --- | --- |",
-                  *[f"| {t} → {p} | {n} | {100 * share:.1f}% |" for t, p, n, share in pairs],
-                  *([] if pairs else ["| (none: no image was misclassified) | 0 | |"]),
-                  "", f"![most confused pairs]({conf_png})", ""]
-    else:
-        lines += ["", "## Confusion matrix (rows: true class, columns: predicted)", "",
-                  f"![confusion matrix]({conf_png})", ""]
+    pairs = confused_pairs(metrics["confusion"], classes)
+    lines += _mistakes_lines(pairs, classes, name, conf_png, errors)
     path = out_dir / f"{name}.md"
     atomic_write(path, "\n".join(lines))
-    atomic_write(out_dir / f"{name}.json", json.dumps(dict(metrics, measured_on=measured_on), indent=2))
+    atomic_write(out_dir / f"{name}.json", json.dumps(dict(
+        metrics, measured_on=measured_on, most_confused=[{"true": t, "predicted": p, "images": n, "share": share}
+                                                         for t, p, n, share in pairs],
+        **({"errors": errors} if errors is not None else {})), indent=2))
     return path
+
+
+def _mistakes_lines(pairs: list[tuple[str, str, int, float]], classes: list[str], name: str, conf_png: str,
+                    errors: dict[str, Any] | None) -> list[str]:
+    """The report's confusion matrix (or bar chart), most confused pairs both ways, and links to the errors."""
+    k = len(classes)
+    big = k > MATRIX_MAX_CLASSES
+    lines = [] if big else ["", "## Confusion matrix (rows: true class, columns: predicted)", "",
+                            f"![confusion matrix]({conf_png})"]
+    whole = f"; the whole {k}x{k} matrix is in {name}.json" if big else ""
+    lines += ["", f"## Most confused pairs (true → predicted, each direction on its own row{whole})", "",
+              "| true → predicted | images | share of the true class |", "| --- | --- | --- |",
+              *[f"| {t} → {p} | {n} | {100 * share:.1f}% |" for t, p, n, share in pairs],
+              *([] if pairs else ["| (none: no image was misclassified) | 0 | |"]), ""]
+    if big:
+        lines += [f"![most confused pairs]({conf_png})", ""]
+    if errors is not None:
+        lines += ["## Errors", "",
+                  f"{errors['errors']:,} of {errors['images']:,} images misclassified; "
+                  f"[{errors['csv']}]({errors['csv']}) lists each (file, true and predicted class, their "
+                  "probabilities, the loss), highest loss first.", ""]
+        if errors.get("top_losses"):
+            lines += [f"The {errors['tiles']} highest losses, as the model saw them:", "",
+                      f"![top losses]({errors['top_losses']})", ""]
+    return lines
