@@ -248,3 +248,15 @@ def test_sigkill_then_resume_with_patience_and_balanced_sampler_is_bit_identical
     assert [r["epoch"] for r in a[0]] == [1, 2, 3] and a[3] == 1
     assert a[0] == b[0] and a[1] == b[1] and a[3] == b[3]
     assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+
+
+def test_two_processes_draw_and_train_what_one_process_does_with_the_balanced_sampler(lopsided, tmp_path):
+    from test_distributed import ARGS, assert_same_training, torchrun
+
+    args = ["train", "--data", lopsided, *[a if a != "16" else "8" for a in ARGS], "--sampler", "balanced",
+            "--epochs", "2"]
+    one = run_cli(*args, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = torchrun(*args, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert_same_training(tmp_path / "one", tmp_path / "two")
