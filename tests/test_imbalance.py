@@ -253,7 +253,8 @@ def test_sigkill_then_resume_with_patience_and_balanced_sampler_is_bit_identical
 def test_two_processes_draw_and_train_what_one_process_does_with_the_balanced_sampler(lopsided, tmp_path):
     from test_distributed import ARGS, assert_same_training, torchrun
 
-    args = ["train", "--data", lopsided, *[a if a != "16" else "8" for a in ARGS], "--sampler", "balanced",
+    # batch 9: the 27 training images make 3 whole batches on one process and on two
+    args = ["train", "--data", lopsided, *[a if a != "16" else "9" for a in ARGS], "--sampler", "balanced",
             "--epochs", "2"]
     one = run_cli(*args, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr
