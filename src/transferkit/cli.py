@@ -9,6 +9,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import typing
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import RECIPES, TrainConfig
-from .errors import Interrupted, TransferkitError
+from .errors import Interrupted, TransferkitError, did_you_mean
 from .files import umask
 from .runfolder import RESUMABLE_CHANGES
 
@@ -33,6 +34,8 @@ GROUPS: dict[str, tuple[str, list[tuple[str, str | None, str]]]] = {
                                   "data has no val/ folder; 0: none"),
         ("max_train_images", "N", "train on a stratified subset of this many images [default: all]"),
         ("class_weights", None, "auto: weight the loss by inverse class frequency (for imbalanced data)"),
+        ("sampler", None, "balanced: each epoch draws its images (as many, with replacement) with probability "
+                          "inverse to their class's size (for imbalanced data)"),
         ("dedupe", None, "drop val/test images whose file has the same bytes as a training image (copies are "
                          "always reported)"),
     ]),
@@ -67,6 +70,10 @@ GROUPS: dict[str, tuple[str, list[tuple[str, str | None, str]]]] = {
         ("warmup_epochs", "E", "linear warmup from 0, in epochs (fractions allowed)"),
         ("label_smoothing", "S", "label smoothing of the cross-entropy loss"),
         ("seed", "N", "seeds the split, the order, the augmentation and the new head"),
+        ("select_by", None, "the validation metric that picks the best epoch (balanced-accuracy or macro-f1 for "
+                            "imbalanced data)"),
+        ("patience", "N", "stop when --select-by has not improved for N epochs [default: train every epoch]"),
+        ("min_delta", "D", "--patience: a gain counts when it exceeds D (0.01: one point of accuracy)"),
     ]),
     "augmentation and evaluation": ("batched on the training device", [
         ("augment", None, "random-resized crop and flip on training batches"),
@@ -106,6 +113,9 @@ class _Parser(argparse.ArgumentParser):
     """Errors print the one useful line (not the whole usage first) and where the help is."""
 
     def error(self, message: str) -> typing.NoReturn:
+        bad = re.match(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if bad:  # argparse names the choices; the closest one is what the user meant
+            message += did_you_mean(bad[2], re.findall(r"'([^']*)'", bad[3]) or bad[3].split(", "))
         self.exit(2, f"{self.prog}: error: {message} ('{self.prog} --help' lists the options)\n")
 
     def unknown(self, extra: list[str]) -> typing.NoReturn:

@@ -20,6 +20,8 @@ Precision = Literal["auto", "bf16", "fp32"]
 ClassWeights = Literal["none", "auto"]
 Stream = Literal["auto", "always", "never"]
 BatchNorm = Literal["train", "frozen", "sync"]
+SelectBy = Literal["accuracy", "balanced-accuracy", "macro-f1", "loss"]
+Sampler = Literal["none", "balanced"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,11 @@ class TrainConfig:
     schedule: Schedule = "cosine"
     warmup_epochs: float = 0.2  # linear warmup from 0, in epochs (fractions allowed)
     label_smoothing: float = 0.1
+    select_by: SelectBy = "accuracy"  # the validation metric that picks the best epoch (and that --patience watches)
+    patience: int | None = None  # stop after this many epochs without a gain of the selection metric; None: never
+    min_delta: float = 0.0  # a gain counts when it exceeds this (a fraction for accuracies: 0.01 is one point)
     class_weights: ClassWeights = "none"  # auto: weight the loss by inverse class frequency
+    sampler: Sampler = "none"  # balanced: draw each epoch's images with probability inverse to their class's size
     batchnorm: BatchNorm = "train"  # frozen: keep pretrained statistics; sync: SyncBatchNorm across GPUs
     augment: bool = True  # random-resized-crop + horizontal flip on training batches
     flip: bool = True  # horizontal flip (turn off for digits and text)
@@ -107,6 +113,9 @@ class TrainConfig:
         _check(self.checkpoint_every >= 0, "checkpoint_every must be >= 0")
         _check(self.log_every >= 0, "log_every must be >= 0")
         _check(self.head_epochs >= 0, "head_epochs must be >= 0")
+        _check(self.patience is None or self.patience >= 1,
+               f"patience must be at least 1 epoch, not {self.patience}; leave it out to train every epoch")
+        _check(self.min_delta >= 0, "min_delta must be >= 0 (e.g. 0.001)")
         _check(self.trainable_blocks is None or self.trainable_blocks >= 1,
                "trainable_blocks must be at least 1 (for the head alone use --strategy linear)")
         _check(self.trainable_blocks is None or self.strategy != "linear",

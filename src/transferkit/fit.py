@@ -25,7 +25,7 @@ from .logs import EpochProgress, run_logging
 from .report import RunResult, classification_metrics, lr_range, measured_on, write_metrics, write_report
 from .runfolder import UNCHECKED, begin_writing, resume_command, run_folder, settings_of
 from .runtime import Dist, StopFlag
-from .state import Tally, TrainState, new_state
+from .state import Tally, TrainState, new_state, selection_score
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +112,20 @@ def _load_data(cfg: TrainConfig, pre: Preprocessing) -> DataSource:
                               use_cache=cfg.cache, stream=cfg.stream)
     src.train, src.val, src.test = sources.train_val_test(src, cfg.val_split, cfg.seed)
     sources.check_leakage(src, dedupe=cfg.dedupe)  # after carving val: a copy inside train may now be on both sides
+    counts = torch.bincount(src.train.labels, minlength=len(src.classes))
+    if cfg.sampler == "balanced" and int((counts > 0).sum()) < 2:
+        have = ", ".join(c for c, n in zip(src.classes, counts.tolist()) if n) or "none"
+        raise TransferkitError(f"--sampler balanced needs training images of at least two classes, and {cfg.data}'s "
+                               f"training split has images of one ({have}); add images of the other classes, or "
+                               "drop --sampler")
     if len(src.classes) < 2:
         raise TransferkitError(f"{cfg.data} has one class ({src.classes[0]}); a classifier needs at least two")
     log.info("data %s: %d classes; train %s; val %s; test %s", cfg.data, len(src.classes),
              *("none" if s is None else s.description for s in (src.train, src.val, src.test)))
-    sources.warn_imbalance(torch.bincount(src.train.labels, minlength=len(src.classes)), src.classes, cfg.class_weights)
+    if cfg.patience is not None and src.val is None:
+        raise TransferkitError("--patience watches a validation metric, and this run has no validation split; use "
+                               "--val-split 0.1 (or a val/ folder), or drop --patience")
+    sources.warn_imbalance(counts, src.classes, cfg.class_weights, sampler=cfg.sampler, select_by=cfg.select_by)
     return src
 
 
@@ -213,28 +222,35 @@ def _epochs(cfg: TrainConfig, out: Path, state: TrainState, stage: Stage, card: 
     weights = None if cfg.class_weights == "none" else sources.inverse_frequency(stage.train.labels, card.num_classes)
     setup = engine.StepSetup(stage.train_tf, device, precision, stage.micro, cfg.label_smoothing,
                              None if weights is None else weights.to(device), cfg.batchnorm, dist)
+    draws = balanced_draws(stage.train.labels, card.num_classes) if cfg.sampler == "balanced" else None
     runner = torch.compile(stage.runner) if cfg.compile else stage.runner
     wrapped, trains = None, None
     for epoch in range(state.next_epoch, cfg.epochs + 1):
+        if _stopped_early(cfg, state):  # also when resumed after the epoch that decided it
+            log.info("early stop after epoch %d of %d: val %s has not improved by more than %g for %d epochs "
+                     "(best: epoch %d)", state.history[-1]["epoch"], cfg.epochs, cfg.select_by, cfg.min_delta,
+                     cfg.patience, state.best_epoch)
+            break
         frozen = cfg.strategy == "linear" or (cfg.strategy == "gradual" and epoch <= cfg.head_epochs)
         models.set_trainable(state.model, card.head, not frozen, frozen_blocks)
         if wrapped is None or (dist.on and frozen != trains):  # DDP syncs the parameters that train when built
             wrapped, trains = dist.wrap(stage.runner, runner, cfg.compile, device), frozen
-        order = state.epoch_order(epoch, len(stage.train))
+        order = state.epoch_order(epoch, len(stage.train), draws)
         loader = batches(stage.train, cfg.batch_size, order=order, start=state.step or 0, drop_last=drop_last,
                          workers=cfg.workers, share=dist.shard if dist.on else None)
         tally = _train_epoch(cfg, out, state, wrapped, loader, setup, epoch, order, steps, dist, stop)
         dist.sync_buffers(stage.runner)  # each process's last step moved its own statistics
-        val_acc = None
+        val = dict.fromkeys(("val_acc", "val_balanced_acc", "val_macro_f1", "val_loss"))
         if stage.val is not None:
             logits, labels = engine.evaluate(runner, stage.val, stage.eval_tf, batch_size=stage.eval_batch,
                                              device=device, precision=precision, dist=dist, workers=cfg.workers)
-            val_acc = (logits.argmax(1) == labels).double().mean().item()
-        row = {"epoch": epoch, **tally.summary(dist), "val_acc": val_acc, "backbone_frozen": frozen}
-        best = state.record(row)
-        log.info("epoch %d/%d  train_loss %.3f  val_acc %s  lr %s  %.0f s  %.0f img/s", epoch, cfg.epochs,
-                 row["train_loss"], "-" if val_acc is None else f"{100 * val_acc:.2f}%", lr_range(row, "->"),
-                 row["seconds"], row["img_per_s"])
+            val = _val_figures(logits, labels, card.classes)
+        val_acc = val["val_acc"]
+        row = {"epoch": epoch, **tally.summary(dist), **val, "backbone_frozen": frozen}
+        best = state.record(row, cfg.select_by, cfg.min_delta)
+        log.info("epoch %d/%d  train_loss %.3f  %s  lr %s  %.0f s  %.0f img/s", epoch, cfg.epochs,
+                 row["train_loss"], _val_line(val, cfg.select_by), lr_range(row, "->"), row["seconds"],
+                 row["img_per_s"])
         if dist.main:
             write_metrics(out, state.history)
             if best:
@@ -244,6 +260,37 @@ def _epochs(cfg: TrainConfig, out: Path, state: TrainState, stage: Stage, card: 
         if dist.sum(float(stop.requested))[0] > 0 and epoch < cfg.epochs:
             raise Interrupted(f"interrupted after epoch {epoch}; checkpoint saved. "
                               f"Resume with: {resume_command(out, dist)}", dist.main)
+
+
+def balanced_draws(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """--sampler balanced: each image's weight, inverse to its class's size (every class equally likely)."""
+    counts = torch.bincount(labels, minlength=classes).double()
+    return (1.0 / counts.clamp(min=1))[labels]
+
+
+def _val_figures(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, float]:
+    """The epoch row's validation figures: what --select-by can choose from."""
+    m = classification_metrics(logits, labels, classes)
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels).item()  # plain NLL: no smoothing, no weights
+    return {"val_acc": m["accuracy"], "val_balanced_acc": m["balanced_accuracy"], "val_macro_f1": m["macro_f1"],
+            "val_loss": loss}
+
+
+def _val_line(val: dict[str, float | None], select_by: str) -> str:
+    """'val_acc 91.20%  val_bal_acc 88.10%' (and the selection metric where it is another)."""
+    if val["val_acc"] is None:
+        return "val_acc -"
+    line = f"val_acc {100 * val['val_acc']:.2f}%  val_bal_acc {100 * val['val_balanced_acc']:.2f}%"
+    if select_by == "macro-f1":
+        line += f"  val_macro_f1 {100 * val['val_macro_f1']:.2f}%"
+    elif select_by == "loss":
+        line += f"  val_loss {val['val_loss']:.4f}"
+    return line
+
+
+def _stopped_early(cfg: TrainConfig, state: TrainState) -> bool:
+    """--patience: the selection metric has not improved for that many finished epochs."""
+    return cfg.patience is not None and state.epochs_without_gain() >= cfg.patience
 
 
 def _train_epoch(cfg: TrainConfig, out: Path, state: TrainState, model: torch.nn.Module, loader,
@@ -309,10 +356,18 @@ def _final_evaluation(cfg: TrainConfig, out: Path, state: TrainState, stage: Sta
 def _setup(cfg: TrainConfig, card: ModelCard, state: TrainState, data: DataSource, dist: Dist,
            device: torch.device) -> dict[str, Any]:
     """The report's "Setup" section."""
-    selected = (f", val acc {100 * state.best_acc:.2f}% on {len(data.val):,} images)" if data.val is not None else ")")
+    best = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
+    score = selection_score(best, cfg.select_by)
+    shown = "" if score is None else f"{-score:.4f}" if cfg.select_by == "loss" else f"{100 * score:.2f}%"
+    where = "" if data.val is None or not shown else f", val {cfg.select_by} {shown} on {len(data.val):,} images"
+    last = state.history[-1]["epoch"] if state.history else 0
+    early = (f"stopped early after epoch {last}: val {cfg.select_by} did not improve by more than {cfg.min_delta:g} "
+             f"for {cfg.patience} epochs; " if _stopped_early(cfg, state) and last < cfg.epochs else "")
     return {
         "model": f"{cfg.model}, weights {card.weights}", "strategy": cfg.strategy,
-        "epochs": f"{cfg.epochs} (selected: epoch {state.best_epoch}{selected}",
+        "epochs": f"{cfg.epochs} ({early}selected: epoch {state.best_epoch}{where})",
+        "sampler": "balanced (each class drawn equally often)" if cfg.sampler == "balanced" else "none (each image "
+                   "once per epoch)",
         "train images": f"{len(data.train):,}", "optimizer": f"{cfg.optimizer}, lr {cfg.lr:g}, "
         f"backbone x{cfg.backbone_lr_mult:g}, {cfg.schedule}, label smoothing {cfg.label_smoothing:g}",
         "batch size": cfg.batch_size if not dist.on else f"{cfg.batch_size} ({dist.world} processes)",

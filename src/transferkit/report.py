@@ -36,7 +36,8 @@ CONFUSED_PAIRS = 20  # how many pairs that picture and its table show
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
-    """Accuracy, top-5 (None with 5 classes or fewer), per-class precision/recall/F1, confusion matrix (rows: true)."""
+    """Accuracy, top-5 (None with 5 classes or fewer), balanced accuracy and macro-F1 (means over the classes
+    present in `labels`), per-class precision/recall/F1, confusion matrix (rows: true)."""
     k = len(classes)
     pred = logits.argmax(1)
     confusion = torch.bincount(labels * k + pred, minlength=k * k).view(k, k)
@@ -44,12 +45,15 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
     precision = tp / confusion.sum(0).clamp(min=1)
     recall = tp / confusion.sum(1).clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    present = confusion.sum(1) > 0  # a class with no image here has no recall to average
     top5 = ((logits.topk(TOP_K, dim=1).indices == labels[:, None]).any(1).double().mean().item()
             if k > TOP_K else None)
     return {
         "images": len(labels),
         "accuracy": (pred == labels).double().mean().item(),
         "top5": top5,
+        "balanced_accuracy": recall[present].mean().item() if present.any() else 0.0,
+        "macro_f1": f1[present].mean().item() if present.any() else 0.0,
         "per_class": [
             {"class": c, "precision": precision[i].item(), "recall": recall[i].item(),
              "f1": f1[i].item(), "support": int(confusion[i].sum())}
@@ -72,9 +76,14 @@ def measured_on(split, data: str, image_size: int, *, tta: bool = False, note: s
 
 
 def accuracy_line(metrics: dict[str, Any]) -> str:
-    """'accuracy 91.20% (top-5 99.10%)' as the CLI prints it; top-5 only where it is not 100% by construction."""
+    """'accuracy 91.20% (top-5 99.10%), balanced accuracy 90.80%, macro-F1 90.75%' as the CLI prints it; top-5
+    only where it is not 100% by construction."""
     top5 = metrics.get("top5")
-    return f"accuracy {100 * metrics['accuracy']:.2f}%" + ("" if top5 is None else f" (top-5 {100 * top5:.2f}%)")
+    line = f"accuracy {100 * metrics['accuracy']:.2f}%" + ("" if top5 is None else f" (top-5 {100 * top5:.2f}%)")
+    if metrics.get("balanced_accuracy") is not None:  # a report.json written before has neither
+        line += (f", balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%, "
+                 f"macro-F1 {100 * metrics['macro_f1']:.2f}%")
+    return line
 
 
 def lr_range(row: dict[str, Any], arrow: str = "→") -> str:
@@ -276,6 +285,8 @@ def write_report(
         "| --- | --- |",
         f"| accuracy | {100 * metrics['accuracy']:.2f}% |",
         *([] if top5 is None else [f"| top-{TOP_K} accuracy | {100 * top5:.2f}% |"]),
+        f"| balanced accuracy (mean recall of the classes) | {100 * metrics['balanced_accuracy']:.2f}% |",
+        f"| macro-F1 (mean F1 of the classes) | {100 * metrics['macro_f1']:.2f}% |",
         f"| images | {metrics['images']:,} |",
         "",
         "## Setup",

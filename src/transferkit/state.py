@@ -97,7 +97,7 @@ class TrainState:
     augment: torch.Generator  # random crops and flips, on the training device
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = 0
-    best_acc: float = -1.0
+    best_score: float = -math.inf  # of the selection metric (--select-by; the loss negated: higher is better)
     epoch: int = 0
     step: int | None = None
     order: torch.Tensor | None = None
@@ -109,28 +109,38 @@ class TrainState:
     def next_epoch(self) -> int:
         return self.epoch + (self.step is None)
 
-    def epoch_order(self, epoch: int, n: int) -> torch.Tensor:
-        """The image order of `epoch`: the saved one when resuming in it, else a fresh shuffle."""
+    def epoch_order(self, epoch: int, n: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The image order of `epoch`: the saved one when resuming in it, else a fresh shuffle, or with
+        `weights` (one per image) n draws with replacement in proportion to them. Every process draws the
+        same order from the same saved generator (then trains on its share of each batch)."""
         if self.step is not None and self.epoch == epoch:
             return self.order
         self.step = None
+        if weights is not None:
+            return torch.multinomial(weights, n, replacement=True, generator=self.shuffle)
         return torch.randperm(n, generator=self.shuffle)
 
-    def record(self, row: dict[str, Any]) -> bool:
-        """Add an epoch's row to the history; True when it is the best so far (by validation accuracy)."""
+    def record(self, row: dict[str, Any], select_by: str = "accuracy", min_delta: float = 0.0) -> bool:
+        """Add an epoch's row to the history; True when it is the best so far: its `select_by` metric beats
+        the best one by more than `min_delta` (every epoch is, without a validation split)."""
         self.history.append(row)
         self.epoch, self.step, self.order, self.running = row["epoch"], None, None, None
-        acc = row["val_acc"]
-        if acc is None or acc > self.best_acc:
-            self.best_acc, self.best_epoch = (acc if acc is not None else -1.0), row["epoch"]
+        score = selection_score(row, select_by)
+        if score is None or score > self.best_score + min_delta:
+            self.best_score, self.best_epoch = (score if score is not None else -math.inf), row["epoch"]
             return True
         return False
+
+    def epochs_without_gain(self) -> int:
+        """Finished epochs since the best one (what --patience counts); derived from the history, so a
+        resumed run counts on where it stopped."""
+        return self.history[-1]["epoch"] - self.best_epoch if self.history else 0
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
-            "best_acc": self.best_acc, "best_epoch": self.best_epoch, "history": json.dumps(self.history),
+            "best_score": self.best_score, "best_epoch": self.best_epoch, "history": json.dumps(self.history),
             "shuffle_rng": self.shuffle.get_state(), "aug_rng": self.augment.get_state(),
             "torch_rng": torch.get_rng_state(),
             **({} if self.step is None else {"order": self.order, "running": self.running}),
@@ -160,9 +170,19 @@ class TrainState:
         if global_rng:
             torch.set_rng_state(d["torch_rng"])
         self.history = json.loads(d["history"])
-        self.best_acc, self.best_epoch = d["best_acc"], d["best_epoch"]
+        self.best_score, self.best_epoch = d.get("best_score", d.get("best_acc")), d["best_epoch"]  # best_acc: before
         self.epoch, self.step = d["epoch"], d["step"]
         self.order, self.running = d.get("order"), d.get("running")
+
+
+SELECTION = {"accuracy": "val_acc", "balanced-accuracy": "val_balanced_acc", "macro-f1": "val_macro_f1",
+             "loss": "val_loss"}  # --select-by: the epoch row's figure it reads
+
+
+def selection_score(row: dict[str, Any], select_by: str) -> float | None:
+    """The epoch's `select_by` figure, higher is better (the loss negated); None without validation."""
+    value = row.get(SELECTION[select_by])
+    return None if value is None else -value if select_by == "loss" else value
 
 
 def new_state(model: nn.Module, groups: list[dict], *, optimizer: str, lr: float, momentum: float, schedule: str,

@@ -274,14 +274,19 @@ def stratified_subset(labels: torch.Tensor, count: int, seed: int) -> torch.Tens
     return held
 
 
-def warn_imbalance(counts: torch.Tensor, classes: list[str], class_weights: str) -> None:
-    """Warn about very small classes and heavy imbalance in the training split."""
+def warn_imbalance(counts: torch.Tensor, classes: list[str], class_weights: str, *, sampler: str = "none",
+                   select_by: str = "accuracy") -> None:
+    """Warn about very small classes and heavy imbalance in the training split (with what the run could change)."""
     small = [f"{classes[i]} ({int(n)})" for i, n in enumerate(counts) if n < SMALL_CLASS]
     if small:
         log.warning("very small classes in train: %s; their scores will be unreliable", ", ".join(small))
     ratio = counts.max().item() / max(1, counts.min().item())
-    if ratio > IMBALANCE_RATIO and class_weights == "none":
-        log.warning("heavy class imbalance (largest/smallest class %.0fx); consider --class-weights auto", ratio)
+    advice = [hint for hint, applies in (("--select-by balanced-accuracy (accuracy mostly counts the large classes)",
+                                         select_by == "accuracy"),
+                                        ("--sampler balanced or --class-weights auto",
+                                         sampler == "none" and class_weights == "none")) if applies]
+    if ratio > IMBALANCE_RATIO and advice:
+        log.warning("heavy class imbalance (largest/smallest class %.0fx); consider %s", ratio, ", and ".join(advice))
 
 
 def inverse_frequency(labels: torch.Tensor, classes: int) -> torch.Tensor:
