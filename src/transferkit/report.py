@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from . import calibration, html_report
 from .files import atomic_write
 
 
@@ -306,7 +307,10 @@ def write_report(
     else:
         lines += ["", "## Confusion matrix (rows: true class, columns: predicted)", "",
                   f"![confusion matrix]({conf_png})", ""]
+    lines += calibration.report_section(out_dir, metrics, name)
     path = out_dir / f"{name}.md"
     atomic_write(path, "\n".join(lines))
     atomic_write(out_dir / f"{name}.json", json.dumps(dict(metrics, measured_on=measured_on), indent=2))
+    html_report.write_html(out_dir, metrics, title=title, measured_on=measured_on, classes=classes, setup=setup,
+                           history=history, name=name)
     return path
