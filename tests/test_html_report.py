@@ -113,3 +113,24 @@ def test_the_per_class_table_opens_with_the_weakest_class(odd_names_run):
     first = re.search(r"<tbody><tr><td>(.*?)</td>", table).group(1)
     assert first == weakest.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace(
         '"', "&quot;").replace("'", "&#x27;")
+
+
+def test_pictures_and_tables_other_sections_add_are_inlined_too(tmp_path):
+    """A top-losses sheet beside the report (<name>_*.png) and a list of records in the metrics get a section."""
+    import torch
+
+    from transferkit.html_report import write_html
+    from transferkit.report import _pyplot, _save_png, classification_metrics
+
+    classes = ["a<1>", "b&2"]
+    metrics = classification_metrics(torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]]), torch.tensor([0, 1, 1]),
+                                     classes)
+    metrics["most_confused"] = [{"true": "b&2", "predicted": "a<1>", "images": 1}]
+    fig, ax = _pyplot().subplots(figsize=(2, 2))
+    ax.plot([0, 1], [1, 0])
+    _save_png(fig, tmp_path / "eval-x-test_top_losses.png")
+    page = write_html(tmp_path, metrics, title="t", measured_on="m", classes=classes, setup={"run": "<r>"},
+                      name="eval-x-test").read_text()
+    assert "<h2>Top losses</h2>" in page and page.count('src="data:image/png;base64,') == 1
+    assert "<h2>Most confused</h2>" in page and "<td>b&amp;2</td><td>a&lt;1&gt;</td><td>1</td>" in page
+    assert "&lt;r&gt;" in page and "<r>" not in page

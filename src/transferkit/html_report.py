@@ -87,9 +87,12 @@ def _per_class(metrics: dict[str, Any]) -> str:
 
 
 def _confusion(out_dir: Path, metrics: dict[str, Any], classes: list[str], name: str) -> str:
-    from .report import confused_pairs
+    from .report import MATRIX_MAX_CLASSES, confused_pairs
 
-    parts = ["<h2>Confusion matrix (rows: true class, columns: predicted)</h2>"]
+    whole = len(classes) <= MATRIX_MAX_CLASSES  # above, the picture is a bar chart of the most confused pairs
+    parts = ["<h2>" + ("Confusion matrix (rows: true class, columns: predicted)" if whole else
+                       f"The most frequent mistakes (the whole {len(classes)}x{len(classes)} matrix is in "
+                       f"{_e(name)}.json)") + "</h2>"]
     if (out_dir / f"{name}_confusion.png").is_file():
         parts.append(_png(out_dir / f"{name}_confusion.png", "confusion matrix"))
     pairs = confused_pairs(metrics["confusion"], classes, PAIRS_SHOWN)
