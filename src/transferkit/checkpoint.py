@@ -55,6 +55,7 @@ class ModelCard:
     epochs_trained: int | None = None
     batch_size: int | None = None
     sha256: str | None = None  # of model.safetensors
+    temperature: float = 1.0  # probabilities are softmax(logits / temperature); --calibrate fits it
 
     def __post_init__(self) -> None:
         if not (isinstance(self.arch, str) and isinstance(self.head, str) and isinstance(self.build_kwargs, dict)):
@@ -64,6 +65,9 @@ class ModelCard:
             raise ValueError(f"classes must be a list of at least two names, not {self.classes!r}")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"classes must not repeat a name: {self.classes}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not (
+                0 < self.temperature < float("inf")):
+            raise ValueError(f"temperature must be a positive number, not {self.temperature!r}")
 
     @property
     def num_classes(self) -> int:

@@ -80,6 +80,8 @@ GROUPS: dict[str, tuple[str, list[tuple[str, str | None, str]]]] = {
         ("flip", None, "horizontal flips (turn off for digits and text)"),
         ("crop_scale", "AREA", "smallest crop (fraction of the image area) of the random-resized crop"),
         ("tta", None, "the final evaluation averages each image with its mirror image (as eval --tta)"),
+        ("calibrate", None, "fit a temperature on the validation split so probabilities match accuracy (stored "
+                            "in model.json; predict and eval use it)"),
     ]),
     "speed and memory": ("none of these changes what is learned, except --precision", [
         ("device", "DEV", "auto (a GPU when there is one), cpu, cuda, cuda:1, mps"),

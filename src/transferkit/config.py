@@ -63,6 +63,7 @@ class TrainConfig:
     mean: tuple[float, float, float] | None = None  # None: from the weights
     std: tuple[float, float, float] | None = None
     tta: bool = False  # final evaluation: average each image's prediction with its mirror image's
+    calibrate: bool = False  # fit one temperature on the validation split's logits; stored in model.json
     val_split: float = 0.1  # fraction of train held out (stratified) when no val/ folder exists
     max_train_images: int | None = None  # stratified subset of the training images
     dedupe: bool = False  # drop val/test images whose file has the same bytes as a training image's (always warned)

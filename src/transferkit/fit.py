@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from . import engine, fingerprint, models, runtime
+from . import calibration, engine, fingerprint, models, runtime
 from .checkpoint import META_FILE, ModelCard, load_model_state, read_card, save_last, save_model, update_card
 from .config import TrainConfig, requested_from
 from .data import heldout, sources
@@ -118,6 +118,7 @@ def _load_data(cfg: TrainConfig, pre: Preprocessing) -> DataSource:
         raise TransferkitError(f"--sampler balanced needs training images of at least two classes, and {cfg.data}'s "
                                f"training split has images of one ({have}); add images of the other classes, or "
                                "drop --sampler")
+    calibration.check_calibration_split(cfg.calibrate, src.val, cfg.data)
     if len(src.classes) < 2:
         raise TransferkitError(f"{cfg.data} has one class ({src.classes[0]}); a classifier needs at least two")
     log.info("data %s: %d classes; train %s; val %s; test %s", cfg.data, len(src.classes),
@@ -332,6 +333,7 @@ def _final_evaluation(cfg: TrainConfig, out: Path, state: TrainState, stage: Sta
     """The selected weights, read back from disk (what is evaluated is what was shipped), on the test split once."""
     best = load_model_state(out, read_card(out)) if dist.main else None
     state.model.load_state_dict(dist.share(best))  # rank 0's disk alone may hold them
+    temperature = _calibrate(out, stage, dist, device, precision, cfg.workers) if cfg.calibrate else 1.0
     final, staged = (data.test, stage.test) if data.test is not None else (data.val, stage.val)
     run = dict(device=device, precision=precision, tta=cfg.tta, dist=dist, workers=cfg.workers)
     if cfg.tta and stage.cached:  # cached features hold one view: the mirror image needs the whole model
@@ -341,6 +343,7 @@ def _final_evaluation(cfg: TrainConfig, out: Path, state: TrainState, stage: Sta
     else:
         logits, labels = engine.evaluate(stage.runner, staged, stage.eval_tf, batch_size=stage.eval_batch, **run)
     metrics = classification_metrics(logits, labels, data.classes)
+    metrics["calibration"] = calibration.summary(logits, labels, temperature)
     size = card.preprocessing.image_size
     note = "" if data.test is not None else "no test split: the validation split, also used for model selection"
     said = measured_on(final, cfg.data, size, tta=cfg.tta, note=note)
@@ -351,6 +354,18 @@ def _final_evaluation(cfg: TrainConfig, out: Path, state: TrainState, stage: Sta
                               setup=_setup(cfg, card, state, data, dist, device), history=state.history, errors=errors)
         log.info("report: %s", report)
     return RunResult(out, metrics, said, state.history, main=dist.main)
+
+
+def _calibrate(out: Path, stage: Stage, dist: Dist, device: torch.device, precision: str, workers: int) -> float:
+    """--calibrate: the temperature that minimizes the selected model's NLL on the validation split, in model.json."""
+    logits, labels = engine.evaluate(stage.runner, stage.val, stage.eval_tf, batch_size=stage.eval_batch,
+                                     device=device, precision=precision, dist=dist, workers=workers)
+    temperature = calibration.fit_temperature(logits, labels)
+    log.info("calibrated: temperature %.4g, validation NLL %.4f -> %.4f", temperature,
+             calibration.nll(logits, labels), calibration.nll(logits, labels, temperature))
+    if dist.main:
+        update_card(out, temperature=temperature)
+    return temperature
 
 
 def _setup(cfg: TrainConfig, card: ModelCard, state: TrainState, data: DataSource, dist: Dist,

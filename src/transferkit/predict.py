@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import calibration
 from .checkpoint import ModelCard, load_model_state, read_card
 from .data import heldout
 from .data.folders import folder_layout
@@ -31,13 +32,14 @@ class Predictor:
     """A trained classifier with its preprocessing; call predict() on images or paths."""
 
     def __init__(self, model: torch.nn.Module, classes: Sequence[str], preprocessing: Preprocessing, *,
-                 device: str = "auto", precision: str = "auto", tta: bool = False) -> None:
+                 device: str = "auto", precision: str = "auto", tta: bool = False, temperature: float = 1.0) -> None:
         self.device = pick_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
         self.classes = list(classes)
         self.preprocessing = preprocessing
         self.tta = tta  # test-time augmentation: average over each image and its mirror image
+        self.temperature = temperature  # probabilities are softmax(logits / temperature) (train --calibrate)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", *, image_size: int | None = None,
@@ -63,7 +65,7 @@ class Predictor:
             ) from None
         return cls(model, card.classes, _at_size(card, image_size), device=device, tta=tta,
                    # A run trained in fp32 is evaluated in fp32, so eval reproduces its report.
-                   precision="fp32" if card.precision == "fp32" else "auto")
+                   precision="fp32" if card.precision == "fp32" else "auto", temperature=card.temperature)
 
     @classmethod
     def from_pretrained(cls, arch: str, weights: str = "imagenet", device: str = "auto") -> Predictor:
@@ -98,7 +100,8 @@ class Predictor:
     def _top(self, stored: list[torch.Tensor], k: int) -> list[list[tuple[str, float]]]:
         """Top-k of a batch of stored images: as model input on the device, the way eval feeds them."""
         x = torch.cat([self.preprocessing.to_input(t[None].to(self.device)) for t in stored])
-        probs = infer(self.model, x, device=self.device, precision=self.precision, tta=self.tta).softmax(1).cpu()
+        logits = infer(self.model, x, device=self.device, precision=self.precision, tta=self.tta)
+        probs = (logits / self.temperature).softmax(1).cpu()
         p, idx = probs.topk(k, dim=1)
         return [[(self.classes[i], v) for v, i in zip(row_p, row_i)] for row_p, row_i in zip(p.tolist(), idx.tolist())]
 
@@ -252,6 +255,7 @@ def evaluate_run(
     logits, _ = evaluate(pred.model, part, pred.preprocessing.to_input, batch_size=batch_size, device=pred.device,
                          precision=pred.precision, tta=tta, workers=workers)
     metrics = classification_metrics(logits, labels, pred.classes)
+    metrics["calibration"] = calibration.summary(logits, labels, pred.temperature)
     said = measured_on(part, data, pred.preprocessing.image_size, tta=tta, note=note)
     other_size = image_size and image_size != card.preprocessing.image_size
     name = f"eval-{Path(data).name or 'data'}-{part.name}" + (f"-{image_size}px" if other_size else "") + (

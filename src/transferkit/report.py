@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from . import calibration, html_report
 from .files import atomic_write
 
 
@@ -310,12 +311,15 @@ def write_report(
                      f"{100 * row['f1']:.1f}% | {row['support']} |")
     pairs = confused_pairs(metrics["confusion"], classes)
     lines += _mistakes_lines(pairs, classes, name, conf_png, errors)
+    lines += calibration.report_section(out_dir, metrics, name)
     path = out_dir / f"{name}.md"
     atomic_write(path, "\n".join(lines))
     atomic_write(out_dir / f"{name}.json", json.dumps(dict(
         metrics, measured_on=measured_on, most_confused=[{"true": t, "predicted": p, "images": n, "share": share}
                                                          for t, p, n, share in pairs],
         **({"errors": errors} if errors is not None else {})), indent=2))
+    html_report.write_html(out_dir, metrics, title=title, measured_on=measured_on, classes=classes, setup=setup,
+                           history=history, name=name)
     return path
 
 

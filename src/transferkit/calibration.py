@@ -1,0 +1,170 @@
+"""Can the probabilities be trusted: expected calibration error, temperature scaling, the reliability diagram."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import TransferkitError
+
+log = logging.getLogger(__name__)
+
+BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al. 2017 use 15)
+LOG_T_RANGE = (math.log(0.01), math.log(100.0))  # the temperatures searched: beyond these the model is broken
+SEARCH_STEPS = 80  # golden-section steps: the bracket shrinks to 0.618^80 of its width, far below float noise
+
+
+def _checked(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 logits (N, K) and int64 labels (N,), or a clear error."""
+    if logits.ndim != 2 or labels.ndim != 1 or len(logits) != len(labels):
+        raise TransferkitError(f"calibration needs logits (N, K) and labels (N,), got {tuple(logits.shape)} and "
+                               f"{tuple(labels.shape)}")
+    if len(labels) == 0:
+        raise TransferkitError("calibration needs at least one image; the split is empty")
+    if not torch.isfinite(logits).all():
+        raise TransferkitError("the logits hold NaN or infinite values: the model diverged; retrain with a lower --lr")
+    labels = labels.long()
+    if labels.min() < 0 or labels.max() >= logits.shape[1]:
+        raise TransferkitError(f"labels must lie in 0..{logits.shape[1] - 1} for {logits.shape[1]} classes")
+    return logits.double(), labels
+
+
+def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> list[dict[str, Any]]:
+    """Per equal-width bin of top-1 confidence, (lo, hi]: images, their accuracy and mean confidence."""
+    if bins < 1:
+        raise TransferkitError(f"bins {bins}: use at least one bin")
+    conf, pred = probs.double().max(1)
+    # Edges as i/bins exactly (not linspace), so a confidence on an edge goes where (lo, hi] says it goes.
+    edges = torch.tensor([i / bins for i in range(bins + 1)], dtype=torch.float64)
+    index = torch.bucketize(conf, edges[1:], right=False).clamp(max=bins - 1)  # edges[i] < conf <= edges[i + 1]
+    correct = (pred == labels).double()
+    rows = []
+    for i in range(bins):
+        inside = index == i
+        n = int(inside.sum())
+        rows.append({"lo": edges[i].item(), "hi": edges[i + 1].item(), "images": n,
+                     "accuracy": correct[inside].mean().item() if n else None,
+                     "confidence": conf[inside].mean().item() if n else None})
+    return rows
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> float:
+    """ECE: the images-weighted mean gap between accuracy and mean top-1 confidence over equal-width bins."""
+    if probs.ndim != 2 or len(probs) != len(labels) or len(labels) == 0:
+        raise TransferkitError(f"ECE needs probabilities (N, K) and labels (N,) with N > 0, got "
+                               f"{tuple(probs.shape)} and {tuple(labels.shape)}")
+    rows = reliability_bins(probs, labels.long(), bins)
+    return sum(r["images"] * abs(r["accuracy"] - r["confidence"]) for r in rows if r["images"]) / len(labels)
+
+
+def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the labels under softmax(logits / temperature)."""
+    logits, labels = _checked(logits, labels)
+    return torch.nn.functional.cross_entropy(logits / temperature, labels).item()
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The one temperature T that minimizes the NLL of softmax(logits / T): a golden-section search on log T.
+
+    The NLL is convex in 1/T, so unimodal in log T: the bounded search finds its minimum, the same one on
+    every machine (no random start, no learning rate).
+    """
+    logits, labels = _checked(logits, labels)
+
+    def loss(log_t: float) -> float:
+        return torch.nn.functional.cross_entropy(logits / math.exp(log_t), labels).item()
+
+    lo, hi = LOG_T_RANGE
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = loss(a), loss(b)
+    for _ in range(SEARCH_STEPS):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = loss(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = loss(b)
+    best = (lo + hi) / 2
+    if loss(best) >= loss(0.0):  # no better than as trained (e.g. a flat NLL, every logit equal): keep T = 1
+        return 1.0
+    return math.exp(best)
+
+
+def check_calibration_split(calibrate: bool, val: Any, data: str) -> None:
+    """--calibrate fits on the validation split: refuse, before training, a run that has none."""
+    if calibrate and val is None:
+        raise TransferkitError(f"--calibrate fits its temperature on the validation split, and {data} has none; "
+                               "hold some training images out with --val-split 0.1 (or add a val/ folder), or "
+                               "drop --calibrate")
+
+
+def summary(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> dict[str, Any]:
+    """The report's calibration figures: ECE and NLL with the model's temperature and without, and its bins."""
+    logits, labels = _checked(logits, labels)
+    raw, scaled = logits.softmax(1), (logits / temperature).softmax(1)
+    return {"temperature": temperature, "bins": BINS,
+            "ece": expected_calibration_error(scaled, labels), "nll": nll(logits, labels, temperature),
+            "ece_uncalibrated": expected_calibration_error(raw, labels), "nll_uncalibrated": nll(logits, labels),
+            "reliability": reliability_bins(scaled, labels)}
+
+
+def reliability_png(path: Path, figures: dict[str, Any], title: str) -> None:
+    """Accuracy against mean confidence per bin, beside the diagonal of a perfectly calibrated model."""
+    from .report import _pyplot, _save_png
+
+    plt = _pyplot()
+    rows = figures["reliability"]
+    width = 1 / len(rows)
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5.5, 6.2), height_ratios=(3, 1), sharex=True,
+                                     layout="constrained")
+    ax.plot([0, 1], [0, 1], color="0.5", linestyle="--", linewidth=1, label="perfectly calibrated")
+    filled = [r for r in rows if r["images"]]
+    ax.bar([r["lo"] for r in filled], [r["accuracy"] for r in filled], width=width, align="edge",
+           color="tab:blue", edgecolor="white", label="accuracy in the bin")
+    # Where each bar would end if the model were calibrated: the gap to it is what the ECE averages.
+    ax.scatter([r["lo"] + width / 2 for r in filled], [r["confidence"] for r in filled], color="tab:red", marker="_",
+               s=180, linewidths=2.5, zorder=3, label="mean confidence in the bin")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize=8)
+    scaled = figures["temperature"] != 1.0
+    ax.set_title(f"ECE {100 * figures['ece']:.2f}% ({figures['bins']} bins)"
+                 + (f", temperature {figures['temperature']:.3g}; before {100 * figures['ece_uncalibrated']:.2f}%"
+                    if scaled else ""), fontsize=9, color="0.25")
+    fig.suptitle(title, fontsize=12, fontweight="bold")
+    counts.bar([r["lo"] for r in rows], [r["images"] for r in rows], width=width, align="edge", color="0.6",
+               edgecolor="white")
+    counts.set_ylabel("images")
+    counts.set_xlabel("top-1 confidence")
+    _save_png(fig, path)
+
+
+def report_section(out_dir: Path, metrics: dict[str, Any], name: str) -> list[str]:
+    """report.md's calibration lines (and <name>_reliability.png); none when the metrics hold no figures."""
+    figures = metrics.get("calibration")
+    if not figures:
+        return []
+    png = f"{name}_reliability.png"
+    reliability_png(Path(out_dir) / png, figures, "Reliability diagram")
+    t = figures["temperature"]
+    lines = ["## Calibration", "",
+             f"Expected calibration error over {figures['bins']} equal-width bins of top-1 confidence, and the "
+             "negative log-likelihood (lower is better for both).", "",
+             "| | ECE | NLL |", "| --- | --- | --- |"]
+    if t != 1.0:
+        lines += [f"| before (temperature 1) | {100 * figures['ece_uncalibrated']:.2f}% | "
+                  f"{figures['nll_uncalibrated']:.4f} |",
+                  f"| after (temperature {t:.4g}, fitted on the validation split) | {100 * figures['ece']:.2f}% | "
+                  f"{figures['nll']:.4f} |"]
+    else:
+        lines += [f"| uncalibrated (--calibrate fits a temperature) | {100 * figures['ece']:.2f}% | "
+                  f"{figures['nll']:.4f} |"]
+    return lines + ["", f"![reliability diagram]({png})", ""]
