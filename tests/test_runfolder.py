@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from conftest import SHARED_CIFAR, link_subset, needs_weights, run_cli
+from transferkit.errors import TransferkitError
 
 CLASSES = ["airplane", "cat", "ship"]
 
@@ -207,6 +208,17 @@ def test_resume_after_config_yaml_was_edited_says_what_changed(data, tmp_path):
     saved["lr"] = 0.01
     cfg.write_text(yaml.safe_dump(saved, sort_keys=False))
     refused(run_cli("train", "--resume", out, "--epochs", "2"), "config.yaml", "lr 0.001 -> 0.01")
+
+
+def test_a_run_of_an_earlier_version_resumes_although_it_does_not_record_newer_settings(tmp_path):
+    from transferkit import fingerprint
+    from transferkit.config import TrainConfig
+
+    now = fingerprint.settings_of(TrainConfig(), set())
+    older = {k: v for k, v in now.items() if k not in ("sampler", "calibrate")}  # settings added since
+    fingerprint.check_settings(older, now, tmp_path)  # at their defaults: nothing changed
+    with pytest.raises(TransferkitError, match="sampler none -> balanced"):
+        fingerprint.check_settings(older, dict(now, sampler="balanced"), tmp_path)
 
 
 def test_a_last_pt_without_fingerprints_still_resumes_with_a_warning(data, tmp_path):

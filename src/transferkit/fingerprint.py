@@ -75,8 +75,10 @@ def unpack(saved: dict[str, Any]) -> dict[str, Any] | None:
 
 def check_settings(recorded: dict[str, Any], now: dict[str, Any], run: Path) -> None:
     """Refuse a resume whose config.yaml differs from the settings the run started with."""
-    changed = [f"{k} {_show(recorded.get(k))} -> {_show(now.get(k))}" for k in sorted(set(recorded) | set(now))
-               if recorded.get(k) != now.get(k)]
+    # A setting that a newer transferkit added is not recorded by an older run: at its default, it is unchanged.
+    defaults = settings_of(TrainConfig(), set())
+    was = {k: recorded.get(k, defaults.get(k)) for k in set(recorded) | set(now)}
+    changed = [f"{k} {_show(was[k])} -> {_show(now.get(k))}" for k in sorted(was) if was[k] != now.get(k)]
     if changed:
         raise TransferkitError(
             f"{run / 'config.yaml'} was edited since the run started: {', '.join(changed)}; put the values back "

@@ -28,9 +28,11 @@ RESUMABLE_CHANGES = {"epochs", "device", "workers", "log_every", "compile", "che
 MOVABLE = {"data", "data_dir"}  # a resume may name the data's new place: its fingerprint says whether it is the same
 UNCHECKED = RESUMABLE_CHANGES | MOVABLE | {"out"}  # what the settings' fingerprint leaves out
 LOCK_FILE = ".lock"
-BEFORE_TRAINING = {LOCK_FILE, "train.log", "config.yaml", "skipped.txt"}  # a run that fails with only these goes
+# A run that fails before training, with only these files in a folder it created, removes them and the folder.
+BEFORE_TRAINING = {LOCK_FILE, "train.log", "config.yaml", "skipped.txt", "split.json"}
 # What --overwrite replaces (train.log is kept: the new run's log follows the old one's).
-RUN_OUTPUTS = (LAST_FILE, MODEL_FILE, META_FILE, "metrics.jsonl", "skipped.txt", "report*", "eval-*", "curves.png")
+RUN_OUTPUTS = (LAST_FILE, MODEL_FILE, META_FILE, "metrics.jsonl", "skipped.txt", "split.json", "report*", "eval-*",
+               "curves.png", "errors.csv", "top_losses.png")
 
 
 def settings_of(config: TrainConfig | None, resume: str | Path | None, settings: dict[str, Any]) -> TrainConfig:
@@ -102,7 +104,7 @@ def _check_settings(saved: dict[str, Any], cfg: TrainConfig, out: Path) -> None:
 
 def _discard(made: list[Path]) -> None:
     """Remove the folders this run created while it wrote nothing in them but what it writes before training
-    (lock, log, config.yaml, skipped.txt): a run that fails before it trains leaves nothing behind, and what
+    (lock, log, config.yaml, skipped.txt, split.json): a run that fails before it trains leaves nothing behind, and what
     was there before this run is never removed."""
     if not made:
         return
