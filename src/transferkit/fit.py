@@ -348,7 +348,8 @@ def _final_evaluation(cfg: TrainConfig, out: Path, state: TrainState, stage: Sta
     note = "" if data.test is not None else "no test split: the validation split, also used for model selection"
     said = measured_on(final, cfg.data, size, tta=cfg.tta, note=note)
     if dist.main:
-        errors = write_errors(out, "report", logits, labels, final, data.classes, card.preprocessing,
+        # the probabilities predict gives: calibrated by --calibrate's temperature
+        errors = write_errors(out, "report", logits / temperature, labels, final, data.classes, card.preprocessing,
                               title=f"{cfg.model} on {cfg.data}")
         report = write_report(out, metrics, title=f"{cfg.model} on {cfg.data}", measured_on=said, classes=data.classes,
                               setup=_setup(cfg, card, state, data, dist, device), history=state.history, errors=errors)

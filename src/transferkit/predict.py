@@ -265,7 +265,7 @@ def evaluate_run(
     report = _write_eval_report(Path(report_dir) if report_dir is not None else run_dir, metrics,
                                 title=f"{run_dir.name} evaluated on {data}", measured_on=said, classes=pred.classes,
                                 setup={"run": str(run_dir)}, name=name,
-                                analysed=(logits, labels, part, pred.classes, pred.preprocessing))
+                                analysed=(logits / pred.temperature, labels, part, pred.classes, pred.preprocessing))
     return metrics, said, report
 
 
