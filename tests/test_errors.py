@@ -59,6 +59,7 @@ def test_train_errors_csv_matches_the_saved_model(fp32_run):
         assert float(r["loss"]) == pytest.approx(-math.log(probs[r["true"]]), rel=1e-3, abs=1e-4)
     text = (out / "report.md").read_text()
     assert "](errors.csv)" in text and "](top_losses.png)" in text
+    assert "<h2>Top losses</h2>" in (out / "report.html").read_text()  # the page shows the sheet too
 
 
 def test_top_losses_sheet_has_25_tiles(fp32_run):

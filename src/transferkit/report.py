@@ -318,8 +318,10 @@ def write_report(
         metrics, measured_on=measured_on, most_confused=[{"true": t, "predicted": p, "images": n, "share": share}
                                                          for t, p, n, share in pairs],
         **({"errors": errors} if errors is not None else {})), indent=2))
+    sheet = (errors or {}).get("top_losses")
     html_report.write_html(out_dir, metrics, title=title, measured_on=measured_on, classes=classes, setup=setup,
-                           history=history, name=name)
+                           history=history, name=name,
+                           extra_pictures={"top losses": out_dir / sheet} if sheet else None)
     return path
 
 
