@@ -208,14 +208,20 @@ def test_eval_of_a_dedupe_run_scores_the_validation_split_it_kept(tmp_path):
     assert metrics["images"] == trained["images"] and metrics["accuracy"] == pytest.approx(trained["accuracy"])
 
 
-@needs_cifar
-def test_eval_refuses_a_held_out_split_whose_files_changed_since_training(tmp_path):
+def _flat_run_of_16(tmp_path: Path) -> tuple[Path, Path]:
+    """A flat folder of 8 cats and 8 dogs, and a 1-epoch run on it that held out 4 of them."""
     flat = link_subset(SHARED_CIFAR / "train", tmp_path / "flat", 8, ["cat", "dog"])
     run = tmp_path / "run"
     proc = run_cli("train", "--data", flat, "--model", "resnet18", "--weights", "none", "--strategy", "linear",
                    "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--val-split", "0.25", "--workers", "1",
                    "--out", run)
     assert proc.returncode == 0, proc.stderr
+    return flat, run
+
+
+@needs_cifar
+def test_eval_refuses_a_held_out_split_whose_files_changed_since_training(tmp_path):
+    flat, run = _flat_run_of_16(tmp_path)
     held = json.loads((run / "split.json").read_text())["val"]["files"]
     assert len(held) == 4 and run_cli("eval", run).returncode == 0
     changed = flat / held[0]
@@ -230,12 +236,7 @@ def test_eval_refuses_a_held_out_split_whose_files_changed_since_training(tmp_pa
 
 @needs_cifar
 def test_eval_on_the_run_s_data_moved_elsewhere_still_scores_the_held_out_split(tmp_path):
-    flat = link_subset(SHARED_CIFAR / "train", tmp_path / "flat", 8, ["cat", "dog"])
-    run = tmp_path / "run"
-    proc = run_cli("train", "--data", flat, "--model", "resnet18", "--weights", "none", "--strategy", "linear",
-                   "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--val-split", "0.25", "--workers", "1",
-                   "--out", run)
-    assert proc.returncode == 0, proc.stderr
+    flat, run = _flat_run_of_16(tmp_path)
     moved = flat.rename(tmp_path / "moved")
     proc = run_cli("eval", run, "--data", moved, "--json")
     assert proc.returncode == 0, proc.stderr
