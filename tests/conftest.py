@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import subprocess
 import sys
@@ -48,11 +51,32 @@ def private_cache(tmp_path_factory):
         os.environ["TRANSFERKIT_CACHE"] = old
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m transferkit ARGS` and capture its output."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "transferkit", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=600)
+def run_cli(*args: str, cwd: Path | None = None, process: bool = False) -> subprocess.CompletedProcess:
+    """`transferkit ARGS` with its exit code and output. It runs in this process (a new Python spends seconds
+    importing torch, and the suite makes a hundred of these calls); `process=True`, or TRANSFERKIT_TEST_PROCESS=1
+    for the whole suite, starts `python -m transferkit` instead."""
+    args = tuple(map(str, args))
+    if process or os.environ.get("TRANSFERKIT_TEST_PROCESS") == "1":
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        return subprocess.run([sys.executable, "-m", "transferkit", *args], capture_output=True, text=True, cwd=cwd,
+                              env=env, timeout=600)
+    from transferkit import cli
+
+    logger = logging.getLogger("transferkit")
+    kept = logger.handlers[:], logger.level, logger.propagate
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(list(args))
+            except SystemExit as e:  # argparse's errors and --help
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.chdir(here)
+        logger.handlers[:], logger.level, logger.propagate = kept
+    return subprocess.CompletedProcess(["transferkit", *args], code, out.getvalue(), err.getvalue())
 
 
 def link_subset(src: Path, dst: Path, per_class: int, classes: list[str] | None = None) -> Path:
