@@ -200,6 +200,21 @@ def test_resume_on_other_files_of_the_same_count_is_refused(data, tmp_path):
     assert f.name in line
 
 
+def test_resume_on_a_copy_of_the_data_with_new_mtimes_goes_on_and_one_edited_byte_is_refused(data, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*quick(data, out)).returncode == 0
+    copy = shutil.copytree(data, tmp_path / "copy", copy_function=shutil.copy)  # plain cp: new mtimes, same bytes
+    edited = tmp_path / "edited"
+    shutil.copytree(data, edited, copy_function=shutil.copy)
+    f = sorted((edited / "train" / "cat").iterdir())[0]
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # the same size, still a JPEG, another image
+    f.write_bytes(bytes(raw))
+    refused(run_cli("train", "--resume", out, "--epochs", "2", "--data", edited), "1 training image", "changed")
+    proc = run_cli("train", "--resume", out, "--epochs", "2", "--data", copy)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_resume_after_config_yaml_was_edited_says_what_changed(data, tmp_path):
     out = tmp_path / "run"
     assert run_cli(*quick(data, out)).returncode == 0

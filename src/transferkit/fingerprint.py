@@ -1,8 +1,8 @@
 """What a run trained on and with, recorded in last.pt, so that --resume continues only on the same data and settings.
 
-The data's fingerprint is its file listing (paths relative to the data folder, sizes, mtimes, labels: a moved
-folder still matches) and, for every source, each split's size and labels. The settings' fingerprint is the
-resolved config, less what a resume may change.
+The data's fingerprint is its file listing (paths relative to the data folder, sizes, content hashes, labels: a
+moved or copied folder still matches) and, for every source, each split's size and labels. The settings'
+fingerprint is the resolved config, less what a resume may change.
 """
 
 from __future__ import annotations
@@ -29,19 +29,23 @@ SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
 
 def data_listing(data: DataSource, where: str) -> dict[str, Any]:
     """The files of an image folder per split as listed (before unreadable ones are skipped), as
-    [path relative to the folder, size, mtime_ns, label]; a named set by its name."""
+    [path relative to the folder, size, content hash (None for an unreadable file), label]; a named set by its
+    name. Content, not mtime: a copy of the folder (cp without -p, rsync, a download) is the same data."""
     if is_named(where):
         return {"named": where.lower()}
+    digests = {}
+    for split in (data.train, data.val, data.test):
+        if split is not None and split.hashes is not None:
+            digests.update({f: h.hex() for f, h in zip(split.files, split.hashes)})
     files: dict[str, list[list[Any]]] = {}
     for split, (paths, labels) in data.listed.items():
         rows = []
         for p, label in zip(paths, labels):
             try:
-                st = p.stat()
-                size, mtime = st.st_size, st.st_mtime_ns
+                size = p.stat().st_size
             except OSError:
-                size, mtime = -1, -1
-            rows.append([os.path.relpath(p, where), size, mtime, label])
+                size = -1
+            rows.append([os.path.relpath(p, where), size, digests.get(str(p)), label])
         files[split] = rows
     return {"classes": data.classes, "files": files}
 
@@ -98,6 +102,8 @@ def check_data(recorded: dict[str, Any], listing: dict[str, Any], splits: dict[s
     for split in sorted(set(old.get("files", {})) | set(new.get("files", {})), key=_split_order):
         was = {r[0]: r[1:] for r in old.get("files", {}).get(split, [])}
         now = {r[0]: r[1:] for r in new.get("files", {}).get(split, [])}
+        if any(isinstance(r[1], int) for r in was.values()):  # recorded by 0.1 with mtimes: sizes and labels only
+            was, now = ({k: [r[0], r[2]] for k, r in rows.items()} for rows in (was, now))
         word = SPLIT_WORDS.get(split, split)
         for paths, what in ((sorted(set(was) - set(now)), "gone"), (sorted(set(now) - set(was)), "new"),
                             (sorted(p for p in set(was) & set(now) if was[p] != now[p]), "changed")):
