@@ -222,9 +222,10 @@ def test_out_of_memory_in_the_first_steps_retries_in_smaller_passes_of_the_same_
 def test_passes_of_one_image_under_batchnorm_are_refused_before_training(tiny, tmp_path):
     cfg = TrainConfig.create(data=str(tiny), model="resnet18", weights="none", image_size=32, epochs=1, batch_size=1,
                              val_split=0.25, out=str(tmp_path / "run"), workers=1)
-    with pytest.raises(TransferkitError, match="passes of one image.*--batchnorm frozen"):
+    with pytest.raises(TransferkitError, match=r"a batch of 1 image\(s\) on 1 process\(es\) leaves passes of one "
+                       r"image.*--batchnorm frozen"):
         train(cfg)
-    with pytest.raises(TransferkitError, match="--micro-batch 3 or more"):
+    with pytest.raises(TransferkitError, match=r"of 3 image\(s\) in passes of 2 .*--micro-batch 3 or more"):
         train(cfg.replace(batch_size=8, micro_batch=2, out=str(tmp_path / "run2")))  # 27 images: a last batch of 3
     assert train(cfg.replace(batchnorm="frozen", out=str(tmp_path / "run3"))).metrics["images"] == 18
 

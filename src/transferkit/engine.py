@@ -199,8 +199,9 @@ def _check_passes(model: nn.Module, frozen: Sequence[str], batch_size: int, last
         for rank in range(dist.world):
             rows = Dist(rank=rank, world=dist.world).shard(n)
             if min(p.stop - p.start for p in micro_batches(rows, micro, -(-n // dist.world))) < 2:
+                passes = f" in passes of {micro}" if micro and micro < n else ""  # a larger pass is the batch
                 raise TransferkitError(
-                    f"a batch of {n} image(s) in passes of {micro or n} on {dist.world} process(es) leaves passes "
+                    f"a batch of {n} image(s){passes} on {dist.world} process(es) leaves passes "
                     "of one image, which BatchNorm cannot normalize; use a larger --batch-size, --micro-batch 3 "
                     "or more, or --batchnorm frozen")
 
