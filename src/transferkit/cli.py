@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_test_time_options(e)
 
     pr = sub.add_parser("predict", help="classify image files and folders with a run")
-    pr.add_argument("run", type=Path, help="a run folder (the --out of 'transferkit train')")
+    pr.add_argument("run", type=Path, help="a run folder (the --out of 'transferkit train'), or a model.onnx written "
+                    "by 'transferkit export' (run by onnxruntime)")
     pr.add_argument("paths", nargs="+", help="image files and/or folders")
     pr.add_argument("--topk", type=int, default=3, help="how many classes to show per image (default: 3)")
     pr.add_argument("--batch-size", type=int, default=32,
@@ -376,7 +377,15 @@ def _predict(args: argparse.Namespace, table: tuple[str, typing.TextIO] | None) 
 
     from .predict import Predictor, expand_paths
 
-    predictor = Predictor.from_run(args.run, device=args.device, image_size=args.image_size, tta=args.tta)
+    if args.run.suffix == ".onnx" and not args.run.is_dir():
+        from .export import OnnxPredictor
+
+        if args.image_size is not None:
+            raise TransferkitError(f"{args.run} takes a fixed input side; drop --image-size, or export the run again "
+                                   "at another size")
+        predictor = OnnxPredictor(args.run, tta=args.tta)
+    else:
+        predictor = Predictor.from_run(args.run, device=args.device, image_size=args.image_size, tta=args.tta)
     writer = None
     if table is not None:
         k = max(1, min(args.topk, len(predictor.classes)))
