@@ -491,6 +491,17 @@ def _images(split: Split, pre: Preprocessing, count: int | None = None, seed: in
     return torch.cat(xs), torch.cat(ys)
 
 
+def export_predictor(predictor: Any, out: str | Path, images: Sequence[Any], *, fmt: Format = "onnx",
+                     **options: Any) -> dict[str, Any]:
+    """Export a Predictor (e.g. Predictor.from_pretrained) checked on `images` (paths, PIL images, arrays)."""
+    from .predict import _as_uint8
+
+    pre = predictor.preprocessing
+    check = torch.cat([as_input(pre, pre.store(_as_uint8(im))[None]) for im in images])
+    return export_model(predictor.model, pre, predictor.classes, out, check, fmt=fmt,
+                        temperature=predictor.temperature, measured_on=f"{len(check)} images given", **options)
+
+
 def default_out(run_dir: Path, fmt: str, quantize: str | None = None) -> Path:
     """RUN/model.onnx, RUN/model.pt, RUN/model.int8.onnx."""
     return Path(run_dir) / (f"model.{quantize}{SUFFIX[fmt]}" if quantize else f"model{SUFFIX[fmt]}")
