@@ -20,9 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import torch
 
-from transferkit.export import Deployable, export_run, onnx_session
+from transferkit.export import Deployable, export_run
 from transferkit.predict import Predictor
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -40,7 +41,7 @@ def machine() -> str:
     except OSError:
         pass
     have = [f for f in FLAGS if f in flags] or ["none of " + ", ".join(FLAGS)]
-    return f"{model}, {os.cpu_count()} logical cores, flags: {' '.join(have)}, torch threads {torch.get_num_threads()}"
+    return f"{model}, {os.cpu_count()} logical cores, flags: {' '.join(have)}"
 
 
 def timed(call: Callable[[], object], repeats: int, warmup: int = 3) -> list[float]:
@@ -65,7 +66,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50, help="timed batch-1 calls per engine [default: 50]")
     parser.add_argument("--batch-repeats", type=int, default=5, help="timed batch-32 calls per engine [default: 5]")
     parser.add_argument("--check-images", type=int, default=64, help="parity-check images of each export")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="threads of each engine (on a loaded machine, 1: spinning thread pools collapse there)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     pred = Predictor.from_run(args.run, device="cpu")
     side = pred.preprocessing.image_size
@@ -83,7 +87,9 @@ def main() -> None:
 
         engines["PyTorch eager fp32"] = torch_call
         for name, path in (("onnxruntime fp32", fp32), (f"onnxruntime int8 ({q['quantization']['method']})", int8)):
-            session = onnx_session(path)
+            opts = onnxruntime.SessionOptions()
+            opts.intra_op_num_threads = opts.inter_op_num_threads = args.threads
+            session = onnxruntime.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             engines[name] = lambda x, s=session: s.run(None, {"images": x})
         rng = np.random.default_rng(0)
         one = rng.integers(0, 256, (1, 3, side, side), dtype=np.uint8)
@@ -94,11 +100,10 @@ def main() -> None:
             ms32 = timed(lambda c=call: c(many), args.batch_repeats, warmup=1)
             rows.append((name, percentile(ms1, 50), percentile(ms1, 99), 1000 / statistics.mean(ms1),
                          32 * 1000 / statistics.mean(ms32)))
-    import onnxruntime
-
     print(f"machine: {machine()}; onnxruntime {onnxruntime.__version__}, torch {torch.__version__}")
-    print(f"run: {args.run} ({pred.model.__class__.__name__}, {side}x{side} input); {args.repeats} batch-1 calls, "
-          f"{args.batch_repeats} batch-32 calls per engine")
+    print(f"run: {args.run} ({pred.model.__class__.__name__}, {side}x{side} input); {args.threads} thread(s) per "
+          f"engine, {args.repeats} batch-1 calls, {args.batch_repeats} batch-32 calls per engine; load average "
+          f"{os.getloadavg()[0]:.1f} at the end")
     qz = q["quantization"]
     print(f"int8: test accuracy {100 * qz['accuracy_fp32']:.2f}% fp32 -> {100 * qz['accuracy_int8']:.2f}% int8 on "
           f"{qz['test_images']} images")

@@ -232,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--data", help="take the check images from this data set (default: the run's own held-out split)")
     x.add_argument("--data-dir", help="where named data sets live (default ~/.cache/transferkit/data)")
     x.add_argument("--quantize", choices=("int8",),
-                   help="ONNX only: int8 (static, calibrated on the run's training images, or dynamic; the more "
-                        "accurate), written to RUN/model.int8.onnx")
+                   help="ONNX only: int8, written to RUN/model.int8.onnx: static (calibrated on the run's training "
+                        "images) and dynamic are tried; of those within --max-drop, the one closer to fp32 is kept")
     x.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
                    help="--quantize: refuse when test accuracy drops by more than this many points [default: 1]")
 
@@ -455,8 +455,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         q = rec.get("quantization")
         if q:
             print(f"  int8 ({q['method']}): test accuracy {100 * q['accuracy_fp32']:.2f}% -> "
-                  f"{100 * q['accuracy_int8']:.2f}% on {q['test_images']} images ({q['drop_points']:+.2f} points "
-                  f"lost); top-1 agreement with fp32 {100 * q['parity_vs_fp32']['top1_agreement']:.2f}%")
+                  f"{100 * q['accuracy_int8']:.2f}% on {q['test_images']} images ({-q['drop_points']:+.2f} points); "
+                  f"top-1 agreement with fp32 {100 * q['parity_vs_fp32']['top1_agreement']:.2f}%")
     return 0
 
 

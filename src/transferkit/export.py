@@ -521,7 +521,7 @@ def export_run(run_dir: str | Path, formats: Sequence[str] = ("onnx",), *, out: 
         raise TransferkitError(f"unknown format '{unknown[0]}'; choose onnx, torchscript or all")
     if check_images < 1:
         raise TransferkitError(f"--check-images {check_images}: the parity check needs at least 1 image")
-    if quantize is not None and formats != ("onnx",) and list(formats) != ["onnx"]:
+    if quantize is not None and list(formats) != ["onnx"]:
         raise TransferkitError("--quantize int8 is for ONNX only; use --format onnx")
     card = read_card(run_dir)
     if "onnx" in formats:
