@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -40,7 +42,7 @@ def runs(cifar_small, tmp_path_factory) -> dict[str, Path]:
     """Two real runs, built once: ImageNet MobileNetV2 fine-tuned briefly, and resnet18 from random weights
     (fp32, so the run folder's own predictions are fp32 like the exported model's)."""
     root = tmp_path_factory.mktemp("export-runs")
-    common = dict(data=str(cifar_small), epochs=1, image_size=64, batch_size=32, max_train_images=100,
+    common = dict(data=str(cifar_small), epochs=1, image_size=64, batch_size=32, max_train_images=60,
                   precision="fp32", workers=1)
     out = {}
     for name, model, weights in (("mnv2", "mobilenet_v2", "IMAGENET1K_V1"), ("r18", "resnet18", "none")):
@@ -52,9 +54,15 @@ def runs(cifar_small, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def exported(runs) -> dict[str, list[dict]]:
-    """Each run exported to both formats with the default destinations (the parity check on 100 test images)."""
-    return {name: export.export_run(run, ("onnx", "torchscript"), check_images=100) for name, run in runs.items()}
+def exported(runs) -> dict[str, list[dict] | str]:
+    """Each run exported to both formats at the default destinations, the parity check on 100 test images:
+    MobileNetV2 through the CLI (its printed lines kept), resnet18 through the library."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["export", str(runs["mnv2"]), "--format", "all", "--check-images", "100"]) == 0
+    r18 = export.export_run(runs["r18"], ("onnx", "torchscript"), check_images=100)
+    return {"mnv2": json.loads((runs["mnv2"] / "export.json").read_text()), "r18": {r["file"]: r for r in r18},
+            "printed": printed.getvalue()}
 
 
 def _copy_run(run: Path, dst: Path) -> Path:
@@ -68,8 +76,7 @@ def _copy_run(run: Path, dst: Path) -> Path:
 def test_both_formats_agree_with_pytorch_on_the_held_out_images(runs, exported, name):
     run = runs[name]
     card = json.loads((run / "model.json").read_text())
-    records = {r["format"]: r for r in exported[name]}
-    assert set(records) == {"onnx", "torchscript"}
+    assert set(exported[name]) == {"model.onnx", "model.pt"}
     saved = json.loads((run / "export.json").read_text())
     for fmt, file in (("onnx", "model.onnx"), ("torchscript", "model.pt")):
         p = saved[file]["parity"]
@@ -102,21 +109,39 @@ def test_both_formats_agree_with_pytorch_on_the_held_out_images(runs, exported, 
     assert torch.allclose(ts(x), torch.from_numpy(logits), atol=1e-3)
 
 
-def test_cli_export_prints_the_parity_figures(runs, tmp_path, capsys):
-    out = tmp_path / "deploy" / "c10.onnx"
-    out.parent.mkdir()
-    assert main(["export", str(runs["r18"]), "--out", str(out), "--check-images", "30", "--batch", "8"]) == 0
-    printed = capsys.readouterr().out
-    assert f"onnx: {out}" in printed and "top-1 agreement 100.00%" in printed
-    rec = json.loads((out.parent / "export.json").read_text())["c10.onnx"]
-    assert rec["batch"] == 8 and rec["parity"]["images"] == 30
-    assert [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim] == [8, 3, 64, 64]
+def test_cli_export_prints_the_parity_figures(runs, exported):
+    printed = exported["printed"]
+    for fmt, file in (("onnx", "model.onnx"), ("torchscript", "model.pt")):
+        assert f"{fmt}: {runs['mnv2'] / file}" in printed
+    assert printed.count("parity with PyTorch on 100 images of the test split") == 2
+    assert printed.count("top-1 agreement 100.00%") == 2
+
+
+class TinyNet(nn.Module):
+    """A small convolutional classifier: fast to export, quantize and check."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_fixed_batch_export_takes_that_batch_and_checks_every_image(tmp_path):
+    out = tmp_path / "m.onnx"
+    rec = export.export_model(TinyNet().eval(), Preprocessing(16, 16), ["a", "b", "c"], out, _check_images(10),
+                              batch=4)  # 10 images: batches of 4, 4 and 2 (padded)
+    assert rec["batch"] == 4 and rec["parity"]["images"] == 10 and rec["parity"]["passed"]
+    assert [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim] == [4, 3, 16, 16]
 
 
 def test_disagreeing_export_exits_1_and_leaves_nothing(runs, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(export, "MAX_PROB_DIFF", 0.0)  # onnxruntime's float rounding now counts as disagreement
-    out = tmp_path / "m.onnx"
-    assert main(["export", str(runs["r18"]), "--out", str(out), "--check-images", "20"]) == 1
+    monkeypatch.setattr(export, "MAX_PROB_DIFF", -1.0)  # no export can be this close: each now disagrees
+    out = tmp_path / "m.pt"
+    assert main(["export", str(runs["r18"]), "--format", "torchscript", "--out", str(out), "--check-images", "8"]) == 1
     err = capsys.readouterr().err
     assert "disagrees with PyTorch" in err and "nothing was written" in err
     assert list(tmp_path.iterdir()) == []
@@ -244,7 +269,7 @@ def test_predict_refuses_onnx_without_metadata_or_truncated(runs, exported, cifa
 
 def test_int8_records_accuracy_before_and_after(runs, tmp_path, capsys):
     run = _copy_run(runs["mnv2"], tmp_path / "run")
-    assert main(["export", str(run), "--quantize", "int8", "--max-drop", "100", "--check-images", "32"]) == 0
+    assert main(["export", str(run), "--quantize", "int8", "--max-drop", "100", "--check-images", "16"]) == 0
     assert "int8 (" in capsys.readouterr().out
     q = json.loads((run / "export.json").read_text())["model.int8.onnx"]["quantization"]
     assert q["test_images"] == 200 and q["method"] in ("static", "dynamic") and set(q["tried"]) >= {q["method"]}
@@ -255,8 +280,14 @@ def test_int8_records_accuracy_before_and_after(runs, tmp_path, capsys):
     meta = {p.key: p.value for p in onnx.load(str(run / "model.int8.onnx")).metadata_props}
     assert meta["quantization"].startswith("int8") and json.loads(meta["classes"])[0] == "airplane"
 
-    # More than --max-drop lost (any drop, with a negative one): refused, exit 1, nothing written.
-    (run / "model.int8.onnx").unlink()
-    err = _fails(["export", str(run), "--quantize", "int8", "--max-drop", "-1000", "--check-images", "8"], capsys,
-                 code=1)
-    assert "more than --max-drop" in err and not (run / "model.int8.onnx").exists()
+
+
+def test_int8_that_loses_more_than_max_drop_is_refused(tmp_path):
+    x = _check_images(24)
+    labels = export.run_torch(export.Deployable(TinyNet().eval(), Preprocessing(16, 16)), x).argmax(1)  # fp32: 100%
+    out = tmp_path / "m.int8.onnx"
+    with pytest.raises(CheckFailed, match="more than --max-drop -1000") as e:  # any result is a drop of more
+        export.export_model(TinyNet().eval(), Preprocessing(16, 16), ["a", "b", "c"], out, x, quantize="int8",
+                            calibration=x, accuracy_on=(x, labels), max_drop=-1000)
+    assert e.value.exit_code == 1 and "nothing was written" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
