@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import _have_mobilenet_weights
+from conftest import SHARED_CIFAR, _have_mobilenet_weights, link_subset
 from transferkit import TrainConfig, train
 from transferkit.cli import main
 from transferkit.data.preprocess import Preprocessing
@@ -145,6 +145,14 @@ def test_disagreeing_export_exits_1_and_leaves_nothing(runs, tmp_path, monkeypat
     err = capsys.readouterr().err
     assert "disagrees with PyTorch" in err and "nothing was written" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_images_from_another_folder_with_data(runs, tmp_path, capsys):
+    other = link_subset(SHARED_CIFAR / "test", tmp_path / "other", 2, ["cat", "dog", "ship"])  # 6 unseen photos
+    out = tmp_path / "m.pt"
+    assert main(["export", str(runs["r18"]), "--format", "torchscript", "--out", str(out), "--data", str(other)]) == 0
+    p = json.loads((tmp_path / "export.json").read_text())["m.pt"]["parity"]
+    assert p["images"] == 6 and str(other) in p["measured_on"] and p["passed"]
 
 
 class Branchy(nn.Module):

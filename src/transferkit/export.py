@@ -603,7 +603,7 @@ def _predictor_base() -> type:
 class OnnxPredictor(_predictor_base()):  # type: ignore[misc]
     """A transferkit ONNX file run by onnxruntime, with the Predictor's answers (predict, predict_paths, ...)."""
 
-    def __init__(self, path: str | Path, *, tta: bool = False) -> None:  # noqa: D107 - no super(): no torch model
+    def __init__(self, path: str | Path, *, tta: bool = False) -> None:  # no super().__init__: no torch model
         path = Path(path)
         if not path.is_file():
             raise TransferkitError(f"no such ONNX file: {path}")
