@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_test_time_options(e)
 
     pr = sub.add_parser("predict", help="classify image files and folders with a run")
-    pr.add_argument("run", type=Path, help="a run folder (the --out of 'transferkit train')")
+    pr.add_argument("run", type=Path, help="a run folder (the --out of 'transferkit train'), or a model.onnx written "
+                    "by 'transferkit export' (run by onnxruntime)")
     pr.add_argument("paths", nargs="+", help="image files and/or folders")
     pr.add_argument("--topk", type=int, default=3, help="how many classes to show per image (default: 3)")
     pr.add_argument("--batch-size", type=int, default=32,
@@ -212,6 +213,29 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--csv", type=Path, metavar="FILE",
                     help="also write the predictions to FILE as CSV: file, class_1, prob_1, ... class_k, prob_k")
     add_test_time_options(pr)
+
+    x = sub.add_parser("export", help="export a run to ONNX or TorchScript, checked against PyTorch",
+                       description="Export a run's model (uint8 RGB input, normalization inside, logits out, "
+                                   "classes and preprocessing in the file's metadata) and keep it only when it agrees "
+                                   "with PyTorch on held-out images (exit 1 otherwise, nothing written).")
+    x.add_argument("run", type=Path, help="a run folder (the --out of 'transferkit train')")
+    x.add_argument("--format", choices=("onnx", "torchscript", "all"), default="onnx",
+                   help="onnx (RUN/model.onnx), torchscript (RUN/model.pt) or all [default: onnx]")
+    x.add_argument("--out", type=Path, metavar="FILE",
+                   help="where to write [default: RUN/model.onnx or RUN/model.pt]; with --format all, FILE's name "
+                        "with each format's suffix")
+    x.add_argument("--batch", type=_batch_arg, default=None, metavar="dynamic|N",
+                   help="batch dimension: dynamic, or a fixed N [default: dynamic]")
+    x.add_argument("--opset", type=int, default=18, metavar="N", help="ONNX opset [default: 18]")
+    x.add_argument("--check-images", type=int, default=256, metavar="N",
+                   help="held-out images the parity check compares PyTorch and the export on [default: 256]")
+    x.add_argument("--data", help="take the check images from this data set (default: the run's own held-out split)")
+    x.add_argument("--data-dir", help="where named data sets live (default ~/.cache/transferkit/data)")
+    x.add_argument("--quantize", choices=("int8",),
+                   help="ONNX only: int8, written to RUN/model.int8.onnx: static (calibrated on the run's training "
+                        "images) and dynamic are tried; of those within --max-drop, the one closer to fp32 is kept")
+    x.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
+                   help="--quantize: refuse when test accuracy drops by more than this many points [default: 1]")
 
     d = sub.add_parser("demo", help="offline default job: ImageNet MobileNetV2 fine-tuned on Fashion-MNIST")
     d.add_argument("--out", default="runs/demo", metavar="DIR", help="the run folder [default: runs/demo]")
@@ -236,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except TransferkitError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -353,7 +377,15 @@ def _predict(args: argparse.Namespace, table: tuple[str, typing.TextIO] | None) 
 
     from .predict import Predictor, expand_paths
 
-    predictor = Predictor.from_run(args.run, device=args.device, image_size=args.image_size, tta=args.tta)
+    if args.run.suffix == ".onnx" and not args.run.is_dir():
+        from .export import OnnxPredictor
+
+        if args.image_size is not None:
+            raise TransferkitError(f"{args.run} takes a fixed input side; drop --image-size, or export the run again "
+                                   "at another size")
+        predictor = OnnxPredictor(args.run, tta=args.tta)
+    else:
+        predictor = Predictor.from_run(args.run, device=args.device, image_size=args.image_size, tta=args.tta)
     writer = None
     if table is not None:
         k = max(1, min(args.topk, len(predictor.classes)))
@@ -396,6 +428,38 @@ def _predict(args: argparse.Namespace, table: tuple[str, typing.TextIO] | None) 
     return 0
 
 
+def _batch_arg(text: str) -> int | None:
+    if text == "dynamic":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not 'dynamic' or a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: a fixed batch holds at least 1 image")
+    return n
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    formats = ("onnx", "torchscript") if args.format == "all" else (args.format,)
+    records = export_run(args.run, formats, out=args.out, batch=args.batch, opset=args.opset,
+                         check_images=args.check_images, data=args.data, data_dir=args.data_dir,
+                         quantize=args.quantize, max_drop=args.max_drop)
+    for rec in records:
+        p = rec["parity"]
+        print(f"{rec['format']}: {rec['path']}  ({rec['bytes'] / 1e6:.1f} MB, {rec['exporter']})")
+        print(f"  parity with PyTorch on {p['measured_on']}: top-1 agreement {100 * p['top1_agreement']:.2f}%, "
+              f"max |softmax difference| {p['max_abs_prob_diff']:.2e}")
+        q = rec.get("quantization")
+        if q:
+            print(f"  int8 ({q['method']}): test accuracy {100 * q['accuracy_fp32']:.2f}% -> "
+                  f"{100 * q['accuracy_int8']:.2f}% on {q['test_images']} images ({-q['drop_points']:+.2f} points); "
+                  f"top-1 agreement with fp32 {100 * q['parity_vs_fp32']['top1_agreement']:.2f}%")
+    return 0
+
+
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise TransferkitError(f"--batch-size {batch_size}: use at least 1 image per batch")
@@ -418,7 +482,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "models": cmd_models}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "demo": cmd_demo,
+            "models": cmd_models}
 
 
 class _Format(logging.Formatter):

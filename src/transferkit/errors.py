@@ -10,6 +10,12 @@ class TransferkitError(Exception):
     """A problem the user can fix; the CLI prints the message and exits with status 2."""
 
 
+class CheckFailed(TransferkitError):
+    """A check of the work failed (e.g. an export disagrees with PyTorch) and nothing was kept: exit status 1."""
+
+    exit_code = 1
+
+
 class Interrupted(TransferkitError):
     """Ctrl-C or SIGTERM: the run stopped after a step and saved a checkpoint (the CLI exits 130)."""
 

@@ -1,0 +1,301 @@
+"""transferkit export: ONNX and TorchScript files that agree with PyTorch, their metadata, bad input, predict, int8."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import SHARED_CIFAR, _have_mobilenet_weights, link_subset
+from transferkit import TrainConfig, train
+from transferkit.cli import main
+from transferkit.data.preprocess import Preprocessing
+from transferkit.errors import CheckFailed, TransferkitError
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from transferkit import export  # noqa: E402  (after the skips: it needs the export extra)
+
+RUN_FILES = ("model.json", "model.safetensors", "config.yaml", "split.json")  # what export reads of a run
+
+
+@pytest.fixture(autouse=True)
+def _restore_logger():
+    """cli.main points transferkit's log at this test's captured stderr; the next test gets the logger back."""
+    logger = logging.getLogger("transferkit")
+    kept = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = kept
+
+
+@pytest.fixture(scope="module")
+def runs(cifar_small, tmp_path_factory) -> dict[str, Path]:
+    """Two real runs, built once: ImageNet MobileNetV2 fine-tuned briefly, and resnet18 from random weights
+    (fp32, so the run folder's own predictions are fp32 like the exported model's)."""
+    root = tmp_path_factory.mktemp("export-runs")
+    common = dict(data=str(cifar_small), epochs=1, image_size=64, batch_size=32, max_train_images=60,
+                  precision="fp32", workers=1)
+    out = {}
+    for name, model, weights in (("mnv2", "mobilenet_v2", "IMAGENET1K_V1"), ("r18", "resnet18", "none")):
+        if weights != "none" and not _have_mobilenet_weights():
+            pytest.skip("MobileNetV2 IMAGENET1K_V1 weights not on this machine")
+        train(TrainConfig(model=model, weights=weights, out=str(root / name), **common))
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(runs) -> dict[str, list[dict] | str]:
+    """Each run exported to both formats at the default destinations, the parity check on 100 test images:
+    MobileNetV2 through the CLI (its printed lines kept), resnet18 through the library."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["export", str(runs["mnv2"]), "--format", "all", "--check-images", "100"]) == 0
+    r18 = export.export_run(runs["r18"], ("onnx", "torchscript"), check_images=100)
+    return {"mnv2": json.loads((runs["mnv2"] / "export.json").read_text()), "r18": {r["file"]: r for r in r18},
+            "printed": printed.getvalue()}
+
+
+def _copy_run(run: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in RUN_FILES:
+        shutil.copy2(run / f, dst / f)
+    return dst
+
+
+@pytest.mark.parametrize("name", ["mnv2", "r18"])
+def test_both_formats_agree_with_pytorch_on_the_held_out_images(runs, exported, name):
+    run = runs[name]
+    card = json.loads((run / "model.json").read_text())
+    assert set(exported[name]) == {"model.onnx", "model.pt"}
+    saved = json.loads((run / "export.json").read_text())
+    for fmt, file in (("onnx", "model.onnx"), ("torchscript", "model.pt")):
+        p = saved[file]["parity"]
+        assert (run / file).is_file()
+        assert p["images"] == 100 and "test split" in p["measured_on"]  # cifar_small's test split
+        assert p["top1_agreement"] == 1.0 and p["max_abs_prob_diff"] <= 1e-4 and p["passed"], (fmt, p)
+        assert saved[file]["metadata"]["weights_sha256"] == card["sha256"]
+
+    # ONNX: uint8 NCHW input with a dynamic batch, logits out, the metadata a consumer needs.
+    model = onnx.load(str(run / "model.onnx"))
+    (inp,), (_,) = model.graph.input, model.graph.output
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 64, 64]
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["classes"]) == card["classes"]
+    assert (meta["image_size"], meta["resize_size"]) == ("64", str(card["resize_size"]))
+    assert json.loads(meta["mean"]) == card["mean"] and json.loads(meta["std"]) == card["std"]
+    assert meta["weights_sha256"] == card["sha256"] and meta["transferkit_version"]
+    assert meta["crop"] == "center" and "bilinear" in meta["interpolation"]
+
+    # A batch size other than the traced one runs in both formats.
+    x = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
+    logits = ort.InferenceSession(str(run / "model.onnx")).run(None, {"images": x.numpy()})[0]
+    assert logits.shape == (5, 10)
+    extra = {export.EXTRA_FILE: ""}
+    ts = torch.jit.load(str(run / "model.pt"), _extra_files=extra)
+    assert ts(x).shape == (5, 10)
+    assert json.loads(extra[export.EXTRA_FILE])["classes"] == meta["classes"]
+    assert torch.allclose(ts(x), torch.from_numpy(logits), atol=1e-3)
+
+
+def test_cli_export_prints_the_parity_figures(runs, exported):
+    printed = exported["printed"]
+    for fmt, file in (("onnx", "model.onnx"), ("torchscript", "model.pt")):
+        assert f"{fmt}: {runs['mnv2'] / file}" in printed
+    assert printed.count("parity with PyTorch on 100 images of the test split") == 2
+    assert printed.count("top-1 agreement 100.00%") == 2
+
+
+class TinyNet(nn.Module):
+    """A small convolutional classifier: fast to export, quantize and check."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_fixed_batch_export_takes_that_batch_and_checks_every_image(tmp_path):
+    out = tmp_path / "m.onnx"
+    rec = export.export_model(TinyNet().eval(), Preprocessing(16, 16), ["a", "b", "c"], out, _check_images(10),
+                              batch=4)  # 10 images: batches of 4, 4 and 2 (padded)
+    assert rec["batch"] == 4 and rec["parity"]["images"] == 10 and rec["parity"]["passed"]
+    assert [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim] == [4, 3, 16, 16]
+
+
+def test_disagreeing_export_exits_1_and_leaves_nothing(runs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(export, "MAX_PROB_DIFF", -1.0)  # no export can be this close: each now disagrees
+    out = tmp_path / "m.pt"
+    assert main(["export", str(runs["r18"]), "--format", "torchscript", "--out", str(out), "--check-images", "8"]) == 1
+    err = capsys.readouterr().err
+    assert "disagrees with PyTorch" in err and "nothing was written" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_images_from_another_folder_with_data(runs, tmp_path, capsys):
+    other = link_subset(SHARED_CIFAR / "test", tmp_path / "other", 2, ["cat", "dog", "ship"])  # 6 unseen photos
+    out = tmp_path / "m.pt"
+    assert main(["export", str(runs["r18"]), "--format", "torchscript", "--out", str(out), "--data", str(other)]) == 0
+    p = json.loads((tmp_path / "export.json").read_text())["m.pt"]["parity"]
+    assert p["images"] == 6 and str(other) in p["measured_on"] and p["passed"]
+
+
+class Branchy(nn.Module):
+    """Python control flow on the data: a trace records one branch, so it is wrong on the other images."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = x.mean((2, 3))
+        return logits if bool(x.mean() > 0) else -logits
+
+
+def _check_images(n: int = 8, side: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=g)
+    x[: n // 2] //= 4  # dark images: below the mean, the other branch
+    return x
+
+
+def test_a_trace_that_records_one_branch_fails_the_parity_check(tmp_path):
+    out = tmp_path / "m.pt"
+    pre = Preprocessing(16, 16)
+    with pytest.raises(CheckFailed, match="top-1 agreement 50.00%") as e:  # traced on a dark batch of 4
+        export.export_model(Branchy(), pre, ["a", "b", "c"], out, _check_images(), fmt="torchscript", batch=4)
+    assert e.value.exit_code == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+class Histogram(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.histc(x, bins=3)[None].expand(x.shape[0], -1)
+
+
+def test_untraceable_model_names_the_operator_and_the_format_that_works(tmp_path):
+    out = tmp_path / "m.onnx"
+    with pytest.raises(TransferkitError) as e:
+        export.export_model(Histogram(), Preprocessing(16, 16), ["a", "b", "c"], out, _check_images())
+    msg = str(e.value)
+    assert "aten::histc" in msg and "--format torchscript exports it" in msg
+    assert "\n" not in msg and list(tmp_path.iterdir()) == []
+    # ... and that format does export it, checked like any other.
+    rec = export.export_model(Histogram(), Preprocessing(16, 16), ["a", "b", "c"], tmp_path / "m.pt",
+                              _check_images(), fmt="torchscript")
+    assert rec["parity"]["passed"]
+
+
+def _fails(argv: list[str], capsys, code: int = 2) -> str:
+    assert main(argv) == code
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors  # one sentence, no traceback
+    return errors[0]
+
+
+def test_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert "not a transferkit run folder" in _fails(["export", str(tmp_path)], capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_that_fail_their_checksum(runs, tmp_path, capsys):
+    run = _copy_run(runs["r18"], tmp_path / "run")
+    weights = run / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF
+    weights.write_bytes(raw)
+    assert "does not match the checksum" in _fails(["export", str(run)], capsys)
+    assert not (run / "model.onnx").exists() and not (run / "export.json").exists()
+
+
+def test_unknown_format(runs, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(runs["r18"]), "--format", "onxx"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'onxx'" in err and "did you mean 'onnx'" in err
+    assert not (runs["r18"] / "model.onxx").exists()
+
+
+def test_out_in_a_missing_or_unwritable_folder(runs, tmp_path, capsys):
+    missing = tmp_path / "nope" / "m.onnx"
+    assert "does not exist" in _fails(["export", str(runs["r18"]), "--out", str(missing)], capsys)
+    if os.geteuid() == 0:  # root writes through permissions; /proc takes no new files from anyone
+        locked = Path("/proc/transferkit-test.onnx")
+    else:
+        (tmp_path / "ro").mkdir(mode=0o555)
+        locked = tmp_path / "ro" / "m.onnx"
+    assert "cannot write into" in _fails(["export", str(runs["r18"]), "--out", str(locked)], capsys)
+    assert not locked.exists()
+
+
+def test_missing_onnx_packages_name_the_extra(runs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    err = _fails(["export", str(runs["r18"]), "--out", str(tmp_path / "m.onnx")], capsys)
+    assert "onnxruntime" in err and "pip install 'transferkit[export]'" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _predictions(argv: list[str], capsys) -> list[dict]:
+    assert main(["predict", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)["predictions"]
+
+
+def test_predict_with_the_onnx_file_gives_the_run_folders_answers(runs, exported, cifar_small, capsys):
+    run = runs["mnv2"]
+    images = [str(cifar_small / "test" / c) for c in ("cat", "ship")]
+    from_onnx = _predictions([str(run / "model.onnx"), *images, "--topk", "10"], capsys)
+    from_run = _predictions([str(run), *images, "--topk", "10"], capsys)
+    assert len(from_onnx) == len(from_run) == 40
+    for a, b in zip(from_onnx, from_run):
+        assert a["file"] == b["file"] and a["top"][0]["class"] == b["top"][0]["class"]
+        pa = {t["class"]: t["prob"] for t in a["top"]}
+        assert max(abs(pa[t["class"]] - t["prob"]) for t in b["top"]) <= 1e-4
+
+
+def test_predict_refuses_onnx_without_metadata_or_truncated(runs, exported, cifar_small, tmp_path, capsys):
+    image = str(next((cifar_small / "test" / "cat").iterdir()))
+    bare = onnx.load(str(runs["r18"] / "model.onnx"))
+    del bare.metadata_props[:]
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    assert "no transferkit metadata" in _fails(["predict", str(tmp_path / "bare.onnx"), image], capsys)
+    raw = (runs["r18"] / "model.onnx").read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(raw[: len(raw) // 2])
+    assert "truncated or damaged" in _fails(["predict", str(tmp_path / "cut.onnx"), image], capsys)
+
+
+def test_int8_records_accuracy_before_and_after(runs, tmp_path, capsys):
+    run = _copy_run(runs["mnv2"], tmp_path / "run")
+    assert main(["export", str(run), "--quantize", "int8", "--max-drop", "100", "--check-images", "16"]) == 0
+    assert "int8 (" in capsys.readouterr().out
+    q = json.loads((run / "export.json").read_text())["model.int8.onnx"]["quantization"]
+    assert q["test_images"] == 200 and q["method"] in ("static", "dynamic") and set(q["tried"]) >= {q["method"]}
+    assert q["drop_points"] == pytest.approx(100 * (q["accuracy_fp32"] - q["accuracy_int8"]), abs=1e-3)
+    assert "top1_agreement" in q["parity_vs_fp32"]
+    fp32 = (runs["mnv2"] / "model.safetensors").stat().st_size
+    assert (run / "model.int8.onnx").stat().st_size < fp32 / 2  # int8 weights: a quarter of the bytes and a graph
+    meta = {p.key: p.value for p in onnx.load(str(run / "model.int8.onnx")).metadata_props}
+    assert meta["quantization"].startswith("int8") and json.loads(meta["classes"])[0] == "airplane"
+
+
+
+def test_int8_that_loses_more_than_max_drop_is_refused(tmp_path):
+    x = _check_images(24)
+    labels = export.run_torch(export.Deployable(TinyNet().eval(), Preprocessing(16, 16)), x).argmax(1)  # fp32: 100%
+    out = tmp_path / "m.int8.onnx"
+    with pytest.raises(CheckFailed, match="more than --max-drop -1000") as e:  # any result is a drop of more
+        export.export_model(TinyNet().eval(), Preprocessing(16, 16), ["a", "b", "c"], out, x, quantize="int8",
+                            calibration=x, accuracy_on=(x, labels), max_drop=-1000)
+    assert e.value.exit_code == 1 and "nothing was written" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
