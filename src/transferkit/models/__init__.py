@@ -16,8 +16,8 @@ import torchvision
 from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
 
-from .data.preprocess import Preprocessing
-from .errors import TransferkitError, did_you_mean
+from ..data.preprocess import Preprocessing
+from ..errors import TransferkitError, did_you_mean
 
 log = logging.getLogger(__name__)
 
