@@ -217,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", metavar="DIR", help="the run folder [default: runs/demo]")
     d.add_argument("--epochs", type=int, metavar="N", help="epochs to train [default: 1, the demo recipe's]")
 
-    sub.add_parser("models", help="list backbones and whether their weights are on this machine")
+    m = sub.add_parser("models", help="list backbones (torchvision's and timm's) and whether their weights are on "
+                       "this machine")
+    m.add_argument("--search", metavar="PATTERN",
+                   help="only names matching PATTERN (a glob such as 'convnext*', else a part of the name)")
     parser.commands = sub.choices
     return parser
 
@@ -402,19 +405,13 @@ def _check_batch_size(batch_size: int) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from torchvision.models import get_model_weights
+    from .models import listing
 
-    from .models import available_models, local_weight_file
-
-    print(f"{'model':<22} {'weights on this machine':<28} other weights (need a download or --weights FILE)")
-    for name in available_models():
-        try:
-            entries = list(get_model_weights(name))
-        except (KeyError, ValueError):
-            entries = []
-        here = [w.name for w in entries if local_weight_file(w) is not None]
-        other = [w.name for w in entries if w.name not in here]
-        print(f"{name:<22} {', '.join(here) or '-':<28} {', '.join(other) or '-'}")
+    rows = listing(args.search)
+    print(f"{'model':<36} {'weights on this machine':<34} other weights (need a download or --weights FILE)")
+    for name, here, other in rows:
+        shown = ", ".join(other[:4]) + (f" (+{len(other) - 4} more)" if len(other) > 4 else "")
+        print(f"{name:<36} {', '.join(here) or '-':<34} {shown or '-'}")
     return 0
 
 
