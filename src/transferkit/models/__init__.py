@@ -403,12 +403,13 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], head: str, orig
     missing = [k for k in result.missing_keys if not k.startswith(head + ".")]
     unexpected = [k for k in result.unexpected_keys if "aux" not in k.lower()]
     if missing or unexpected or shape_clash:
-        theirs, ours = list(state)[:3], list(own)[:3]
+        def sample(keys) -> list[str]:  # the first few that name layers, not BatchNorm's step counters
+            return [k for k in keys if not k.endswith("num_batches_tracked")][:3]
         raise TransferkitError(
             f"weights '{origin}' do not fit {type(model).__name__}: "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-            f"(e.g. {unexpected[:3]}), {len(shape_clash)} of another shape (e.g. {shape_clash[:3]}); "
-            f"the file's keys begin {theirs}, the model's {ours}. "
+            f"{len(missing)} missing (e.g. {sample(missing)}), {len(unexpected)} unexpected "
+            f"(e.g. {sample(unexpected)}), {len(shape_clash)} of another shape (e.g. {shape_clash[:3]}); "
+            f"the file's keys begin {sample(state)}, the model's {sample(own)}. "
             "Pass --model with the architecture these weights were saved from."
         )
 
