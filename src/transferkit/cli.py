@@ -40,10 +40,12 @@ GROUPS: dict[str, tuple[str, list[tuple[str, str | None, str]]]] = {
                          "always reported)"),
     ]),
     "model and weights": ("the backbone, its weights and what trains", [
-        ("model", "NAME", "any torchvision classification model, e.g. resnet18, mobilenet_v2, convnext_tiny "
-                          "('transferkit models' lists them)"),
-        ("weights", "W", "imagenet (its ImageNet weights, preferring ones on this machine) | DEFAULT | a "
-                         "torchvision weights name such as IMAGENET1K_V1 | FILE.pth/.safetensors | none"),
+        ("model", "NAME", "a torchvision classification model (resnet18, mobilenet_v2, convnext_tiny) or a timm "
+                          "one as timm/NAME[.TAG] (timm/convnext_tiny.fb_in22k); 'transferkit models --search "
+                          "PATTERN' lists them"),
+        ("weights", "W", "imagenet (its ImageNet weights, preferring ones on this machine; timm's pretrained "
+                         "weights for timm models) | DEFAULT | a torchvision weights name such as IMAGENET1K_V1 | "
+                         "FILE.pth/.safetensors | none"),
         ("strategy", None, "linear: frozen backbone, head only; finetune: everything (backbone at "
                            "--backbone-lr-mult); gradual: head only for --head-epochs, then everything"),
         ("trainable_blocks", "K", "train only the backbone's last K blocks and the head (finetune, gradual) "

