@@ -276,3 +276,16 @@ def test_rebuild_of_a_timm_model_needs_no_network_and_keeps_a_vits_input_side():
     with torch.no_grad():
         assert torch.equal(model.eval()(x), bb.model.eval()(x))
     assert frozen_prefix(bb.model, bb.head, 1)[:3] == ["cls_token", "pos_embed", "patch_embed.proj"]
+
+
+@pytest.mark.parametrize("model", ["resnet18", "convnext_tiny", "timm/test_convnext", "timm/test_vit"])
+def test_blocks_cover_every_parameter_once_input_side_first_and_the_classifier_last(model):
+    """The block lists that --trainable-blocks counts (and per-block learning rates can scale), for both families."""
+    bb = create_backbone(model, "none")
+    groups = blocks(bb.model, bb.head)
+    owners = {n: [i for i, g in enumerate(groups) for p in g if n == p or n.startswith(p + ".")]
+              for n, _ in bb.model.named_parameters()}
+    assert all(len(o) == 1 for o in owners.values()), {n: o for n, o in owners.items() if len(o) != 1}
+    assert groups[-1] == [bb.head]
+    first = next(iter(owners))  # the first parameter in forward order is in the first block
+    assert owners[first] == [0]

@@ -146,10 +146,19 @@ def blocks(model: nn.Module) -> list[list[str]]:
     the classifier as the last block."""
     head = head_path(model)
     groups = _timm().models.group_parameters(model, model.group_matcher(coarse=False))
+    owner = {n: i for i, names in enumerate(groups.values()) for n in names}
     out: list[list[str]] = []
-    for names in groups.values():
-        prefixes = list(dict.fromkeys(n.rpartition(".")[0] or n for n in names
-                                      if not (n == head or n.startswith(head + "."))))
+    for i, names in enumerate(groups.values()):
+        prefixes: list[str] = []
+        for n in names:
+            if n == head or n.startswith(head + "."):
+                continue
+            module = n.rpartition(".")[0]
+            # A module's path names the block when all its parameters are in it, else the parameter alone does.
+            whole = module and all(owner[m] == i for m in owner if m.startswith(module + "."))
+            prefixes.append(module if whole else n)
+        prefixes = list(dict.fromkeys(prefixes))
+        prefixes = [p for p in prefixes if not any(p.startswith(q + ".") for q in prefixes)]
         if prefixes:
             out.append(prefixes)
     return out + [[head]]
