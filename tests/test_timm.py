@@ -289,3 +289,22 @@ def test_blocks_cover_every_parameter_once_input_side_first_and_the_classifier_l
     assert groups[-1] == [bb.head]
     first = next(iter(owners))  # the first parameter in forward order is in the first block
     assert owners[first] == [0]
+
+
+def test_imagenet_weights_of_a_timm_model_come_from_the_hugging_face_cache_without_a_download(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    from safetensors.torch import save_file
+
+    snapshot = tmp_path / "models--timm--test_resnet.r160_in1k" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    cached = create_backbone("timm/test_resnet", "none").model.state_dict()
+    save_file(cached, snapshot / "model.safetensors")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bb = create_backbone("timm/test_resnet.r160_in1k", "imagenet", num_classes=3)
+    assert "timm/test_resnet.r160_in1k" in bb.weights and "Hugging Face cache" in bb.weights
+    got = bb.model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in cached.items() if not k.startswith("fc."))
+    assert bb.categories[281] == "tabby"
