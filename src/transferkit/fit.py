@@ -62,7 +62,7 @@ def _run(cfg: TrainConfig, out: Path, saved: dict[str, Any] | None, replace: boo
         runtime.check_world(dist, device, cfg.batch_size, cfg.batchnorm)
     # Under torchrun the first process of each machine fetches weights and fills the caches; the others read them.
     with dist.local_main_first():
-        bb = models.create_backbone(cfg.model, cfg.weights)
+        bb = models.create_backbone(cfg.model, cfg.weights, image_size=cfg.image_size)
         pre = resolve_preprocessing(image_size=cfg.image_size, mean=cfg.mean, std=cfg.std, weights=bb.preprocessing)
         models.check_input_size(bb, pre.image_size)
         frozen_blocks = models.frozen_prefix(bb.model, bb.head, cfg.trainable_blocks) if cfg.trainable_blocks else []
@@ -155,8 +155,8 @@ def _plan_stage(cfg: TrainConfig, bb: models.Backbone, pre: Preprocessing, froze
                   micro, engine.eval_batch_for(cfg.batch_size, dist, micro))
     linear = cfg.strategy == "linear" and cfg.feature_cache and supports_feature_cache(bb.model, bb.head)
     images = sum(len(s) for s in (data.train, data.val, data.test) if s is not None)
-    trunk = bool(frozen_blocks) and cfg.feature_cache and activations_fit(bb.model, frozen_blocks[-1],
-                                                                          pre.image_size, device, images)
+    trunk = bool(frozen_blocks) and cfg.feature_cache and models.caches_activations(bb.model) and activations_fit(
+        bb.model, frozen_blocks[-1], pre.image_size, device, images)
     if not (linear or trunk):
         return stage
     key = {"arch": cfg.model, "weights": bb.weights, "build": bb.build_kwargs, "preprocessing": pre.to_dict()}

@@ -50,7 +50,7 @@ class FileImages:
 
     def __str__(self) -> str:  # what cache keys see: the files (paths, sizes, times) and how they are stored
         p = self.preprocessing
-        return cache.digest("files", file_stats(self.paths), p.image_size, p.resize_size, self.side)
+        return cache.digest("files", file_stats(self.paths), *p.storage_key, self.side)
 
 
 def load_folder(root: Path, pre: Preprocessing, splits: Sequence[str], *, workers: int = 2,
@@ -203,7 +203,7 @@ def _decode_cached(name, paths, labels, pre: Preprocessing, side: int, workers, 
     """Decode once; later runs on the same files (same paths, sizes, mtimes), stored alike, read the cache."""
     if not use_cache:
         return _decode(name, paths, labels, pre, side, workers, skipped)
-    key = cache.digest("stored", pre.image_size, pre.resize_size, side, file_stats(paths), list(labels))
+    key = cache.digest("stored", *pre.storage_key, side, file_stats(paths), list(labels))
     hit = cache.load("decoded", key)
     if hit is not None:
         tensors, meta = hit

@@ -18,23 +18,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+Interpolation = Literal["bilinear", "bicubic"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Input side, the resize a center crop starts from, and the normalization."""
+    """Input side, the resize a center crop starts from (and its interpolation), and the normalization."""
 
     image_size: int = 224
     resize_size: int = 256
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: Interpolation = "bilinear"  # of the resize before the crop (timm's weights often say bicubic)
 
     def __post_init__(self) -> None:
         for name in ("image_size", "resize_size"):
@@ -48,6 +52,14 @@ class Preprocessing:
                 raise ValueError(f"{name} must be three numbers (R, G, B), not {v!r}")
         if not all(s > 0 for s in self.std):
             raise ValueError(f"std values must be positive, not {self.std}")
+        if self.interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"interpolation must be bilinear or bicubic, not {self.interpolation!r}")
+
+    @property
+    def storage_key(self) -> tuple:
+        """What decides how a file is stored (for cache keys); bilinear adds nothing, so older keys hold."""
+        return (self.image_size, self.resize_size) + (() if self.interpolation == "bilinear" else
+                                                      (self.interpolation,))
 
     @property
     def crop_ratio(self) -> float:
@@ -81,7 +93,8 @@ class Preprocessing:
         (which decided the split's side) is resized to fit."""
         h, w = images.shape[-2:]
         if not self.keeps(w, h):
-            out = TF.center_crop(TF.resize(images, [self.resize_size], antialias=True),
+            mode = InterpolationMode(self.interpolation)
+            out = TF.center_crop(TF.resize(images, [self.resize_size], interpolation=mode, antialias=True),
                                  [self.image_size, self.image_size])
         else:
             out = images if h == (side or h) else _upsample(images, side)
@@ -106,12 +119,13 @@ class Preprocessing:
 
     def to_dict(self) -> dict:
         return {"image_size": self.image_size, "resize_size": self.resize_size,
-                "mean": list(self.mean), "std": list(self.std)}
+                "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
+        # model.json files of earlier versions name no interpolation: they were all bilinear
         return cls(d["image_size"], d["resize_size"], tuple(d["mean"]) if isinstance(d["mean"], list) else d["mean"],
-                   tuple(d["std"]) if isinstance(d["std"], list) else d["std"])
+                   tuple(d["std"]) if isinstance(d["std"], list) else d["std"], d.get("interpolation", "bilinear"))
 
 
 def resolve_preprocessing(*, image_size: int | None = None, mean: Sequence[float] | None = None,
@@ -123,7 +137,7 @@ def resolve_preprocessing(*, image_size: int | None = None, mean: Sequence[float
     base = weights or Preprocessing()
     size = image_size or base.image_size
     resize = base.resize_size if size == base.image_size else max(size, round(size / base.crop_ratio))
-    return Preprocessing(size, resize, tuple(mean or base.mean), tuple(std or base.std))
+    return Preprocessing(size, resize, tuple(mean or base.mean), tuple(std or base.std), base.interpolation)
 
 
 def _upsample(images: torch.Tensor, side: int) -> torch.Tensor:

@@ -1,8 +1,13 @@
-"""Backbones by name, their weights and preprocessing, head swap, freezing, parameter groups."""
+"""Backbones by name, their weights and preprocessing, head swap, freezing, parameter groups.
+
+One interface for both families: torchvision's classifiers (bare names, e.g. `resnet18`, here) and
+timm's (`timm/NAME[.TAG]`, in `models/timm.py`). Callers use the functions of this module alone.
+"""
 
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import importlib.util
 import logging
@@ -16,8 +21,9 @@ import torchvision
 from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
 
-from .data.preprocess import Preprocessing
-from .errors import TransferkitError, did_you_mean
+from ..data.preprocess import Preprocessing
+from ..errors import TransferkitError, did_you_mean
+from . import timm as timm_family
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +48,42 @@ def available_models() -> list[str]:
 
 
 def check_model_name(name: str) -> None:
+    """Refuse a model name neither torchvision nor (as timm/NAME) timm knows, with close names."""
+    if timm_family.is_timm(name):
+        timm_family.check_name(name)
+        return
     names = available_models()
     if name not in names:
-        raise TransferkitError(
-            f"unknown model '{name}'" + did_you_mean(name, names)
-            + " 'transferkit models' lists them."
-        )
+        in_timm = name.partition(".")[0] in timm_family.architectures()
+        hint = f" — timm has it: use --model timm/{name}." if in_timm else did_you_mean(name, names)
+        raise TransferkitError(f"unknown model '{name}'{hint} 'transferkit models' lists them.")
+
+
+def listing(pattern: str | None = None) -> list[tuple[str, list[str], list[str]]]:
+    """(model, weights on this machine, other weights) for torchvision's and timm's models matching `pattern` (a
+    glob, else a part of the name); a pattern that matches nothing is an error naming close names."""
+    import fnmatch
+
+    glob = None if not pattern else pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+    rows = []
+    for name in available_models():
+        if glob is None or fnmatch.fnmatch(name, glob):
+            entries = list(_weights_enum(name) or [])
+            here = [w.name for w in entries if local_weight_file(w) is not None]
+            rows.append((name, here, [w.name for w in entries if w.name not in here]))
+    bare = glob.removeprefix(timm_family.PREFIX) if glob else ""
+    for name in timm_family.architectures(bare):
+        tags = timm_family.tags(name)
+        here = [t for t in tags if timm_family.has_local_weights(f"{timm_family.PREFIX}{name}.{t}")]
+        rows.append((timm_family.PREFIX + name, here, [t for t in tags if t not in here]))
+    if not rows:
+        words = available_models() + [timm_family.PREFIX + n for n in timm_family.architectures()]
+        close = difflib.get_close_matches(pattern, words, n=3, cutoff=0.6) or difflib.get_close_matches(
+            f"{timm_family.PREFIX}{pattern}", words, n=3, cutoff=0.6)
+        hint = f" — did you mean {', '.join(close)}?" if close else ""
+        raise TransferkitError(f"no model matches '{pattern}'{hint} Search a part of the name, e.g. --search "
+                               "convnext, or a glob such as 'efficientnet*'.")
+    return rows
 
 
 @dataclass
@@ -204,7 +240,11 @@ def head_path(model: nn.Module, arch: str) -> str:
 
 
 def replace_head(model: nn.Module, path: str, num_classes: int) -> None:
-    """Swap the layer at `path` for a fresh one with `num_classes` outputs."""
+    """Swap the layer at `path` for a fresh one with `num_classes` outputs (timm's models: their reset_classifier)."""
+    if timm_family.is_timm_model(model):
+        new_path = timm_family.reset_head(model, num_classes)
+        assert new_path == path, (new_path, path)
+        return
     old = model.get_submodule(path)
     if isinstance(old, nn.Conv2d):  # squeezenet's 1x1 conv classifier
         new: nn.Module = nn.Conv2d(old.in_channels, num_classes, kernel_size=old.kernel_size)
@@ -214,17 +254,26 @@ def replace_head(model: nn.Module, path: str, num_classes: int) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def _is_file(weights: str) -> bool:
+    return Path(weights).suffix in (".pth", ".pt", ".safetensors", ".bin") or os.sep in weights
+
+
 def create_backbone(
-    arch: str, weights: str = "imagenet", num_classes: int | None = None
+    arch: str, weights: str = "imagenet", num_classes: int | None = None, image_size: int | None = None
 ) -> Backbone:
-    """Build `arch`, load `weights` (imagenet|DEFAULT|<name>|file|none), swap in a new head."""
+    """Build `arch`, load `weights` (imagenet|DEFAULT|<name>|file|none), swap in a new head.
+
+    `image_size`: the input side asked for; a model whose side is fixed at build (timm's ViTs) is built for it.
+    """
     check_model_name(arch)
+    if timm_family.is_timm(arch):
+        return _create_timm(arch, weights, num_classes, image_size)
     enum = _weights_enum(arch)
     tv_weights = None
     state = None
     if weights.lower() == "none":
         source = "none (random init)"
-    elif Path(weights).suffix in (".pth", ".pt", ".safetensors", ".bin") or os.sep in weights:
+    elif _is_file(weights):
         state = load_state_file(weights)
         source = f"file:{Path(weights).resolve()}"
     else:
@@ -262,8 +311,40 @@ def create_backbone(
     return Backbone(model, arch, head, prep, source, categories, build, min_size)
 
 
+def _create_timm(arch: str, weights: str, num_classes: int | None, image_size: int | None) -> Backbone:
+    """create_backbone for timm/NAME[.TAG]: timm's model, weights and pretrained config."""
+    build = timm_family.build_kwargs_for(arch, image_size)
+    if weights.lower() == "none":
+        model, source = timm_family.create_model(arch, build, pretrained=False), "none (random init)"
+    elif _is_file(weights):
+        model = timm_family.create_model(arch, build, pretrained=False)
+        state = load_state_file(weights)
+        if timm_family.is_lite0_layout(state) and timm_family.split_name(arch)[0] == timm_family.LITE0_ARCH:
+            state = timm_family.map_lite0(model, state)
+        _load_into(model, state, timm_family.head_path(model), weights)
+        source = f"file:{Path(weights).resolve()}"
+    elif weights.lower() in ("imagenet", "default"):
+        model, source = timm_family.pretrained(arch, build)
+    else:
+        raise TransferkitError(f"--weights {weights}: for a timm model use imagenet (timm's pretrained weights; "
+                               f"choose them by tag, --model {timm_family.PREFIX}NAME.TAG), none, or a file path")
+    head = timm_family.head_path(model)
+    categories = [] if source.startswith("none") else timm_family.imagenet_categories(
+        model.get_classifier().out_features)
+    if num_classes is not None:
+        head = timm_family.reset_head(model, num_classes)
+    cfg = timm_family.pretrained_cfg(arch)
+    prep = timm_family.preprocessing_of(cfg, build.get("img_size"))
+    return Backbone(model, arch, head, prep, source, categories, build)
+
+
 def rebuild(arch: str, head: str, num_classes: int, build_kwargs: dict | None = None) -> nn.Module:
-    """An untrained model of a saved run's exact shape, ready for its state dict."""
+    """An untrained model of a saved run's exact shape, ready for its state dict (no download: pretrained=False)."""
+    if timm_family.is_timm(arch):
+        model = timm_family.create_model(arch, dict(build_kwargs or {}), pretrained=False, num_classes=num_classes)
+        if timm_family.head_path(model) != head:
+            raise TransferkitError(f"{arch}'s classifier is {timm_family.head_path(model)}, model.json says {head}")
+        return model
     kwargs = dict(build_kwargs or {})
     if arch in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=False, init_weights=False)
@@ -277,11 +358,18 @@ FIXED_SIZE = ("vit_", "maxvit_")  # position embeddings / window partitions fix 
 
 def check_input_size(bb: Backbone, size: int) -> None:
     """Refuse an input side the architecture cannot take, before any data is loaded."""
-    check_side(bb.arch, size, bb.build_kwargs.get("image_size", bb.preprocessing.image_size), bb.min_size)
+    native = bb.build_kwargs.get("img_size" if timm_family.is_timm(bb.arch) else "image_size",
+                                 bb.preprocessing.image_size)
+    check_side(bb.arch, size, native, bb.min_size)
 
 
 def check_side(arch: str, size: int, native: int, min_size: int | None = None) -> None:
     """`size` as the input side of `arch` (built for `native`); min_size: from its weights' metadata."""
+    if timm_family.is_timm(arch):
+        if timm_family.fixed_size(arch) is not None and size != native:
+            raise TransferkitError(f"{arch} only takes {native}x{native} inputs, fixed when it was built; "
+                                   f"retrain with --image-size {size}, or drop --image-size")
+        return
     if arch.startswith(FIXED_SIZE):
         if size != native:
             raise TransferkitError(
@@ -300,10 +388,14 @@ def _min_side(weights) -> int:
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], head: str, origin: str) -> None:
+    """Load `state` into `model`; only the classifier's tensors may differ in shape (they are skipped, and said)."""
     own = model.state_dict()
     # A head of another size (e.g. a checkpoint with other classes) is dropped, not forced in.
-    state = {k: v for k, v in state.items()
-             if not (k.startswith(head + ".") and k in own and own[k].shape != v.shape)}
+    skipped = [k for k, v in state.items() if k.startswith(head + ".") and k in own and own[k].shape != v.shape]
+    if skipped:
+        log.info("weights %s: skipped the classifier's %s (%s there, %s here): a new head trains",
+                 origin, ", ".join(skipped), tuple(state[skipped[0]].shape), tuple(own[skipped[0]].shape))
+    state = {k: v for k, v in state.items() if k not in skipped}
     shape_clash = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     result = model.load_state_dict(
         {k: v for k, v in state.items() if k not in shape_clash}, strict=False
@@ -311,10 +403,13 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], head: str, orig
     missing = [k for k in result.missing_keys if not k.startswith(head + ".")]
     unexpected = [k for k in result.unexpected_keys if "aux" not in k.lower()]
     if missing or unexpected or shape_clash:
+        def sample(keys) -> list[str]:  # the first few that name layers, not BatchNorm's step counters
+            return [k for k in keys if not k.endswith("num_batches_tracked")][:3]
         raise TransferkitError(
             f"weights '{origin}' do not fit {type(model).__name__}: "
-            f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
-            f"(e.g. {unexpected[:2]}), {len(shape_clash)} of another shape (e.g. {shape_clash[:2]}). "
+            f"{len(missing)} missing (e.g. {sample(missing)}), {len(unexpected)} unexpected "
+            f"(e.g. {sample(unexpected)}), {len(shape_clash)} of another shape (e.g. {shape_clash[:3]}); "
+            f"the file's keys begin {sample(state)}, the model's {sample(own)}. "
             "Pass --model with the architecture these weights were saved from."
         )
 
@@ -346,15 +441,45 @@ def trunk(model: nn.Module, head: str) -> list[str]:
     return blocks
 
 
+def blocks(model: nn.Module, head: str) -> list[list[str]]:
+    """The model's blocks in forward order, input side first and the classifier last, each as the name prefixes
+    of its parameters: what --trainable-blocks counts (and per-block learning rates can scale).
+
+    timm's models: timm's own grouping (`group_matcher`). torchvision's: `trunk` (its blocks with parameters),
+    then any parameters between trunk and classifier (e.g. ConvNeXt's last LayerNorm) as a block.
+    """
+    if timm_family.is_timm_model(model):
+        return timm_family.blocks(model)
+    out = [[b] for b in trunk(model, head) if any(True for _ in model.get_submodule(b).parameters())]
+    covered = tuple(f"{b[0]}." for b in out) + (head + ".",)
+    rest = list(dict.fromkeys(n.rpartition(".")[0] for n, _ in model.named_parameters() if not n.startswith(covered)))
+    return out + ([rest] if rest else []) + [[head]]
+
+
+def caches_activations(model: nn.Module) -> bool:
+    """Whether the output of the last frozen block, fed to the model without its frozen blocks (`without`),
+    computes the rest: true for torchvision's trunks of blocks, not for timm's groups (parameter groups,
+    not a sequence of modules: a ViT adds its position embedding between them)."""
+    return not timm_family.is_timm_model(model)
+
+
 def frozen_prefix(model: nn.Module, head: str, trainable_blocks: int) -> list[str]:
-    """The trunk's modules before its last `trainable_blocks` blocks with parameters."""
-    blocks = trunk(model, head)
-    weighted = [i for i, b in enumerate(blocks) if any(True for _ in model.get_submodule(b).parameters())]
-    if trainable_blocks > len(weighted):
-        raise TransferkitError(
-            f"--trainable-blocks {trainable_blocks}: this model's backbone has {len(weighted)} blocks"
-        )
-    return blocks[: weighted[-trainable_blocks]] if trainable_blocks else blocks
+    """What stays frozen when the last `trainable_blocks` blocks with parameters train: for torchvision's
+    models the trunk's modules before them; for timm's the parameter prefixes of the blocks before them."""
+    if timm_family.is_timm_model(model):
+        body = blocks(model, head)[:-1]
+        _check_block_count(trainable_blocks, len(body))
+        return [p for b in body[: len(body) - trainable_blocks] for p in b]
+    names = trunk(model, head)
+    weighted = [i for i, b in enumerate(names) if any(True for _ in model.get_submodule(b).parameters())]
+    _check_block_count(trainable_blocks, len(weighted))
+    return names[: weighted[-trainable_blocks]] if trainable_blocks else names
+
+
+def _check_block_count(trainable_blocks: int, count: int) -> None:
+    if trainable_blocks > count:
+        raise TransferkitError(f"--trainable-blocks {trainable_blocks}: this model's backbone has {count} blocks; "
+                               f"use at most {count} (or --strategy finetune to train all of it)")
 
 
 def without(model: nn.Module, names: list[str]) -> nn.Module:
@@ -378,8 +503,10 @@ def without(model: nn.Module, names: list[str]) -> nn.Module:
 def set_trainable(model: nn.Module, head: str, backbone: bool, frozen: list[str] = ()) -> None:
     """The head always trains; the backbone when `backbone`, except the modules named in `frozen`."""
     prefixes = tuple(f"{f}." for f in frozen)
+    names = set(frozen)  # timm's groups also name parameters of the model itself (a ViT's cls_token)
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(head + ".") or (backbone and not name.startswith(prefixes)))
+        p.requires_grad_(name.startswith(head + ".") or (backbone and not (name.startswith(prefixes)
+                                                                             or name in names)))
 
 
 def train_mode(model: nn.Module, batchnorm: str = "train") -> None:
