@@ -68,6 +68,7 @@ def find_lr(config: TrainConfig | None = None, *, steps: int = lr_find.STEPS, st
         models.check_input_size(bb, pre.image_size)
         frozen_blocks = models.frozen_prefix(bb.model, bb.head, cfg.trainable_blocks) if cfg.trainable_blocks else []
         data = _load_data(cfg, pre)
+        data.test = None  # the range test trains on train alone: no features of the test images
         card = _classifier(cfg, bb, pre, data.classes, precision, dist, device)
         stage = _plan_stage(cfg, bb, pre, frozen_blocks, data, precision, dist, device)
         found = _range_test(cfg, bb.model, stage, card, frozen_blocks, device, precision, steps=steps,
