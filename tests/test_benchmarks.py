@@ -72,3 +72,18 @@ def test_accuracy_compare_says_no_measurable_difference_within_the_larger_spread
     assert f"| a | {statistics.fmean(first):.2f} ± {statistics.stdev(first):.2f} |" in text
     assert ("no measurable difference" in text) != measurable
     assert ("better by 5.00 points" in text) == measurable
+
+
+@needs_weights
+def test_gpu_script_dry_run_runs_every_step_on_the_cpu(cifar_small, tmp_path):
+    out = tmp_path / "gpu"
+    proc = _script("bash", ROOT / "benchmarks" / "gpu.sh", "--dry-run", env={
+        "OUT": str(out), "CIFAR": str(cifar_small), "PYTHON": sys.executable}, timeout=420)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = [line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()]
+    assert [s[0] for s in steps] == ["setup", "cuda_tests", "throughput", "fast"]
+    assert all(s[1] == "0" for s in steps), (out / "summary.txt").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["fast"]["test_accuracy"] <= 1 and summary["fast"]["wall_seconds"] > 0
+    assert any("classic" in line and "transferkit" in line for line in summary["throughput"])
+    assert "skipped" in (out / "cuda_tests.log").read_text()  # no GPU in the dry run: the CUDA test skips
