@@ -24,7 +24,7 @@ from .files import atomic_write
 from .logs import EpochProgress, run_logging
 from .report import RunResult, classification_metrics, lr_range, measured_on, write_metrics, write_report
 from .runfolder import UNCHECKED, begin_writing, resume_command, run_folder, settings_of
-from .runtime import Dist, StopFlag
+from .runtime import SINGLE, Dist, StopFlag
 from .state import Tally, TrainState, new_state, selection_score
 
 log = logging.getLogger(__name__)
@@ -212,9 +212,12 @@ def _range_test(cfg: TrainConfig, model: torch.nn.Module, stage: Stage, card: Mo
                              None if weights is None else weights.to(device), cfg.batchnorm)
     groups = models.param_groups(model, card.head, 1.0, cfg.backbone_lr_mult, cfg.weight_decay)
     end = ramp.pop("end_lr", None) or max(lr_find.END_LR, 10 * cfg.lr if cfg.lr != "auto" else 0)
+    steps, _ = engine.steps_per_epoch(len(stage.train), cfg.batch_size, SINGLE)
+    mean = lr_find.schedule_mean(cfg.schedule, steps * cfg.epochs, round(cfg.warmup_epochs * steps))
     try:
         return lr_find.range_test(model, stage.runner, groups, stage.train, setup, optimizer=cfg.optimizer,
-                                  momentum=cfg.momentum, batch_size=cfg.batch_size, seed=cfg.seed, end_lr=end, **ramp)
+                                  momentum=cfg.momentum, batch_size=cfg.batch_size, seed=cfg.seed, end_lr=end,
+                                  schedule_mean=mean, **ramp)
     finally:
         for p, flag in zip(model.parameters(), trainable):
             p.requires_grad_(flag)

@@ -1,5 +1,6 @@
 """LR range test (Smith 2015, fastai's lr_find): train a few steps at exponentially growing learning rates,
-smooth the loss, stop when it diverges, and suggest the lr where the smoothed loss falls fastest.
+smooth the loss, stop when it diverges, and suggest the lr where the smoothed loss falls fastest, as the peak
+of the run's schedule (a cosine schedule averages half its peak: the suggestion is then twice that lr).
 
 The model, its BatchNorm statistics, the optimizer and torch's global generator are as they were afterwards:
 nothing of the test leaks into the training that follows.
@@ -44,14 +45,17 @@ class RangeTest:
     lrs: list[float]
     losses: list[float]
     smoothed: list[float]
-    suggestion: float
+    suggestion: float  # the peak lr to train with: `steepest` / `schedule_mean`
+    steepest: float  # where the smoothed loss falls fastest
+    schedule_mean: float  # the run's mean lr as a fraction of its peak (cosine 0.5, constant 1)
     stopped: str  # why the ramp ended: "diverged", "non-finite loss" or "end of the ramp"
     start_lr: float
     end_lr: float
     steps: int  # asked for; len(lrs) were taken
     batch_size: int
     seconds: float = 0.0
-    rule: str = "steepest descent of the zero-phase smoothed loss, first 10% of the steps skipped"
+    rule: str = ("steepest descent of the zero-phase smoothed loss (first 10% of the steps skipped), divided by "
+                 "the schedule's mean lr factor")
     notes: dict[str, Any] = field(default_factory=dict)  # what it ran on (strategy, model, data)
     out: str = ""  # the folder of lr_find.json and lr_find.png
 
@@ -110,10 +114,12 @@ def suggest(lrs: list[float], losses: list[float]) -> float:
 
 def range_test(model: nn.Module, runner: nn.Module, groups: list[dict], train: Split, setup: engine.StepSetup, *,
                optimizer: str, momentum: float, batch_size: int, seed: int, steps: int = STEPS,
-               start_lr: float = START_LR, end_lr: float = END_LR) -> RangeTest:
+               start_lr: float = START_LR, end_lr: float = END_LR, schedule_mean: float = 1.0) -> RangeTest:
     """Train `runner` (the model, or its head on cached features) from `train`'s batches at an exponentially
     growing lr; `groups`: the run's parameter groups built at lr 1 (their lr is the multiplier of the ramp).
-    `model` (the whole network) is restored afterwards, its trainable flags and torch's generator too."""
+    `model` (the whole network) is restored afterwards, its trainable flags and torch's generator too.
+    `schedule_mean`: the run's mean lr over its peak (schedule_mean()): the suggestion is the peak whose
+    schedule spends on average the lr where the loss fell fastest."""
     check_ramp(steps, start_lr, end_lr)
     kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainable = [p.requires_grad for p in model.parameters()]
@@ -156,11 +162,20 @@ def range_test(model: nn.Module, runner: nn.Module, groups: list[dict], train: S
         torch.set_rng_state(rng)
         opt.zero_grad(set_to_none=True)
     curve = [float(v) for v in ema(np.asarray(losses))]
-    result = RangeTest(lrs, losses, curve, suggest(lrs, losses), stopped, start_lr, end_lr, steps, batch_size,
-                       time.perf_counter() - started)
-    log.info("lr-find: %d steps from %.1e to %.1e (%s) in %.0f s; suggested lr %.2e", len(lrs), lrs[0], lrs[-1],
-             stopped, result.seconds, result.suggestion)
+    steepest = suggest(lrs, losses)
+    result = RangeTest(lrs, losses, curve, steepest / schedule_mean, steepest, schedule_mean, stopped, start_lr,
+                       end_lr, steps, batch_size, time.perf_counter() - started)
+    log.info("lr-find: %d steps from %.1e to %.1e (%s) in %.0f s; steepest descent at %.2e: suggested peak lr "
+             "%.2e", len(lrs), lrs[0], lrs[-1], stopped, result.seconds, steepest, result.suggestion)
     return result
+
+
+def schedule_mean(schedule: str, steps: int, warmup_steps: int) -> float:
+    """The mean lr of a run's schedule (state.lr_factor) as a fraction of its peak: cosine with warmup 0.5."""
+    from .state import lr_factor
+
+    factor = lr_factor(schedule, steps, warmup_steps)
+    return sum(factor(i) for i in range(steps)) / max(1, steps)
 
 
 def write(out: Path, result: RangeTest, title: str) -> None:
@@ -174,7 +189,9 @@ def write(out: Path, result: RangeTest, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(result.lrs, result.losses, color="0.75", lw=1, label="loss of each step")
     ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label=f"smoothed (EMA {BETA})")
-    ax.axvline(result.suggestion, color="C3", ls="--", label=f"suggested lr {result.suggestion:.2e}")
+    ax.axvline(result.steepest, color="C1", ls=":", label=f"steepest descent {result.steepest:.2e}")
+    ax.axvline(result.suggestion, color="C3", ls="--", label=f"suggested peak lr {result.suggestion:.2e}"
+               + ("" if result.schedule_mean == 1 else f" (/ schedule mean {result.schedule_mean:.2f})"))
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (head; backbone at --backbone-lr-mult times it)")
     ax.set_ylabel("training loss")
