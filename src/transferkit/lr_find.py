@@ -196,8 +196,9 @@ def write(out: Path, result: RangeTest, title: str) -> None:
     ax.set_xlabel("learning rate (head; backbone at --backbone-lr-mult times it)")
     ax.set_ylabel("training loss")
     finite = [v for v in result.smoothed if math.isfinite(v)]
-    if finite:  # a diverged tail would squash the useful part of the curve
-        ax.set_ylim(min(finite) * 0.95, min(max(finite), DIVERGED * min(finite)) * 1.05)
+    if finite:  # a diverged tail would squash the useful part of the curve: show up to a bit above the start
+        start = max(finite[:max(1, int(SKIP * len(finite)))])
+        ax.set_ylim(min(finite) * 0.95, min(max(finite), 1.25 * start, DIVERGED * min(finite)) * 1.05)
     ax.set_title(f"{title}\n{len(result.lrs)} steps of batch {result.batch_size}, {result.stopped}", fontsize=9)
     ax.legend(fontsize=8)
     _save_png(fig, out / PNG_FILE)
