@@ -161,6 +161,13 @@ def test_train_lr_auto_records_the_resolved_and_the_requested_lr(cifar_small, tm
     assert f"--lr auto: lr {suggestion:.3g}" in proc.stderr
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["lr_start"] <= suggestion  # the run trained at the suggestion (warmup rises to it)
+    # A resume continues at the resolved lr: no second range test, the same config.yaml
+    proc = _in_process(capsys, "train", "--resume", out, "--epochs", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "--lr auto" not in proc.stderr and "lr-find" not in proc.stderr
+    resumed = yaml.safe_load((out / "config.yaml").read_text())
+    assert resumed == dict(config, epochs=2)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_bad_input_exits_2_with_a_sentence(tmp_path, capsys):
