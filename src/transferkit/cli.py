@@ -208,9 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
                         usage="transferkit lr-find --data DATA [train options] [--steps N] [--out DIR]",
                         description="Train about 100 steps at learning rates rising exponentially (the data, "
                                     "model, transforms, precision and parameter groups of 'train' with the same "
-                                    "flags), stop when the smoothed loss diverges, and suggest the lr where it "
-                                    "falls fastest; writes lr_find.png and lr_find.json to --out. The model is "
-                                    "not changed. With --strategy linear it runs on cached features in seconds.",
+                                    "flags), stop when the smoothed loss diverges, and suggest the peak lr whose "
+                                    "schedule averages the lr where it fell fastest; writes lr_find.png and "
+                                    "lr_find.json to --out (here: default runs/lr-find-<data>-<model>-<time>). "
+                                    "The model is not changed. With --strategy linear it runs on cached features "
+                                    "in seconds.",
                         formatter_class=_Help)
     _add_config_flags(lf)
     ramp = lf.add_argument_group("the lr ramp")
