@@ -228,6 +228,9 @@ def _auto_lr(cfg: TrainConfig, out: Path, model: torch.nn.Module, stage: Stage, 
              requested: dict[str, Any]) -> TrainConfig:
     """--lr auto: the range test's suggestion (rank 0 runs it, every process trains at it), in config.yaml
     (what was asked for, 'auto', under requested:)."""
+    if dist.on and cfg.batchnorm == "sync":  # SyncBatchNorm in rank 0's test would wait for the other processes
+        raise TransferkitError("--lr auto with --batchnorm sync under torchrun: run 'transferkit lr-find' with the "
+                               "same settings in one process first, then pass its suggestion as --lr")
     found = _range_test(cfg, model, stage, card, frozen_blocks, device, precision) if dist.main else None
     cfg = cfg.replace(lr=dist.share(None if found is None else found.suggestion))
     log.info("--lr auto: lr %.3g, the LR range test's suggestion (curve: %s)", cfg.lr, out / lr_find.PNG_FILE)

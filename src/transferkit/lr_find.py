@@ -124,6 +124,7 @@ def range_test(model: nn.Module, runner: nn.Module, groups: list[dict], train: S
     kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainable = [p.requires_grad for p in model.parameters()]
     rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(setup.device) if setup.device.type == "cuda" else None  # dropout there
     opt = (torch.optim.SGD(groups, lr=1.0, momentum=momentum) if optimizer == "sgd"
            else torch.optim.AdamW(groups, lr=1.0))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp(start_lr, end_lr, steps))
@@ -160,6 +161,8 @@ def range_test(model: nn.Module, runner: nn.Module, groups: list[dict], train: S
         for p, flag in zip(model.parameters(), trainable):
             p.requires_grad_(flag)
         torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, setup.device)
         opt.zero_grad(set_to_none=True)
     curve = [float(v) for v in ema(np.asarray(losses))]
     steepest = suggest(lrs, losses)
