@@ -62,7 +62,8 @@ GROUPS: dict[str, tuple[str, list[tuple[str, str | None, str]]]] = {
                            "classic tutorial; demo: the offline demo job; fast: 3 epochs at 112 px with TTA)"),
         ("epochs", "N", "passes over the training images"),
         ("batch_size", "N", "images per optimizer step, over all processes under torchrun"),
-        ("lr", "LR", "the head's peak learning rate"),
+        ("lr", "LR", "the head's peak learning rate; auto: the suggestion of an LR range test run before training "
+                     "(as 'transferkit lr-find'; config.yaml keeps both)"),
         ("backbone_lr_mult", "X", "backbone lr = lr x this (finetune, gradual) [default: 0.1; 1 with --weights "
                                   "none]"),
         ("optimizer", None, "AdamW, or SGD with --momentum"),
@@ -146,6 +147,19 @@ def _default(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
+def _number_or(*words: str):
+    """An argparse type: one of `words`, or a number."""
+    def parse(text: str) -> float | str:
+        if text in words:
+            return text
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value: '{text}' (a number or {' or '.join(words)})") from None
+
+    return parse
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -162,6 +176,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, **extra)
             elif typing.get_origin(base) is typing.Literal:
                 group.add_argument(flag, choices=typing.get_args(base), **extra)
+            elif typing.get_origin(base) is typing.Union:  # a number or a word, e.g. --lr auto
+                group.add_argument(flag, type=_number_or(*typing.get_args(typing.get_args(base)[1])),
+                                   metavar=metavar, **extra)
             elif typing.get_origin(base) is tuple:
                 group.add_argument(flag, type=float, nargs=3, metavar=("R", "G", "B"), **extra)
             else:
@@ -188,6 +205,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "the new run has its data and weights)")
     folder.add_argument("--config", type=Path, metavar="FILE", help="read settings from YAML (a run's "
                         "config.yaml works); flags win")
+
+    lf = sub.add_parser("lr-find", help="LR range test: suggest --lr for these train settings",
+                        usage="transferkit lr-find --data DATA [train options] [--steps N] [--out DIR]",
+                        description="Train about 100 steps at learning rates rising exponentially (the data, "
+                                    "model, transforms, precision and parameter groups of 'train' with the same "
+                                    "flags), stop when the smoothed loss diverges, and suggest the peak lr whose "
+                                    "schedule averages the lr where it fell fastest; writes lr_find.png and "
+                                    "lr_find.json to --out (here: default runs/lr-find-<data>-<model>-<time>). "
+                                    "The model is not changed. With --strategy linear it runs on cached features "
+                                    "in seconds.",
+                        formatter_class=_Help)
+    _add_config_flags(lf)
+    ramp = lf.add_argument_group("the lr ramp")
+    ramp.add_argument("--steps", type=int, default=100, metavar="N", help="steps of the ramp [default: 100]")
+    ramp.add_argument("--start-lr", type=float, default=1e-7, metavar="LR", help="the first step's lr "
+                      "[default: 1e-07]")
+    ramp.add_argument("--end-lr", type=float, metavar="LR", help="the last step's lr, if the loss has not diverged "
+                      "before [default: 1, or 10 x --lr where that is larger]")
 
     e = sub.add_parser("eval", help="evaluate a run on a data set with the same classes")
     e.add_argument("run", type=Path, help="a run folder (the --out of 'transferkit train')")
@@ -288,6 +323,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = flags.pop("recipe", None)
         result = train(TrainConfig.create(recipe=recipe, **flags), overwrite=args.overwrite)
     _print_result(result)
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from .fit import find_lr
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "data" not in flags:
+        raise TransferkitError("lr-find needs --data: an image folder or one of cifar10, cifar100, fashion-mnist, "
+                               "mnist (with the train flags of the run it is for)")
+    if flags.get("lr") == "auto":
+        flags.pop("lr")  # the ramp's end only reads a number
+    recipe = flags.pop("recipe", None)
+    found = find_lr(TrainConfig.create(recipe=recipe, **flags), steps=args.steps, start_lr=args.start_lr,
+                    end_lr=args.end_lr)
+    out = Path(found.out)
+    print(f"suggested lr {found.suggestion:.2e} ({len(found.lrs)} steps, {found.stopped}; {found.rule})")
+    print(f"curve: {out / 'lr_find.png'}  figures: {out / 'lr_find.json'}")
+    print(f"train with: transferkit train ... --lr {found.suggestion:.2g}")
     return 0
 
 
@@ -481,8 +536,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "demo": cmd_demo,
-            "models": cmd_models}
+COMMANDS = {"train": cmd_train, "lr-find": cmd_lr_find, "eval": cmd_eval, "predict": cmd_predict,
+            "export": cmd_export, "demo": cmd_demo, "models": cmd_models}
 
 
 class _Format(logging.Formatter):

@@ -42,7 +42,7 @@ class TrainConfig:
     epochs: int = 5
     batch_size: int = 64
     micro_batch: int = 0  # images per forward/backward pass (gradients add up to one step); 0: auto
-    lr: float = 1e-3  # head learning rate at the peak of the schedule
+    lr: float | Literal["auto"] = 1e-3  # head lr at the peak of the schedule; auto: an LR range test picks it
     backbone_lr_mult: float = 0.1  # backbone lr = lr * this, in 'finetune' and 'gradual'
     optimizer: Optimizer = "adamw"
     momentum: float = 0.9  # SGD only
@@ -99,7 +99,9 @@ class TrainConfig:
         _check(self.epochs >= 1, "epochs must be at least 1")
         _check(self.batch_size >= 1, "batch_size must be at least 1")
         _check(self.micro_batch >= 0, "micro_batch must be >= 0 (0: automatic)")
-        _check(self.lr > 0, "lr must be positive")
+        if self.lr != "auto":  # a number, or 'auto' until fit resolves it by the LR range test (lr_find.py)
+            object.__setattr__(self, "lr", _coerce("lr", self.lr, float))
+            _check(self.lr > 0, "lr must be positive, or auto (an LR range test picks it before training)")
         _check(self.backbone_lr_mult >= 0, "backbone_lr_mult must be >= 0")
         _check(0 <= self.val_split < 1, "val_split must be in [0, 1), e.g. 0.1")
         _check(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")

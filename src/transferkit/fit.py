@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from . import calibration, engine, fingerprint, models, runtime
+from . import calibration, engine, fingerprint, lr_find, models, runtime
 from .checkpoint import META_FILE, ModelCard, load_model_state, read_card, save_last, save_model, update_card
 from .config import TrainConfig, requested_from
 from .data import heldout, sources
@@ -24,7 +24,7 @@ from .files import atomic_write
 from .logs import EpochProgress, run_logging
 from .report import RunResult, classification_metrics, lr_range, measured_on, write_metrics, write_report
 from .runfolder import UNCHECKED, begin_writing, resume_command, run_folder, settings_of
-from .runtime import Dist, StopFlag
+from .runtime import SINGLE, Dist, StopFlag
 from .state import Tally, TrainState, new_state, selection_score
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,36 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         result = _run(run.cfg, Path(run.out), run.saved, run.replace, dist, device)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def find_lr(config: TrainConfig | None = None, *, steps: int = lr_find.STEPS, start_lr: float = lr_find.START_LR,
+            end_lr: float | None = None, **settings: Any) -> lr_find.RangeTest:
+    """`transferkit lr-find`: the LR range test with train's data, model, transforms, precision and parameter
+    groups; writes lr_find.json and lr_find.png to --out (default runs/lr-find-<data>-<model>-<time>)."""
+    cfg = settings_of(config, None, settings)
+    lr_find.check_ramp(steps, start_lr, end_lr or lr_find.END_LR)
+    out = Path(cfg.out or f"runs/lr-find-{Path(cfg.data).name or 'data'}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    with runtime.distributed(cfg.device) as (dist, device), run_logging(quiet=False):
+        if dist.on:
+            raise TransferkitError("lr-find runs in one process; start it without torchrun")
+        precision = runtime.resolve_precision(cfg.precision, device)
+        runtime.seed_everything(cfg.seed)
+        sources.check_data_arg(cfg.data)
+        bb = models.create_backbone(cfg.model, cfg.weights)
+        pre = resolve_preprocessing(image_size=cfg.image_size, mean=cfg.mean, std=cfg.std, weights=bb.preprocessing)
+        models.check_input_size(bb, pre.image_size)
+        frozen_blocks = models.frozen_prefix(bb.model, bb.head, cfg.trainable_blocks) if cfg.trainable_blocks else []
+        data = _load_data(cfg, pre)
+        data.test = None  # the range test trains on train alone: no features of the test images
+        card = _classifier(cfg, bb, pre, data.classes, precision, dist, device)
+        stage = _plan_stage(cfg, bb, pre, frozen_blocks, data, precision, dist, device)
+        found = _range_test(cfg, bb.model, stage, card, frozen_blocks, device, precision, steps=steps,
+                            start_lr=start_lr, end_lr=end_lr)
+        found.notes = {"model": cfg.model, "weights": bb.weights, "data": cfg.data, "strategy": cfg.strategy,
+                       "image_size": pre.image_size, "optimizer": cfg.optimizer, "precision": precision,
+                       "backbone_lr_mult": cfg.backbone_lr_mult}
+        lr_find.write(out, found, f"{cfg.model} on {cfg.data}, {cfg.strategy}")
+    return found
 
 
 def _run(cfg: TrainConfig, out: Path, saved: dict[str, Any] | None, replace: bool, dist: Dist,
@@ -76,8 +106,6 @@ def _run(cfg: TrainConfig, out: Path, saved: dict[str, Any] | None, replace: boo
     recorded = None if saved is None else fingerprint.unpack(saved)
     if recorded is not None:  # a resume continues on the files it started with, or stops here
         fingerprint.check_data(recorded, listing, splits, cfg.data)
-    prints = fingerprint.pack({"settings": fingerprint.settings_of(cfg, UNCHECKED), "listing": listing,
-                               "splits": splits})
     card = _classifier(cfg, bb, pre, data.classes, precision, dist, device)
     if dist.main:
         begin_writing(out, cfg, replace, data.skipped, requested)
@@ -86,6 +114,10 @@ def _run(cfg: TrainConfig, out: Path, saved: dict[str, Any] | None, replace: boo
         if saved is not None and (out / META_FILE).is_file() and read_card(out).data != cfg.data:
             update_card(out, data=cfg.data)  # resumed on its moved data: eval finds it there
     stage = _plan_stage(cfg, bb, pre, frozen_blocks, data, precision, dist, device)
+    if cfg.lr == "auto":  # before the fingerprint: a resume reads the resolved lr from config.yaml
+        cfg = _auto_lr(cfg, out, bb.model, stage, card, frozen_blocks, dist, device, precision, requested)
+    prints = fingerprint.pack({"settings": fingerprint.settings_of(cfg, UNCHECKED), "listing": listing,
+                               "splits": splits})
     state, cfg = _train_retrying(cfg, out, bb.model, stage, card, saved, frozen_blocks, dist, device, precision,
                                  prints)
     return _final_evaluation(cfg, out, state, stage, data, card, dist, device, precision)
@@ -167,6 +199,46 @@ def _plan_stage(cfg: TrainConfig, bb: models.Backbone, pre: Preprocessing, froze
         log.info("training the last %d blocks on cached activations of %s (one un-augmented view)",
                  cfg.trainable_blocks, frozen_blocks[-1])
     return stage
+
+
+def _range_test(cfg: TrainConfig, model: torch.nn.Module, stage: Stage, card: ModelCard, frozen_blocks: list[str],
+                device: torch.device, precision: str, **ramp: Any) -> lr_find.RangeTest:
+    """The LR range test on what the run trains: its stage, transforms, passes, loss and parameter groups
+    ('gradual': the whole network, which its lr drives after --head-epochs)."""
+    trainable = [p.requires_grad for p in model.parameters()]
+    models.set_trainable(model, card.head, cfg.strategy != "linear", frozen_blocks)
+    weights = None if cfg.class_weights == "none" else sources.inverse_frequency(stage.train.labels, card.num_classes)
+    setup = engine.StepSetup(stage.train_tf, device, precision, stage.micro, cfg.label_smoothing,
+                             None if weights is None else weights.to(device), cfg.batchnorm)
+    groups = models.param_groups(model, card.head, 1.0, cfg.backbone_lr_mult, cfg.weight_decay)
+    end = ramp.pop("end_lr", None) or max(lr_find.END_LR, 10 * cfg.lr if cfg.lr != "auto" else 0)
+    steps, _ = engine.steps_per_epoch(len(stage.train), cfg.batch_size, SINGLE)
+    mean = lr_find.schedule_mean(cfg.schedule, steps * cfg.epochs, round(cfg.warmup_epochs * steps))
+    try:
+        return lr_find.range_test(model, stage.runner, groups, stage.train, setup, optimizer=cfg.optimizer,
+                                  momentum=cfg.momentum, batch_size=cfg.batch_size, seed=cfg.seed, end_lr=end,
+                                  schedule_mean=mean, **ramp)
+    finally:
+        for p, flag in zip(model.parameters(), trainable):
+            p.requires_grad_(flag)
+
+
+def _auto_lr(cfg: TrainConfig, out: Path, model: torch.nn.Module, stage: Stage, card: ModelCard,
+             frozen_blocks: list[str], dist: Dist, device: torch.device, precision: str,
+             requested: dict[str, Any]) -> TrainConfig:
+    """--lr auto: the range test's suggestion (rank 0 runs it, every process trains at it), in config.yaml
+    (what was asked for, 'auto', under requested:)."""
+    if dist.on and cfg.batchnorm == "sync":  # SyncBatchNorm in rank 0's test would wait for the other processes
+        raise TransferkitError("--lr auto with --batchnorm sync under torchrun: run 'transferkit lr-find' with the "
+                               "same settings in one process first, then pass its suggestion as --lr")
+    found = _range_test(cfg, model, stage, card, frozen_blocks, device, precision) if dist.main else None
+    cfg = cfg.replace(lr=dist.share(None if found is None else found.suggestion))
+    log.info("--lr auto: lr %.3g, the LR range test's suggestion (curve: %s)", cfg.lr, out / lr_find.PNG_FILE)
+    requested["lr"] = "auto"
+    if dist.main:
+        lr_find.write(out, found, f"{cfg.model} on {cfg.data}, {cfg.strategy}")
+        atomic_write(out / "config.yaml", cfg.to_yaml(requested))
+    return cfg
 
 
 def _train_retrying(cfg: TrainConfig, out: Path, model: torch.nn.Module, stage: Stage, card: ModelCard,

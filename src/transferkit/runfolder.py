@@ -29,10 +29,10 @@ MOVABLE = {"data", "data_dir"}  # a resume may name the data's new place: its fi
 UNCHECKED = RESUMABLE_CHANGES | MOVABLE | {"out"}  # what the settings' fingerprint leaves out
 LOCK_FILE = ".lock"
 # A run that fails before training, with only these files in a folder it created, removes them and the folder.
-BEFORE_TRAINING = {LOCK_FILE, "train.log", "config.yaml", "skipped.txt", "split.json"}
+BEFORE_TRAINING = {LOCK_FILE, "train.log", "config.yaml", "skipped.txt", "split.json", "lr_find.json", "lr_find.png"}
 # What --overwrite replaces (train.log is kept: the new run's log follows the old one's).
 RUN_OUTPUTS = (LAST_FILE, MODEL_FILE, META_FILE, "metrics.jsonl", "skipped.txt", "split.json", "report*", "eval-*",
-               "curves.png", "errors.csv", "top_losses.png")
+               "curves.png", "errors.csv", "top_losses.png", "lr_find.*")
 
 
 def settings_of(config: TrainConfig | None, resume: str | Path | None, settings: dict[str, Any]) -> TrainConfig:
