@@ -346,6 +346,12 @@ def trunk(model: nn.Module, head: str) -> list[str]:
     return blocks
 
 
+def block_names(model: nn.Module, head: str) -> list[list[str]]:
+    """The backbone's blocks that have parameters, from the input up, each as the module names it is made of
+    (the blocks --trainable-blocks counts)."""
+    return [[b] for b in trunk(model, head) if any(True for _ in model.get_submodule(b).parameters())]
+
+
 def frozen_prefix(model: nn.Module, head: str, trainable_blocks: int) -> list[str]:
     """The trunk's modules before its last `trainable_blocks` blocks with parameters."""
     blocks = trunk(model, head)
