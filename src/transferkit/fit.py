@@ -329,6 +329,17 @@ def _param_groups(cfg: TrainConfig, model: torch.nn.Module, head: str) -> list[d
                               weight_decay=cfg.weight_decay)
 
 
+def _augmentation(cfg: TrainConfig) -> str:
+    """The report's line on what changed the training images."""
+    parts = [f"random-resized crop (area >= {cfg.crop_scale:g})" + (" + flip" if cfg.flip else "")] if cfg.augment \
+        else []
+    parts += [cfg.augment_policy] if cfg.augment_policy != "none" else []
+    parts += [f"random erasing p {cfg.random_erasing:g}"] if cfg.random_erasing else []
+    parts += [f"{n} {getattr(cfg, n):g}" for n in ("mixup", "cutmix") if getattr(cfg, n)]
+    parts += [f"progressive {cfg.progressive} px -> {cfg.image_size} px"] if cfg.progressive else []
+    return ", ".join(parts) or "none"
+
+
 def _runner_of(model: torch.nn.Module, cfg: TrainConfig, head: str, stage: Stage,
                frozen_blocks: list[str]) -> torch.nn.Module:
     """What of `model` (the averaged copy) runs on the stage's splits, as stage.runner does of the model."""
@@ -461,9 +472,13 @@ def _setup(cfg: TrainConfig, card: ModelCard, state: TrainState, data: DataSourc
         "sampler": "balanced (each class drawn equally often)" if cfg.sampler == "balanced" else "none (each image "
                    "once per epoch)",
         "train images": f"{len(data.train):,}", "optimizer": f"{cfg.optimizer}, lr {cfg.lr:g}, "
-        f"backbone x{cfg.backbone_lr_mult:g}, {cfg.schedule}, label smoothing {cfg.label_smoothing:g}",
+        f"backbone x{cfg.backbone_lr_mult:g}{f', layer decay {cfg.layer_decay:g}' if cfg.layer_decay != 1 else ''}, "
+        f"{cfg.schedule}, label smoothing {cfg.label_smoothing:g}",
         "batch size": cfg.batch_size if not dist.on else f"{cfg.batch_size} ({dist.world} processes)",
         "precision": f"{card.precision} on {device}",
+        "augmentation": _augmentation(cfg),
+        "weights averaged": f"exponential moving average, decay {cfg.ema:g} a step (--ema): validated and saved"
+        if cfg.ema else "no",
         "test-time augmentation": "mirror image (--tta)" if cfg.tta else "none",
         "normalization": card.preprocessing.normalization,
         "recipe": cfg.recipe or "defaults",
