@@ -121,6 +121,21 @@ def test_random_erasing_blanks_one_rectangle_of_2_to_33_percent(images):
     assert torch.equal(TrainTransform(PRE, augment=False, erasing=0.0)(images.clone(), gen(1)), plain)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_every_option_runs_on_the_device_and_replays_from_its_generator(images):
+    dev = torch.device("cuda")
+    tf = TrainTransform(PRE, policy="randaugment", erasing=0.5, channels_last=True)
+    g = torch.Generator(device=dev).manual_seed(0)
+    state = g.get_state()
+    mix = Mixing(mixup=0.2, cutmix=1.0).draw(8, g)
+    a = tf(images.to(dev), g)
+    mixed, _ = mix.apply(a, tf(images[mix.partner].to(dev), g))
+    g.set_state(state)
+    mix2 = Mixing(mixup=0.2, cutmix=1.0).draw(8, g)
+    assert a.is_cuda and mixed.is_cuda and torch.equal(tf(images.to(dev), g), a) and mix2.lam == mix.lam
+    assert in_range(a.cpu())
+
+
 # ---- mixup / cutmix --------------------------------------------------------------------------------------------
 
 class Tiny(torch.nn.Module):
@@ -301,3 +316,17 @@ def test_sigkill_then_resume_with_policy_mixing_and_ema_is_bit_identical(tiny, t
     assert p.wait() == 0, p.stderr.read()
     assert kills == 2
     same(outcome(straight), outcome(run))
+
+
+def test_two_processes_train_what_one_process_trains_with_every_recipe_option(tiny, tmp_path):
+    from test_distributed import assert_same_training, torchrun
+
+    # no dropout, frozen BatchNorm statistics and fp32: nothing else depends on how a batch is split (as in
+    # test_distributed); every recipe option does not either
+    settings = {**RECIPE, "model": "resnet18", "epochs": 1, "batch_size": 8, "micro_batch": 0, "checkpoint_every": 0,
+                "batchnorm": "frozen", "precision": "fp32", "ema": 0.5}
+    args = ["train", "--data", tiny, *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]]
+    train(TrainConfig.create(data=str(tiny), out=str(tmp_path / "one"), **settings))
+    two = torchrun(*args, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert_same_training(tmp_path / "one", tmp_path / "two")
