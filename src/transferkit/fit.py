@@ -324,7 +324,13 @@ def _param_groups(cfg: TrainConfig, model: torch.nn.Module, head: str) -> list[d
     """The optimizer's groups: head and backbone, or with --layer-decay one per backbone block."""
     if cfg.layer_decay == 1:
         return models.param_groups(model, head, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay)
-    return layer_decay_groups(model, head, models.block_names(model, head), lr=cfg.lr,
+    try:
+        blocks = models.block_names(model, head)
+    except TransferkitError:
+        raise TransferkitError(f"--layer-decay needs a backbone built from a sequence of blocks (ResNet, RegNet, "
+                               f"MobileNet, EfficientNet, ConvNeXt...), not {type(model).__name__}; drop "
+                               "--layer-decay") from None
+    return layer_decay_groups(model, head, blocks, lr=cfg.lr,
                               backbone_lr_mult=cfg.backbone_lr_mult, layer_decay=cfg.layer_decay,
                               weight_decay=cfg.weight_decay)
 

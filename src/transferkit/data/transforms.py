@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .policies import Policy, random_erasing
-from .preprocess import Preprocessing
+from .preprocess import Preprocessing, _upsample
 from .sources import Split
 
 
@@ -59,10 +59,12 @@ class TrainTransform:
         if not (self.augment or self.policy or self.erasing) and full:
             return self.preprocessing.to_input(images, self.channels_last)
         rand = _drawer(images.shape[0], generator, part, images.device)
+        if not self.augment and full and images.shape[-2:] != (self.size, self.size):
+            images = _upsample(images, self.size)  # as evaluation enlarges small stored images
         x = images.float().div_(255)
         if self.augment:
             x = self._random_resized_crop(x, rand)
-        elif x.shape[-1] != self.size or x.shape[-2] != self.size:
+        elif x.shape[-2:] != (self.size, self.size):  # --progressive: an early epoch's smaller side
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         if self.policy is not None:
             x = self.policy(x, rand)
