@@ -77,11 +77,26 @@ GROUPS: dict[str, tuple[str, list[tuple[str, str | None, str]]]] = {
                             "imbalanced data)"),
         ("patience", "N", "stop when --select-by has not improved for N epochs [default: train every epoch]"),
         ("min_delta", "D", "--patience: a gain counts when it exceeds D (0.01: one point of accuracy)"),
+        ("ema", "DECAY", "validate, select and save an exponential moving average of the weights (BatchNorm "
+                         "statistics too), updated each step with this decay, warmed up as min(DECAY, "
+                         "(1+t)/(10+t)); 0: off"),
+        ("layer_decay", "D", "per-block learning rates: the backbone's last block at the backbone lr, each block "
+                             "below at D x the lr of the one above (the blocks of --trainable-blocks); 1: off"),
+        ("progressive", "PX", "progressive resizing: the first epoch trains at PX, growing in steps of 32 px to "
+                              "--image-size by the last; validation always at --image-size [default: off]"),
     ]),
     "augmentation and evaluation": ("batched on the training device", [
         ("augment", None, "random-resized crop and flip on training batches"),
         ("flip", None, "horizontal flips (turn off for digits and text)"),
         ("crop_scale", "AREA", "smallest crop (fraction of the image area) of the random-resized crop"),
+        ("augment_policy", None, "per-image ops after the crop: trivialaugment (one op at a random magnitude) or "
+                                 "randaugment (two at magnitude 9), torchvision's ops, batched"),
+        ("random_erasing", "P", "probability that a training image gets one rectangle erased (after "
+                                "normalization, to the mean)"),
+        ("mixup", "A", "mixup: blend each image and its label with another of the batch, share ~ Beta(A, A) "
+                       "(0.2 is usual); 0: off"),
+        ("cutmix", "A", "cutmix: paste a box of another image of the batch, labels weighed by area, share ~ "
+                        "Beta(A, A) (1 is usual); with --mixup each batch gets one of the two; 0: off"),
         ("tta", None, "the final evaluation averages each image with its mirror image (as eval --tta)"),
         ("calibrate", None, "fit a temperature on the validation split so probabilities match accuracy (stored "
                             "in model.json; predict and eval use it)"),

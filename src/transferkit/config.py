@@ -22,6 +22,7 @@ Stream = Literal["auto", "always", "never"]
 BatchNorm = Literal["train", "frozen", "sync"]
 SelectBy = Literal["accuracy", "balanced-accuracy", "macro-f1", "loss"]
 Sampler = Literal["none", "balanced"]
+AugmentPolicy = Literal["none", "trivialaugment", "randaugment"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,13 @@ class TrainConfig:
     augment: bool = True  # random-resized-crop + horizontal flip on training batches
     flip: bool = True  # horizontal flip (turn off for digits and text)
     crop_scale: float = 0.35  # smallest crop area (fraction of the image) of random-resized-crop
+    augment_policy: AugmentPolicy = "none"  # per-image ops (torchvision's TrivialAugmentWide / RandAugment), batched
+    random_erasing: float = 0.0  # probability that an image gets one erased rectangle
+    mixup: float = 0.0  # alpha of Beta(alpha, alpha): each batch blends images and labels pairwise; 0: off
+    cutmix: float = 0.0  # alpha: pastes a box of another image (labels by area); with --mixup, one per batch
+    ema: float = 0.0  # decay per step of an average of the weights that validates and is saved; 0: off
+    layer_decay: float = 1.0  # each backbone block's lr = this x the lr of the block above it; 1: off
+    progressive: int | None = None  # train the first epochs from this side (px) growing to image_size
     image_size: int | None = None  # side of the square model input; None: from the weights
     mean: tuple[float, float, float] | None = None  # None: from the weights
     std: tuple[float, float, float] | None = None
@@ -124,6 +132,21 @@ class TrainConfig:
         _check(self.trainable_blocks is None or self.strategy != "linear",
                "--trainable-blocks trains part of the backbone; use it with --strategy finetune or gradual, "
                "not linear (which trains the head alone)")
+        _check(0 <= self.random_erasing <= 1, f"random_erasing is a probability in [0, 1], not {self.random_erasing}")
+        for name in ("mixup", "cutmix"):
+            _check(0 <= getattr(self, name) <= 10, f"{name} is the alpha of a Beta(alpha, alpha) distribution, "
+                   f"a number in (0, 10] (0.2 to 1 are usual), or 0 for off; not {getattr(self, name)}")
+        _check(self.ema == 0 or 0 < self.ema < 1, f"ema is a decay per step in (0, 1), e.g. 0.999, or 0 for off; "
+               f"not {self.ema}")
+        _check(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1] (e.g. 0.75; 1 is off), not "
+               f"{self.layer_decay}")
+        _check(self.progressive is None or 16 <= self.progressive <= 1024,
+               f"progressive is the side in pixels the first epoch trains at (e.g. 64), not {self.progressive}")
+        _check(self.progressive is None or self.image_size is None or self.progressive < self.image_size,
+               f"progressive ({self.progressive} px) must be smaller than image_size ({self.image_size} px)")
+        _check(self.strategy != "linear" or self.layer_decay == 1,
+               "--layer-decay sets the backbone's learning rates, and --strategy linear trains the head alone; "
+               "use --strategy finetune or gradual, or drop --layer-decay")
         for name in ("mean", "std"):
             v = getattr(self, name)
             if v is not None:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .data.mixing import Mixing
 from .data.sources import Split
 from .data.transforms import batches as split_batches
 from .data.transforms import num_batches
@@ -37,6 +38,7 @@ class StepSetup:
     class_weights: torch.Tensor | None = None  # on the device
     batchnorm: str = "train"
     dist: Dist = SINGLE
+    mixing: Mixing | None = None  # --mixup / --cutmix
 
     def __post_init__(self) -> None:  # the weights once on the cpu too, to weigh each batch's labels there
         object.__setattr__(self, "_cpu_weights", None if self.class_weights is None else self.class_weights.cpu())
@@ -64,7 +66,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, im
     n, d = labels.shape[0], s.dist
     norm = float(n) if s.class_weights is None else s._cpu_weights[labels].sum().item()
     passes = micro_batches(d.shard(n), s.micro_batch, -(-n // d.world))
-    fork = generator.get_state() if generator is not None and len(passes) > 1 else None
+    mix = s.mixing.draw(n, generator) if s.mixing is not None else None
+    fork = generator.get_state() if generator is not None and (len(passes) > 1 or mix is not None) else None
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), dtype=torch.float64, device=s.device)
     correct = torch.zeros((), dtype=torch.long, device=s.device)
@@ -73,18 +76,34 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, im
             generator.set_state(fork)
         x = s.transform(images[rows].to(s.device, non_blocking=True), generator, part=(rows, n))
         y = labels[rows].to(s.device, non_blocking=True)
+        lam = 1.0
+        if mix is not None:  # the partners as their own rows are transformed: the same draws again
+            partner = mix.partner[rows]
+            if fork is not None:
+                generator.set_state(fork)
+            other = s.transform(images[partner].to(s.device, non_blocking=True), generator, part=(partner, n))
+            x, lam = mix.apply(x, other)
+            y2 = labels[partner].to(s.device, non_blocking=True)
         last = i == len(passes) - 1  # DDP averages the gradients once, after the last pass
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             with autocast(s.device, s.precision):
                 logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, weight=s.class_weights, label_smoothing=s.label_smoothing,
-                                   reduction="sum") * (d.world / norm)
+            loss = _loss(logits.float(), y, s) * lam
+            if lam < 1:  # cross-entropy is linear in the target: the mixed target's loss is the mix of the two
+                loss = loss + _loss(logits.float(), y2, s) * (1 - lam)
+            loss = loss * (d.world / norm)  # the partners' weights sum to the batch's: the same norm
             loss.backward()
         loss_sum += loss.detach().double()
-        correct += (logits.argmax(1) == y).sum()
+        # with mixed targets, a right answer is the label with the larger share (mixup's usual train accuracy)
+        correct += (logits.argmax(1) == (y if lam >= 0.5 else y2)).sum()
     optimizer.step()
     scheduler.step()
     return StepFigures(0, loss_sum * (n / d.world), correct, passes[-1].stop - passes[0].start)
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor, s: StepSetup) -> torch.Tensor:
+    """The summed cross-entropy of a pass (weighted, smoothed as set up)."""
+    return F.cross_entropy(logits, y, weight=s.class_weights, label_smoothing=s.label_smoothing, reduction="sum")
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches: Batches,

@@ -11,9 +11,11 @@ from typing import Any
 import torch
 
 from . import calibration, engine, fingerprint, lr_find, models, runtime
+from .averaging import WeightAverage
 from .checkpoint import META_FILE, ModelCard, load_model_state, read_card, save_last, save_model, update_card
 from .config import TrainConfig, requested_from
 from .data import heldout, sources
+from .data.mixing import Mixing
 from .data.preprocess import Preprocessing, resolve_preprocessing
 from .data.sources import DataSource
 from .data.transforms import EvalTransform, TrainTransform, batches
@@ -21,6 +23,7 @@ from .error_analysis import write_errors
 from .errors import Interrupted, TransferkitError
 from .features import Stage, activations_fit, cached_stage, supports_feature_cache
 from .files import atomic_write
+from .layerwise import layer_decay_groups
 from .logs import EpochProgress, run_logging
 from .report import RunResult, classification_metrics, lr_range, measured_on, write_metrics, write_report
 from .runfolder import UNCHECKED, begin_writing, resume_command, run_folder, settings_of
@@ -95,6 +98,7 @@ def _run(cfg: TrainConfig, out: Path, saved: dict[str, Any] | None, replace: boo
         bb = models.create_backbone(cfg.model, cfg.weights, image_size=cfg.image_size)
         pre = resolve_preprocessing(image_size=cfg.image_size, mean=cfg.mean, std=cfg.std, weights=bb.preprocessing)
         models.check_input_size(bb, pre.image_size)
+        _check_progressive(cfg, bb, pre.image_size)
         frozen_blocks = models.frozen_prefix(bb.model, bb.head, cfg.trainable_blocks) if cfg.trainable_blocks else []
         log.info("model %s, weights %s, input %dpx, %s", cfg.model, bb.weights, pre.image_size, pre.normalization)
         if cfg.weights.lower() == "none" and cfg.strategy != "linear":
@@ -182,7 +186,7 @@ def _plan_stage(cfg: TrainConfig, bb: models.Backbone, pre: Preprocessing, froze
     """The whole network on images, or (a frozen backbone, or frozen first blocks) the rest on cached features."""
     micro = engine.micro_batch_for(cfg.micro_batch, device, pre.image_size)
     train_tf = TrainTransform(pre, augment=cfg.augment, flip=cfg.flip, scale=(cfg.crop_scale, 1.0),
-                              channels_last=cfg.channels_last)
+                              channels_last=cfg.channels_last, policy=cfg.augment_policy, erasing=cfg.random_erasing)
     stage = Stage(bb.model, data.train, data.val, data.test, train_tf, EvalTransform(pre, cfg.channels_last),
                   micro, engine.eval_batch_for(cfg.batch_size, dist, micro))
     linear = cfg.strategy == "linear" and cfg.feature_cache and supports_feature_cache(bb.model, bb.head)
@@ -191,6 +195,7 @@ def _plan_stage(cfg: TrainConfig, bb: models.Backbone, pre: Preprocessing, froze
         bb.model, frozen_blocks[-1], pre.image_size, device, images)
     if not (linear or trunk):
         return stage
+    _check_uncached(cfg)
     key = {"arch": cfg.model, "weights": bb.weights, "build": bb.build_kwargs, "preprocessing": pre.to_dict()}
     stage = cached_stage(stage, bb.model, bb.head, [] if linear else frozen_blocks, key, device=device,
                          precision=precision, use_cache=cfg.cache, dist=dist, workers=cfg.workers,
@@ -254,11 +259,12 @@ def _train_retrying(cfg: TrainConfig, out: Path, model: torch.nn.Module, stage: 
         if cfg.strategy != "linear" and cfg.batchnorm != "frozen":  # BatchNorm trains on batch statistics
             engine.check_passes(stage.runner, [] if stage.cached else frozen_blocks, cfg.batch_size,
                                 0 if drop_last else len(stage.train) % cfg.batch_size, stage.micro, dist, retried)
-        state = new_state(model, models.param_groups(model, card.head, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay),
+        state = new_state(model, _param_groups(cfg, model, card.head),
                           optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, schedule=cfg.schedule,
                           steps=steps * cfg.epochs, warmup_steps=round(cfg.warmup_epochs * steps), seed=cfg.seed,
                           device=device)
         state.fingerprints = prints  # last.pt records what the run trains on and with
+        state.ema = WeightAverage(model, cfg.ema) if cfg.ema else None
         if saved is not None:
             state.resume(saved, out / "last.pt", seed=cfg.seed, dist=dist)
             where = f"epoch {state.epoch}" + ("" if state.step is None else f", step {state.step}/{steps}")
@@ -293,8 +299,15 @@ def _epochs(cfg: TrainConfig, out: Path, state: TrainState, stage: Stage, card: 
         log.info("%s has trained all %d epochs: evaluating it again (resume with --epochs N to train more)", out,
                  cfg.epochs)
     weights = None if cfg.class_weights == "none" else sources.inverse_frequency(stage.train.labels, card.num_classes)
+    mixing = Mixing(cfg.mixup, cfg.cutmix) if cfg.mixup or cfg.cutmix else None
     setup = engine.StepSetup(stage.train_tf, device, precision, stage.micro, cfg.label_smoothing,
-                             None if weights is None else weights.to(device), cfg.batchnorm, dist)
+                             None if weights is None else weights.to(device), cfg.batchnorm, dist, mixing)
+    if mixing is not None:
+        log.info("%s: train_acc counts an answer right when it is the label with the larger share of each mixed "
+                 "image", " + ".join(n for n in ("mixup", "cutmix") if getattr(cfg, n)))
+    averaged = None if state.ema is None else _runner_of(state.ema.module, cfg, card.head, stage, frozen_blocks)
+    if state.ema is not None:
+        log.info("validating and saving the weights' moving average (--ema %g)", cfg.ema)
     draws = balanced_draws(stage.train.labels, card.num_classes) if cfg.sampler == "balanced" else None
     runner = torch.compile(stage.runner) if cfg.compile else stage.runner
     wrapped, trains = None, None
@@ -309,13 +322,21 @@ def _epochs(cfg: TrainConfig, out: Path, state: TrainState, stage: Stage, card: 
         if wrapped is None or (dist.on and frozen != trains):  # DDP syncs the parameters that train when built
             wrapped, trains = dist.wrap(stage.runner, runner, cfg.compile, device), frozen
         order = state.epoch_order(epoch, len(stage.train), draws)
+        # mixing needs each row's partner, anywhere in the batch: every process decodes the whole batch
         loader = batches(stage.train, cfg.batch_size, order=order, start=state.step or 0, drop_last=drop_last,
-                         workers=cfg.workers, share=dist.shard if dist.on else None)
-        tally = _train_epoch(cfg, out, state, wrapped, loader, setup, epoch, order, steps, dist, stop)
+                         workers=cfg.workers, share=dist.shard if dist.on and mixing is None else None)
+        size = progressive_size(epoch, cfg.epochs, cfg.progressive, card.preprocessing.image_size)
+        if size != card.preprocessing.image_size:
+            log.info("epoch %d trains at %d px (--progressive %d)", epoch, size, cfg.progressive)
+        epoch_setup = replace(setup, transform=stage.train_tf.resized(size)) if cfg.progressive else setup
+        tally = _train_epoch(cfg, out, state, wrapped, loader, epoch_setup, epoch, order, steps, dist, stop)
         dist.sync_buffers(stage.runner)  # each process's last step moved its own statistics
+        if state.ema is not None:
+            dist.sync_buffers(state.ema.module)  # ... and so their averages
         val = dict.fromkeys(("val_acc", "val_balanced_acc", "val_macro_f1", "val_loss"))
         if stage.val is not None:
-            logits, labels = engine.evaluate(runner, stage.val, stage.eval_tf, batch_size=stage.eval_batch,
+            logits, labels = engine.evaluate(runner if averaged is None else averaged, stage.val, stage.eval_tf,
+                                             batch_size=stage.eval_batch,
                                              device=device, precision=precision, dist=dist, workers=cfg.workers)
             val = _val_figures(logits, labels, card.classes)
         val_acc = val["val_acc"]
@@ -327,12 +348,82 @@ def _epochs(cfg: TrainConfig, out: Path, state: TrainState, stage: Stage, card: 
         if dist.main:
             write_metrics(out, state.history)
             if best:
-                save_model(out, state.model, card.replace(best_epoch=epoch, val_acc=val_acc, epochs_trained=epoch,
-                                                          batch_size=cfg.batch_size))
+                shipped = state.model if state.ema is None else state.ema.module
+                save_model(out, shipped, card.replace(best_epoch=epoch, val_acc=val_acc, epochs_trained=epoch,
+                                                      batch_size=cfg.batch_size))
             save_last(out, state.state_dict())
         if dist.sum(float(stop.requested))[0] > 0 and epoch < cfg.epochs:
             raise Interrupted(f"interrupted after epoch {epoch}; checkpoint saved. "
                               f"Resume with: {resume_command(out, dist)}", dist.main)
+
+
+def progressive_size(epoch: int, epochs: int, start: int | None, size: int) -> int:
+    """--progressive: the side epoch `epoch` of `epochs` trains at: `start` first, `size` last, in between
+    the straight line rounded to a multiple of 32 px."""
+    if start is None or epoch >= epochs:
+        return size
+    if epoch == 1:
+        return start
+    between = start + (size - start) * (epoch - 1) / (epochs - 1)
+    return min(size, max(start, 32 * round(between / 32)))
+
+
+def _check_progressive(cfg: TrainConfig, bb: models.Backbone, size: int) -> None:
+    if cfg.progressive is None:
+        return
+    if cfg.progressive >= size:
+        raise TransferkitError(f"--progressive {cfg.progressive} must be smaller than the input size ({size} px); "
+                               "lower it or raise --image-size")
+    if cfg.model.startswith(models.FIXED_SIZE):
+        raise TransferkitError(f"{cfg.model} takes {size} px inputs only; --progressive needs a convolutional model "
+                               "(resnet, mobilenet, efficientnet, convnext...)")
+    models.check_side(cfg.model, cfg.progressive, size)
+
+
+def _check_uncached(cfg: TrainConfig) -> None:
+    """Refuse what transforms training images where training runs on cached features (there are none)."""
+    asked = [flag for flag, on in (("--augment-policy", cfg.augment_policy != "none"),
+                                   ("--random-erasing", cfg.random_erasing > 0), ("--mixup", cfg.mixup > 0),
+                                   ("--cutmix", cfg.cutmix > 0), ("--progressive", cfg.progressive is not None))
+             if on]
+    if asked:
+        raise TransferkitError(f"{', '.join(asked)} change(s) the training images, and this run trains on cached "
+                               "features of them (--strategy linear or --trainable-blocks); add --no-feature-cache "
+                               "to train on the images, or drop " + ", ".join(asked))
+
+
+def _param_groups(cfg: TrainConfig, model: torch.nn.Module, head: str) -> list[dict]:
+    """The optimizer's groups: head and backbone, or with --layer-decay one per backbone block."""
+    if cfg.layer_decay == 1:
+        return models.param_groups(model, head, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay)
+    try:
+        blocks = models.block_names(model, head)
+    except TransferkitError:
+        raise TransferkitError(f"--layer-decay needs a backbone built from a sequence of blocks (ResNet, RegNet, "
+                               f"MobileNet, EfficientNet, ConvNeXt...), not {type(model).__name__}; drop "
+                               "--layer-decay") from None
+    return layer_decay_groups(model, head, blocks, lr=cfg.lr,
+                              backbone_lr_mult=cfg.backbone_lr_mult, layer_decay=cfg.layer_decay,
+                              weight_decay=cfg.weight_decay)
+
+
+def _augmentation(cfg: TrainConfig) -> str:
+    """The report's line on what changed the training images."""
+    parts = [f"random-resized crop (area >= {cfg.crop_scale:g})" + (" + flip" if cfg.flip else "")] if cfg.augment \
+        else []
+    parts += [cfg.augment_policy] if cfg.augment_policy != "none" else []
+    parts += [f"random erasing p {cfg.random_erasing:g}"] if cfg.random_erasing else []
+    parts += [f"{n} {getattr(cfg, n):g}" for n in ("mixup", "cutmix") if getattr(cfg, n)]
+    parts += [f"progressive {cfg.progressive} px -> {cfg.image_size} px"] if cfg.progressive else []
+    return ", ".join(parts) or "none"
+
+
+def _runner_of(model: torch.nn.Module, cfg: TrainConfig, head: str, stage: Stage,
+               frozen_blocks: list[str]) -> torch.nn.Module:
+    """What of `model` (the averaged copy) runs on the stage's splits, as stage.runner does of the model."""
+    if not stage.cached:
+        return model
+    return model.get_submodule(head) if cfg.strategy == "linear" else models.without(model, frozen_blocks)
 
 
 def balanced_draws(labels: torch.Tensor, classes: int) -> torch.Tensor:
@@ -378,6 +469,8 @@ def _train_epoch(cfg: TrainConfig, out: Path, state: TrainState, model: torch.nn
     for fig in engine.train_one_epoch(model, state.optimizer, state.scheduler, loader, setup, state.augment, start):
         tally.add(fig.loss, fig.correct, fig.images, lr)
         state.steps_taken += 1
+        if state.ema is not None:
+            state.ema.update(state.model)
         lr = state.optimizer.param_groups[0]["lr"]
         if progress.step(fig.step, fig.loss, fig.images, tally):  # every 20 steps, or --log-every
             tally.check_finite(dist, fig.step, lr)
@@ -457,9 +550,13 @@ def _setup(cfg: TrainConfig, card: ModelCard, state: TrainState, data: DataSourc
         "sampler": "balanced (each class drawn equally often)" if cfg.sampler == "balanced" else "none (each image "
                    "once per epoch)",
         "train images": f"{len(data.train):,}", "optimizer": f"{cfg.optimizer}, lr {cfg.lr:g}, "
-        f"backbone x{cfg.backbone_lr_mult:g}, {cfg.schedule}, label smoothing {cfg.label_smoothing:g}",
+        f"backbone x{cfg.backbone_lr_mult:g}{f', layer decay {cfg.layer_decay:g}' if cfg.layer_decay != 1 else ''}, "
+        f"{cfg.schedule}, label smoothing {cfg.label_smoothing:g}",
         "batch size": cfg.batch_size if not dist.on else f"{cfg.batch_size} ({dist.world} processes)",
         "precision": f"{card.precision} on {device}",
+        "augmentation": _augmentation(cfg),
+        "weights averaged": f"exponential moving average, decay {cfg.ema:g} a step (--ema): validated and saved"
+        if cfg.ema else "no",
         "test-time augmentation": "mirror image (--tta)" if cfg.tta else "none",
         "normalization": card.preprocessing.normalization,
         "recipe": cfg.recipe or "defaults",

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .averaging import WeightAverage
 from .errors import TransferkitError
 from .runtime import Dist, rank_seed
 
@@ -104,6 +105,7 @@ class TrainState:
     running: dict[str, Any] | None = None
     steps_taken: int = 0  # in this process's session (not saved): how far a fresh run got
     fingerprints: torch.Tensor | None = None  # of the run's data and settings (fingerprint.pack), checked on resume
+    ema: WeightAverage | None = None  # --ema: the average that validates and is saved
 
     @property
     def next_epoch(self) -> int:
@@ -145,6 +147,7 @@ class TrainState:
             "torch_rng": torch.get_rng_state(),
             **({} if self.step is None else {"order": self.order, "running": self.running}),
             **({} if self.fingerprints is None else {"fingerprints": self.fingerprints}),
+            **({} if self.ema is None else {"ema": self.ema.state_dict()}),
         }
 
     def resume(self, saved: dict[str, Any], source: Path, *, seed: int, dist: Dist) -> None:
@@ -165,6 +168,8 @@ class TrainState:
         self.model.load_state_dict(d["model"])
         self.optimizer.load_state_dict(d["optimizer"])
         self.scheduler.load_state_dict(d["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(d["ema"])
         self.shuffle.set_state(d["shuffle_rng"])
         self.augment.set_state(d["aug_rng"])
         if global_rng:

@@ -8,7 +8,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .preprocess import Preprocessing
+from .policies import Policy, random_erasing
+from .preprocess import Preprocessing, _upsample
 from .sources import Split
 
 
@@ -24,50 +25,78 @@ class EvalTransform:
 
 
 class TrainTransform:
-    """Random-resized-crop + horizontal flip, scale to [0, 1], normalize; all on the batch's device.
+    """Random-resized-crop + horizontal flip, an augmentation policy, scale to [0, 1], normalize, random
+    erasing; all on the batch's device.
 
     Every crop is resampled with one `grid_sample` call for the whole batch, so the per-image
-    Python work of the classic PIL loop disappears. With `augment=False` it is the EvalTransform.
+    Python work of the classic PIL loop disappears; the policy and erasing draw per image too
+    (data/policies.py). With nothing to draw it is the EvalTransform. `size`: the side it outputs
+    (--progressive trains early epochs smaller); default the preprocessing's.
     """
 
     def __init__(self, preprocessing: Preprocessing, *, augment: bool = True, flip: bool = True,
                  scale: tuple[float, float] = (0.35, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, policy: str = "none", erasing: float = 0.0,
+                 size: int | None = None) -> None:
         self.preprocessing, self.augment, self.flip = preprocessing, augment, flip
         self.scale, self.ratio, self.channels_last = scale, ratio, channels_last
+        self.policy = None if policy == "none" else Policy(policy)
+        self.policy_name, self.erasing = policy, erasing
+        self.size = size or preprocessing.image_size
+
+    def resized(self, size: int) -> TrainTransform:
+        """The same transform, its output `size` px."""
+        return TrainTransform(self.preprocessing, augment=self.augment, flip=self.flip, scale=self.scale,
+                              ratio=self.ratio, channels_last=self.channels_last, policy=self.policy_name,
+                              erasing=self.erasing, size=size)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None, *,
-                 part: tuple[slice, int] | None = None) -> torch.Tensor:
+                 part: tuple[slice | torch.Tensor, int] | None = None) -> torch.Tensor:
         """`part=(rows, n)`: `images` are these rows of a batch of n (one pass, or one rank's share);
-        the random crops are drawn for all n and these rows kept, so the result does not depend on
-        how the batch is split."""
-        if not self.augment:
+        the random numbers are drawn for all n and these rows kept, so the result does not depend on
+        how the batch is split. `rows` may be a tensor of row numbers (mixing's partner images)."""
+        full = self.size == self.preprocessing.image_size
+        if not (self.augment or self.policy or self.erasing) and full:
             return self.preprocessing.to_input(images, self.channels_last)
-        x = self._random_resized_crop(images.float().div_(255), generator, part)
-        return self.preprocessing.normalize(x, self.channels_last)
+        rand = _drawer(images.shape[0], generator, part, images.device)
+        if not self.augment and full and images.shape[-2:] != (self.size, self.size):
+            images = _upsample(images, self.size)  # as evaluation enlarges small stored images
+        x = images.float().div_(255)
+        if self.augment:
+            x = self._random_resized_crop(x, rand)
+        elif x.shape[-2:] != (self.size, self.size):  # --progressive: an early epoch's smaller side
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        if self.policy is not None:
+            x = self.policy(x, rand)
+        x = self.preprocessing.normalize(x, self.channels_last)
+        return random_erasing(x, self.erasing, rand) if self.erasing else x
 
-    def _random_resized_crop(self, x: torch.Tensor, g: torch.Generator | None,
-                             part: tuple[slice, int] | None) -> torch.Tensor:
-        n, dev = x.shape[0], x.device
+    def _random_resized_crop(self, x: torch.Tensor, rand: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        n = x.shape[0]
         h, w = x.shape[-2:]
-        rows, drawn = part if part is not None else (slice(None), n)
-
-        def rand(k: int = 1) -> torch.Tensor:
-            return torch.rand(drawn, k, generator=g, device="cpu" if g is None else g.device)[rows].to(dev)
-
-        area = self.scale[0] + (self.scale[1] - self.scale[0]) * rand()
-        log_r = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * rand()
+        area = self.scale[0] + (self.scale[1] - self.scale[0]) * rand(1)
+        log_r = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * rand(1)
         aspect = torch.exp(log_r) * (h / w)  # crop aspect in normalized units
         cw = torch.sqrt(area * aspect).clamp(max=1.0)  # crop width as a fraction of the image
         ch = torch.sqrt(area / aspect).clamp(max=1.0)
-        cx = (1 - cw) * (2 * rand() - 1)  # crop centre in [-1, 1] coordinates
-        cy = (1 - ch) * (2 * rand() - 1)
-        sign = torch.where(rand() < 0.5, -1.0, 1.0) if self.flip else torch.ones_like(cw)
+        cx = (1 - cw) * (2 * rand(1) - 1)  # crop centre in [-1, 1] coordinates
+        cy = (1 - ch) * (2 * rand(1) - 1)
+        sign = torch.where(rand(1) < 0.5, -1.0, 1.0) if self.flip else torch.ones_like(cw)
         zeros = torch.zeros_like(cw)
         theta = torch.cat([cw * sign, zeros, cx, zeros, ch, cy], dim=1).view(n, 2, 3)
-        size = self.preprocessing.image_size
-        grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+        grid = F.affine_grid(theta, [n, x.shape[1], self.size, self.size], align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _drawer(n: int, g: torch.Generator | None, part: tuple[slice | torch.Tensor, int] | None,
+            device: torch.device) -> Callable[[int], torch.Tensor]:
+    """rand(k): (rows, k) uniforms, drawn from `g` for the whole batch and these rows kept."""
+    rows, drawn = part if part is not None else (slice(None), n)
+
+    def rand(k: int = 1) -> torch.Tensor:
+        return torch.rand(drawn, k, generator=g, device="cpu" if g is None else g.device)[rows].to(device)
+
+    return rand
 
 
 def batches(

@@ -463,6 +463,11 @@ def caches_activations(model: nn.Module) -> bool:
     return not timm_family.is_timm_model(model)
 
 
+def block_names(model: nn.Module, head: str) -> list[list[str]]:
+    """The backbone's blocks (`blocks` without the classifier), from the input up: what --layer-decay scales."""
+    return blocks(model, head)[:-1]
+
+
 def frozen_prefix(model: nn.Module, head: str, trainable_blocks: int) -> list[str]:
     """What stays frozen when the last `trainable_blocks` blocks with parameters train: for torchvision's
     models the trunk's modules before them; for timm's the parameter prefixes of the blocks before them."""
