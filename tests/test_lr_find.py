@@ -178,3 +178,14 @@ def test_bad_input_exits_2_with_a_sentence(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:  # argparse's own exit
         cli.main(["train", "--data", str(tmp_path), "--lr", "fast"])
     assert stop.value.code == 2 and "a number or auto" in capsys.readouterr().err
+
+
+def test_a_loss_that_never_falls_gives_no_suggestion_rather_than_an_lr_below_the_ramp():
+    from transferkit import lr_find
+
+    lrs = list(np.geomspace(1e-7, 1.0, 20))
+    rising = [0.7 + 0.01 * i for i in range(20)]  # random weights over a short ramp: the loss only grows
+    with pytest.raises(lr_find.NoDescent, match="did not fall.*--steps or pass --lr"):
+        lr_find.suggest(lrs, rising)
+    falling = [2.0 - 0.05 * i for i in range(15)] + [1.3 + 0.2 * i for i in range(5)]
+    assert lrs[1] <= lr_find.suggest(lrs, falling) <= lrs[-1]

@@ -215,7 +215,7 @@ def _range_test(cfg: TrainConfig, model: torch.nn.Module, stage: Stage, card: Mo
     weights = None if cfg.class_weights == "none" else sources.inverse_frequency(stage.train.labels, card.num_classes)
     setup = engine.StepSetup(stage.train_tf, device, precision, stage.micro, cfg.label_smoothing,
                              None if weights is None else weights.to(device), cfg.batchnorm)
-    groups = models.param_groups(model, card.head, 1.0, cfg.backbone_lr_mult, cfg.weight_decay)
+    groups = _param_groups(cfg.replace(lr=1.0), model, card.head)  # the ramp scales them (--layer-decay too)
     end = ramp.pop("end_lr", None) or max(lr_find.END_LR, 10 * cfg.lr if cfg.lr != "auto" else 0)
     steps, _ = engine.steps_per_epoch(len(stage.train), cfg.batch_size, SINGLE)
     mean = lr_find.schedule_mean(cfg.schedule, steps * cfg.epochs, round(cfg.warmup_epochs * steps))
@@ -236,12 +236,21 @@ def _auto_lr(cfg: TrainConfig, out: Path, model: torch.nn.Module, stage: Stage, 
     if dist.on and cfg.batchnorm == "sync":  # SyncBatchNorm in rank 0's test would wait for the other processes
         raise TransferkitError("--lr auto with --batchnorm sync under torchrun: run 'transferkit lr-find' with the "
                                "same settings in one process first, then pass its suggestion as --lr")
-    found = _range_test(cfg, model, stage, card, frozen_blocks, device, precision) if dist.main else None
-    cfg = cfg.replace(lr=dist.share(None if found is None else found.suggestion))
-    log.info("--lr auto: lr %.3g, the LR range test's suggestion (curve: %s)", cfg.lr, out / lr_find.PNG_FILE)
+    found, lr = None, None
+    if dist.main:
+        try:
+            found = _range_test(cfg, model, stage, card, frozen_blocks, device, precision)
+            lr = found.suggestion
+        except lr_find.NoDescent as e:  # an lr to train at still beats no run: the default, said so
+            lr = TrainConfig.__dataclass_fields__["lr"].default
+            log.warning("--lr auto: %s; training at the default lr %g instead", e, lr)
+    cfg = cfg.replace(lr=dist.share(lr))
+    if found is not None:
+        log.info("--lr auto: lr %.3g, the LR range test's suggestion (curve: %s)", cfg.lr, out / lr_find.PNG_FILE)
     requested["lr"] = "auto"
     if dist.main:
-        lr_find.write(out, found, f"{cfg.model} on {cfg.data}, {cfg.strategy}")
+        if found is not None:
+            lr_find.write(out, found, f"{cfg.model} on {cfg.data}, {cfg.strategy}")
         atomic_write(out / "config.yaml", cfg.to_yaml(requested))
     return cfg
 

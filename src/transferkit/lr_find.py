@@ -90,6 +90,10 @@ def zero_phase(values: np.ndarray, beta: float = BETA) -> np.ndarray:
     return ema(ema(values, beta)[::-1], beta)[::-1]
 
 
+class NoDescent(TransferkitError):
+    """The range test's loss never fell: no lr can be read off the curve."""
+
+
 def suggest(lrs: list[float], losses: list[float]) -> float:
     """The lr where the smoothed loss falls fastest per decade, between the first 10% of the steps and the
     smoothed minimum.
@@ -104,6 +108,9 @@ def suggest(lrs: list[float], losses: list[float]) -> float:
         raise TransferkitError("the range test ended after fewer than 5 finite losses; lower --start-lr")
     s = zero_phase(y)
     lo, hi = max(1, int(SKIP * len(s))), int(np.argmin(s))
+    if hi - lo < 3 and (hi == 0 or s[hi] > 0.99 * s[0]):
+        raise NoDescent(f"the loss did not fall over the LR range test ({len(s)} steps, lr {lrs[0]:.1e} to "
+                        f"{lrs[-1]:.1e}), so there is no lr to suggest; run more --steps or pass --lr")
     if hi - lo < 3:
         log.warning("lr-find: the smoothed loss has no clear descent before its minimum; suggesting a tenth of "
                     "the lr at the lowest loss")
