@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -86,19 +85,6 @@ def _errors(proc: subprocess.CompletedProcess) -> int:
     return sum(line.startswith("error:") for line in proc.stderr.splitlines())
 
 
-def _in_process(capsys, *args) -> subprocess.CompletedProcess:
-    """`transferkit ARGS` in this process (16 of them would spend a minute starting Pythons), logger restored."""
-    from transferkit import cli
-
-    logger = logging.getLogger("transferkit")
-    kept = logger.handlers[:], logger.level, logger.propagate
-    try:
-        code = cli.main([str(a) for a in args])
-    finally:
-        logger.handlers[:], logger.level, logger.propagate = kept[0], kept[1], kept[2]
-    return subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
-
-
 def test_eval_and_predict_on_folders_that_are_not_runs_say_so(run_and_data, tmp_path, capsys):
     run, data = run_and_data
     broken = tmp_path / "broken"
@@ -115,8 +101,8 @@ def test_eval_and_predict_on_folders_that_are_not_runs_say_so(run_and_data, tmp_
     for folder, message in [(broken, "not a transferkit run folder"), (tmp_path / "afile", "not a transferkit run"),
                             (empty, "not a transferkit run folder"), (tmp_path / "nowhere", "not a transferkit run"),
                             (nomodel, "model.safetensors is missing")]:
-        for proc in (_in_process(capsys, "eval", folder, "--data", data), _in_process(capsys, "eval", folder),
-                     _in_process(capsys, "predict", folder, data)):
+        for proc in (run_cli("eval", folder, "--data", data), run_cli("eval", folder),
+                     run_cli("predict", folder, data)):
             assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
             assert message in proc.stderr and _errors(proc) == 1, proc.stderr
 

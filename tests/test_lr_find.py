@@ -4,8 +4,6 @@ config.yaml records what was asked for and what trained, bad input is one senten
 from __future__ import annotations
 
 import json
-import logging
-import subprocess
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import needs_weights
+from conftest import needs_weights, run_cli
 from transferkit import cli, engine, lr_find, models
 from transferkit.data.sources import Split
 from transferkit.data.transforms import batches
@@ -81,18 +79,6 @@ def _range_test(head: nn.Module, train: Split, seed: int = 0, **kw) -> lr_find.R
                               optimizer="adamw", momentum=0.9, batch_size=64, seed=seed, schedule_mean=mean, **kw)
 
 
-def _in_process(capsys, *args) -> subprocess.CompletedProcess:
-    """`transferkit ARGS` in this process (a Python start each would cost seconds), the logger restored."""
-    logger = logging.getLogger("transferkit")
-    kept = logger.handlers[:], logger.level, logger.propagate
-    try:
-        code = cli.main([str(a) for a in args])
-    finally:
-        logger.handlers[:], logger.level, logger.propagate = kept
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
-
-
 def test_the_suggestion_falls_in_the_range_a_sweep_finds_good(one_thread):
     train, val = _features()
     sweep = np.logspace(-3, 0, 13)  # quarter decades
@@ -141,7 +127,7 @@ def test_steps_below_ten_are_refused_in_a_sentence():
 @needs_weights
 def test_lr_find_cli_on_cached_features_writes_the_curve_and_plot(cifar_small, tmp_path, capsys):
     out = tmp_path / "lrf"
-    proc = _in_process(capsys, "lr-find", "--data", cifar_small, *PROBE, "--out", out)
+    proc = run_cli("lr-find", "--data", cifar_small, *PROBE, "--out", out)
     assert proc.returncode == 0, proc.stderr
     saved = json.loads((out / "lr_find.json").read_text())
     assert f"suggested lr {saved['suggestion']:.2e}" in proc.stdout
@@ -153,7 +139,7 @@ def test_lr_find_cli_on_cached_features_writes_the_curve_and_plot(cifar_small, t
 @needs_weights
 def test_train_lr_auto_records_the_resolved_and_the_requested_lr(cifar_small, tmp_path, capsys):
     out = tmp_path / "run"
-    proc = _in_process(capsys, "train", "--data", cifar_small, *PROBE, "--epochs", "1", "--lr", "auto", "--out", out)
+    proc = run_cli("train", "--data", cifar_small, *PROBE, "--epochs", "1", "--lr", "auto", "--out", out)
     assert proc.returncode == 0, proc.stderr
     config = yaml.safe_load((out / "config.yaml").read_text())
     suggestion = json.loads((out / "lr_find.json").read_text())["suggestion"]
@@ -162,7 +148,7 @@ def test_train_lr_auto_records_the_resolved_and_the_requested_lr(cifar_small, tm
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["lr_start"] <= suggestion  # the run trained at the suggestion (warmup rises to it)
     # A resume continues at the resolved lr: no second range test, the same config.yaml
-    proc = _in_process(capsys, "train", "--resume", out, "--epochs", "2")
+    proc = run_cli("train", "--resume", out, "--epochs", "2")
     assert proc.returncode == 0, proc.stderr
     assert "--lr auto" not in proc.stderr and "lr-find" not in proc.stderr
     resumed = yaml.safe_load((out / "config.yaml").read_text())
@@ -171,9 +157,9 @@ def test_train_lr_auto_records_the_resolved_and_the_requested_lr(cifar_small, tm
 
 
 def test_bad_input_exits_2_with_a_sentence(tmp_path, capsys):
-    proc = _in_process(capsys, "lr-find", "--data", tmp_path / "missing", "--strategy", "linear")
+    proc = run_cli("lr-find", "--data", tmp_path / "missing", "--strategy", "linear")
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "missing" in proc.stderr, proc.stderr
-    proc = _in_process(capsys, "lr-find", "--data", tmp_path, "--steps", "0")
+    proc = run_cli("lr-find", "--data", tmp_path, "--steps", "0")
     assert proc.returncode == 2 and "at least 10 steps" in proc.stderr, proc.stderr
     with pytest.raises(SystemExit) as stop:  # argparse's own exit
         cli.main(["train", "--data", str(tmp_path), "--lr", "fast"])
