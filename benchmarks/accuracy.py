@@ -94,7 +94,7 @@ def recipes(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     out = []
     for item in args.compare:
         label, sep, flags = item.partition("=")
-        if not sep or label.startswith("-") or " " in label:
+        if not sep or label.lstrip().startswith("-"):  # flags alone ('--lr=0.1' too): they label it
             label, flags = item.strip() or "defaults", item
         out.append((label, common + shlex.split(flags)))
     return out

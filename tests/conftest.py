@@ -88,6 +88,17 @@ def link_subset(src: Path, dst: Path, per_class: int, classes: list[str] | None 
     return dst
 
 
+def cifar_folder(tmp_path_factory, name: str, train: int, test: int, classes: list[str] | None = None) -> Path:
+    """root/train and root/test with the first `train` / `test` images a class of the shared CIFAR-10 folder
+    (links); skips the test where that folder is not beside the checkout."""
+    if not (SHARED_CIFAR / "train").is_dir():
+        pytest.skip(f"shared CIFAR-10 folder not found at {SHARED_CIFAR}")
+    root = tmp_path_factory.mktemp(name)
+    link_subset(SHARED_CIFAR / "train", root / "train", train, classes)
+    link_subset(SHARED_CIFAR / "test", root / "test", test, classes)
+    return root
+
+
 @pytest.fixture(scope="session")
 def cifar_small(tmp_path_factory) -> Path:
     """root/train (40 per class) + root/test (20 per class) from the shared CIFAR-10 folder."""

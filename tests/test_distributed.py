@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SHARED_CIFAR, link_subset, needs_weights, run_cli
+from conftest import cifar_folder, needs_weights, run_cli
 from transferkit.data.preprocess import Preprocessing
 from transferkit.data.transforms import TrainTransform
 from transferkit.runtime import Dist
@@ -50,13 +50,7 @@ def test_the_random_crops_of_a_share_are_those_of_the_whole_batch():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    if not (SHARED_CIFAR / "train").is_dir():
-        pytest.skip(f"shared CIFAR-10 folder not found at {SHARED_CIFAR}")
-    root = tmp_path_factory.mktemp("ddp-data")
-    classes = ["airplane", "cat", "ship", "truck"]
-    link_subset(SHARED_CIFAR / "train", root / "train", 24, classes)
-    link_subset(SHARED_CIFAR / "test", root / "test", 10, classes)
-    return root
+    return cifar_folder(tmp_path_factory, "ddp-data", 24, 10, ["airplane", "cat", "ship", "truck"])
 
 
 def torchrun(*args, procs: int = 2, restarts: int = 0, popen: bool = False):

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import transferkit.checkpoint as ckpt
-from conftest import SHARED_CIFAR, link_subset, run_cli
+from conftest import SHARED_CIFAR, cifar_folder, link_subset, run_cli
 from transferkit import TrainConfig, TransferkitError, train
 
 CLASSES = ["airplane", "cat", "ship"]
@@ -27,12 +27,7 @@ CLASSES = ["airplane", "cat", "ship"]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    if not (SHARED_CIFAR / "train").is_dir():
-        pytest.skip(f"shared CIFAR-10 folder not found at {SHARED_CIFAR}")
-    root = tmp_path_factory.mktemp("tiny")
-    link_subset(SHARED_CIFAR / "train", root / "train", 12, CLASSES)
-    link_subset(SHARED_CIFAR / "test", root / "test", 6, CLASSES)
-    return root
+    return cifar_folder(tmp_path_factory, "tiny", 12, 6, CLASSES)
 
 
 def train_args(data, out):
@@ -59,6 +54,23 @@ def wait_for_checkpoints(proc, path, count, timeout=120):
         time.sleep(0.002)
 
 
+def kill_and_resume(p, run, counts, rng=None):
+    """SIGKILL the training process `p` when last.pt has been written `counts[i]` times (a random jitter of up
+    to 50 ms after it with `rng`), resume after each kill, and wait for the last process to finish; the kills."""
+    kills = 0
+    for count in counts:
+        wait_for_checkpoints(p, run / "last.pt", count)
+        if rng is not None:
+            time.sleep(rng.uniform(0, 0.05))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait()
+        p = start("train", "--resume", run)
+    assert p.wait() == 0, p.stderr.read()
+    return kills
+
+
 def outcome(run):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     keep = ("epoch", "train_loss", "train_acc", "val_acc", "lr_start", "lr_end", "backbone_frozen")
@@ -83,17 +95,8 @@ def straight(tiny, tmp_path_factory):
 def test_sigkill_at_random_points_then_resume_gives_identical_results(tiny, straight, tmp_path):
     run = tmp_path / "killed"
     rng = random.Random(7)
-    p = start(*train_args(tiny, run))
-    kills = 0
-    for count in (1, 5, 9):  # several points, across epochs; the jitter lands some kills mid-write
-        wait_for_checkpoints(p, run / "last.pt", count)
-        time.sleep(rng.uniform(0, 0.05))
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            kills += 1
-        p.wait()
-        p = start("train", "--resume", run)
-    assert p.wait() == 0, p.stderr.read()
+    # several points, across epochs; the jitter lands some kills mid-write
+    kills = kill_and_resume(start(*train_args(tiny, run)), run, (1, 5, 9), rng)
     assert kills >= 2
     same(outcome(straight), outcome(run))
 

@@ -11,18 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 import transferkit.fit as fit
-from conftest import SHARED_CIFAR, link_subset, needs_cifar
+from conftest import cifar_folder, needs_cifar
 from transferkit import TrainConfig, TransferkitError, train
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    if not (SHARED_CIFAR / "train").is_dir():
-        pytest.skip(f"shared CIFAR-10 folder not found at {SHARED_CIFAR}")
-    root = tmp_path_factory.mktemp("tiny")
-    link_subset(SHARED_CIFAR / "train", root / "train", 12, ["airplane", "cat", "ship"])
-    link_subset(SHARED_CIFAR / "test", root / "test", 6, ["airplane", "cat", "ship"])
-    return root
+    return cifar_folder(tmp_path_factory, "tiny", 12, 6, ["airplane", "cat", "ship"])
 
 
 def _cfg(tiny, out, **kw):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
-import time
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from safetensors.torch import load_file
 
 import transferkit.fit as fit
 from conftest import SHARED_CIFAR, link_subset, run_cli
-from test_faults import start, wait_for_checkpoints
+from test_faults import kill_and_resume, start
 from transferkit import TrainConfig, train
 from transferkit.report import accuracy_line, classification_metrics
 
@@ -232,18 +230,9 @@ def test_sigkill_then_resume_with_patience_and_balanced_sampler_is_bit_identical
     straight = tmp_path / "straight"
     proc = run_cli(*fault_args(lopsided, straight))
     assert proc.returncode == 0, proc.stderr
-    run, rng, kills = tmp_path / "killed", random.Random(11), 0
-    p = start(*fault_args(lopsided, run))
-    for count in (2, 7, 12):  # epoch 1, epoch 2, then the end of epoch 3: the stop decided, not yet evaluated
-        wait_for_checkpoints(p, run / "last.pt", count)
-        time.sleep(rng.uniform(0, 0.05))
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            kills += 1
-        p.wait()
-        p = start("train", "--resume", run)
-    assert p.wait() == 0, p.stderr.read()
-    assert kills >= 2
+    run = tmp_path / "killed"
+    # epoch 1, epoch 2, then the end of epoch 3: the stop decided, not yet evaluated
+    assert kill_and_resume(start(*fault_args(lopsided, run)), run, (2, 7, 12), random.Random(11)) >= 2
     a, b = outcome(straight), outcome(run)
     assert [r["epoch"] for r in a[0]] == [1, 2, 3] and a[3] == 1
     assert a[0] == b[0] and a[1] == b[1] and a[3] == b[3]

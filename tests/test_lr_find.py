@@ -156,6 +156,16 @@ def test_train_lr_auto_records_the_resolved_and_the_requested_lr(cifar_small, tm
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+@needs_weights
+def test_lr_find_help_lists_what_changes_the_range_test_and_still_takes_a_train_commands_flags(cifar_small,
+                                                                                                 tmp_path):
+    shown = run_cli("lr-find", "--help").stdout
+    assert "--steps" in shown and "--augment-policy" in shown and "--layer-decay" in shown
+    assert "NCCL" not in shown and "--tta" not in shown and "--patience" not in shown and "--ema" not in shown
+    proc = run_cli("lr-find", "--data", cifar_small, *PROBE, "--tta", "--patience", "2", "--out", tmp_path / "lrf")
+    assert proc.returncode == 0 and "suggested lr" in proc.stdout, proc.stderr
+
+
 def test_bad_input_exits_2_with_a_sentence(tmp_path, capsys):
     proc = run_cli("lr-find", "--data", tmp_path / "missing", "--strategy", "linear")
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "missing" in proc.stderr, proc.stderr

@@ -3,8 +3,6 @@ resizing. Each draws from the run's generators, so it reproduces exactly, and a 
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +12,7 @@ from skimage import data as photos
 from torchvision.transforms.v2 import functional as TF
 
 from conftest import SHARED_CIFAR, link_subset
-from test_faults import outcome, same, start, wait_for_checkpoints
+from test_faults import kill_and_resume, outcome, same, start
 from transferkit import TrainConfig, TransferkitError, train
 from transferkit.averaging import WeightAverage
 from transferkit.data.mixing import Mixing
@@ -304,17 +302,9 @@ def test_sigkill_then_resume_with_policy_mixing_and_ema_is_bit_identical(tiny, t
     train(TrainConfig.create(data=str(tiny), out=str(straight), **RECIPE))
     assert "train_acc counts an answer right when it is the label with the larger share" in caplog.text
     args = [f"--{k.replace('_', '-')}={v}" for k, v in RECIPE.items()]
-    run, kills = tmp_path / "killed", 0
-    p = start("train", "--data", tiny, *args, "--out", run)
-    for count in (1, 2):  # at step 2 of epoch 1, then (resumed) after epoch 1 and at step 2 of epoch 2
-        wait_for_checkpoints(p, run / "last.pt", count)
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            kills += 1
-        p.wait()
-        p = start("train", "--resume", run)
-    assert p.wait() == 0, p.stderr.read()
-    assert kills == 2
+    run = tmp_path / "killed"
+    # at step 2 of epoch 1, then (resumed) after epoch 1 and at step 2 of epoch 2
+    assert kill_and_resume(start("train", "--data", tiny, *args, "--out", run), run, (1, 2)) == 2
     same(outcome(straight), outcome(run))
 
 

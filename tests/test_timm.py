@@ -7,15 +7,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SHARED_CIFAR, link_subset
-from test_faults import outcome, same, start, wait_for_checkpoints
+from conftest import cifar_folder
+from test_faults import kill_and_resume, outcome, same, start
 from transferkit import TrainConfig, TransferkitError, train
 from transferkit.checkpoint import read_card
 from transferkit.cli import main
@@ -44,12 +42,7 @@ needs_lite0 = pytest.mark.skipif(timm_family.lite0_file() is None,
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    if not (SHARED_CIFAR / "train").is_dir():
-        pytest.skip(f"shared CIFAR-10 folder not found at {SHARED_CIFAR}")
-    root = tmp_path_factory.mktemp("tiny")
-    link_subset(SHARED_CIFAR / "train", root / "train", 8, CLASSES)
-    link_subset(SHARED_CIFAR / "test", root / "test", 4, CLASSES)
-    return root
+    return cifar_folder(tmp_path_factory, "tiny", 8, 4, CLASSES)
 
 
 def tiny_config(data, out, **kw) -> TrainConfig:
@@ -120,16 +113,9 @@ def test_a_timm_run_resumes_bit_identically_after_sigkill_and_eval_reproduces_it
             "--checkpoint-every", "1"]
     straight, run = tmp_path / "straight", tmp_path / "killed"
     uninterrupted = start(*args, "--out", straight)  # alongside the killed one: the same work, half the wait
-    p = start(*args, "--out", run)
-    wait_for_checkpoints(p, run / "last.pt", 3)  # mid-epoch 1
-    time.sleep(random.Random(3).uniform(0, 0.03))  # the jitter may land the kill mid-write
-    killed = p.poll() is None
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    p = start("train", "--resume", run)
-    assert p.wait() == 0, p.stderr.read()
+    # killed mid-epoch 1 (the jitter may land the kill mid-write), then resumed
+    assert kill_and_resume(start(*args, "--out", run), run, (3,), random.Random(3)) == 1
     assert uninterrupted.wait() == 0, uninterrupted.stderr.read()
-    assert killed
     same(outcome(straight), outcome(run))
     assert main(["eval", str(run), "--json"]) == 0
     report = json.loads((run / "report.json").read_text())

@@ -11,15 +11,14 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import typing
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .config import RECIPES, TrainConfig
+from .config import AUTO_FINETUNE_FROM, RECIPES, TrainConfig
 from .errors import Interrupted, TransferkitError, did_you_mean
-from .files import umask
+from .files import temp_beside, umask
 from .runfolder import RESUMABLE_CHANGES
 
 # Every TrainConfig setting, by group, with one line of help: (name, metavar, help). The default is added
@@ -46,8 +45,10 @@ GROUPS: dict[str, tuple[str, list[tuple[str, str | None, str]]]] = {
         ("weights", "W", "imagenet (its ImageNet weights, preferring ones on this machine; timm's pretrained "
                          "weights for timm models) | DEFAULT | a torchvision weights name such as IMAGENET1K_V1 | "
                          "FILE.pth/.safetensors | none"),
-        ("strategy", None, "linear: frozen backbone, head only; finetune: everything (backbone at "
-                           "--backbone-lr-mult); gradual: head only for --head-epochs, then everything"),
+        ("strategy", None, f"auto: linear below {AUTO_FINETUNE_FROM} training images a class, else "
+                           "finetune (the log says which and why); linear: frozen backbone, head only (on cached "
+                           "features); finetune: everything (backbone at --backbone-lr-mult); gradual: head only "
+                           "for --head-epochs, then everything"),
         ("trainable_blocks", "K", "train only the backbone's last K blocks and the head (finetune, gradual) "
                                   "[default: all blocks]"),
         ("head_epochs", "N", "gradual: epochs with a frozen backbone before everything trains"),
@@ -175,7 +176,13 @@ def _number_or(*words: str):
     return parse
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+# train flags that change nothing in an LR range test: lr-find takes them (a train command's flags work as
+# they are) but leaves them out of its --help
+LR_FIND_HIDDEN = frozenset({"select_by", "patience", "min_delta", "ema", "tta", "calibrate", "log_every",
+                            "checkpoint_every"})
+
+
+def _add_config_flags(p: argparse.ArgumentParser, hidden: frozenset[str] = frozenset()) -> None:
     hints = typing.get_type_hints(TrainConfig)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for title, (description, entries) in GROUPS.items():
@@ -186,7 +193,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             args = typing.get_args(kind)
             base = next((a for a in args if a is not type(None)), kind) if args and type(None) in args else kind
             shown = "" if "[default" in text or name == "data" else f" [default: {_default(defaults[name])}]"
-            extra: dict = {"default": None, "help": text + shown}
+            extra: dict = {"default": None, "help": argparse.SUPPRESS if name in hidden else text + shown}
             if base is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, **extra)
             elif typing.get_origin(base) is typing.Literal:
@@ -198,7 +205,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                 group.add_argument(flag, type=float, nargs=3, metavar=("R", "G", "B"), **extra)
             else:
                 group.add_argument(flag, type=base, metavar=metavar, **extra)
-    p.add_argument_group("distributed", DISTRIBUTED)
+    if not hidden:
+        p.add_argument_group("distributed", DISTRIBUTED)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "The model is not changed. With --strategy linear it runs on cached features "
                                     "in seconds.",
                         formatter_class=_Help)
-    _add_config_flags(lf)
+    _add_config_flags(lf, hidden=LR_FIND_HIDDEN)
     ramp = lf.add_argument_group("the lr ramp")
     ramp.add_argument("--steps", type=int, default=100, metavar="N", help="steps of the ramp [default: 100]")
     ramp.add_argument("--start-lr", type=float, default=1e-7, metavar="LR", help="the first step's lr "
@@ -434,16 +442,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _csv_out(path: Path) -> tuple[str, typing.TextIO]:
     """A temporary file beside `path`, open for the CSV (renamed onto `path` when all is written)."""
-    if path.is_dir():
-        raise TransferkitError(f"--csv {path} is a folder; name a file, e.g. {path / 'predictions.csv'}")
-    folder = path.parent
-    if not folder.is_dir():
-        raise TransferkitError(f"--csv {path}: the folder {folder} does not exist; create it or write elsewhere")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise TransferkitError(f"--csv {path}: cannot write into {folder} ({e.strerror or e}); pick a writable "
-                               "folder") from None
+    fd, tmp = temp_beside(path, "--csv", "predictions.csv")
     return tmp, os.fdopen(fd, "w", newline="")
 
 

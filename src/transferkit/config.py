@@ -13,7 +13,7 @@ import yaml
 
 from .errors import TransferkitError, did_you_mean
 
-Strategy = Literal["linear", "finetune", "gradual"]
+Strategy = Literal["auto", "linear", "finetune", "gradual"]
 Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["cosine", "constant"]
 Precision = Literal["auto", "bf16", "fp32"]
@@ -23,6 +23,10 @@ BatchNorm = Literal["train", "frozen", "sync"]
 SelectBy = Literal["accuracy", "balanced-accuracy", "macro-f1", "loss"]
 Sampler = Literal["none", "balanced"]
 AugmentPolicy = Literal["none", "trivialaugment", "randaugment"]
+
+# --strategy auto: below this many training images a class (on average) a run is a linear probe on cached
+# features, from it on a full fine-tune; measured on real photos (README, "Small data").
+AUTO_FINETUNE_FROM = 500
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class TrainConfig:
     data_dir: str | None = None  # root for named data sets (torchvision downloads there)
     model: str = "mobilenet_v2"
     weights: str = "imagenet"  # imagenet | DEFAULT | <torchvision name> | path.pth/.safetensors | none
-    strategy: Strategy = "finetune"
+    strategy: Strategy = "auto"  # auto: linear or finetune, chosen by the training split's size (fit.py)
     trainable_blocks: int | None = None  # train only the last K blocks of the backbone (and the head)
     head_epochs: int = 1  # 'gradual': epochs with a frozen backbone before everything trains
     epochs: int = 5

@@ -36,7 +36,7 @@ from .data.preprocess import Preprocessing, _upsample
 from .data.sources import Split, stratified_subset
 from .data.transforms import batches
 from .errors import CheckFailed, TransferkitError
-from .files import atomic_write, umask
+from .files import atomic_write, temp_beside, umask
 
 log = logging.getLogger(__name__)
 
@@ -343,16 +343,7 @@ def _copy_metadata(src: Path, dst: Path, extra: dict[str, str]) -> None:
 
 def check_destination(out: Path) -> None:
     """Refuse an --out that cannot be written, before any work."""
-    folder = out.parent
-    if out.is_dir():
-        raise TransferkitError(f"--out {out} is a folder; name a file, e.g. {out / 'model.onnx'}")
-    if not folder.is_dir():
-        raise TransferkitError(f"--out {out}: the folder {folder} does not exist; create it or write elsewhere")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.", suffix=".tmp")
-    except OSError as e:
-        raise TransferkitError(f"--out {out}: cannot write into {folder} ({e.strerror or e}); pick a writable "
-                               "folder with --out") from None
+    fd, tmp = temp_beside(out, "--out", "model.onnx")
     os.close(fd)
     os.unlink(tmp)
 

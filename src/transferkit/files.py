@@ -53,3 +53,20 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temp_beside(path: Path, flag: str, example: str) -> tuple[int, str]:
+    """A new temporary file beside the file `path` that `flag` (e.g. --out) names, open (fd, name), for
+    writing it and renaming it onto `path` once complete; a folder, a missing or unwritable folder is a
+    sentence that names `flag` (`example`: a file name to suggest, e.g. model.onnx)."""
+    path = Path(path)
+    if path.is_dir():
+        raise TransferkitError(f"{flag} {path} is a folder; name a file, e.g. {path / example}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise TransferkitError(f"{flag} {path}: the folder {folder} does not exist; create it or write elsewhere")
+    try:
+        return tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise TransferkitError(f"{flag} {path}: cannot write into {folder} ({e.strerror or e}); pick a writable "
+                               f"folder with {flag}") from None

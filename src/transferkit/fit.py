@@ -13,7 +13,7 @@ import torch
 from . import calibration, engine, fingerprint, lr_find, models, runtime
 from .averaging import WeightAverage
 from .checkpoint import META_FILE, ModelCard, load_model_state, read_card, save_last, save_model, update_card
-from .config import TrainConfig, requested_from
+from .config import AUTO_FINETUNE_FROM, TrainConfig, requested_from
 from .data import heldout, sources
 from .data.mixing import Mixing
 from .data.preprocess import Preprocessing, resolve_preprocessing
@@ -71,6 +71,7 @@ def find_lr(config: TrainConfig | None = None, *, steps: int = lr_find.STEPS, st
         models.check_input_size(bb, pre.image_size)
         frozen_blocks = models.frozen_prefix(bb.model, bb.head, cfg.trainable_blocks) if cfg.trainable_blocks else []
         data = _load_data(cfg, pre)
+        cfg = _auto_strategy(cfg, data, {})
         data.test = None  # the range test trains on train alone: no features of the test images
         card = _classifier(cfg, bb, pre, data.classes, precision, dist, device)
         stage = _plan_stage(cfg, bb, pre, frozen_blocks, data, precision, dist, device)
@@ -106,6 +107,7 @@ def _run(cfg: TrainConfig, out: Path, saved: dict[str, Any] | None, replace: boo
                      cfg.backbone_lr_mult)
         cfg, requested = _resolved(cfg, bb, pre, out, saved)
         data = _load_data(cfg, pre)
+        cfg = _auto_strategy(cfg, data, requested)
     listing, splits = fingerprint.data_listing(data, cfg.data), fingerprint.splits_of(data)
     recorded = None if saved is None else fingerprint.unpack(saved)
     if recorded is not None:  # a resume continues on the files it started with, or stops here
@@ -139,6 +141,41 @@ def _resolved(cfg: TrainConfig, bb: models.Backbone, pre: Preprocessing, out: Pa
     if saved is not None:
         asked = {**requested_from(out / "config.yaml"), **asked}
     return resolved, asked
+
+
+def choose_strategy(cfg: TrainConfig, train_images: int, classes: int) -> tuple[str, str]:
+    """--strategy auto: the strategy for this training split, and why, in words for the log."""
+    if cfg.strategy != "auto":
+        return cfg.strategy, "asked for"
+    if cfg.weights.lower() == "none":
+        return "finetune", "random weights (--weights none) give no features to probe"
+    needs_backbone = [flag for flag, on in (
+        ("--trainable-blocks", cfg.trainable_blocks is not None), ("--layer-decay", cfg.layer_decay != 1),
+        ("--augment-policy", cfg.augment_policy != "none"), ("--random-erasing", cfg.random_erasing > 0),
+        ("--mixup", cfg.mixup > 0), ("--cutmix", cfg.cutmix > 0), ("--progressive", cfg.progressive is not None))
+        if on]
+    if needs_backbone:
+        return "finetune", f"{', '.join(needs_backbone)} train(s) the backbone on augmented images"
+    per_class = train_images / max(classes, 1)
+    if per_class < AUTO_FINETUNE_FROM:
+        return "linear", (f"{train_images:,} training images, {per_class:.0f} a class: with fewer than "
+                          f"{AUTO_FINETUNE_FROM} a class the frozen pretrained features, probed on cached features, "
+                          "do as well as a full fine-tune in a fraction of its time")
+    return "finetune", (f"{train_images:,} training images, {per_class:.0f} a class: with {AUTO_FINETUNE_FROM} "
+                        "or more a class a full fine-tune beats the frozen features")
+
+
+def _auto_strategy(cfg: TrainConfig, data: DataSource, requested: dict[str, Any]) -> TrainConfig:
+    """Resolve --strategy auto by the training split; config.yaml keeps `auto` under requested:, so a resumed
+    run goes on with what was chosen."""
+    if cfg.strategy != "auto":
+        return cfg
+    strategy, why = choose_strategy(cfg, len(data.train), len(data.classes))
+    alternative = "--strategy finetune to train the whole network" if strategy == "linear" else \
+        "--strategy linear for a probe on cached features"
+    log.info("strategy %s (auto): %s; %s", strategy, why, alternative)
+    requested["strategy"] = "auto"
+    return cfg.replace(strategy=strategy)
 
 
 def _load_data(cfg: TrainConfig, pre: Preprocessing) -> DataSource:
@@ -526,7 +563,8 @@ def _final_evaluation(cfg: TrainConfig, out: Path, state: TrainState, stage: Sta
         errors = write_errors(out, "report", logits / temperature, labels, final, data.classes, card.preprocessing,
                               title=f"{cfg.model} on {cfg.data}")
         report = write_report(out, metrics, title=f"{cfg.model} on {cfg.data}", measured_on=said, classes=data.classes,
-                              setup=_setup(cfg, card, state, data, dist, device), history=state.history, errors=errors)
+                              setup=_setup(cfg, card, state, data, dist, device, out), history=state.history,
+                              errors=errors)
         log.info("report: %s", report)
     return RunResult(out, metrics, said, state.history, main=dist.main)
 
@@ -543,8 +581,16 @@ def _calibrate(out: Path, stage: Stage, dist: Dist, device: torch.device, precis
     return temperature
 
 
+def _strategy_line(cfg: TrainConfig, data: DataSource, out: Path) -> str:
+    """The report's strategy: 'linear', or with --strategy auto 'linear (chosen by --strategy auto: why)'."""
+    if requested_from(out / "config.yaml").get("strategy") != "auto":
+        return cfg.strategy
+    why = choose_strategy(cfg.replace(strategy="auto"), len(data.train), len(data.classes))[1]
+    return f"{cfg.strategy} (chosen by --strategy auto: {why})"
+
+
 def _setup(cfg: TrainConfig, card: ModelCard, state: TrainState, data: DataSource, dist: Dist,
-           device: torch.device) -> dict[str, Any]:
+           device: torch.device, out: Path) -> dict[str, Any]:
     """The report's "Setup" section."""
     best = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
     score = selection_score(best, cfg.select_by)
@@ -554,7 +600,7 @@ def _setup(cfg: TrainConfig, card: ModelCard, state: TrainState, data: DataSourc
     early = (f"stopped early after epoch {last}: val {cfg.select_by} did not improve by more than {cfg.min_delta:g} "
              f"for {cfg.patience} epochs; " if _stopped_early(cfg, state) and last < cfg.epochs else "")
     return {
-        "model": f"{cfg.model}, weights {card.weights}", "strategy": cfg.strategy,
+        "model": f"{cfg.model}, weights {card.weights}", "strategy": _strategy_line(cfg, data, out),
         "epochs": f"{cfg.epochs} ({early}selected: epoch {state.best_epoch}{where})",
         "sampler": "balanced (each class drawn equally often)" if cfg.sampler == "balanced" else "none (each image "
                    "once per epoch)",
