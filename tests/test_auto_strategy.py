@@ -22,13 +22,13 @@ def photos(tmp_path_factory):
     return cifar_folder(tmp_path_factory, "catdog", 30, 10, ["cat", "dog"])
 
 
-def test_the_default_strategy_is_auto_and_it_picks_by_images_a_class():
+def test_the_default_strategy_is_auto_and_it_picks_by_the_number_of_training_images():
     cfg = TrainConfig.create()
     assert cfg.strategy == "auto"
-    small, why = choose_strategy(cfg, train_images=2 * (AUTO_FINETUNE_FROM - 1), classes=2)
-    large, _ = choose_strategy(cfg, train_images=10 * AUTO_FINETUNE_FROM, classes=10)
+    small, why = choose_strategy(cfg, train_images=AUTO_FINETUNE_FROM - 1)
+    large, _ = choose_strategy(cfg, train_images=AUTO_FINETUNE_FROM)
     assert (small, large) == ("linear", "finetune")
-    assert f"{AUTO_FINETUNE_FROM - 1} a class" in why
+    assert f"{AUTO_FINETUNE_FROM - 1:,} training images, fewer than {AUTO_FINETUNE_FROM:,}" in why
 
 
 @pytest.mark.parametrize("settings, flag", [
@@ -37,13 +37,13 @@ def test_the_default_strategy_is_auto_and_it_picks_by_images_a_class():
     (dict(progressive=64, image_size=128), "--progressive"), (dict(weights="none"), "random weights"),
 ])
 def test_settings_that_train_the_backbone_make_auto_fine_tune_even_on_few_images(settings, flag):
-    strategy, why = choose_strategy(TrainConfig.create(**settings), train_images=40, classes=2)
+    strategy, why = choose_strategy(TrainConfig.create(**settings), train_images=40)
     assert strategy == "finetune" and flag in why
 
 
 def test_an_explicit_strategy_is_kept_whatever_the_data():
-    assert choose_strategy(TrainConfig.create(strategy="finetune"), 40, 2)[0] == "finetune"
-    assert choose_strategy(TrainConfig.create(strategy="linear"), 10**6, 2)[0] == "linear"
+    assert choose_strategy(TrainConfig.create(strategy="finetune"), 40)[0] == "finetune"
+    assert choose_strategy(TrainConfig.create(strategy="linear"), 10**6)[0] == "linear"
 
 
 @needs_cifar
@@ -53,7 +53,7 @@ def test_the_default_command_on_a_few_real_photos_probes_cached_features_and_say
     proc = run_cli("train", "--data", photos, "--image-size", "64", "--epochs", "2", "--out", out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     said = proc.stdout + proc.stderr
-    assert "strategy linear (auto): 54 training images, 27 a class" in said  # 60 less the 10% held out
+    assert "strategy linear (auto): 54 training images, fewer than" in said  # 60 less the 10% held out
     assert "--strategy finetune to train the whole network" in said
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["strategy"] == "linear" and saved["requested"]["strategy"] == "auto"

@@ -45,8 +45,8 @@ GROUPS: dict[str, tuple[str, list[tuple[str, str | None, str]]]] = {
         ("weights", "W", "imagenet (its ImageNet weights, preferring ones on this machine; timm's pretrained "
                          "weights for timm models) | DEFAULT | a torchvision weights name such as IMAGENET1K_V1 | "
                          "FILE.pth/.safetensors | none"),
-        ("strategy", None, f"auto: linear below {AUTO_FINETUNE_FROM} training images a class, else "
-                           "finetune (the log says which and why); linear: frozen backbone, head only (on cached "
+        ("strategy", None, f"auto: linear below {AUTO_FINETUNE_FROM:,} training images, else finetune (the "
+                           "log says which and why); linear: frozen backbone, head only (on cached "
                            "features); finetune: everything (backbone at --backbone-lr-mult); gradual: head only "
                            "for --head-epochs, then everything"),
         ("trainable_blocks", "K", "train only the backbone's last K blocks and the head (finetune, gradual) "
@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="offline default job: ImageNet MobileNetV2 fine-tuned on Fashion-MNIST")
     d.add_argument("--out", default="runs/demo", metavar="DIR", help="the run folder [default: runs/demo]")
-    d.add_argument("--epochs", type=int, metavar="N", help="epochs to train [default: 1, the demo recipe's]")
+    d.add_argument("--epochs", type=int, metavar="N", help="epochs to train [default: 2, the demo recipe's]")
 
     m = sub.add_parser("models", help="list backbones (torchvision's and timm's) and whether their weights are on "
                        "this machine")

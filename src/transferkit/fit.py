@@ -143,7 +143,7 @@ def _resolved(cfg: TrainConfig, bb: models.Backbone, pre: Preprocessing, out: Pa
     return resolved, asked
 
 
-def choose_strategy(cfg: TrainConfig, train_images: int, classes: int) -> tuple[str, str]:
+def choose_strategy(cfg: TrainConfig, train_images: int) -> tuple[str, str]:
     """--strategy auto: the strategy for this training split, and why, in words for the log."""
     if cfg.strategy != "auto":
         return cfg.strategy, "asked for"
@@ -156,13 +156,11 @@ def choose_strategy(cfg: TrainConfig, train_images: int, classes: int) -> tuple[
         if on]
     if needs_backbone:
         return "finetune", f"{', '.join(needs_backbone)} train(s) the backbone on augmented images"
-    per_class = train_images / max(classes, 1)
-    if per_class < AUTO_FINETUNE_FROM:
-        return "linear", (f"{train_images:,} training images, {per_class:.0f} a class: with fewer than "
-                          f"{AUTO_FINETUNE_FROM} a class the frozen pretrained features, probed on cached features, "
-                          "do as well as a full fine-tune in a fraction of its time")
-    return "finetune", (f"{train_images:,} training images, {per_class:.0f} a class: with {AUTO_FINETUNE_FROM} "
-                        "or more a class a full fine-tune beats the frozen features")
+    if train_images < AUTO_FINETUNE_FROM:
+        return "linear", (f"{train_images:,} training images, fewer than {AUTO_FINETUNE_FROM:,}: on this little "
+                          "data the frozen pretrained features, probed on cached features, beat a full fine-tune "
+                          "in a fraction of its time")
+    return "finetune", f"{train_images:,} training images, {AUTO_FINETUNE_FROM:,} or more: a full fine-tune"
 
 
 def _auto_strategy(cfg: TrainConfig, data: DataSource, requested: dict[str, Any]) -> TrainConfig:
@@ -170,7 +168,7 @@ def _auto_strategy(cfg: TrainConfig, data: DataSource, requested: dict[str, Any]
     run goes on with what was chosen."""
     if cfg.strategy != "auto":
         return cfg
-    strategy, why = choose_strategy(cfg, len(data.train), len(data.classes))
+    strategy, why = choose_strategy(cfg, len(data.train))
     alternative = "--strategy finetune to train the whole network" if strategy == "linear" else \
         "--strategy linear for a probe on cached features"
     log.info("strategy %s (auto): %s; %s", strategy, why, alternative)
@@ -585,7 +583,7 @@ def _strategy_line(cfg: TrainConfig, data: DataSource, out: Path) -> str:
     """The report's strategy: 'linear', or with --strategy auto 'linear (chosen by --strategy auto: why)'."""
     if requested_from(out / "config.yaml").get("strategy") != "auto":
         return cfg.strategy
-    why = choose_strategy(cfg.replace(strategy="auto"), len(data.train), len(data.classes))[1]
+    why = choose_strategy(cfg.replace(strategy="auto"), len(data.train))[1]
     return f"{cfg.strategy} (chosen by --strategy auto: {why})"
 
 
