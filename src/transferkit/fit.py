@@ -149,11 +149,8 @@ def choose_strategy(cfg: TrainConfig, train_images: int) -> tuple[str, str]:
         return cfg.strategy, "asked for"
     if cfg.weights.lower() == "none":
         return "finetune", "random weights (--weights none) give no features to probe"
-    needs_backbone = [flag for flag, on in (
-        ("--trainable-blocks", cfg.trainable_blocks is not None), ("--layer-decay", cfg.layer_decay != 1),
-        ("--augment-policy", cfg.augment_policy != "none"), ("--random-erasing", cfg.random_erasing > 0),
-        ("--mixup", cfg.mixup > 0), ("--cutmix", cfg.cutmix > 0), ("--progressive", cfg.progressive is not None))
-        if on]
+    needs_backbone = [flag for flag, on in (("--trainable-blocks", cfg.trainable_blocks is not None),
+                                            ("--layer-decay", cfg.layer_decay != 1)) if on] + _image_options(cfg)
     if needs_backbone:
         return "finetune", f"{', '.join(needs_backbone)} train(s) the backbone on augmented images"
     if train_images < AUTO_FINETUNE_FROM:
@@ -424,12 +421,17 @@ def _check_progressive(cfg: TrainConfig, bb: models.Backbone, size: int) -> None
     models.check_side(cfg.model, cfg.progressive, size)
 
 
+def _image_options(cfg: TrainConfig) -> list[str]:
+    """The flags given that change the training images (beyond crop and flip), which cached features cannot."""
+    return [flag for flag, on in (("--augment-policy", cfg.augment_policy != "none"),
+                                  ("--random-erasing", cfg.random_erasing > 0), ("--mixup", cfg.mixup > 0),
+                                  ("--cutmix", cfg.cutmix > 0), ("--progressive", cfg.progressive is not None))
+            if on]
+
+
 def _check_uncached(cfg: TrainConfig) -> None:
     """Refuse what transforms training images where training runs on cached features (there are none)."""
-    asked = [flag for flag, on in (("--augment-policy", cfg.augment_policy != "none"),
-                                   ("--random-erasing", cfg.random_erasing > 0), ("--mixup", cfg.mixup > 0),
-                                   ("--cutmix", cfg.cutmix > 0), ("--progressive", cfg.progressive is not None))
-             if on]
+    asked = _image_options(cfg)
     if asked:
         raise TransferkitError(f"{', '.join(asked)} change(s) the training images, and this run trains on cached "
                                "features of them (--strategy linear or --trainable-blocks); add --no-feature-cache "
