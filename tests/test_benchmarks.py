@@ -87,3 +87,13 @@ def test_gpu_script_dry_run_runs_every_step_on_the_cpu(cifar_small, tmp_path):
     assert 0 <= summary["fast"]["test_accuracy"] <= 1 and summary["fast"]["wall_seconds"] > 0
     assert any("classic" in line and "transferkit" in line for line in summary["throughput"])
     assert "skipped" in (out / "cuda_tests.log").read_text()  # no GPU in the dry run: the CUDA test skips
+
+
+def test_the_depthwise_benchmark_prints_a_row_per_size_with_the_machine():
+    proc = _script(sys.executable, ROOT / "benchmarks" / "depthwise.py", "--sizes", "32", "40", "--steps", "1")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("machine: ") and "avx512_bf16" in lines[0]
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith("| 32 ") or line.startswith("| 40 ")]
+    assert [r[0].strip() for r in rows] == ["32", "40"]
+    assert all(float(cell) > 0 for r in rows for cell in r[1:])  # three step times, in ms

@@ -84,7 +84,8 @@ def assert_same_training(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-4, msg=f"{k} differs")
     for ra, rb in zip(history(a), history(b), strict=True):
         assert (ra["epoch"], ra["train_acc"], ra["val_acc"]) == (rb["epoch"], rb["train_acc"], rb["val_acc"])
-        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-5)
+        # fp32 sums of other shapes (a batch shared by two processes) round differently: 6e-5 on an Intel AMX CPU
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
     assert test_accuracy(a) == test_accuracy(b)
 
 

@@ -209,6 +209,7 @@ def _classifier(cfg: TrainConfig, bb: models.Backbone, pre: Preprocessing, class
     bb.model.to(device)
     if cfg.channels_last:
         bb.model.to(memory_format=torch.channels_last)
+    runtime.depthwise_in_fp32(bb.model, device, precision)
     return ModelCard(cfg.model, bb.head, classes, pre, bb.build_kwargs, bb.weights, cfg.data, cfg.strategy,
                      precision)
 

@@ -69,6 +69,35 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+class Fp32DepthwiseConv2d(torch.nn.Conv2d):
+    """A depthwise convolution that, when a backward pass follows, computes in fp32 under bf16 autocast and hands
+    on its input's dtype; the same parameters and state_dict. On a CPU, oneDNN's bf16 backward pass of a
+    depthwise convolution is its slowest kernel by far (51 ms of MobileNetV2's 770 ms step at 112 px for one
+    strided layer, 95 ms of 407 at 48 px for three at 2x2); the fp32 kernels take a fraction of that (README,
+    "Speed"). Forward alone (evaluation) keeps the bf16 kernel, the faster one there."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return super().forward(x)  # no backward pass: the bf16 kernel is the faster one forward
+        with torch.autocast(x.device.type, enabled=False):
+            y = self._conv_forward(x.float(), self.weight, self.bias)
+        return y.to(x.dtype)
+
+
+def depthwise_in_fp32(model: torch.nn.Module, device: torch.device, precision: str) -> int:
+    """For a run on a CPU in bf16: its depthwise convolutions become `Fp32DepthwiseConv2d` (in place, same
+    weights); elsewhere (fp32, GPUs) nothing changes. Returns how many."""
+    if device.type != "cpu" or precision != "bf16":
+        return 0
+    swapped = 0
+    for m in model.modules():
+        if (type(m) is torch.nn.Conv2d and m.groups > 1 and m.groups == m.in_channels
+                and m.weight.dtype == torch.float32):
+            m.__class__ = Fp32DepthwiseConv2d
+            swapped += 1
+    return swapped
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
