@@ -252,11 +252,15 @@ def _predictions(argv: list[str], capsys) -> list[dict]:
     return json.loads(capsys.readouterr().out)["predictions"]
 
 
-def test_predict_with_the_onnx_file_gives_the_run_folders_answers(runs, exported, cifar_small, capsys):
+@pytest.mark.parametrize("tta", [[], ["--tta"]], ids=["plain", "tta"])
+def test_predict_with_the_onnx_file_gives_the_run_folders_answers(runs, exported, cifar_small, capsys, tta):
     run = runs["mnv2"]
     images = [str(cifar_small / "test" / c) for c in ("cat", "ship")]
-    from_onnx = _predictions([str(run / "model.onnx"), *images, "--topk", "10"], capsys)
-    from_run = _predictions([str(run), *images, "--topk", "10"], capsys)
+    from_onnx = _predictions([str(run / "model.onnx"), *images, "--topk", "10", *tta], capsys)
+    from_run = _predictions([str(run), *images, "--topk", "10", *tta], capsys)
+    if tta:  # the mirror image was averaged in: the probabilities are not the plain ones
+        plain = _predictions([str(run), *images, "--topk", "10"], capsys)
+        assert any(abs(a["top"][0]["prob"] - b["top"][0]["prob"]) > 1e-3 for a, b in zip(plain, from_run))
     assert len(from_onnx) == len(from_run) == 40
     for a, b in zip(from_onnx, from_run):
         assert a["file"] == b["file"] and a["top"][0]["class"] == b["top"][0]["class"]
