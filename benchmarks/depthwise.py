@@ -11,12 +11,11 @@ step time of each, with the machine.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torchvision
 from accuracy import machine  # this folder's figure harness: the same machine line
+from recipes import median_ms
 
 from transferkit.engine import micro_batch_for
 from transferkit.runtime import depthwise_in_fp32
@@ -42,13 +41,8 @@ def step_ms(model_name: str, size: int, precision: str, fp32_depthwise: bool, st
             loss.backward()
         opt.step()
 
-    step(), step()  # oneDNN picks and caches its kernels on the first calls
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    step()  # oneDNN picks and caches its kernels on the first calls (median_ms makes one more)
+    return median_ms(step, steps)
 
 
 def main() -> None:
@@ -57,6 +51,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--model", default="mobilenet_v2")
     args = ap.parse_args()
+    if args.model not in torchvision.models.list_models(module=torchvision.models):
+        ap.error(f"--model {args.model} is not a torchvision classification model (e.g. mobilenet_v2, "
+                 "efficientnet_b0, convnext_tiny)")
     where = machine()
     print(f"machine: {where['cpu']}, {where['cores']} cores, avx512_bf16 {'yes' if where['avx512_bf16'] else 'no'}, "
           f"amx_bf16 {'yes' if where['amx_bf16'] else 'no'}; torch {where['torch']}; {args.model}, batch 64, "
