@@ -90,10 +90,16 @@ def test_gpu_script_dry_run_runs_every_step_on_the_cpu(cifar_small, tmp_path):
 
 
 def test_the_depthwise_benchmark_prints_a_row_per_size_with_the_machine():
-    proc = _script(sys.executable, ROOT / "benchmarks" / "depthwise.py", "--sizes", "32", "40", "--steps", "1")
+    proc = _script(sys.executable, ROOT / "benchmarks" / "depthwise.py", "--sizes", "32", "40", "--steps", "1",
+                   "--batch", "8")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("machine: ") and "avx512_bf16" in lines[0]
+    assert lines[0].startswith("machine: ") and "avx512_bf16" in lines[0] and "batch 8," in lines[0]
     rows = [line.split("|")[1:-1] for line in lines if line.startswith("| 32 ") or line.startswith("| 40 ")]
     assert [r[0].strip() for r in rows] == ["32", "40"]
-    assert all(float(cell) > 0 for r in rows for cell in r[1:])  # three step times, in ms
+    for r in rows:  # three step times in ms, each with its time per image
+        for cell in r[1:]:
+            step, per_image = cell.split()
+            assert float(step) > 0 and float(per_image.strip("()")) == pytest.approx(float(step) / 8, abs=0.1)
+    proc = _script(sys.executable, ROOT / "benchmarks" / "depthwise.py", "--batch", "0")
+    assert proc.returncode == 2 and "--batch 0" in proc.stderr

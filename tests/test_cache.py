@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import transferkit.data.folders as folders
+import transferkit.data.preprocess as preprocess
 from conftest import SHARED_CIFAR
 from transferkit import TrainConfig, train
 from transferkit.data.preprocess import Preprocessing
@@ -33,12 +34,12 @@ def folder(tmp_path):
 
 def test_decoded_folder_is_read_from_the_cache_and_refreshed_when_a_file_changes(folder, monkeypatch):
     first = load_source(str(folder), preprocessing=STORE)
-    real_read = folders.read_image
-    monkeypatch.setattr(folders, "read_image", lambda p: (_ for _ in ()).throw(AssertionError("decoded again")))
+    real_read = preprocess.read_image
+    monkeypatch.setattr(preprocess, "read_image", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again")))
     second = load_source(str(folder), preprocessing=STORE)
     assert torch.equal(first.train.images, second.train.images) and torch.equal(first.train.labels,
                                                                                 second.train.labels)
-    monkeypatch.setattr(folders, "read_image", real_read)
+    monkeypatch.setattr(preprocess, "read_image", real_read)
     changed = sorted((folder / "cat").iterdir())[0]
     changed.write_bytes(sorted((folder / "dog").iterdir())[0].read_bytes())  # new content, new mtime
     os.utime(changed, ns=(1, 1))

@@ -188,7 +188,7 @@ def test_eval_of_the_carved_val_split_lists_its_files(fp32_run, tmp_path):
 
 def test_a_streamed_split_reads_only_the_sheets_files(cifar_small, tmp_path, monkeypatch):
     """Streamed from its files, the split decodes just the images on the sheet to draw it."""
-    from transferkit.data import folders
+    from transferkit.data import folders, preprocess
 
     files = sorted((cifar_small / "test").rglob("*.jpg"))[:60]
     classes = sorted({f.parent.name for f in files})
@@ -196,8 +196,8 @@ def test_a_streamed_split_reads_only_the_sheets_files(cifar_small, tmp_path, mon
     pre = Preprocessing(64, 73)
     split = Split("test", folders.FileImages(files, pre, 64), labels, [str(f) for f in files])
     read = []
-    real = folders.read_image
-    monkeypatch.setattr(folders, "read_image", lambda p: read.append(p) or real(p))
+    real = preprocess.read_image
+    monkeypatch.setattr(preprocess, "read_image", lambda p, *a: read.append(p) or real(p, *a))
     torch.manual_seed(1)
     logits = torch.randn(len(files), len(classes)) * 4
     info = write_errors(tmp_path, "report", logits, labels, split, classes, pre)

@@ -36,11 +36,11 @@ def _crops(photo: np.ndarray, sizes: list[tuple[int, int]], seed: int) -> list[I
     return out
 
 
-def _folder(root, sizes: list[tuple[int, int]], seed: int = 0):
+def _folder(root, sizes: list[tuple[int, int]], seed: int = 0, ext: str = "png"):
     for c, photo in PHOTOS.items():
         (root / c).mkdir(parents=True)
         for i, img in enumerate(_crops(photo, sizes, seed)):
-            img.save(root / c / f"{i}_{img.width}x{img.height}.png")
+            img.save(root / c / f"{i}_{img.width}x{img.height}.{ext}")
     return root
 
 
@@ -58,10 +58,14 @@ def run_28px(tmp_path_factory):
 MIXED = [(16, 16), (28, 28), (40, 40), (64, 64), (100, 100), (50, 30), (30, 70)]  # smaller, equal, larger, odd
 
 
-@pytest.mark.parametrize("sizes", [MIXED, [(32, 32)] * 3], ids=["mixed sizes", "all 32x32"])
-def test_eval_predict_and_the_predictor_prepare_a_file_alike(run_28px, tmp_path, sizes):
-    data = _folder(tmp_path / "data" / "test", sizes, seed=1).parent
-    files = sorted(str(p) for p in data.rglob("*.png"))
+LARGE = [(1200, 900), (800, 800), (300, 1000), (140, 150)]  # decoded at 1/8, 1/8, 1/4 and full scale at 64 px
+
+
+@pytest.mark.parametrize("sizes, ext", [(MIXED, "png"), ([(32, 32)] * 3, "png"), (LARGE, "jpg")],
+                         ids=["mixed sizes", "all 32x32", "large JPEGs"])
+def test_eval_predict_and_the_predictor_prepare_a_file_alike(run_28px, tmp_path, sizes, ext):
+    data = _folder(tmp_path / "data" / "test", sizes, seed=1, ext=ext).parent
+    files = sorted(str(p) for p in data.rglob(f"*.{ext}"))
     proc = run_cli("predict", run_28px, data, "--topk", "2", "--json")
     assert proc.returncode == 0, proc.stderr
     cli = {r["file"]: {t["class"]: t["prob"] for t in r["top"]} for r in json.loads(proc.stdout)["predictions"]}
@@ -84,6 +88,27 @@ def test_eval_predict_and_the_predictor_prepare_a_file_alike(run_28px, tmp_path,
     for f in files:
         confusion[predictor.classes.index(f.split("/")[-2])][predictor.classes.index(max(cli[f], key=cli[f].get))] += 1
     assert json.loads(proc.stdout)["confusion"] == confusion
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_and_stored_as_from_full_size(tmp_path):
+    """libjpeg's scaled decoding stops at the resize side, and the stored image barely differs from the
+    full-size decode's (what the resize alone would give)."""
+    from transferkit.data.images import open_rgb, pil_to_tensor
+
+    photo = Image.fromarray(skimage_data.astronaut()).resize((2400, 1800), Image.BICUBIC)
+    photo.save(tmp_path / "big.jpg", quality=92)
+    pre = Preprocessing(64, 73)
+    assert open_rgb(tmp_path / "big.jpg", pre.resize_size).size == (300, 225)  # 1/8: 2400 // 73 >= 8
+    assert open_rgb(tmp_path / "big.jpg", 500).size == (1200, 900)  # 1/2: 1/4 would give 450 px, below 500
+    scaled = pre.read(tmp_path / "big.jpg").float()
+    full = pre.store(pil_to_tensor(open_rgb(tmp_path / "big.jpg"))).float()
+    assert scaled.shape == full.shape == (3, 64, 64)
+    assert (scaled - full).abs().mean() < 2.0, (scaled - full).abs().mean()
+    # Files that are not JPEG, and JPEGs too small to scale, decode at full size.
+    photo.save(tmp_path / "big.png")
+    assert open_rgb(tmp_path / "big.png", pre.resize_size).size == (2400, 1800)
+    photo.resize((140, 100)).save(tmp_path / "small.jpg")
+    assert open_rgb(tmp_path / "small.jpg", pre.resize_size).size == (140, 100)
 
 
 @pytest.mark.parametrize("sizes", [[(32, 32)] * 10, [(300, 200), (120, 160), (250, 250)] * 3],

@@ -299,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="offline default job: ImageNet MobileNetV2 fine-tuned on Fashion-MNIST")
     d.add_argument("--out", default="runs/demo", metavar="DIR", help="the run folder [default: runs/demo]")
-    d.add_argument("--epochs", type=int, metavar="N", help="epochs to train [default: 2, the demo recipe's]")
+    d.add_argument("--epochs", type=int, metavar="N",
+                   help=f"epochs to train [default: {RECIPES['demo']['epochs']}, the demo recipe's]")
 
     m = sub.add_parser("models", help="list backbones (torchvision's and timm's) and whether their weights are on "
                        "this machine")

@@ -15,7 +15,7 @@ from . import calibration
 from .checkpoint import ModelCard, load_model_state, read_card
 from .data import heldout
 from .data.folders import folder_layout
-from .data.images import UnreadableImage, pil_to_tensor, read_image, to_rgb, walk_images
+from .data.images import UnreadableImage, pil_to_tensor, to_rgb, walk_images
 from .data.preprocess import Preprocessing, resolve_preprocessing
 from .data.sources import DataSource, Split, check_data_arg, check_leakage, is_named, load_source
 from .engine import evaluate, infer
@@ -90,7 +90,8 @@ class Predictor:
         results: list[list[tuple[str, float]]] = []
         stored: list[torch.Tensor] = []  # one batch at a time, as stored (at most the input side), on the CPU
         for item in images:
-            stored.append(self.preprocessing.store(_as_uint8(item)))
+            stored.append(self.preprocessing.read(item) if isinstance(item, (str, Path)) else
+                          self.preprocessing.store(_as_uint8(item)))
             if len(stored) == batch_size:
                 results += self._top(stored, k)
                 stored = []
@@ -133,7 +134,7 @@ class Predictor:
         images = 0
         for f in map(Path, files):
             try:
-                batch.append((f, self.preprocessing.store(read_image(f))))
+                batch.append((f, self.preprocessing.read(f)))
                 images += 1
             except UnreadableImage as e:
                 batch.append((f, str(e)))
@@ -150,10 +151,8 @@ class Predictor:
             yield path, t if isinstance(t, str) else next(tops)
 
 
-def _as_uint8(item: str | Path | Image.Image | torch.Tensor | np.ndarray) -> torch.Tensor:
-    """An image as a uint8 tensor (C, H, W) with C 1 or 3, or a clear error."""
-    if isinstance(item, (str, Path)):
-        return read_image(item)
+def _as_uint8(item: Image.Image | torch.Tensor | np.ndarray) -> torch.Tensor:
+    """An image in memory as a uint8 tensor (C, H, W) with C 1 or 3, or a clear error."""
     if isinstance(item, Image.Image):
         return pil_to_tensor(to_rgb(item))
     channels_last = isinstance(item, np.ndarray)

@@ -13,7 +13,7 @@ import torch
 
 from .. import cache, runtime
 from ..errors import TransferkitError
-from .images import IMAGE_EXTENSIONS, UnreadableImage, image_size, read_image, walk_images
+from .images import IMAGE_EXTENSIONS, UnreadableImage, image_size, walk_images
 from .preprocess import Preprocessing
 from .sources import DataSource, Split, stratified_subset
 
@@ -42,7 +42,7 @@ class FileImages:
         out = torch.zeros((len(picked), 3, self.side, self.side), dtype=torch.uint8)
         for i, path in enumerate(picked):
             try:
-                out[i] = self.preprocessing.store(read_image(path), self.side)
+                out[i] = self.preprocessing.read(path, self.side)
             except UnreadableImage as e:
                 # Headers were checked when the folder was read; a file that breaks later trains as black.
                 log.warning("unreadable image %s (%s): used as a black image", path, e)
@@ -220,7 +220,7 @@ def _decode_cached(name, paths, labels, pre: Preprocessing, side: int, workers, 
 def _decode(name, paths, labels, pre: Preprocessing, side: int, workers, skipped) -> Split:
     def load(p: Path) -> torch.Tensor | str:
         try:
-            return pre.store(read_image(p), side)
+            return pre.read(p, side)
         except UnreadableImage as e:
             return str(e)
 
