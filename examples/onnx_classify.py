@@ -13,12 +13,14 @@ import json
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def preprocess(path: str, size: int, resize: int) -> np.ndarray:
     """A photo as the graph's input: uint8 RGB (3, size, size), resized and center-cropped like transferkit."""
-    image = Image.open(path).convert("RGB")
+    image = Image.open(path)
+    image.draft(None, (resize, resize))  # a large JPEG decodes at 1/2, 1/4 or 1/8 scale, never below `resize`
+    image = ImageOps.exif_transpose(image).convert("RGB")
     w, h = image.size
     if w == h <= size:  # a small square is upsampled whole, not cropped
         image = image.resize((size, size), Image.BILINEAR)

@@ -26,11 +26,11 @@ def test_example_classifies_chelsea_as_a_cat_where_torch_cannot_be_imported(tmp_
     from transferkit.export import export_predictor
 
     pred = Predictor.from_pretrained("mobilenet_v2", device="cpu")
-    photos = [skimage_data.chelsea(), skimage_data.astronaut(), skimage_data.coffee(), skimage_data.rocket()]
-    rec = export_predictor(pred, tmp_path / "model.onnx", photos)
-    assert rec["parity"]["passed"] and rec["parity"]["images"] == 4
     photo = tmp_path / "chelsea.jpg"
     Image.fromarray(skimage_data.chelsea()).save(photo, quality=95)
+    photos = [str(photo), skimage_data.astronaut(), Image.fromarray(skimage_data.coffee()), skimage_data.rocket()]
+    rec = export_predictor(pred, tmp_path / "model.onnx", photos)  # a path, arrays and a PIL image
+    assert rec["parity"]["passed"] and rec["parity"]["images"] == 4
 
     # A folder first on the path whose torch (and transferkit) cannot be imported.
     blocked = tmp_path / "no-torch"

@@ -485,10 +485,10 @@ def _images(split: Split, pre: Preprocessing, count: int | None = None, seed: in
 def export_predictor(predictor: Any, out: str | Path, images: Sequence[Any], *, fmt: Format = "onnx",
                      **options: Any) -> dict[str, Any]:
     """Export a Predictor (e.g. Predictor.from_pretrained) checked on `images` (paths, PIL images, arrays)."""
-    from .predict import _as_uint8
+    from .predict import stored
 
     pre = predictor.preprocessing
-    check = torch.cat([as_input(pre, pre.store(_as_uint8(im))[None]) for im in images])
+    check = torch.cat([as_input(pre, stored(pre, im)[None]) for im in images])
     return export_model(predictor.model, pre, predictor.classes, out, check, fmt=fmt,
                         temperature=predictor.temperature, measured_on=f"{len(check)} images given", **options)
 

@@ -88,14 +88,13 @@ class Predictor:
             raise TransferkitError(f"batch_size {batch_size}: predict at least one image at a time")
         k = max(1, min(topk, len(self.classes)))
         results: list[list[tuple[str, float]]] = []
-        stored: list[torch.Tensor] = []  # one batch at a time, as stored (at most the input side), on the CPU
+        batch: list[torch.Tensor] = []  # one batch at a time, as stored (at most the input side), on the CPU
         for item in images:
-            stored.append(self.preprocessing.read(item) if isinstance(item, (str, Path)) else
-                          self.preprocessing.store(_as_uint8(item)))
-            if len(stored) == batch_size:
-                results += self._top(stored, k)
-                stored = []
-        return results + (self._top(stored, k) if stored else [])
+            batch.append(stored(self.preprocessing, item))
+            if len(batch) == batch_size:
+                results += self._top(batch, k)
+                batch = []
+        return results + (self._top(batch, k) if batch else [])
 
     @torch.no_grad()
     def _top(self, stored: list[torch.Tensor], k: int) -> list[list[tuple[str, float]]]:
@@ -149,6 +148,11 @@ class Predictor:
         tops = iter(self._top(stored, k) if stored else [])
         for path, t in batch:
             yield path, t if isinstance(t, str) else next(tops)
+
+
+def stored(pre: Preprocessing, item: str | Path | Image.Image | torch.Tensor | np.ndarray) -> torch.Tensor:
+    """An image file or an image in memory as `pre` stores it (files: `Preprocessing.read`)."""
+    return pre.read(item) if isinstance(item, (str, Path)) else pre.store(_as_uint8(item))
 
 
 def _as_uint8(item: Image.Image | torch.Tensor | np.ndarray) -> torch.Tensor:
