@@ -200,7 +200,10 @@ def test_a_run_folder_is_locked_while_a_run_writes_it(cifar_small, tmp_path):
     finally:
         _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
-    assert run_cli("train", "--resume", out, "--epochs", "7").returncode == 0  # the lock went with the process
+    more = run_cli("train", "--resume", out, "--epochs", "7")
+    assert more.returncode == 0  # the lock went with the process
+    # Its 4-epoch schedule had ended: stretching it says what the added epochs get, and what trains more.
+    assert "schedule had ended after epoch 4" in more.stderr and f"--weights {out / 'model.safetensors'}" in more.stderr
 
 
 def test_an_empty_class_folder_and_an_out_inside_the_data_are_refused(tmp_path):
@@ -211,6 +214,14 @@ def test_an_empty_class_folder_and_an_out_inside_the_data_are_refused(tmp_path):
     (tmp_path / "d" / "ghost").mkdir()
     proc = run_cli("train", "--data", tmp_path / "d", "--weights", "none", "--out", tmp_path / "r1")
     assert proc.returncode == 2 and "without images" in proc.stderr and "ghost" in proc.stderr
+    # A class whose files all fail to open would add an output that never trains, too.
+    (tmp_path / "d" / "ghost" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "d" / "ghost" / "text.png").write_text("not an image")
+    proc = run_cli("train", "--data", tmp_path / "d", "--weights", "none", "--out", tmp_path / "r1")
+    assert proc.returncode == 2 and "without a readable image: ghost" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r1").exists()
+    for f in (tmp_path / "d" / "ghost").iterdir():
+        f.unlink()
     (tmp_path / "d" / "ghost").rmdir()
     proc = run_cli("train", "--data", tmp_path / "d", "--weights", "none", "--out", tmp_path / "d" / "run")
     assert proc.returncode == 2 and "inside --data" in proc.stderr and not (tmp_path / "d" / "run").exists()
@@ -223,10 +234,17 @@ def test_overwrite_with_a_mistake_in_the_new_settings_keeps_the_old_run(cifar_sm
     base = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--epochs", "1", "--workers", "1",
             "--out", out]
     assert run_cli("train", "--data", cifar_small, *base).returncode == 0
+    assert run_cli("export", out).returncode == 0 and (out / "model.onnx").is_file()
     before = {f.name: f.read_bytes() for f in out.iterdir() if f.name not in ("train.log", ".lock")}
     for mistake in (["--data", tmp_path / "typo"], ["--data", cifar_small, "--model", "resnet5"]):
         proc = run_cli("train", *base, *mistake, "--overwrite")
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert {f.name: f.read_bytes() for f in out.iterdir() if f.name not in ("train.log", ".lock")} == before
+    # `demo` into a folder that holds another run refuses too, before it trains.
+    proc = run_cli("demo", "--out", out)
+    assert proc.returncode == 2 and "not the demo's" in proc.stderr and "--overwrite" in proc.stderr
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.name not in ("train.log", ".lock")} == before
     assert run_cli("train", "--data", cifar_small, *base, "--overwrite", "--seed", "1").returncode == 0
     assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]  # replaced once it was good
+    # The old run's export would answer for the old model: it goes with it.
+    assert not (out / "model.onnx").exists() and not (out / "export.json").exists()

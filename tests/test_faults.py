@@ -114,6 +114,8 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny, straight, tmp_pa
 
 
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    first_run = tmp_path.parent / f"{tmp_path.name}-first"
+    first_run.mkdir()
     ckpt.save_last(tmp_path, {"epoch": 1, "w": torch.ones(3)})
     real_write = os.write
 
@@ -122,8 +124,12 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "write", disk_full)
-    with pytest.raises(TransferkitError, match="No space left.*previous last.pt is untouched"):
+    with pytest.raises(TransferkitError, match="No space left.*previous last.pt is untouched.*train --resume"):
         ckpt.save_last(tmp_path, {"epoch": 2, "w": torch.zeros(3)})
+    # The first checkpoint of a run: nothing to keep, nothing to resume; the advice says so.
+    with pytest.raises(TransferkitError) as first:
+        ckpt.save_last(first_run, {"epoch": 1})
+    assert "no last.pt was written" in str(first.value) and "--resume" not in str(first.value)
     monkeypatch.undo()
     state = ckpt.load_last(tmp_path)
     assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))

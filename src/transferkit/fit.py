@@ -12,7 +12,16 @@ import torch
 
 from . import calibration, engine, fingerprint, lr_find, models, runtime
 from .averaging import WeightAverage
-from .checkpoint import META_FILE, ModelCard, load_model_state, read_card, save_last, save_model, update_card
+from .checkpoint import (
+    META_FILE,
+    MODEL_FILE,
+    ModelCard,
+    load_model_state,
+    read_card,
+    save_last,
+    save_model,
+    update_card,
+)
 from .config import AUTO_FINETUNE_FROM, TrainConfig, requested_from
 from .data import heldout, sources
 from .data.mixing import Mixing
@@ -28,7 +37,7 @@ from .logs import EpochProgress, run_logging
 from .report import RunResult, classification_metrics, lr_range, measured_on, write_metrics, write_report
 from .runfolder import UNCHECKED, begin_writing, resume_command, run_folder, settings_of
 from .runtime import SINGLE, Dist, StopFlag
-from .state import Tally, TrainState, new_state, selection_score
+from .state import Tally, TrainState, lr_factor, new_state, selection_score
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +320,7 @@ def _train_retrying(cfg: TrainConfig, out: Path, model: torch.nn.Module, stage: 
             state.resume(saved, out / "last.pt", seed=cfg.seed, dist=dist)
             where = f"epoch {state.epoch}" + ("" if state.step is None else f", step {state.step}/{steps}")
             log.info("resuming %s after %s of %d epochs", out, where, cfg.epochs)
+            _warn_if_schedule_ended(cfg, out, state, steps)
         try:
             with runtime.stop_on_signals(repeat_window=2.0 if dist.on else 0.0) as stop:
                 _epochs(cfg, out, state, stage, card, frozen_blocks, steps, drop_last, dist, device, precision, stop)
@@ -397,6 +407,18 @@ def _epochs(cfg: TrainConfig, out: Path, state: TrainState, stage: Stage, card: 
         if dist.sum(float(stop.requested))[0] > 0 and epoch < cfg.epochs:
             raise Interrupted(f"interrupted after epoch {epoch}; checkpoint saved. "
                               f"Resume with: {resume_command(out, dist)}", dist.main)
+
+
+def _warn_if_schedule_ended(cfg: TrainConfig, out: Path, state: TrainState, steps: int) -> None:
+    """--resume --epochs N past a finished cosine schedule stretches it: the added epochs train at a small lr."""
+    group = state.optimizer.param_groups[0]
+    if cfg.schedule == "constant" or state.epoch >= cfg.epochs or group["lr"] > 1e-6 * group.get("initial_lr", 0):
+        return
+    peak = lr_factor(cfg.schedule, steps * cfg.epochs, round(cfg.warmup_epochs * steps))(state.scheduler.last_epoch)
+    log.warning("its %s schedule had ended after epoch %d; stretched to %d epochs, the added ones train at %.0f%% "
+                "of the peak lr and less. To train more on a full schedule, start a new run from its weights: "
+                "transferkit train --weights %s ... (with the run's other settings)", cfg.schedule, state.epoch,
+                cfg.epochs, 100 * peak, Path(out) / MODEL_FILE)
 
 
 def progressive_size(epoch: int, epochs: int, start: int | None, size: int) -> int:

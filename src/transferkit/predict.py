@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from . import calibration
 from .checkpoint import ModelCard, load_model_state, read_card
@@ -81,8 +81,10 @@ class Predictor:
         batch_size: int = 32,
     ) -> list[list[tuple[str, float]]]:
         """Top-k (class, probability) for each image: paths, PIL images, uint8 tensors (C, H, W) or
-        arrays (H, W, C); float ones with values in [0, 1]. One path alone is one image."""
-        if isinstance(images, (str, Path)):
+        arrays (H, W, C); float ones with values in [0, 1]. One path, one PIL image, one 2-D array or tensor
+        and one 3-D one with 1 or 3 channels (first or last) is one image; other arrays are a batch along
+        their first axis (N, H, W, C), (N, C, H, W) or (N, H, W)."""
+        if _one_image(images):
             images = [images]
         if batch_size < 1:
             raise TransferkitError(f"batch_size {batch_size}: predict at least one image at a time")
@@ -150,6 +152,14 @@ class Predictor:
             yield path, t if isinstance(t, str) else next(tops)
 
 
+def _one_image(images: Any) -> bool:
+    if isinstance(images, (str, Path, Image.Image)):
+        return True
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        return images.ndim == 2 or (images.ndim == 3 and (images.shape[0] in (1, 3) or images.shape[-1] in (1, 3)))
+    return False
+
+
 def stored(pre: Preprocessing, item: str | Path | Image.Image | torch.Tensor | np.ndarray) -> torch.Tensor:
     """An image file or an image in memory as `pre` stores it (files: `Preprocessing.read`)."""
     return pre.read(item) if isinstance(item, (str, Path)) else pre.store(_as_uint8(item))
@@ -157,8 +167,8 @@ def stored(pre: Preprocessing, item: str | Path | Image.Image | torch.Tensor | n
 
 def _as_uint8(item: Image.Image | torch.Tensor | np.ndarray) -> torch.Tensor:
     """An image in memory as a uint8 tensor (C, H, W) with C 1 or 3, or a clear error."""
-    if isinstance(item, Image.Image):
-        return pil_to_tensor(to_rgb(item))
+    if isinstance(item, Image.Image):  # turned upright as its EXIF orientation says, as files are
+        return pil_to_tensor(to_rgb(ImageOps.exif_transpose(item)))
     channels_last = isinstance(item, np.ndarray)
     if channels_last:
         item = torch.from_numpy(np.ascontiguousarray(item))

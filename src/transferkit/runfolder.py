@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import json
 import logging
 import os
 import tempfile
@@ -241,10 +242,26 @@ def begin_writing(out: Path, cfg: TrainConfig, replace: bool, skipped: list[tupl
         for old in RUN_OUTPUTS:
             for f in out.glob(old):
                 f.unlink()
+        _remove_exports(out)
     atomic_write(out / "config.yaml", cfg.to_yaml(requested))
     if skipped:
         atomic_write(out / "skipped.txt", "".join(f"{p}\t{r}\n" for p, r in skipped))
         log.warning("%d unreadable files skipped; list in %s", len(skipped), out / "skipped.txt")
+
+
+def _remove_exports(out: Path) -> None:
+    """--overwrite: the old run's exported files (named in its export.json) would answer for the old model."""
+    record = out / "export.json"
+    try:
+        names = list(json.loads(record.read_text())) if record.is_file() else []
+    except (OSError, ValueError, TypeError):
+        names = []
+    for name in names:
+        f = out / str(name)
+        if f.parent == out and f.is_file():
+            f.unlink()
+            log.info("removed %s, exported from the run this one replaces", f)
+    record.unlink(missing_ok=True)
 
 
 def resume_command(out: Path, dist: Dist) -> str:

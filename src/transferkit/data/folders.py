@@ -75,6 +75,11 @@ def load_folder(root: Path, pre: Preprocessing, splits: Sequence[str], *, worker
             keep = stratified_subset(torch.tensor(labels), max_train, seed).tolist()
             paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
         listed[split] = _readable(split, paths, labels, workers, use_cache, out.skipped)
+        unread = [c for i, c in enumerate(classes) if i not in set(listed[split][1])]
+        if split == "train" and unread:
+            raise TransferkitError(f"class folder(s) in {path} without a readable image: {', '.join(unread)} (the "
+                                   "warnings above say why each file was skipped); add images that open, or "
+                                   "remove the folder(s)")
     out.stored_bytes = sum(pre.stored_bytes(sizes) for _, _, sizes, _ in listed.values())
     allowed = runtime.memory_bytes() / 4
     streaming = stream == "always" or (stream == "auto" and out.stored_bytes > allowed)
