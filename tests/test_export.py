@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from conftest import SHARED_CIFAR, _have_mobilenet_weights, link_subset
-from transferkit import TrainConfig, train
+from transferkit import Predictor, TrainConfig, train
 from transferkit.cli import main
 from transferkit.data.preprocess import Preprocessing
 from transferkit.errors import CheckFailed, TransferkitError
@@ -266,6 +266,9 @@ def test_predict_with_the_onnx_file_gives_the_run_folders_answers(runs, exported
         assert a["file"] == b["file"] and a["top"][0]["class"] == b["top"][0]["class"]
         pa = {t["class"]: t["prob"] for t in a["top"]}
         assert max(abs(pa[t["class"]] - t["prob"]) for t in b["top"]) <= 1e-4
+    # The Python Predictor of a run folder, handed the ONNX file instead, names the class that runs it.
+    with pytest.raises(TransferkitError, match="ONNX file, not a run folder.*OnnxPredictor"):
+        Predictor.from_run(run / "model.onnx")
 
 
 def test_predict_refuses_onnx_without_metadata_or_truncated(runs, exported, cifar_small, tmp_path, capsys):

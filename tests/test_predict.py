@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,6 +190,24 @@ def test_predict_refuses_bad_numbers_with_a_sentence(run, tmp_path, args, messag
     proc = run_cli("predict", run, tmp_path, *args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_predict_precision_picks_the_arithmetic(run, tmp_path):
+    """--precision fp32 gives the fp32 Predictor's probabilities (what an ONNX export gives); an ONNX file
+    itself runs in fp32 only, and says so."""
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    proc = run_cli("predict", run, tmp_path / "x.png", "--precision", "fp32", "--json", "--topk", "3")
+    assert proc.returncode == 0, proc.stderr
+    cli = {t["class"]: t["prob"] for t in json.loads(proc.stdout)["predictions"][0]["top"]}
+    p = Predictor.from_run(run, device="cpu", precision="fp32")
+    assert p.precision == "fp32"
+    for c, q in p.predict(str(tmp_path / "x.png"), topk=3)[0]:
+        assert cli[c] == pytest.approx(q, abs=1e-6)
+    (tmp_path / "m.onnx").write_bytes(b"")
+    proc = run_cli("predict", tmp_path / "m.onnx", tmp_path / "x.png", "--precision", "bf16")
+    assert proc.returncode == 2 and "runs in fp32" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_predict_shows_a_progress_bar_on_a_terminal_only(run, tmp_path):

@@ -119,6 +119,9 @@ def save_model(run_dir: Path, model: torch.nn.Module, card: ModelCard) -> ModelC
 def read_card(run_dir: Path) -> ModelCard:
     """model.json of a run folder, with a clear error when the folder is not a run."""
     path = Path(run_dir) / META_FILE
+    if Path(run_dir).suffix == ".onnx" and Path(run_dir).is_file():
+        raise TransferkitError(f"'{run_dir}' is an exported ONNX file, not a run folder: predict with it by "
+                               "transferkit.export.OnnxPredictor(path), or pass the run folder it came from")
     if not path.is_file():
         raise TransferkitError(
             f"'{run_dir}' is not a transferkit run folder (no {META_FILE}); "

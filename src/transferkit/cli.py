@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=32,
                     help="images decoded and predicted at a time; memory holds one batch (default: 32)")
     pr.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N, mps")
+    pr.add_argument("--precision", choices=("auto", "bf16", "fp32"),
+                    help="default: fp32 for a run trained in fp32, else auto (bf16 where the hardware runs it fast); "
+                         "fp32 gives the probabilities its ONNX export gives")
     pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pr.add_argument("--csv", type=Path, metavar="FILE",
                     help="also write the predictions to FILE as CSV: file, class_1, prob_1, ... class_k, prob_k")
@@ -480,9 +483,13 @@ def _predict(args: argparse.Namespace, table: tuple[str, typing.TextIO] | None) 
         if args.image_size is not None:
             raise TransferkitError(f"{args.run} takes a fixed input side; drop --image-size, or export the run again "
                                    "at another size")
+        if args.precision not in (None, "fp32"):
+            raise TransferkitError(f"{args.run} runs in fp32 (onnxruntime); drop --precision {args.precision}, or "
+                                   "predict with the run folder")
         predictor = OnnxPredictor(args.run, tta=args.tta)
     else:
-        predictor = Predictor.from_run(args.run, device=args.device, image_size=args.image_size, tta=args.tta)
+        predictor = Predictor.from_run(args.run, device=args.device, image_size=args.image_size, tta=args.tta,
+                                       precision=args.precision)
     writer = None
     if table is not None:
         k = max(1, min(args.topk, len(predictor.classes)))

@@ -43,13 +43,15 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", *, image_size: int | None = None,
-                 tta: bool = False) -> Predictor:
+                 tta: bool = False, precision: str | None = None) -> Predictor:
         """Load a run folder written by `transferkit train` (safetensors + model.json).
 
         `image_size`: feed the model this input size instead of the trained one (the resize before
         the centre crop scales with it). A model trained on random-resized crops sees objects larger
         than they are at test time, so a slightly larger test size often scores higher ("FixRes").
         `tta`: average the prediction of each image and its mirror image.
+        `precision`: auto, bf16 or fp32; None: fp32 for a run trained in fp32 (eval then reproduces its
+        report), else auto (bf16 where the hardware runs it fast). fp32 gives what its ONNX export gives.
         """
         card = read_card(Path(run_dir))
         state = load_model_state(Path(run_dir), card)
@@ -65,7 +67,8 @@ class Predictor:
             ) from None
         return cls(model, card.classes, _at_size(card, image_size), device=device, tta=tta,
                    # A run trained in fp32 is evaluated in fp32, so eval reproduces its report.
-                   precision="fp32" if card.precision == "fp32" else "auto", temperature=card.temperature)
+                   precision=precision or ("fp32" if card.precision == "fp32" else "auto"),
+                   temperature=card.temperature)
 
     @classmethod
     def from_pretrained(cls, arch: str, weights: str = "imagenet", device: str = "auto") -> Predictor:
