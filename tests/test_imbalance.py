@@ -79,18 +79,22 @@ def test_bad_imbalance_flags_exit_2_with_the_fix(tmp_path, flags, message):
     assert not (tmp_path / "run").exists()
 
 
-def test_sampler_on_a_single_class_training_split_exits_2_with_the_fix(tmp_path):
+@pytest.mark.parametrize("broken", ["not a picture", "truncated"])
+def test_a_class_whose_training_files_all_fail_to_read_exits_2_by_name(tmp_path, broken):
+    """Whether the header fails or only the pixels do (a truncated JPEG), the class is named, with --sampler
+    balanced too (which would otherwise draw from a class with no images)."""
     data = tmp_path / "data"
     link_subset(SHARED_CIFAR / "train", data / "train", 6, ["cat", "ship"])
     link_subset(SHARED_CIFAR / "test", data / "test", 2, ["cat", "ship"])
     for f in (data / "train" / "ship").iterdir():  # every ship unreadable: the training split holds cats alone
+        content = f.read_bytes()
         f.unlink()
-        f.write_bytes(b"not a picture")
+        f.write_bytes(b"not a picture" if broken == "not a picture" else content[:-200])
     proc = run_cli("train", "--data", data, "--model", "resnet18", "--weights", "none", "--image-size", "32",
-                   "--sampler", "balanced", "--val-split", "0", "--out", tmp_path / "run")
+                   "--sampler", "balanced", "--val-split", "0", "--stream", "never", "--no-cache",
+                   "--out", tmp_path / "run")
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "--sampler balanced needs training images of at least two classes" in proc.stderr
-    assert "(cat)" in proc.stderr and "drop --sampler" in proc.stderr and "Traceback" not in proc.stderr
+    assert "without a readable image: ship" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "run" / "last.pt").exists()
 
 

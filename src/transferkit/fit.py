@@ -189,12 +189,6 @@ def _load_data(cfg: TrainConfig, pre: Preprocessing) -> DataSource:
                               use_cache=cfg.cache, stream=cfg.stream)
     src.train, src.val, src.test = sources.train_val_test(src, cfg.val_split, cfg.seed)
     sources.check_leakage(src, dedupe=cfg.dedupe)  # after carving val: a copy inside train may now be on both sides
-    counts = torch.bincount(src.train.labels, minlength=len(src.classes))
-    if cfg.sampler == "balanced" and int((counts > 0).sum()) < 2:
-        have = ", ".join(c for c, n in zip(src.classes, counts.tolist()) if n) or "none"
-        raise TransferkitError(f"--sampler balanced needs training images of at least two classes, and {cfg.data}'s "
-                               f"training split has images of one ({have}); add images of the other classes, or "
-                               "drop --sampler")
     calibration.check_calibration_split(cfg.calibrate, src.val, cfg.data)
     if len(src.classes) < 2:
         raise TransferkitError(f"{cfg.data} has one class ({src.classes[0]}); a classifier needs at least two")
@@ -203,6 +197,7 @@ def _load_data(cfg: TrainConfig, pre: Preprocessing) -> DataSource:
     if cfg.patience is not None and src.val is None:
         raise TransferkitError("--patience watches a validation metric, and this run has no validation split; use "
                                "--val-split 0.1 (or a val/ folder), or drop --patience")
+    counts = torch.bincount(src.train.labels, minlength=len(src.classes))
     sources.warn_imbalance(counts, src.classes, cfg.class_weights, sampler=cfg.sampler, select_by=cfg.select_by)
     return src
 

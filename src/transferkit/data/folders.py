@@ -75,11 +75,8 @@ def load_folder(root: Path, pre: Preprocessing, splits: Sequence[str], *, worker
             keep = stratified_subset(torch.tensor(labels), max_train, seed).tolist()
             paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
         listed[split] = _readable(split, paths, labels, workers, use_cache, out.skipped)
-        unread = [c for i, c in enumerate(classes) if i not in set(listed[split][1])]
-        if split == "train" and unread:
-            raise TransferkitError(f"class folder(s) in {path} without a readable image: {', '.join(unread)} (the "
-                                   "warnings above say why each file was skipped); add images that open, or "
-                                   "remove the folder(s)")
+        if split == "train":
+            _check_every_class_reads(path, classes, listed[split][1])
     out.stored_bytes = sum(pre.stored_bytes(sizes) for _, _, sizes, _ in listed.values())
     allowed = runtime.memory_bytes() / 4
     streaming = stream == "always" or (stream == "auto" and out.stored_bytes > allowed)
@@ -99,6 +96,8 @@ def load_folder(root: Path, pre: Preprocessing, splits: Sequence[str], *, worker
             kept = [i for i, p in enumerate(paths) if str(p) not in gone]
             decoded.files, decoded.hashes = [str(paths[i]) for i in kept], [hashes[i] for i in kept]
             assert len(decoded.files) == len(decoded), "decoded images and their files out of step"
+            if split == "train":  # files whose header read but whose pixels did not
+                _check_every_class_reads(layout[split], classes, decoded.labels.tolist())
             setattr(out, split, decoded)
     return out
 
@@ -162,6 +161,15 @@ def file_hash(path: Path) -> bytes:
     """A digest of the file's bytes: equal for exact copies (and links to one file), whatever their names."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=HASH_BYTES)).digest()
+
+
+def _check_every_class_reads(path: Path, classes: list[str], labels: list[int]) -> None:
+    """A class whose training files all failed to read would add an output that never trains."""
+    unread = [c for i, c in enumerate(classes) if i not in set(labels)]
+    if unread:
+        raise TransferkitError(f"class folder(s) in {path} without a readable image: {', '.join(unread)} (the "
+                               "warnings above say why each file was skipped); add images that open, or remove "
+                               "the folder(s)")
 
 
 def _readable(name: str, paths: list[Path], labels: list[int], workers: int, use_cache: bool,
