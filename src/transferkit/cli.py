@@ -396,7 +396,9 @@ def _demo_or_empty(out: Path) -> bool:
     """Whether `demo` may replace what is in `out`: nothing of a run, or an earlier demo run."""
     import yaml
 
-    if not any((out / f).exists() for f in ("config.yaml", "model.json", "last.pt")):
+    from .checkpoint import LAST_FILE, META_FILE
+
+    if not any((out / f).exists() for f in ("config.yaml", META_FILE, LAST_FILE)):
         return True
     try:
         return (yaml.safe_load((out / "config.yaml").read_text()) or {}).get("recipe") == "demo"
