@@ -64,6 +64,25 @@ def test_cached_features_equal_freshly_computed_ones(folder):
     assert torch.allclose(direct, fresh.images, atol=1e-5)
 
 
+
+def test_a_frozen_trunks_activations_are_computed_without_running_the_blocks_after_it(folder):
+    """The activation cache of --trainable-blocks runs the frozen blocks alone: what follows them is not needed."""
+    bb = create_backbone("resnet18", "none", num_classes=2)
+    split = load_source(str(folder), preprocessing=STORE).train
+    tf = EvalTransform(Preprocessing(32, 37, (0.5,) * 3, (0.25,) * 3))
+    ran = []
+    for name in ("layer2", "layer4", "fc"):
+        bb.model.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: ran.append(name))
+    got = features(bb.model, bb.head, split, tf, device=torch.device("cpu"), precision="fp32", batch_size=8,
+                   identity={"arch": "resnet18"}, use_cache=False, at="layer2")
+    assert set(ran) == {"layer2"}
+    with torch.no_grad():
+        m = bb.model.eval()
+        x = tf(split.images)
+        direct = m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))
+    assert got.images.shape == direct.shape == (20, 128, 4, 4)
+    assert torch.allclose(direct, got.images, atol=1e-5)
+
 def test_linear_probe_second_run_hits_both_caches(folder, tmp_path, caplog):
     cfg = TrainConfig.create(data=str(folder), model="resnet18", weights="none", strategy="linear", image_size=32,
                              epochs=2, batch_size=4, val_split=0.2, out=str(tmp_path / "a"), workers=1)

@@ -110,6 +110,7 @@ def test_trainable_blocks_train_only_the_last_blocks_and_the_cached_trunk_change
     kw = dict(strategy="finetune", trainable_blocks=2, augment=False)  # one view: the cache loses nothing
     cached = train(_cfg(tiny, tmp_path / "cached", **kw))
     assert "training the last 2 blocks on cached activations of layer3.1" in caplog.text
+    assert "augmentation: none: trained on cached features" in (cached.out_dir / "report.md").read_text()
     live = train(_cfg(tiny, tmp_path / "live", feature_cache=False, **kw))
     one_epoch = train(_cfg(tiny, tmp_path / "short", epochs=1, **kw))
     assert "train: features of 27 images from the cache" in caplog.text  # the 3rd run reused the trunk's

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import cache
 from .data.sources import Split
-from .engine import Transform, evaluate, sharded
+from .engine import Transform, evaluate
 from .models import set_trainable, without
 from .runtime import SINGLE, Dist, memory_bytes
 
@@ -91,29 +91,45 @@ def features(
     if hit is not None:
         log.info("%s: features of %d images from the cache", split.name, len(split))
         return Split(split.name, hit[0]["features"], split.labels)
-    captured: list[torch.Tensor] = []
-    if at is None:
-        hook = model.get_submodule(head).register_forward_pre_hook(
-            lambda _m, args: captured.append(args[0].detach().float().cpu()))
-    else:
-        hook = model.get_submodule(at).register_forward_hook(
-            lambda _m, _args, output: captured.append(output.detach().float().cpu()))
+    # The head's input, or the blocks up to `at` alone: the forward stops there (the rest would be thrown away).
     start = time.perf_counter()
-
-    def run(part: Split) -> tuple[torch.Tensor]:
-        captured.clear()
-        evaluate(model, part, transform, batch_size=batch_size, device=device, precision=precision, workers=workers,
-                 desc=f"features {split.name}", show=dist.main)
-        return (torch.cat(captured),)
-
-    try:
-        (feats,) = sharded(run, split, dist)
-    finally:
-        hook.remove()
+    (feats, _) = evaluate(_UpTo(model, head if at is None else at, before=at is None), split, transform,
+                          batch_size=batch_size, device=device, precision=precision, dist=dist, workers=workers,
+                          desc=f"features {split.name}")
     log.info("%s: features of %d images computed in %.0f s", split.name, len(split), time.perf_counter() - start)
     if use_cache and dist.local_rank == 0:
         cache.store("features", key, {"features": feats})
     return Split(split.name, feats, split.labels)
+
+
+class _Reached(Exception):
+    """Raised by a forward hook to stop the forward pass with what it captured."""
+
+    def __init__(self, output: torch.Tensor) -> None:
+        super().__init__()
+        self.output = output
+
+
+class _UpTo(nn.Module):
+    """`model` run up to its module `at` alone: returns that module's output (`before`: its input), in fp32."""
+
+    def __init__(self, model: nn.Module, at: str, before: bool = False) -> None:
+        super().__init__()
+        self.model, self.at, self.before = model, at, before
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def stop(*args: torch.Tensor) -> None:
+            raise _Reached((args[1][0] if self.before else args[2]).float())
+
+        module = self.model.get_submodule(self.at)
+        hook = module.register_forward_pre_hook(stop) if self.before else module.register_forward_hook(stop)
+        try:
+            self.model(x)
+        except _Reached as reached:
+            return reached.output
+        finally:
+            hook.remove()
+        raise RuntimeError(f"module {self.at} did not run in {type(self.model).__name__}'s forward pass")
 
 
 @torch.no_grad()

@@ -72,9 +72,9 @@ def find_lr(config: TrainConfig | None = None, *, steps: int = lr_find.STEPS, st
     with runtime.distributed(cfg.device) as (dist, device), run_logging(quiet=False):
         if dist.on:
             raise TransferkitError("lr-find runs in one process; start it without torchrun")
+        sources.check_data_arg(cfg.data)  # a wrong --data is the first line the user sees
         precision = runtime.resolve_precision(cfg.precision, device)
         runtime.seed_everything(cfg.seed)
-        sources.check_data_arg(cfg.data)
         bb = models.create_backbone(cfg.model, cfg.weights)
         pre = resolve_preprocessing(image_size=cfg.image_size, mean=cfg.mean, std=cfg.std, weights=bb.preprocessing)
         models.check_input_size(bb, pre.image_size)
@@ -96,11 +96,11 @@ def find_lr(config: TrainConfig | None = None, *, steps: int = lr_find.STEPS, st
 def _run(cfg: TrainConfig, out: Path, saved: dict[str, Any] | None, replace: bool, dist: Dist,
          device: torch.device) -> RunResult:
     """The steps of a run, in order."""
+    sources.check_data_arg(cfg.data)  # a wrong --data is the first line the user sees
     precision = runtime.resolve_precision(cfg.precision, device)
     runtime.seed_everything(cfg.seed)
     if cfg.recipe:
         log.info("recipe '%s'", cfg.recipe)
-    sources.check_data_arg(cfg.data)
     if dist.on:
         runtime.check_world(dist, device, cfg.batch_size, cfg.batchnorm)
     # Under torchrun the first process of each machine fetches weights and fills the caches; the others read them.
@@ -471,8 +471,10 @@ def _param_groups(cfg: TrainConfig, model: torch.nn.Module, head: str) -> list[d
                               weight_decay=cfg.weight_decay)
 
 
-def _augmentation(cfg: TrainConfig) -> str:
-    """The report's line on what changed the training images."""
+def _augmentation(cfg: TrainConfig, cached: bool) -> str:
+    """The report's line on what changed the training images (`cached`: nothing did, training read their features)."""
+    if cached:
+        return "none: trained on cached features of one un-augmented view (--no-feature-cache trains on the images)"
     parts = [f"random-resized crop (area >= {cfg.crop_scale:g})" + (" + flip" if cfg.flip else "")] if cfg.augment \
         else []
     parts += [cfg.augment_policy] if cfg.augment_policy != "none" else []
@@ -580,9 +582,9 @@ def _final_evaluation(cfg: TrainConfig, out: Path, state: TrainState, stage: Sta
         # the probabilities predict gives: calibrated by --calibrate's temperature
         errors = write_errors(out, "report", logits / temperature, labels, final, data.classes, card.preprocessing,
                               title=f"{cfg.model} on {cfg.data}")
+        setup = _setup(cfg, card, state, data, dist, device, out, stage.cached)
         report = write_report(out, metrics, title=f"{cfg.model} on {cfg.data}", measured_on=said, classes=data.classes,
-                              setup=_setup(cfg, card, state, data, dist, device, out), history=state.history,
-                              errors=errors)
+                              setup=setup, history=state.history, errors=errors)
         log.info("report: %s", report)
     return RunResult(out, metrics, said, state.history, main=dist.main)
 
@@ -608,8 +610,8 @@ def _strategy_line(cfg: TrainConfig, data: DataSource, out: Path) -> str:
 
 
 def _setup(cfg: TrainConfig, card: ModelCard, state: TrainState, data: DataSource, dist: Dist,
-           device: torch.device, out: Path) -> dict[str, Any]:
-    """The report's "Setup" section."""
+           device: torch.device, out: Path, cached: bool) -> dict[str, Any]:
+    """The report's "Setup" section (`cached`: training ran on cached features)."""
     best = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
     score = selection_score(best, cfg.select_by)
     shown = "" if score is None else f"{-score:.4f}" if cfg.select_by == "loss" else f"{100 * score:.2f}%"
@@ -627,7 +629,7 @@ def _setup(cfg: TrainConfig, card: ModelCard, state: TrainState, data: DataSourc
         f"{cfg.schedule}, label smoothing {cfg.label_smoothing:g}",
         "batch size": cfg.batch_size if not dist.on else f"{cfg.batch_size} ({dist.world} processes)",
         "precision": f"{card.precision} on {device}",
-        "augmentation": _augmentation(cfg),
+        "augmentation": _augmentation(cfg, cached),
         "weights averaged": f"exponential moving average, decay {cfg.ema:g} a step (--ema): validated and saved"
         if cfg.ema else "no",
         "test-time augmentation": "mirror image (--tta)" if cfg.tta else "none",
