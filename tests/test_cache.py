@@ -64,7 +64,6 @@ def test_cached_features_equal_freshly_computed_ones(folder):
     assert torch.allclose(direct, fresh.images, atol=1e-5)
 
 
-
 def test_a_frozen_trunks_activations_are_computed_without_running_the_blocks_after_it(folder):
     """The activation cache of --trainable-blocks runs the frozen blocks alone: what follows them is not needed."""
     bb = create_backbone("resnet18", "none", num_classes=2)
@@ -82,6 +81,7 @@ def test_a_frozen_trunks_activations_are_computed_without_running_the_blocks_aft
         direct = m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))
     assert got.images.shape == direct.shape == (20, 128, 4, 4)
     assert torch.allclose(direct, got.images, atol=1e-5)
+
 
 def test_linear_probe_second_run_hits_both_caches(folder, tmp_path, caplog):
     cfg = TrainConfig.create(data=str(folder), model="resnet18", weights="none", strategy="linear", image_size=32,

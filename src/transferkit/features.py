@@ -110,19 +110,25 @@ class _Reached(Exception):
         self.output = output
 
 
+def _stop_before(_module: nn.Module, args: tuple) -> None:
+    raise _Reached(args[0])
+
+
+def _stop_after(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+    raise _Reached(output)
+
+
 class _UpTo(nn.Module):
-    """`model` run up to its module `at` alone: returns that module's output (`before`: its input), in fp32."""
+    """`model` run up to its module `at` alone: returns that module's output (`before`: its input)."""
 
     def __init__(self, model: nn.Module, at: str, before: bool = False) -> None:
         super().__init__()
         self.model, self.at, self.before = model, at, before
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        def stop(*args: torch.Tensor) -> None:
-            raise _Reached((args[1][0] if self.before else args[2]).float())
-
         module = self.model.get_submodule(self.at)
-        hook = module.register_forward_pre_hook(stop) if self.before else module.register_forward_hook(stop)
+        hook = (module.register_forward_pre_hook(_stop_before) if self.before
+                else module.register_forward_hook(_stop_after))
         try:
             self.model(x)
         except _Reached as reached:
@@ -135,14 +141,9 @@ class _UpTo(nn.Module):
 @torch.no_grad()
 def activations_fit(model: nn.Module, at: str, size: int, device: torch.device, images: int) -> bool:
     """Whether the output of module `at` for all `images` fits in a quarter of this process's memory."""
-    shape = []
-    hook = model.get_submodule(at).register_forward_hook(lambda _m, _a, out: shape.append(out.shape))
     model.eval()
-    try:
-        model(torch.zeros(1, 3, size, size, device=device))
-    finally:
-        hook.remove()
-    need = math.prod(shape[0]) * 4 * images
+    shape = _UpTo(model, at)(torch.zeros(1, 3, size, size, device=device)).shape
+    need = math.prod(shape) * 4 * images
     if need > memory_bytes() / 4:
         log.warning("the frozen blocks' activations would take %.1f GB: running them every step instead of "
                     "caching them", need / 1e9)
