@@ -164,12 +164,15 @@ def test_a_streamed_folder_lists_files_that_are_not_images(tmp_path):
 
 
 @needs_cifar
-def test_train_tta_reports_what_eval_tta_measures(tiny, tmp_path):
-    """--tta averages the mirror image into the final evaluation, also when the head trained on cached features."""
+def test_train_tta_reports_what_eval_tta_measures(tiny, tmp_path, caplog):
+    """--tta averages the mirror image into the final evaluation, also when the head trained on cached features
+    (whose test split's features are then not computed: the mirror needs the whole model)."""
     from transferkit.predict import evaluate_run
 
     for name, kw in (("linear", dict(strategy="linear", tta=True)), ("fast", dict(recipe="fast", strategy="finetune"))):
+        caplog.clear()
         run = train(_cfg(tiny, tmp_path / name, **kw, precision="fp32", epochs=2))  # 'fast': a finetune with --tta
+        assert ("train: features of" in caplog.text) == (name == "linear") and "test: features of" not in caplog.text
         assert "with its mirror image" in run.measured_on
         assert "mirror image (--tta)" in (run.out_dir / "report.md").read_text()
         mirrored, _, _ = evaluate_run(run.out_dir, str(tiny), tta=True, workers=1)

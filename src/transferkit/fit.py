@@ -233,6 +233,8 @@ def _plan_stage(cfg: TrainConfig, bb: models.Backbone, pre: Preprocessing, froze
     if not (linear or trunk):
         return stage
     _check_uncached(cfg)
+    if cfg.tta:  # the mirror image needs the whole model: the final evaluation reads the test images themselves
+        stage = replace(stage, test=None)
     key = {"arch": cfg.model, "weights": bb.weights, "build": bb.build_kwargs, "preprocessing": pre.to_dict()}
     stage = cached_stage(stage, bb.model, bb.head, [] if linear else frozen_blocks, key, device=device,
                          precision=precision, use_cache=cfg.cache, dist=dist, workers=cfg.workers,
