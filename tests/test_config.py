@@ -22,6 +22,23 @@ def test_explicit_settings_win_over_the_recipe():
     assert c.epochs == 2 and c.lr == 0.01 and c.optimizer == "sgd"
 
 
+def test_fast_recipe_freezes_mobilenet_v2s_first_blocks_and_trains_other_models_whole(tmp_path):
+    mnv2 = TrainConfig.create(recipe="fast")
+    assert (mnv2.model, mnv2.image_size, mnv2.trainable_blocks, mnv2.feature_cache) == ("mobilenet_v2", 160, 12, False)
+    other = TrainConfig.create(recipe="fast", model="resnet18")  # MobileNetV2's block count means nothing here
+    assert (other.image_size, other.trainable_blocks, other.feature_cache) == (112, None, True)
+    assert TrainConfig.create(recipe="fast", image_size=128).image_size == 128  # a flag still wins
+    for changed in (dict(strategy="linear"), dict(weights="none")):  # the head alone; random blocks frozen: neither
+        assert TrainConfig.create(recipe="fast", **changed).trainable_blocks is None
+    # a run's config.yaml from before the recipe changed resumes with what it trained with
+    before = TrainConfig.create(recipe="fast").replace(image_size=112, trainable_blocks=None, feature_cache=True)
+    (tmp_path / "config.yaml").write_text(before.to_yaml())
+    assert TrainConfig.from_yaml(tmp_path / "config.yaml") == before
+    (tmp_path / "mine.yaml").write_text("recipe: fast\nepochs:\nimage_size:\n")  # other blanks: the recipe's
+    mine = TrainConfig.from_yaml(tmp_path / "mine.yaml")
+    assert (mine.epochs, mine.image_size, mine.trainable_blocks) == (3, 160, 12)
+
+
 def test_misspelled_setting_and_choice_get_did_you_mean():
     with pytest.raises(TransferkitError, match="did you mean 'backbone_lr_mult'"):
         TrainConfig.create(backbone_lr_mul=0.1)

@@ -112,6 +112,9 @@ def test_trainable_blocks_train_only_the_last_blocks_and_the_cached_trunk_change
     assert "training the last 2 blocks on cached activations of layer3.1" in caplog.text
     assert "augmentation: none: trained on cached features" in (cached.out_dir / "report.md").read_text()
     live = train(_cfg(tiny, tmp_path / "live", feature_cache=False, **kw))
+    assert "the blocks up to layer3.1 stay frozen and run every step" in caplog.text
+    report = (live.out_dir / "report.md").read_text()
+    assert "- strategy: finetune, the last 2 backbone blocks and the head (--trainable-blocks 2)" in report
     one_epoch = train(_cfg(tiny, tmp_path / "short", epochs=1, **kw))
     assert "train: features of 27 images from the cache" in caplog.text  # the 3rd run reused the trunk's
     a, b, c = (load_file(r.out_dir / "model.safetensors") for r in (cached, live, one_epoch))

@@ -60,7 +60,8 @@ GROUPS: dict[str, tuple[str, list[tuple[str, str | None, str]]]] = {
     ]),
     "training": ("optimization; lr values are per batch of --batch-size images", [
         ("recipe", "NAME", f"preset settings, overridden by explicit flags: {', '.join(RECIPES)} (seed: the "
-                           "classic tutorial; demo: the offline demo job; fast: 3 epochs at 112 px with TTA)"),
+                           "classic tutorial; demo: the offline demo job; fast: 3 epochs with TTA, MobileNetV2 at "
+                           "160 px with its first 7 blocks frozen, other models whole at 112 px)"),
         ("epochs", "N", "passes over the training images"),
         ("batch_size", "N", "images per optimizer step, over all processes under torchrun"),
         ("lr", "LR", "the head's peak learning rate; auto: the suggestion of an LR range test run before training "

@@ -22,7 +22,7 @@ from .checkpoint import (
     save_model,
     update_card,
 )
-from .config import AUTO_FINETUNE_FROM, TrainConfig, requested_from
+from .config import AUTO_FINETUNE_FROM, RECIPE_MODELS, TrainConfig, requested_from
 from .data import heldout, sources
 from .data.mixing import Mixing
 from .data.preprocess import Preprocessing, resolve_preprocessing
@@ -230,6 +230,9 @@ def _plan_stage(cfg: TrainConfig, bb: models.Backbone, pre: Preprocessing, froze
     images = sum(len(s) for s in (data.train, data.val, data.test) if s is not None)
     trunk = bool(frozen_blocks) and cfg.feature_cache and models.caches_activations(bb.model) and activations_fit(
         bb.model, frozen_blocks[-1], pre.image_size, device, images)
+    if frozen_blocks and not trunk:  # (the cached case says so below)
+        log.info("training the last %d blocks and the head; the blocks up to %s stay frozen and run every step on the "
+                 "augmented images", cfg.trainable_blocks, frozen_blocks[-1])
     if not (linear or trunk):
         return stage
     _check_uncached(cfg)
@@ -604,11 +607,16 @@ def _calibrate(out: Path, stage: Stage, dist: Dist, device: torch.device, precis
 
 
 def _strategy_line(cfg: TrainConfig, data: DataSource, out: Path) -> str:
-    """The report's strategy: 'linear', or with --strategy auto 'linear (chosen by --strategy auto: why)'."""
+    """The report's strategy: 'linear', 'finetune of the last K blocks ...', or with --strategy auto
+    'linear (chosen by --strategy auto: why)'."""
+    recipes = RECIPE_MODELS.get(cfg.recipe or "", {}).get(cfg.model, {})
+    source = f", as in --recipe {cfg.recipe}" if recipes.get("trainable_blocks") == cfg.trainable_blocks else ""
+    what = cfg.strategy + (f", the last {cfg.trainable_blocks} backbone blocks and the head (--trainable-blocks "
+                           f"{cfg.trainable_blocks}{source})" if cfg.trainable_blocks else "")
     if requested_from(out / "config.yaml").get("strategy") != "auto":
-        return cfg.strategy
+        return what
     why = choose_strategy(cfg.replace(strategy="auto"), len(data.train))[1]
-    return f"{cfg.strategy} (chosen by --strategy auto: {why})"
+    return f"{what} (chosen by --strategy auto: {why})"
 
 
 def _setup(cfg: TrainConfig, card: ModelCard, state: TrainState, data: DataSource, dist: Dist,
