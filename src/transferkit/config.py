@@ -201,7 +201,7 @@ class TrainConfig:
         nulls = [k for k, v in loaded.items() if v is None and k not in given] if whole else []
         loaded.update(given)
         made = cls.create(recipe=recipe, **loaded)
-        return made.replace(**{k: None for k in nulls if getattr(made, k, None) is not None})
+        return made.replace(**{k: None for k in nulls if getattr(made, k) is not None})
 
     def to_yaml(self, requested: dict[str, Any] | None = None) -> str:
         """The settings as YAML, loadable by from_yaml; `requested`: what was asked for where it differs
@@ -297,7 +297,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 # and pretrained weights stay. With MobileNetV2, 'fast' keeps the stem and the first six inverted residuals
 # frozen (their pretrained BatchNorm statistics too), which spares their backward pass, the costliest part of a
 # step at these sizes, and spends what it saves on a larger input: on the CIFAR-10 folder it trained at 160 px
-# faster than the whole network at 112 px, and scored higher (README, "91% within 20 minutes"). The frozen blocks
+# faster than the whole network at 112 px, and scored higher (README, "Frozen first blocks"). The frozen blocks
 # run every step on the augmented images (no activation cache: its one view overfits in three epochs).
 RECIPE_MODELS: dict[str, dict[str, dict[str, Any]]] = {
     "fast": {"mobilenet_v2": dict(image_size=160, trainable_blocks=12, feature_cache=False)},

@@ -609,8 +609,8 @@ def _calibrate(out: Path, stage: Stage, dist: Dist, device: torch.device, precis
 def _strategy_line(cfg: TrainConfig, data: DataSource, out: Path) -> str:
     """The report's strategy: 'linear', 'finetune of the last K blocks ...', or with --strategy auto
     'linear (chosen by --strategy auto: why)'."""
-    recipes = RECIPE_MODELS.get(cfg.recipe or "", {}).get(cfg.model, {})
-    source = f", as in --recipe {cfg.recipe}" if recipes.get("trainable_blocks") == cfg.trainable_blocks else ""
+    for_model = RECIPE_MODELS.get(cfg.recipe or "", {}).get(cfg.model, {})
+    source = f", as in --recipe {cfg.recipe}" if for_model.get("trainable_blocks") == cfg.trainable_blocks else ""
     what = cfg.strategy + (f", the last {cfg.trainable_blocks} backbone blocks and the head (--trainable-blocks "
                            f"{cfg.trainable_blocks}{source})" if cfg.trainable_blocks else "")
     if requested_from(out / "config.yaml").get("strategy") != "auto":
