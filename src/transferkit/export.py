@@ -1,10 +1,13 @@
 """Export a classifier to ONNX or TorchScript, checked against PyTorch on real images before it is kept.
 
-The exported graph takes what a deployer has, uint8 RGB images (N, 3, S, S) at the model's input side,
-and does the /255, mean and std itself; it returns the logits. What a consumer must still do (resize the
-shorter side, center crop) and the class names travel in the file: ONNX `metadata_props`, TorchScript
-`_extra_files`. Every export runs the PyTorch model (fp32) and the exported file side by side on held-out
-images and keeps the file only when they agree; it is written to a temporary name and renamed.
+The exported graph takes what a deployer has, uint8 RGB images (N, 3, S, S) at the model's input
+side, and does the /255, mean and std itself; it returns the logits. What a consumer must still do
+(resize the shorter side with the run's interpolation, crop the center) travels in the file as the
+run's `Preprocessing` itself (its to_dict), with the class names: ONNX `metadata_props`, TorchScript
+`_extra_files`, and export.json. `OnnxPredictor` reads that Preprocessing back, so it reads and
+resizes a photo exactly as `Predictor` does for the run folder. Every export runs the PyTorch model
+(fp32) and the exported file side by side on held-out images and keeps the file only when they agree
+(written with files.atomic_write).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from .data.preprocess import Preprocessing, _upsample
 from .data.sources import Split, stratified_subset
 from .data.transforms import batches
 from .errors import CheckFailed, TransferkitError
-from .files import atomic_write, temp_beside, umask
+from .files import atomic_write, temp_beside
 
 log = logging.getLogger(__name__)
 
@@ -79,24 +82,31 @@ class Deployable(nn.Module):
         return self.model((x - self.mean) / self.std)
 
 
+PREPROCESSING_KEY = "preprocessing"  # the metadata entry that holds Preprocessing.to_dict() as JSON
+
+
 def metadata(classes: Sequence[str], pre: Preprocessing, *, sha256: str | None, temperature: float = 1.0,
              source: str = "") -> dict[str, str]:
-    """What a consumer needs besides the graph, as the string pairs ONNX metadata_props holds."""
+    """What a consumer needs besides the graph, as the string pairs ONNX metadata_props holds.
+
+    `preprocessing` is the Preprocessing itself (to_dict, as JSON), the entry transferkit reads
+    back; each of its fields is also an entry of its own (a number or a name as text, a list as
+    JSON), for readers of single keys (earlier transferkit wrote only those).
+    """
+    rule = pre.to_dict()
+    side = pre.image_size
     return {
         "transferkit_version": __version__,
         "classes": json.dumps(list(classes)),
-        "input": f"uint8 RGB images, N x 3 x {pre.image_size} x {pre.image_size} (NCHW); /255, mean and std are "
-                 "inside the graph",
+        "input": f"uint8 RGB images, N x 3 x {side} x {side} (NCHW); /255, mean and std are inside "
+                 "the graph",
         "output": "logits (N x classes); probabilities are softmax(logits / temperature)",
-        "image_size": str(pre.image_size),
-        "resize_size": str(pre.resize_size),
+        PREPROCESSING_KEY: json.dumps(rule),
+        **{k: v if isinstance(v, str) else json.dumps(v) for k, v in rule.items()},
         "crop": "center",
-        "interpolation": "bilinear, antialiased",
-        "resize": f"shorter side to {pre.resize_size} px (bilinear, antialiased), then a center crop of "
-                  f"{pre.image_size} x {pre.image_size}; a square image no larger than {pre.image_size} px is "
+        "resize": f"shorter side to {pre.resize_size} px ({pre.interpolation}, antialiased), then "
+                  f"a center crop of {side} x {side}; a square image no larger than {side} px is "
                   "instead upsampled whole (bilinear, no antialiasing, rounded to uint8)",
-        "mean": json.dumps(list(pre.mean)),
-        "std": json.dumps(list(pre.std)),
         "temperature": repr(float(temperature)),
         "weights_sha256": sha256 or "",
         "source": source,
@@ -104,9 +114,12 @@ def metadata(classes: Sequence[str], pre: Preprocessing, *, sha256: str | None, 
 
 
 def preprocessing_of(meta: dict[str, str]) -> Preprocessing:
-    """The Preprocessing that a file's transferkit metadata describes."""
-    return Preprocessing(int(meta["image_size"]), int(meta["resize_size"]), tuple(json.loads(meta["mean"])),
-                         tuple(json.loads(meta["std"])))
+    """The Preprocessing that a file's transferkit metadata holds. A file written before the
+    metadata held it whole names its fields one by one and no interpolation: it was bilinear."""
+    if PREPROCESSING_KEY in meta:
+        return Preprocessing.from_dict(json.loads(meta[PREPROCESSING_KEY]))
+    fields = ("image_size", "resize_size", "mean", "std")
+    return Preprocessing.from_dict({k: json.loads(meta[k]) for k in fields})
 
 
 def as_input(pre: Preprocessing, stored: torch.Tensor) -> torch.Tensor:
@@ -380,7 +393,7 @@ def export_model(model: nn.Module, preprocessing: Preprocessing, classes: Sequen
     reference = run_torch(wrapper, check, batch)
     record: dict[str, Any] = {"format": fmt, "file": out.name, "batch": batch or "dynamic",
                               "input": f"uint8 N x 3 x {preprocessing.image_size} x {preprocessing.image_size}",
-                              "metadata": meta}
+                              "preprocessing": preprocessing.to_dict(), "metadata": meta}
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         work = Path(tmp) / ("model" + SUFFIX[fmt])
         if fmt == "onnx":
@@ -407,10 +420,10 @@ def export_model(model: nn.Module, preprocessing: Preprocessing, classes: Sequen
                 + ("Try --format onnx" if fmt == "torchscript" else "Try --format torchscript or another --opset"))
         if quantize:
             work = _int8(work, record, check, exported, calibration, accuracy_on, max_drop, out)
-        os.chmod(work, 0o666 & ~umask())
-        os.replace(work, out)
-    record["sha256"] = hashlib.sha256(out.read_bytes()).hexdigest()
-    record["bytes"] = out.stat().st_size
+        kept = work.read_bytes()
+        atomic_write(out, kept)
+    record["sha256"] = hashlib.sha256(kept).hexdigest()
+    record["bytes"] = len(kept)
     record["seconds"] = round(time.perf_counter() - started, 1)
     return record
 
@@ -592,7 +605,11 @@ def _predictor_base() -> type:
 
 
 class OnnxPredictor(_predictor_base()):  # type: ignore[misc]
-    """A transferkit ONNX file run by onnxruntime, with the Predictor's answers (predict, predict_paths, ...)."""
+    """A transferkit ONNX file run by onnxruntime, with the Predictor's answers (predict, ...).
+
+    Only the model input (the graph's uint8 images) and the forward pass are its own: reading and
+    resizing files (by the Preprocessing the file holds), --tta and top-k are the Predictor's.
+    """
 
     def __init__(self, path: str | Path, *, tta: bool = False) -> None:  # no super().__init__: no torch model
         path = Path(path)
@@ -615,11 +632,8 @@ class OnnxPredictor(_predictor_base()):  # type: ignore[misc]
         self.precision = "fp32"
         self.tta = tta
 
-    @torch.no_grad()
-    def _top(self, stored: list[torch.Tensor], k: int) -> list[list[tuple[str, float]]]:
-        x = torch.cat([as_input(self.preprocessing, t[None]) for t in stored])
-        logits = run_onnx(self.session, x)
-        if self.tta:  # as engine.infer: the log of the mean probability of each image and its mirror image
-            logits = ((logits.softmax(1) + run_onnx(self.session, x.flip(-1).contiguous()).softmax(1)) / 2).log()
-        p, idx = (logits / self.temperature).softmax(1).topk(k, dim=1)
-        return [[(self.classes[i], v) for v, i in zip(row_p, row_i)] for row_p, row_i in zip(p.tolist(), idx.tolist())]
+    def _input(self, stored: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([as_input(self.preprocessing, t[None]) for t in stored])
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_onnx(self.session, x.contiguous())

@@ -103,12 +103,19 @@ class Predictor:
 
     @torch.no_grad()
     def _top(self, stored: list[torch.Tensor], k: int) -> list[list[tuple[str, float]]]:
-        """Top-k of a batch of stored images: as model input on the device, the way eval feeds them."""
-        x = torch.cat([self.preprocessing.to_input(t[None].to(self.device)) for t in stored])
-        logits = infer(self.model, x, device=self.device, precision=self.precision, tta=self.tta)
-        probs = (logits / self.temperature).softmax(1).cpu()
-        p, idx = probs.topk(k, dim=1)
-        return [[(self.classes[i], v) for v, i in zip(row_p, row_i)] for row_p, row_i in zip(p.tolist(), idx.tolist())]
+        """Top-k of a batch of stored images: as model input, the way eval feeds them (with --tta,
+        the mirror image averaged in as eval does)."""
+        logits = infer(self._forward, self._input(stored), device=self.device,
+                       precision=self.precision, tta=self.tta)
+        return top_k(logits, self.classes, k, self.temperature)
+
+    def _input(self, stored: list[torch.Tensor]) -> torch.Tensor:
+        """Stored images as model input on the device (ONNX predictor: the graph's uint8 input)."""
+        return torch.cat([self.preprocessing.to_input(t[None].to(self.device)) for t in stored])
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of model input (the ONNX predictor: run by onnxruntime)."""
+        return self.model(x)
 
     def predict_paths(
         self, paths: Sequence[str | Path], topk: int = 5, batch_size: int = 32
@@ -153,6 +160,15 @@ class Predictor:
         tops = iter(self._top(stored, k) if stored else [])
         for path, t in batch:
             yield path, t if isinstance(t, str) else next(tops)
+
+
+def top_k(logits: torch.Tensor, classes: Sequence[str], k: int,
+          temperature: float = 1.0) -> list[list[tuple[str, float]]]:
+    """The k most probable (class, probability) of each row of logits; probabilities are
+    softmax(logits / temperature)."""
+    p, idx = (logits.float() / temperature).softmax(1).cpu().topk(k, dim=1)
+    return [[(classes[i], v) for v, i in zip(row_p, row_i)]
+            for row_p, row_i in zip(p.tolist(), idx.tolist())]
 
 
 def _one_image(images: Any) -> bool:
