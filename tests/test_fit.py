@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import transferkit.fit as fit
+import transferkit.loop as loop
 from conftest import cifar_folder, needs_cifar
 from transferkit import TrainConfig, TransferkitError, train
 
@@ -30,7 +30,7 @@ def _cfg(tiny, out, **kw):
 def test_resume_after_a_crash_ends_with_the_same_weights(tiny, tmp_path, monkeypatch):
     straight = train(_cfg(tiny, tmp_path / "straight"))
 
-    real_save_last, calls = fit.save_last, []
+    real_save_last, calls = loop.save_last, []
 
     def crash_after_first_epoch(out, state):
         real_save_last(out, state)
@@ -38,10 +38,10 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tiny, tmp_path, monkeyp
         if len(calls) == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(fit, "save_last", crash_after_first_epoch)
+    monkeypatch.setattr(loop, "save_last", crash_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tiny, tmp_path / "resumed"))
-    monkeypatch.setattr(fit, "save_last", real_save_last)
+    monkeypatch.setattr(loop, "save_last", real_save_last)
     resumed = train(resume=tmp_path / "resumed")
 
     a, b = load_file(straight.out_dir / "model.safetensors"), load_file(resumed.out_dir / "model.safetensors")

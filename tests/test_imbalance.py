@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import transferkit.fit as fit
+import transferkit.loop as loop
 from conftest import SHARED_CIFAR, link_subset, run_cli
 from test_faults import kill_and_resume, start
 from transferkit import TrainConfig, train
@@ -143,7 +144,7 @@ def test_balanced_sampler_draws_repeat_with_the_seed_in_a_finetune(lopsided, tmp
 def scripted(monkeypatch, figures):
     """The epochs' validation figures taken from `figures` (one dict per epoch) instead of measured."""
     it = iter(figures)
-    monkeypatch.setattr(fit, "_val_figures", lambda logits, labels, classes: dict(next(it)))
+    monkeypatch.setattr(loop, "_val_figures", lambda logits, labels, classes: dict(next(it)))
 
 
 def figs(acc, bal, f1, loss):

@@ -11,7 +11,7 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import needs_weights, run_cli
+from conftest import cifar_folder, needs_weights, run_cli
 from transferkit import cli, engine, lr_find, models
 from transferkit.data.sources import Split
 from transferkit.data.transforms import batches
@@ -185,3 +185,18 @@ def test_a_loss_that_never_falls_gives_no_suggestion_rather_than_an_lr_below_the
         lr_find.suggest(lrs, rising)
     falling = [2.0 - 0.05 * i for i in range(15)] + [1.3 + 0.2 * i for i in range(5)]
     assert lrs[1] <= lr_find.suggest(lrs, falling) <= lrs[-1]
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_lr_find_takes_every_image_size_train_takes_for_a_fixed_size_timm_model(tmp_path_factory, size):
+    """A ViT's position embeddings fix its input side: train builds it at --image-size, and lr-find, which
+    builds the model with train's own code, must too (it used to build it at the weights' 224 px and refuse)."""
+    data = cifar_folder(tmp_path_factory, "vit", 8, 2, ["airplane", "cat"])
+    flags = ["--data", data, "--model", "timm/test_vit", "--weights", "none", "--image-size", str(size),
+             "--batch-size", "8", "--precision", "fp32", "--workers", "1"]
+    out = tmp_path_factory.mktemp("runs")
+    trained = run_cli("train", *flags, "--epochs", "1", "--val-split", "0", "--out", out / "train")
+    assert trained.returncode == 0, trained.stderr
+    found = run_cli("lr-find", *flags, "--steps", "10", "--out", out / "lrf")
+    assert found.returncode == 0, found.stderr
+    assert json.loads((out / "lrf" / "lr_find.json").read_text())["notes"]["image_size"] == size

@@ -20,7 +20,8 @@ from transferkit.data.policies import OPS, apply_ops
 from transferkit.data.preprocess import Preprocessing
 from transferkit.data.transforms import TrainTransform
 from transferkit.engine import StepSetup, train_step
-from transferkit.fit import _param_groups, progressive_size
+from transferkit.plan import param_groups as _param_groups
+from transferkit.plan import progressive_size
 
 SIZE = 64
 PRE = Preprocessing(image_size=SIZE, resize_size=SIZE)

@@ -21,15 +21,14 @@ import torch
 import torchvision
 from safetensors.torch import load_file, save
 
+from . import runfiles
 from .data.preprocess import Preprocessing
 from .errors import TransferkitError
 from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.safetensors"
-META_FILE = "model.json"
-LAST_FILE = "last.pt"
+MODEL_FILE, META_FILE, LAST_FILE = runfiles.MODEL, runfiles.CARD, runfiles.LAST
 FORMAT = 2  # of model.json: 1 was transferkit 0.1's flat file (the same fields, and native_size)
 
 

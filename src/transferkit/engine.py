@@ -13,7 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data.mixing import Mixing
-from .data.sources import Split
+from .data.splits import Split
 from .data.transforms import batches as split_batches
 from .data.transforms import num_batches
 from .errors import TransferkitError

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .data.preprocess import Preprocessing
-from .data.sources import Split
+from .data.splits import Split
 from .files import atomic_write
 
 TOP_LOSSES = 25  # tiles on the contact sheet (5 x 5)

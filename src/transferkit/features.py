@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import cache
-from .data.sources import Split
+from .data.splits import Split
 from .engine import Transform, evaluate
 from .models import set_trainable, without
 from .runtime import SINGLE, Dist, memory_bytes

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
-from .data.sources import DataSource, is_named
+from .data.sources import is_named
+from .data.splits import DataSource
 from .errors import TransferkitError
 
 log = logging.getLogger(__name__)

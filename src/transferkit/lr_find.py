@@ -20,12 +20,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import engine
-from .data.sources import Split
+from . import engine, runfiles
+from .config import TrainConfig
+from .data.sources import inverse_frequency
+from .data.splits import Split
 from .data.transforms import batches
 from .errors import TransferkitError
 from .files import atomic_write
-from .models import train_mode
+from .loop import Job
+from .models import set_trainable, train_mode
+from .plan import param_groups
+from .runtime import SINGLE
+from .state import generators, lr_factor, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +41,7 @@ END_LR = 1.0  # or 10x the lr asked for where that is larger; the test stops at 
 BETA = 0.9  # EMA of the loss: weight of the past (a window of ~10 steps, under one decade of the ramp)
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this many times its minimum
 SKIP = 0.1  # the first 10% of the steps: the EMA's start-up and the flat part where nothing learns yet
-JSON_FILE, PNG_FILE = "lr_find.json", "lr_find.png"
+JSON_FILE, PNG_FILE = runfiles.LR_FIND_JSON, runfiles.LR_FIND_PNG
 
 
 @dataclass
@@ -132,13 +138,11 @@ def range_test(model: nn.Module, runner: nn.Module, groups: list[dict], train: S
     trainable = [p.requires_grad for p in model.parameters()]
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(setup.device) if setup.device.type == "cuda" else None  # dropout there
-    opt = (torch.optim.SGD(groups, lr=1.0, momentum=momentum) if optimizer == "sgd"
-           else torch.optim.AdamW(groups, lr=1.0))
+    opt = make_optimizer(groups, optimizer, 1.0, momentum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp(start_lr, end_lr, steps))
     # Generators of its own, seeded as the run's: the run's order and crops stay what they would have been.
-    shuffle = torch.Generator().manual_seed(seed)
-    augment = torch.Generator(device=setup.device).manual_seed(seed + 1)
-    drop_last = 0 < len(train) % batch_size < 2
+    shuffle, augment = generators(seed, setup.device)
+    drop_last = engine.steps_per_epoch(len(train), batch_size, SINGLE)[1]
     lrs: list[float] = []
     losses: list[float] = []
     smooth, best, stopped, started = 0.0, math.inf, "end of the ramp", time.perf_counter()
@@ -182,8 +186,6 @@ def range_test(model: nn.Module, runner: nn.Module, groups: list[dict], train: S
 
 def schedule_mean(schedule: str, steps: int, warmup_steps: int) -> float:
     """The mean lr of a run's schedule (state.lr_factor) as a fraction of its peak: cosine with warmup 0.5."""
-    from .state import lr_factor
-
     factor = lr_factor(schedule, steps, warmup_steps)
     return sum(factor(i) for i in range(steps)) / max(1, steps)
 
@@ -212,3 +214,53 @@ def write(out: Path, result: RangeTest, title: str) -> None:
     ax.set_title(f"{title}\n{len(result.lrs)} steps of batch {result.batch_size}, {result.stopped}", fontsize=9)
     ax.legend(fontsize=8)
     _save_png(fig, out / PNG_FILE)
+
+
+def run_test(job: Job, **ramp: Any) -> RangeTest:
+    """The LR range test on what the run trains: its stage, transforms, passes, loss and parameter
+    groups ('gradual': the whole network, which its lr drives after --head-epochs)."""
+    cfg, stage, hw, model, head = job.cfg, job.stage, job.hw, job.bb.model, job.card.head
+    trainable = [p.requires_grad for p in model.parameters()]
+    set_trainable(model, head, cfg.strategy != "linear", list(job.plan.frozen_blocks))
+    weights = None if cfg.class_weights == "none" else \
+        inverse_frequency(stage.train.labels, job.card.num_classes).to(hw.device)
+    setup = engine.StepSetup(stage.train_tf, hw.device, hw.precision, stage.micro, cfg.label_smoothing,
+                             weights, cfg.batchnorm)
+    groups = param_groups(cfg.replace(lr=1.0), model, head)  # the ramp scales them (--layer-decay too)
+    end = ramp.pop("end_lr", None) or max(END_LR, 10 * cfg.lr if cfg.lr != "auto" else 0)
+    steps, _ = engine.steps_per_epoch(len(stage.train), cfg.batch_size, SINGLE)
+    mean = schedule_mean(cfg.schedule, steps * cfg.epochs, round(cfg.warmup_epochs * steps))
+    try:
+        return range_test(model, stage.runner, groups, stage.train, setup, optimizer=cfg.optimizer,
+                                  momentum=cfg.momentum, batch_size=cfg.batch_size, seed=cfg.seed,
+                                  end_lr=end, schedule_mean=mean, **ramp)
+    finally:
+        for p, flag in zip(model.parameters(), trainable):
+            p.requires_grad_(flag)
+
+
+def auto_lr(job: Job, out: Path) -> TrainConfig:
+    """--lr auto: the range test's suggestion (rank 0 runs it, every process trains at it), in
+    config.yaml (what was asked for, 'auto', under requested:)."""
+    cfg, dist = job.cfg, job.hw.dist
+    if dist.on and cfg.batchnorm == "sync":  # SyncBatchNorm in rank 0's test would wait for the others
+        raise TransferkitError("--lr auto with --batchnorm sync under torchrun: run 'transferkit lr-find' "
+                               "with the same settings in one process first, then pass its suggestion as --lr")
+    found, lr = None, None
+    if dist.main:
+        try:
+            found = run_test(job)
+            lr = found.suggestion
+        except NoDescent as e:  # an lr to train at still beats no run: the default, said so
+            lr = TrainConfig.__dataclass_fields__["lr"].default
+            log.warning("--lr auto: %s; training at the default lr %g instead", e, lr)
+    cfg = cfg.replace(lr=dist.share(lr))
+    if found is not None:
+        log.info("--lr auto: lr %.3g, the LR range test's suggestion (curve: %s)", cfg.lr,
+                 out / PNG_FILE)
+    job.requested["lr"] = "auto"
+    if dist.main:
+        if found is not None:
+            write(out, found, f"{cfg.model} on {cfg.data}, {cfg.strategy}")
+        atomic_write(out / runfiles.CONFIG, cfg.to_yaml(job.requested))
+    return cfg

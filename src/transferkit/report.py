@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from . import calibration, html_report
+from . import calibration, html_report, runfiles
 from .files import atomic_write
 
 
@@ -66,7 +66,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
 
 def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     """metrics.jsonl, one line per finished epoch, rewritten whole so it always matches last.pt."""
-    atomic_write(Path(out) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    atomic_write(Path(out) / runfiles.METRICS, "".join(json.dumps(r) + "\n" for r in history))
 
 
 def measured_on(split, data: str, image_size: int, *, tta: bool = False, note: str = "") -> str:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from . import fingerprint
-from .checkpoint import LAST_FILE, META_FILE, MODEL_FILE, load_last
+from . import fingerprint, runfiles
+from .checkpoint import load_last
 from .config import TrainConfig, requested_from
 from .data import sources
 from .errors import TransferkitError
@@ -28,12 +28,6 @@ log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = {"epochs", "device", "workers", "log_every", "compile", "checkpoint_every", "micro_batch", "tta"}
 MOVABLE = {"data", "data_dir"}  # a resume may name the data's new place: its fingerprint says whether it is the same
 UNCHECKED = RESUMABLE_CHANGES | MOVABLE | {"out"}  # what the settings' fingerprint leaves out
-LOCK_FILE = ".lock"
-# A run that fails before training, with only these files in a folder it created, removes them and the folder.
-BEFORE_TRAINING = {LOCK_FILE, "train.log", "config.yaml", "skipped.txt", "split.json", "lr_find.json", "lr_find.png"}
-# What --overwrite replaces (train.log is kept: the new run's log follows the old one's).
-RUN_OUTPUTS = (LAST_FILE, MODEL_FILE, META_FILE, "metrics.jsonl", "skipped.txt", "split.json", "report*", "eval-*",
-               "curves.png", "errors.csv", "top_losses.png", "lr_find.*")
 
 
 def settings_of(config: TrainConfig | None, resume: str | Path | None, settings: dict[str, Any]) -> TrainConfig:
@@ -47,7 +41,7 @@ def settings_of(config: TrainConfig | None, resume: str | Path | None, settings:
                 f"may change, and --data may name the new place of moved data "
                 f"(not {', '.join(changed) or 'a new config'})"
             )
-        if not (Path(resume) / "config.yaml").is_file():
+        if not (Path(resume) / runfiles.CONFIG).is_file():
             raise TransferkitError(f"nothing to resume in '{resume}': no config.yaml (is it a run folder?)")
         return TrainConfig.from_yaml(Path(resume) / "config.yaml", **settings, out=str(Path(resume).absolute()))
     if config is None:
@@ -98,7 +92,7 @@ def _check_settings(saved: dict[str, Any], cfg: TrainConfig, out: Path) -> None:
     prints = fingerprint.unpack(saved)
     if prints is None:
         log.warning("%s records no fingerprint of its data and settings (an earlier transferkit wrote it): cannot "
-                    "check that they are still the ones the run started with", out / LAST_FILE)
+                    "check that they are still the ones the run started with", out / runfiles.LAST)
         return
     fingerprint.check_settings(prints["settings"], fingerprint.settings_of(cfg, UNCHECKED), out)
 
@@ -111,7 +105,7 @@ def _discard(made: list[Path]) -> None:
         return
     try:
         left = {p.name for p in made[0].iterdir()}
-        if not left <= BEFORE_TRAINING:
+        if not left <= runfiles.BEFORE_TRAINING:
             return
         for name in left:
             (made[0] / name).unlink()
@@ -168,7 +162,7 @@ def _absolute(cfg: TrainConfig, resume: str | Path | None) -> TrainConfig:
 def _lock(out: Path) -> IO[str]:
     """An OS lock on the run folder while this process writes it; a second run is refused by name."""
     try:
-        f = open(out / LOCK_FILE, "a+")  # held open for the whole run
+        f = open(out / runfiles.LOCK, "a+")  # held open for the whole run
     except OSError as e:
         raise TransferkitError(f"cannot write in the run folder {out} ({e.strerror or e}); choose another --out "
                                "in a folder you can write") from None
@@ -209,19 +203,19 @@ def _prepare(cfg: TrainConfig, resume: str | Path | None, overwrite: bool,
         _discard(made)
         raise
     try:
-        if not resuming and dist.restart > 0 and (out / LAST_FILE).exists():
+        if not resuming and dist.restart > 0 and (out / runfiles.LAST).exists():
             # torchrun restarted the workers after one died (--max-restarts): continue from last.pt.
-            saved = TrainConfig.from_yaml(out / "config.yaml")
-            asked = saved.replace(**requested_from(out / "config.yaml"))  # config.yaml holds resolved values
+            saved = TrainConfig.from_yaml(out / runfiles.CONFIG)
+            asked = saved.replace(**requested_from(out / runfiles.CONFIG))  # config.yaml holds resolved values
             keep = {k: getattr(cfg, k) for k in RESUMABLE_CHANGES}
             differs = [k for k in dataclasses.asdict(cfg)
                        if k not in keep and k != "out" and getattr(cfg, k) != getattr(asked, k)]
             if differs:
                 raise TransferkitError(f"torchrun restart: {out} holds a run with other settings "
                                        f"({', '.join(differs)}); not resuming it")
-            log.warning("torchrun restart %d: resuming from %s", dist.restart, out / LAST_FILE)
+            log.warning("torchrun restart %d: resuming from %s", dist.restart, out / runfiles.LAST)
             return saved.replace(out=str(out), **keep), out, True, lock, made
-        if not resuming and (out / LAST_FILE).exists() and not overwrite:
+        if not resuming and (out / runfiles.LAST).exists() and not overwrite:
             raise TransferkitError(
                 f"{out} already holds a run; pass --resume {out} to continue it, --overwrite to "
                 "replace it, or another --out"
@@ -239,19 +233,19 @@ def begin_writing(out: Path, cfg: TrainConfig, replace: bool, skipped: list[tupl
     and write its first files, config.yaml (resolved settings, and what was `requested` where it differs)
     and the list of unreadable files."""
     if replace:
-        for old in RUN_OUTPUTS:
+        for old in runfiles.OUTPUTS:
             for f in out.glob(old):
                 f.unlink()
         _remove_exports(out)
-    atomic_write(out / "config.yaml", cfg.to_yaml(requested))
+    atomic_write(out / runfiles.CONFIG, cfg.to_yaml(requested))
     if skipped:
-        atomic_write(out / "skipped.txt", "".join(f"{p}\t{r}\n" for p, r in skipped))
-        log.warning("%d unreadable files skipped; list in %s", len(skipped), out / "skipped.txt")
+        atomic_write(out / runfiles.SKIPPED, "".join(f"{p}\t{r}\n" for p, r in skipped))
+        log.warning("%d unreadable files skipped; list in %s", len(skipped), out / runfiles.SKIPPED)
 
 
 def _remove_exports(out: Path) -> None:
     """--overwrite: the old run's exported files (named in its export.json) would answer for the old model."""
-    record = out / "export.json"
+    record = out / runfiles.EXPORT
     try:
         names = list(json.loads(record.read_text())) if record.is_file() else []
     except (OSError, ValueError, TypeError):

@@ -327,3 +327,12 @@ def distributed(device_spec: str) -> Iterator[tuple[Dist, torch.device]]:
         yield dist, device
     finally:
         stop_distributed(dist)
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where this process computes and how: its place in the torchrun job, its device, its precision."""
+
+    dist: Dist
+    device: torch.device
+    precision: str  # 'bf16' or 'fp32' (resolve_precision)

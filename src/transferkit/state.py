@@ -138,6 +138,10 @@ class TrainState:
         resumed run counts on where it stopped."""
         return self.history[-1]["epoch"] - self.best_epoch if self.history else 0
 
+    def stopped_early(self, patience: int | None) -> bool:
+        """--patience: the selection metric has not improved for that many finished epochs."""
+        return patience is not None and self.epochs_without_gain() >= patience
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -193,11 +197,21 @@ def selection_score(row: dict[str, Any], select_by: str) -> float | None:
 def new_state(model: nn.Module, groups: list[dict], *, optimizer: str, lr: float, momentum: float, schedule: str,
               steps: int, warmup_steps: int, seed: int, device: torch.device) -> TrainState:
     """A fresh TrainState: the optimizer over `groups`, the schedule over `steps`, seeded generators."""
-    opt = (torch.optim.SGD(groups, lr=lr, momentum=momentum) if optimizer == "sgd"
-           else torch.optim.AdamW(groups, lr=lr))
+    opt = make_optimizer(groups, optimizer, lr, momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(schedule, steps, warmup_steps))
-    return TrainState(model, opt, scheduler, torch.Generator().manual_seed(seed),
-                      torch.Generator(device=device).manual_seed(seed + 1))
+    return TrainState(model, opt, scheduler, *generators(seed, device))
+
+
+def make_optimizer(groups: list[dict], optimizer: str, lr: float, momentum: float) -> torch.optim.Optimizer:
+    """--optimizer over the parameter groups: SGD with momentum, or AdamW."""
+    if optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def generators(seed: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """A run's own seeded generators: the image order (CPU), and crops and flips (on `device`)."""
+    return torch.Generator().manual_seed(seed), torch.Generator(device=device).manual_seed(seed + 1)
 
 
 def lr_factor(schedule: str, total: int, warmup: int):

@@ -15,7 +15,7 @@ from .. import cache, runtime
 from ..errors import TransferkitError
 from .images import IMAGE_EXTENSIONS, UnreadableImage, image_size, walk_images
 from .preprocess import Preprocessing
-from .sources import DataSource, Split, stratified_subset
+from .splits import DataSource, Split, stratified_subset
 
 log = logging.getLogger(__name__)
 

@@ -11,15 +11,17 @@ from typing import Any
 
 import torch
 
+from .. import runfiles
 from ..errors import TransferkitError
 from ..files import atomic_write
 from .folders import folder_layout
 from .preprocess import Preprocessing
-from .sources import DataSource, Split, check_leakage, is_named, load_source, train_val_test
+from .sources import check_leakage, is_named, load_source, train_val_test
+from .splits import DataSource, Split
 
 log = logging.getLogger(__name__)
 
-SPLIT_FILE = "split.json"
+SPLIT_FILE = runfiles.SPLIT
 FORMAT = 1
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .policies import Policy, random_erasing
 from .preprocess import Preprocessing, _upsample
-from .sources import Split
+from .splits import Split
 
 
 class EvalTransform:

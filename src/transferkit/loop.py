@@ -1,0 +1,239 @@
+"""The epoch loop: order the images, train one epoch, validate, record, save. Read `epochs` first."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import engine, models, runfiles
+from .averaging import WeightAverage
+from .checkpoint import MODEL_FILE, ModelCard, save_last, save_model
+from .config import TrainConfig
+from .data.mixing import Mixing
+from .data.sources import inverse_frequency
+from .data.splits import DataSource
+from .data.transforms import batches
+from .errors import Interrupted
+from .features import Stage
+from .logs import EpochProgress
+from .plan import Plan, param_groups
+from .report import classification_metrics, lr_range, write_metrics
+from .runfolder import resume_command
+from .runtime import Compute, StopFlag
+from .state import Tally, TrainState, lr_factor, new_state
+from .summary import val_line
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_MINUTES = 5  # mid-epoch checkpoints at least this often, besides --checkpoint-every
+
+
+@dataclass
+class Job:
+    """A prepared run: its resolved settings, model and card, data, plan, stage and where it computes."""
+
+    cfg: TrainConfig
+    bb: models.Backbone
+    card: ModelCard
+    data: DataSource
+    plan: Plan
+    hw: Compute
+    requested: dict[str, Any]  # what was asked for where it differs from what trains (config.yaml)
+    stage: Stage | None = None  # built after the run folder is written (plan.build_stage)
+
+
+def epochs(job: Job, out: Path, state: TrainState, steps: int, drop_last: bool, stop: StopFlag) -> None:
+    """Train the remaining epochs; after each, validate, keep the best model and checkpoint."""
+    cfg, stage, plan, dist = job.cfg, job.stage, job.plan, job.hw.dist
+    setup = _announce(job, out, state, steps)
+    averaged = None if state.ema is None else _runner_of(state.ema.module, job)
+    draws = balanced_draws(stage.train.labels, job.card.num_classes) if cfg.sampler == "balanced" else None
+    runner = torch.compile(stage.runner) if cfg.compile else stage.runner
+    wrapped, trains = None, None
+    for epoch in range(state.next_epoch, cfg.epochs + 1):
+        if state.stopped_early(cfg.patience):  # also when resumed after the epoch that decided it
+            log.info("early stop after epoch %d of %d: val %s has not improved by more than %g for %d "
+                     "epochs (best: epoch %d)", state.history[-1]["epoch"], cfg.epochs, cfg.select_by,
+                     cfg.min_delta, cfg.patience, state.best_epoch)
+            break
+        frozen = plan.backbone_frozen(epoch)
+        models.set_trainable(state.model, job.card.head, not frozen, list(plan.frozen_blocks))
+        if wrapped is None or (dist.on and frozen != trains):  # DDP syncs what trains when built
+            wrapped, trains = dist.wrap(stage.runner, runner, cfg.compile, job.hw.device), frozen
+        order = state.epoch_order(epoch, len(stage.train), draws)
+        # mixing needs each row's partner, anywhere in the batch: every process decodes the whole batch
+        shard = dist.shard if dist.on and setup.mixing is None else None
+        loader = batches(stage.train, cfg.batch_size, order=order, start=state.step or 0,
+                         drop_last=drop_last, workers=cfg.workers, share=shard)
+        tally = train_epoch(job, out, state, wrapped, loader, _sized(setup, job, epoch), epoch, order,
+                            steps, stop)
+        val = validate(job, state, runner if averaged is None else averaged)
+        row = {"epoch": epoch, **tally.summary(dist), **val, "backbone_frozen": frozen}
+        best = state.record(row, cfg.select_by, cfg.min_delta)
+        log.info("epoch %d/%d  train_loss %.3f  %s  lr %s  %.0f s  %.0f img/s", epoch, cfg.epochs,
+                 row["train_loss"], val_line(val, cfg.select_by), lr_range(row, "->"), row["seconds"],
+                 row["img_per_s"])
+        _save(job, out, state, epoch, val["val_acc"], best)
+        if dist.sum(float(stop.requested))[0] > 0 and epoch < cfg.epochs:
+            raise Interrupted(f"interrupted after epoch {epoch}; checkpoint saved. "
+                              f"Resume with: {resume_command(out, dist)}", dist.main)
+
+
+def start_state(job: Job, out: Path, saved: dict[str, Any] | None, prints: torch.Tensor,
+               steps: int) -> TrainState:
+    """A fresh TrainState over the run's parameter groups, or last.pt's when resuming."""
+    cfg, model = job.cfg, job.bb.model
+    state = new_state(model, param_groups(cfg, model, job.card.head), optimizer=cfg.optimizer, lr=cfg.lr,
+                      momentum=cfg.momentum, schedule=cfg.schedule, steps=steps * cfg.epochs,
+                      warmup_steps=round(cfg.warmup_epochs * steps), seed=cfg.seed, device=job.hw.device)
+    state.fingerprints = prints  # last.pt records what the run trains on and with
+    state.ema = WeightAverage(model, cfg.ema) if cfg.ema else None
+    if saved is not None:
+        state.resume(saved, out / runfiles.LAST, seed=cfg.seed, dist=job.hw.dist)
+        where = f"epoch {state.epoch}" + ("" if state.step is None else f", step {state.step}/{steps}")
+        log.info("resuming %s after %s of %d epochs", out, where, cfg.epochs)
+        _warn_if_schedule_ended(cfg, out, state, steps)
+    return state
+
+
+def _warn_if_schedule_ended(cfg: TrainConfig, out: Path, state: TrainState, steps: int) -> None:
+    """--resume --epochs N past a finished cosine schedule stretches it: the added epochs train at a
+    small lr."""
+    group = state.optimizer.param_groups[0]
+    if cfg.schedule == "constant" or state.epoch >= cfg.epochs or \
+            group["lr"] > 1e-6 * group.get("initial_lr", 0):
+        return
+    peak = lr_factor(cfg.schedule, steps * cfg.epochs, round(cfg.warmup_epochs * steps))(
+        state.scheduler.last_epoch)
+    log.warning("its %s schedule had ended after epoch %d; stretched to %d epochs, the added ones train "
+                "at %.0f%% of the peak lr and less. To train more on a full schedule, start a new run "
+                "from its weights: transferkit train --weights %s ... (with the run's other settings)",
+                cfg.schedule, state.epoch, cfg.epochs, 100 * peak, out / MODEL_FILE)
+
+
+def train_epoch(job: Job, out: Path, state: TrainState, model: torch.nn.Module, loader,
+                setup: engine.StepSetup, epoch: int, order: torch.Tensor, steps: int,
+                stop: StopFlag) -> Tally:
+    """One epoch's steps (from a resumed position); a checkpoint when due, at a stop, or every N steps."""
+    cfg, dist = job.cfg, job.hw.dist
+    start = state.step or 0
+    tally = Tally.from_state_dict(state.running if dist.main and start else None)  # sums over all ranks
+    progress = EpochProgress(f"epoch {epoch}/{cfg.epochs}", steps, start, show=dist.main,
+                             log_every=cfg.log_every, world=dist.world)
+    last_save, lr = time.monotonic(), state.optimizer.param_groups[0]["lr"]  # what the coming step uses
+    for fig in engine.train_one_epoch(model, state.optimizer, state.scheduler, loader, setup,
+                                      state.augment, start):
+        tally.add(fig.loss, fig.correct, fig.images, lr)
+        state.steps_taken += 1
+        if state.ema is not None:
+            state.ema.update(state.model)
+        lr = state.optimizer.param_groups[0]["lr"]
+        if progress.step(fig.step, fig.loss, fig.images, tally):  # every 20 steps, or --log-every
+            tally.check_finite(dist, fig.step, lr)
+        due = (cfg.checkpoint_every and fig.step % cfg.checkpoint_every == 0) or (
+            time.monotonic() - last_save > 60 * CHECKPOINT_MINUTES)
+        # Every process takes the same decision: a checkpoint's sums are collected from all.
+        due, stopping = (bool(v > 0) for v in dist.sum(float(due), float(stop.requested)))
+        if (due or stopping) and fig.step < steps:
+            tally.check_finite(dist, fig.step, lr)
+            state.epoch, state.step, state.order = epoch, fig.step, order
+            state.running = tally.state_dict(dist)
+            if dist.main:
+                save_last(out, state.state_dict())
+            last_save = time.monotonic()
+            if stopping:
+                raise Interrupted(f"interrupted at epoch {epoch}, step {fig.step}/{steps}; checkpoint "
+                                  f"saved. Resume with: {resume_command(out, dist)}", dist.main)
+    progress.close()
+    tally.stop()
+    tally.check_finite(dist, steps, lr)
+    return tally
+
+
+def validate(job: Job, state: TrainState, runner: torch.nn.Module) -> dict[str, float | None]:
+    """The epoch row's validation figures (all None without a validation split)."""
+    stage, hw = job.stage, job.hw
+    hw.dist.sync_buffers(stage.runner)  # each process's last step moved its own statistics
+    if state.ema is not None:
+        hw.dist.sync_buffers(state.ema.module)  # ... and so their averages
+    if stage.val is None:
+        return dict.fromkeys(("val_acc", "val_balanced_acc", "val_macro_f1", "val_loss"))
+    logits, labels = engine.evaluate(runner, stage.val, stage.eval_tf, batch_size=stage.eval_batch,
+                                     device=hw.device, precision=hw.precision, dist=hw.dist,
+                                     workers=job.cfg.workers)
+    return _val_figures(logits, labels, job.card.classes)
+
+
+def _save(job: Job, out: Path, state: TrainState, epoch: int, val_acc: float | None, best: bool) -> None:
+    """metrics.jsonl, the model when this epoch is the best so far, then last.pt (rank 0 alone)."""
+    if not job.hw.dist.main:
+        return
+    write_metrics(out, state.history)
+    if best:
+        shipped = state.model if state.ema is None else state.ema.module
+        save_model(out, shipped, job.card.replace(best_epoch=epoch, val_acc=val_acc, epochs_trained=epoch,
+                                                  batch_size=job.cfg.batch_size))
+    save_last(out, state.state_dict())
+
+
+def _announce(job: Job, out: Path, state: TrainState, steps: int) -> engine.StepSetup:
+    """Log what the epochs will do; the training step's settings."""
+    cfg, stage, hw = job.cfg, job.stage, job.hw
+    if hw.dist.main:  # rows written after the checkpoint (a crash between the two) are dropped
+        write_metrics(out, state.history)
+    share = -(-cfg.batch_size // hw.dist.world)
+    passes = "" if not stage.micro or stage.micro >= share else f" in passes of up to {stage.micro}"
+    log.info("training %d epochs x %d steps, batch %d%s, %s, %s on %s", cfg.epochs, steps, cfg.batch_size,
+             passes, cfg.strategy, hw.precision, hw.device)
+    if state.next_epoch > cfg.epochs:
+        log.info("%s has trained all %d epochs: evaluating it again (resume with --epochs N to train more)",
+                 out, cfg.epochs)
+    weights = None if cfg.class_weights == "none" else \
+        inverse_frequency(stage.train.labels, job.card.num_classes).to(hw.device)
+    mixing = Mixing(cfg.mixup, cfg.cutmix) if cfg.mixup or cfg.cutmix else None
+    if mixing is not None:
+        log.info("%s: train_acc counts an answer right when it is the label with the larger share of "
+                 "each mixed image", " + ".join(n for n in ("mixup", "cutmix") if getattr(cfg, n)))
+    if state.ema is not None:
+        log.info("validating and saving the weights' moving average (--ema %g)", cfg.ema)
+    return engine.StepSetup(stage.train_tf, hw.device, hw.precision, stage.micro, cfg.label_smoothing,
+                            weights, cfg.batchnorm, hw.dist, mixing)
+
+
+def _sized(setup: engine.StepSetup, job: Job, epoch: int) -> engine.StepSetup:
+    """The step settings of `epoch`: --progressive trains early epochs at a smaller side."""
+    size = job.plan.size(epoch)
+    if not job.cfg.progressive:
+        return setup
+    if size != job.plan.image_size:
+        log.info("epoch %d trains at %d px (--progressive %d)", epoch, size, job.cfg.progressive)
+    return replace(setup, transform=job.stage.train_tf.resized(size))
+
+
+def _runner_of(model: torch.nn.Module, job: Job) -> torch.nn.Module:
+    """What of `model` (the averaged copy) runs on the stage's splits, as stage.runner does of the model."""
+    if not job.plan.cached:
+        return model
+    if job.plan.on == "features":
+        return model.get_submodule(job.card.head)
+    return models.without(model, list(job.plan.frozen_blocks))
+
+
+def balanced_draws(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """--sampler balanced: each image's weight, inverse to its class's size (every class equally likely)."""
+    counts = torch.bincount(labels, minlength=classes).double()
+    return (1.0 / counts.clamp(min=1))[labels]
+
+
+def _val_figures(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, float]:
+    """The epoch row's validation figures: what --select-by can choose from."""
+    m = classification_metrics(logits, labels, classes)
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels).item()  # plain NLL: no smoothing
+    return {"val_acc": m["accuracy"], "val_balanced_acc": m["balanced_accuracy"],
+            "val_macro_f1": m["macro_f1"], "val_loss": loss}
+
