@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import needs_weights, run_cli
-from transferkit.calibration import expected_calibration_error, fit_temperature, nll, reliability_bins
+from transferkit.report.calibration import expected_calibration_error, fit_temperature, nll, reliability_bins
 from transferkit.checkpoint import read_card
 from transferkit.data.images import read_image
 from transferkit.engine import infer

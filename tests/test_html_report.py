@@ -120,7 +120,9 @@ def test_pictures_and_tables_other_sections_add_are_inlined_too(tmp_path):
     import torch
 
     from transferkit.html_report import write_html
-    from transferkit.report import _pyplot, _save_png, classification_metrics
+    from transferkit.report import classification_metrics
+    from transferkit.report.plots import pyplot as _pyplot
+    from transferkit.report.plots import save_png as _save_png
 
     classes = ["a<1>", "b&2"]
     metrics = classification_metrics(torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]]), torch.tensor([0, 1, 1]),

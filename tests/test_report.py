@@ -12,7 +12,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.transforms import Bbox
 
 from conftest import SHARED_CIFAR, link_subset, run_cli
-from transferkit import cli, report
+from transferkit import cli
+from transferkit.report import plots
 from transferkit.report import RunResult, classification_metrics, write_report
 
 SENTENCE = ("test split of /work/shared/data/cifar10, 10,000 images, stored at 64 px, model input 64x64, "
@@ -24,13 +25,13 @@ TITLE = "mobilenet_v2 on /work/shared/data/cifar10"
 def drawn(monkeypatch) -> dict[str, object]:
     """Every figure report.py saves, by file name, as it was laid out when saved."""
     figures: dict[str, object] = {}
-    save = report._save_png
+    save = plots.save_png
 
     def keep(fig, path):
         save(fig, path)
         figures[path.name] = fig
 
-    monkeypatch.setattr(report, "_save_png", keep)
+    monkeypatch.setattr(plots, "save_png", keep)
     return figures
 
 

@@ -35,8 +35,8 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import read_card
-from .data.preprocess import Preprocessing, _upsample
-from .data.sources import Split, stratified_subset
+from .data.preprocess import Preprocessing, upsample
+from .data.splits import Split, stratified_subset
 from .data.transforms import batches
 from .errors import CheckFailed, TransferkitError
 from .files import atomic_write, temp_beside
@@ -125,7 +125,7 @@ def preprocessing_of(meta: dict[str, str]) -> Preprocessing:
 def as_input(pre: Preprocessing, stored: torch.Tensor) -> torch.Tensor:
     """Stored uint8 images (N, 1 or 3, h, w) as the exported graph's input: uint8 (N, 3, S, S)."""
     if stored.shape[-2:] != (pre.image_size, pre.image_size):
-        stored = _upsample(stored, pre.image_size)
+        stored = upsample(stored, pre.image_size)
     return stored.expand(-1, 3, -1, -1).contiguous() if stored.shape[1] == 1 else stored.contiguous()
 
 
@@ -517,7 +517,7 @@ def export_run(run_dir: str | Path, formats: Sequence[str] = ("onnx",), *, out: 
                max_drop: float = 1.0, workers: int = 2) -> list[dict[str, Any]]:
     """Export a run folder to each format (checked on its held-out images, or `data`'s) and record each
     export in export.json beside the file; returns the records."""
-    from .predict import Predictor, _split_to_score
+    from .predict import Predictor, split_to_score
 
     run_dir = Path(run_dir)
     unknown = [f for f in formats if f not in FORMATS]
@@ -543,7 +543,7 @@ def export_run(run_dir: str | Path, formats: Sequence[str] = ("onnx",), *, out: 
     if own and not Path(source).expanduser().exists() and not _named(source):
         raise TransferkitError(f"the run's data {source} (recorded in {run_dir}/model.json) is missing; pass "
                                "--data DIR with images of its classes for the parity check")
-    held, src, _ = _split_to_score(run_dir, source, None, pre, own=own, data_dir=data_dir, workers=workers,
+    held, src, _ = split_to_score(run_dir, source, None, pre, own=own, data_dir=data_dir, workers=workers,
                                    same_pre=True)
     check, _ = _images(held, pre, check_images)
     measured_on = f"{len(check)} images of the {held.name} split of {source}"
@@ -554,7 +554,7 @@ def export_run(run_dir: str | Path, formats: Sequence[str] = ("onnx",), *, out: 
             raise TransferkitError(f"the classes of {source} are not the run's; --quantize measures accuracy on "
                                    "data with the run's classes")
         accuracy_on = (images, torch.tensor([pred.classes.index(c) for c in src.classes])[labels])
-        train, _, _ = _split_to_score(run_dir, source, "train", pre, own=own, data_dir=data_dir, workers=workers,
+        train, _, _ = split_to_score(run_dir, source, "train", pre, own=own, data_dir=data_dir, workers=workers,
                                       same_pre=True)
         calibration, _ = _images(train, pre, 128, seed=1)
     records = []

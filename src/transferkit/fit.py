@@ -10,20 +10,20 @@ from typing import Any
 
 import torch
 
-from . import calibration, engine, fingerprint, lr_find, models, runfiles, runtime
+from . import engine, fingerprint, lr_find, models, runfiles, runtime
 from .checkpoint import META_FILE, ModelCard, load_model_state, read_card, update_card
 from .config import TrainConfig, requested_from
 from .data import heldout, sources
 from .data.preprocess import Preprocessing, resolve_preprocessing
 from .data.splits import DataSource
 from .data.transforms import EvalTransform
-from .error_analysis import write_errors
 from .errors import TransferkitError
 from .files import atomic_write
 from .logs import run_logging
 from .loop import Job, epochs, start_state
 from .plan import build_stage, check_progressive, frozen_blocks, make_plan, resolve_strategy
-from .report import RunResult, classification_metrics, measured_on, write_report
+from .report import RunResult, calibration, classification_metrics, measured_on, write_report
+from .report.error_analysis import write_errors
 from .runfolder import UNCHECKED, RunStart, begin_writing, run_folder, settings_of
 from .runtime import Compute
 from .state import TrainState
@@ -126,9 +126,9 @@ def _begin(job: Job, run: RunStart) -> dict[str, Any]:
     files. Returns the data's fingerprints (what last.pt records)."""
     cfg, data, out = job.cfg, job.data, Path(run.out)
     prints = {"listing": fingerprint.data_listing(data, cfg.data), "splits": fingerprint.splits_of(data)}
-    if run.saved is not None:
-        fingerprint.check_data(fingerprint.unpack(run.saved), prints["listing"], prints["splits"],
-                               cfg.data)
+    recorded = None if run.saved is None else fingerprint.unpack(run.saved)  # None: an older last.pt
+    if recorded is not None:
+        fingerprint.check_data(recorded, prints["listing"], prints["splits"], cfg.data)
     if job.hw.dist.main:
         begin_writing(out, cfg, run.replace, data.skipped, job.requested)
         heldout.write_split_record(out, cfg.data, data, val_split=cfg.val_split, seed=cfg.seed,

@@ -30,6 +30,7 @@ from .files import atomic_write
 from .loop import Job
 from .models import set_trainable, train_mode
 from .plan import param_groups
+from .report.plots import pyplot, save_png
 from .runtime import SINGLE
 from .state import generators, lr_factor, make_optimizer
 
@@ -143,30 +144,11 @@ def range_test(model: nn.Module, runner: nn.Module, groups: list[dict], train: S
     # Generators of its own, seeded as the run's: the run's order and crops stay what they would have been.
     shuffle, augment = generators(seed, setup.device)
     drop_last = engine.steps_per_epoch(len(train), batch_size, SINGLE)[1]
-    lrs: list[float] = []
-    losses: list[float] = []
-    smooth, best, stopped, started = 0.0, math.inf, "end of the ramp", time.perf_counter()
+    started = time.perf_counter()
     train_mode(runner, setup.batchnorm)
     try:
-        while len(lrs) < steps and stopped == "end of the ramp":
-            order = torch.randperm(len(train), generator=shuffle)
-            for images, labels in batches(train, batch_size, order=order, drop_last=drop_last):
-                lr = opt.param_groups[0]["lr"]  # the head's: what --lr sets
-                fig = engine.train_step(runner, opt, sched, images, labels, setup, augment)
-                loss = (fig.loss / fig.images).item()
-                if not math.isfinite(loss):
-                    stopped = "non-finite loss"
-                    break
-                lrs.append(lr)
-                losses.append(loss)
-                smooth = BETA * smooth + (1 - BETA) * loss
-                smoothed = smooth / (1 - BETA ** len(lrs))
-                best = min(best, smoothed)
-                if len(lrs) > SKIP * steps and smoothed > DIVERGED * best:
-                    stopped = "diverged"
-                    break
-                if len(lrs) == steps:
-                    break
+        lrs, losses, stopped = _ramp(runner, opt, sched, train, setup, shuffle, augment, batch_size, drop_last,
+                                     steps)
     finally:
         model.load_state_dict(kept)
         for p, flag in zip(model.parameters(), trainable):
@@ -184,6 +166,35 @@ def range_test(model: nn.Module, runner: nn.Module, groups: list[dict], train: S
     return result
 
 
+def _ramp(runner: nn.Module, opt: torch.optim.Optimizer, sched, train: Split, setup: engine.StepSetup,
+          shuffle: torch.Generator, augment: torch.Generator, batch_size: int, drop_last: bool,
+          steps: int) -> tuple[list[float], list[float], str]:
+    """The ramp's steps: each one's lr and loss, and why it stopped."""
+    lrs: list[float] = []
+    losses: list[float] = []
+    smooth, best, stopped = 0.0, math.inf, "end of the ramp"
+    while len(lrs) < steps and stopped == "end of the ramp":
+        order = torch.randperm(len(train), generator=shuffle)
+        for images, labels in batches(train, batch_size, order=order, drop_last=drop_last):
+            lr = opt.param_groups[0]["lr"]  # the head's: what --lr sets
+            fig = engine.train_step(runner, opt, sched, images, labels, setup, augment)
+            loss = (fig.loss / fig.images).item()
+            if not math.isfinite(loss):
+                stopped = "non-finite loss"
+                break
+            lrs.append(lr)
+            losses.append(loss)
+            smooth = BETA * smooth + (1 - BETA) * loss
+            smoothed = smooth / (1 - BETA ** len(lrs))
+            best = min(best, smoothed)
+            if len(lrs) > SKIP * steps and smoothed > DIVERGED * best:
+                stopped = "diverged"
+                break
+            if len(lrs) == steps:
+                break
+    return lrs, losses, stopped
+
+
 def schedule_mean(schedule: str, steps: int, warmup_steps: int) -> float:
     """The mean lr of a run's schedule (state.lr_factor) as a fraction of its peak: cosine with warmup 0.5."""
     factor = lr_factor(schedule, steps, warmup_steps)
@@ -195,9 +206,7 @@ def write(out: Path, result: RangeTest, title: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     result.out = str(out)
     atomic_write(out / JSON_FILE, json.dumps(asdict(result), indent=2))
-    from .report import _pyplot, _save_png
-
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(result.lrs, result.losses, color="0.75", lw=1, label="loss of each step")
     ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label=f"smoothed (EMA {BETA})")
@@ -213,7 +222,7 @@ def write(out: Path, result: RangeTest, title: str) -> None:
         ax.set_ylim(min(finite) * 0.95, min(max(finite), 1.25 * start, DIVERGED * min(finite)) * 1.05)
     ax.set_title(f"{title}\n{len(result.lrs)} steps of batch {result.batch_size}, {result.stopped}", fontsize=9)
     ax.legend(fontsize=8)
-    _save_png(fig, out / PNG_FILE)
+    save_png(fig, out / PNG_FILE)
 
 
 def run_test(job: Job, **ramp: Any) -> RangeTest:

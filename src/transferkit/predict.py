@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from . import calibration
 from .checkpoint import ModelCard, load_model_state, read_card
 from .data import heldout
 from .data.folders import folder_layout
@@ -19,10 +18,10 @@ from .data.images import UnreadableImage, pil_to_tensor, to_rgb, walk_images
 from .data.preprocess import Preprocessing, resolve_preprocessing
 from .data.sources import DataSource, Split, check_data_arg, check_leakage, is_named, load_source
 from .engine import evaluate, infer
-from .error_analysis import write_errors
 from .errors import TransferkitError
 from .models import check_model_name, check_side, create_backbone, rebuild
-from .report import classification_metrics, measured_on, write_report
+from .report import calibration, classification_metrics, measured_on, write_report
+from .report.error_analysis import write_errors
 from .runtime import pick_device, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -268,13 +267,13 @@ def evaluate_run(
     moved = not own and bool(card.data) and not is_named(card.data) and not Path(card.data).expanduser().exists()
     score = dict(data_dir=data_dir, workers=workers, same_pre=pred.preprocessing == card.preprocessing)
     try:
-        part, src, note = _split_to_score(run_dir, data, split, pred.preprocessing, own=own or moved, **score)
+        part, src, note = split_to_score(run_dir, data, split, pred.preprocessing, own=own or moved, **score)
     except heldout.SplitChanged:
         if not moved:
             raise
         log.warning("%s is not the data %s trained on, moved (its held-out split differs from split.json): "
                     "evaluating it as other data", data, run_dir)
-        part, src, note = _split_to_score(run_dir, data, split, pred.preprocessing, own=False, **score)
+        part, src, note = split_to_score(run_dir, data, split, pred.preprocessing, own=False, **score)
     if sorted(src.classes) != sorted(pred.classes):
         missing = sorted(set(pred.classes) - set(src.classes))
         extra = sorted(set(src.classes) - set(pred.classes))
@@ -313,7 +312,7 @@ def _same_data(data: str, trained_on: str) -> bool:
         return False
 
 
-def _split_to_score(run_dir: Path, data: str, split: str | None, pre: Preprocessing, *, own: bool,
+def split_to_score(run_dir: Path, data: str, split: str | None, pre: Preprocessing, *, own: bool,
                     data_dir: str | None, workers: int, same_pre: bool) -> tuple[Split, DataSource, str]:
     """The split to evaluate, its source, and a note for what it was measured on."""
     record = heldout.read_split_record(run_dir) if own else None

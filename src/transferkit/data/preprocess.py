@@ -102,7 +102,7 @@ class Preprocessing:
             out = TF.center_crop(TF.resize(images, [self.resize_size], interpolation=mode, antialias=True),
                                  [self.image_size, self.image_size])
         else:
-            out = images if h == (side or h) else _upsample(images, side)
+            out = images if h == (side or h) else upsample(images, side)
         if side is not None and out.shape[-2:] != (side, side):
             out = TF.resize(out, [side, side], antialias=True)
         return out
@@ -114,7 +114,7 @@ class Preprocessing:
     def to_input(self, stored: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """A stored uint8 batch (N, C, h, w) as normalized float model input (N, 3, S, S)."""
         if stored.shape[-2:] != (self.image_size, self.image_size):
-            stored = _upsample(stored, self.image_size)
+            stored = upsample(stored, self.image_size)
         return self.normalize(stored.float().div_(255), channels_last)
 
     def normalize(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
@@ -149,7 +149,7 @@ def resolve_preprocessing(*, image_size: int | None = None, mean: Sequence[float
     return Preprocessing(size, resize, tuple(mean or base.mean), tuple(std or base.std), base.interpolation)
 
 
-def _upsample(images: torch.Tensor, side: int) -> torch.Tensor:
+def upsample(images: torch.Tensor, side: int) -> torch.Tensor:
     """Bilinear resize of a small square to `side`, rounded to uint8 (no antialiasing: it only enlarges)."""
     batch = images if images.ndim == 4 else images[None]
     out = F.interpolate(batch.float(), size=(side, side), mode="bilinear", align_corners=False)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .policies import Policy, random_erasing
-from .preprocess import Preprocessing, _upsample
+from .preprocess import Preprocessing, upsample
 from .splits import Split
 
 
@@ -60,7 +60,7 @@ class TrainTransform:
             return self.preprocessing.to_input(images, self.channels_last)
         rand = _drawer(images.shape[0], generator, part, images.device)
         if not self.augment and full and images.shape[-2:] != (self.size, self.size):
-            images = _upsample(images, self.size)  # as evaluation enlarges small stored images
+            images = upsample(images, self.size)  # as evaluation enlarges small stored images
         x = images.float().div_(255)
         if self.augment:
             x = self._random_resized_crop(x, rand)

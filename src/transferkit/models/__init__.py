@@ -15,6 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -268,19 +269,7 @@ def create_backbone(
     check_model_name(arch)
     if timm_family.is_timm(arch):
         return _create_timm(arch, weights, num_classes, image_size)
-    enum = _weights_enum(arch)
-    tv_weights = None
-    state = None
-    if weights.lower() == "none":
-        source = "none (random init)"
-    elif _is_file(weights):
-        state = load_state_file(weights)
-        source = f"file:{Path(weights).resolve()}"
-    else:
-        tv_weights = _resolve_torchvision(arch, weights)
-        state = _load_torchvision_state(arch, tv_weights)
-        source = f"torchvision:{tv_weights.name} ({os.path.basename(tv_weights.url)})"
-
+    tv_weights, state, source = _torchvision_weights(arch, weights)
     # Constructor flags that torchvision's own builder sets for these weights.
     build = {}
     if arch in ("googlenet", "inception_v3"):
@@ -301,14 +290,30 @@ def create_backbone(
     if num_classes is not None:
         replace_head(model, head, num_classes)
 
-    prep, min_size = Preprocessing(), 1
-    ref = tv_weights or (enum.DEFAULT if enum is not None else None)
-    if ref is not None:
-        t = ref.transforms()
-        prep = Preprocessing(t.crop_size[0], t.resize_size[0], tuple(t.mean), tuple(t.std))
-        min_size = _min_side(ref)
+    prep, min_size = _preprocessing_of(arch, tv_weights)
     categories = list(tv_weights.meta.get("categories", [])) if tv_weights is not None else []
     return Backbone(model, arch, head, prep, source, categories, build, min_size)
+
+
+def _torchvision_weights(arch: str, weights: str) -> tuple[Any, dict | None, str]:
+    """The torchvision weights enum entry (None for a file or none), their state and where they came from."""
+    if weights.lower() == "none":
+        return None, None, "none (random init)"
+    if _is_file(weights):
+        return None, load_state_file(weights), f"file:{Path(weights).resolve()}"
+    tv_weights = _resolve_torchvision(arch, weights)
+    state = _load_torchvision_state(arch, tv_weights)
+    return tv_weights, state, f"torchvision:{tv_weights.name} ({os.path.basename(tv_weights.url)})"
+
+
+def _preprocessing_of(arch: str, tv_weights: Any) -> tuple[Preprocessing, int]:
+    """The weights' own preprocessing (the architecture's default weights' without any) and smallest side."""
+    enum = _weights_enum(arch)
+    ref = tv_weights or (enum.DEFAULT if enum is not None else None)
+    if ref is None:
+        return Preprocessing(), 1
+    t = ref.transforms()
+    return Preprocessing(t.crop_size[0], t.resize_size[0], tuple(t.mean), tuple(t.std)), _min_side(ref)
 
 
 def _create_timm(arch: str, weights: str, num_classes: int | None, image_size: int | None) -> Backbone:

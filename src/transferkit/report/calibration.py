@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from .errors import TransferkitError
+from ..errors import TransferkitError
+from .plots import reliability_png
 
 log = logging.getLogger(__name__)
 
@@ -113,38 +114,6 @@ def summary(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
             "ece": expected_calibration_error(scaled, labels), "nll": nll(logits, labels, temperature),
             "ece_uncalibrated": expected_calibration_error(raw, labels), "nll_uncalibrated": nll(logits, labels),
             "reliability": reliability_bins(scaled, labels)}
-
-
-def reliability_png(path: Path, figures: dict[str, Any], title: str) -> None:
-    """Accuracy against mean confidence per bin, beside the diagonal of a perfectly calibrated model."""
-    from .report import _pyplot, _save_png
-
-    plt = _pyplot()
-    rows = figures["reliability"]
-    width = 1 / len(rows)
-    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5.5, 6.2), height_ratios=(3, 1), sharex=True,
-                                     layout="constrained")
-    ax.plot([0, 1], [0, 1], color="0.5", linestyle="--", linewidth=1, label="perfectly calibrated")
-    filled = [r for r in rows if r["images"]]
-    ax.bar([r["lo"] for r in filled], [r["accuracy"] for r in filled], width=width, align="edge",
-           color="tab:blue", edgecolor="white", label="accuracy in the bin")
-    # Where each bar would end if the model were calibrated: the gap to it is what the ECE averages.
-    ax.scatter([r["lo"] + width / 2 for r in filled], [r["confidence"] for r in filled], color="tab:red", marker="_",
-               s=180, linewidths=2.5, zorder=3, label="mean confidence in the bin")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.legend(loc="upper left", fontsize=8)
-    scaled = figures["temperature"] != 1.0
-    ax.set_title(f"ECE {100 * figures['ece']:.2f}% ({figures['bins']} bins)"
-                 + (f", temperature {figures['temperature']:.3g}; before {100 * figures['ece_uncalibrated']:.2f}%"
-                    if scaled else ""), fontsize=9, color="0.25")
-    fig.suptitle(title, fontsize=12, fontweight="bold")
-    counts.bar([r["lo"] for r in rows], [r["images"] for r in rows], width=width, align="edge", color="0.6",
-               edgecolor="white")
-    counts.set_ylabel("images")
-    counts.set_xlabel("top-1 confidence")
-    _save_png(fig, path)
 
 
 def report_section(out_dir: Path, metrics: dict[str, Any], name: str) -> list[str]:

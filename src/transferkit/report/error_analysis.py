@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
-from .data.preprocess import Preprocessing
-from .data.splits import Split
-from .files import atomic_write
+from ..data.preprocess import Preprocessing
+from ..data.splits import Split
+from ..files import atomic_write
+from .plots import pyplot, save_png, wrap
 
 TOP_LOSSES = 25  # tiles on the contact sheet (5 x 5)
 COLUMNS = 5
@@ -91,9 +92,7 @@ def _pct(p: float) -> str:
 def top_losses_png(path: Path, images: torch.Tensor, rows: list[dict[str, Any]], *, title: str = "",
                    errors: int | None = None, total: int | None = None) -> int:
     """A grid of the highest-loss images, each captioned true / predicted / probabilities; returns the tiles drawn."""
-    from .report import _pyplot, _save_png, _wrap
-
-    plt = _pyplot()
+    plt = pyplot()
     n = min(len(rows), len(images))
     cols = min(COLUMNS, n)
     grid_rows = math.ceil(n / cols)
@@ -109,7 +108,7 @@ def top_losses_png(path: Path, images: torch.Tensor, rows: list[dict[str, Any]],
     head = " — ".join(filter(None, [f"Top losses: the {n} images the model got most wrong", title]))
     sub = (f"{errors:,} of {total:,} images misclassified; " if errors is not None and total else "") + \
         "shown as the model saw them (resized and cropped), highest loss first."
-    head_w, sub_w = _wrap(head, width - 0.3, 12), _wrap(sub, width - 0.3, 9)
+    head_w, sub_w = wrap(head, width - 0.3, 12), wrap(sub, width - 0.3, 9)
     head_in = (1.3 * 12 * (head_w.count("\n") + 1) + 1.3 * 9 * (sub_w.count("\n") + 1)) / 72 + 0.3
     fig = plt.figure(figsize=(width, grid_rows * (TILE_IN + caption_in) + head_in), layout="constrained")
     fig.suptitle(head_w + "\n" + sub_w, fontsize=10)
@@ -119,5 +118,5 @@ def top_losses_png(path: Path, images: torch.Tensor, rows: list[dict[str, Any]],
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(captions[i], fontsize=CAPTION_PT, loc="left", family="DejaVu Sans Mono")
-    _save_png(fig, path, metadata={"tiles": str(n), "grid": f"{grid_rows}x{cols}"})
+    save_png(fig, path, metadata={"tiles": str(n), "grid": f"{grid_rows}x{cols}"})
     return n

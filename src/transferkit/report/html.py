@@ -7,7 +7,8 @@ import html
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write
+from ..files import atomic_write
+from .metrics import MATRIX_MAX_CLASSES, confused_pairs, lr_range
 
 WEAKEST_FIRST = "f1"  # the per-class table opens with the classes the model does worst on
 PAIRS_SHOWN = 10
@@ -66,8 +67,6 @@ def _headline(metrics: dict[str, Any]) -> str:
 
 
 def _training(out_dir: Path, history: list[dict[str, Any]]) -> str:
-    from .report import lr_range
-
     parts = ["<h2>Training</h2>"]
     if (out_dir / "curves.png").is_file():
         parts.append(_png(out_dir / "curves.png", "training curves"))
@@ -87,8 +86,6 @@ def _per_class(metrics: dict[str, Any]) -> str:
 
 
 def _confusion(out_dir: Path, metrics: dict[str, Any], classes: list[str], name: str) -> str:
-    from .report import MATRIX_MAX_CLASSES, confused_pairs
-
     whole = len(classes) <= MATRIX_MAX_CLASSES  # above, the picture is a bar chart of the most confused pairs
     parts = ["<h2>" + ("Confusion matrix (rows: true class, columns: predicted)" if whole else
                        f"The most frequent mistakes (the whole {len(classes)}x{len(classes)} matrix is in "

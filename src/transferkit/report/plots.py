@@ -1,0 +1,198 @@
+"""Every picture of a report, drawn with matplotlib (Agg): confusion, curves, reliability."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..files import atomic_write
+from .metrics import MATRIX_MAX_CLASSES, confused_pairs
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Render to memory, then write with the run folder's one atomic writer."""
+    buf = io.BytesIO()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100, metadata=metadata)
+    pyplot().close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def wrap(text: str, width_in: float, fontsize: float) -> str:
+    """`text` in lines that fit `width_in` inches at `fontsize` points (DejaVu Sans: about 0.6 em a character)."""
+    return "\n".join(textwrap.wrap(text, max(12, int(width_in * 72 / (0.62 * fontsize))), break_long_words=True,
+                                    break_on_hyphens=False))
+
+
+def _titles(fig, ax, title: str, subtitle: str, under: float) -> float:
+    """A short bold title over the figure and the details over the axes (`under` inches wide, where they are
+    centred), both wrapped to fit; returns their height in inches (for sizing the figure)."""
+    title, subtitle = wrap(title, fig.get_figwidth() - 0.4, 13), wrap(subtitle, under, 9)
+    fig.suptitle(title, fontsize=13, fontweight="bold")
+    if subtitle:
+        ax.set_title(subtitle, fontsize=9, color="0.25")
+    return (1.3 * 13 * (title.count("\n") + 1) + (1.3 * 9 * (subtitle.count("\n") + 1) if subtitle else 0)) / 72 + 0.3
+
+
+def confusion_png(path: Path, confusion: list[list[int]], classes: list[str], title: str, subtitle: str = "") -> None:
+    """The confusion matrix with counts, coloured by share of each true class; above MATRIX_MAX_CLASSES classes
+    a bar chart of the most confused pairs instead."""
+    if len(classes) > MATRIX_MAX_CLASSES:
+        _confused_pairs_png(path, confusion, classes, title, subtitle)
+        return
+    plt = pyplot()
+    m = torch.tensor(confusion, dtype=torch.float64)
+    norm = m / m.sum(1, keepdim=True).clamp(min=1)
+    k = len(classes)
+    grid = max(3.5, min(0.55 * k, 16.0))  # inches of the matrix itself
+    names = 0.09 * max(len(c) for c in classes)  # inches of the longest class name at 10 pt
+    tilt = k > 3 or names > grid / k
+    fig, ax = plt.subplots(figsize=(grid + names + 1.0, 1.0), layout="constrained")
+    ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), classes, rotation=60 if tilt else 0, ha="right" if tilt else "center")
+    ax.set_yticks(range(k), classes)
+    # The counts' size follows the cell: as large as the widest count allows, 6-16 pt.
+    cell = grid * 72 / k
+    digits = len(str(int(m.max()))) if m.numel() else 1
+    size = max(6.0, min(14.0, 0.4 * cell, 0.75 * cell / (0.62 * digits)))
+    for i in range(k):
+        for j in range(k):
+            if m[i, j]:
+                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=size,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top = _titles(fig, ax, title, " ".join(filter(None, [subtitle, "Colour: share of the true class's images."])),
+                  grid + 0.6)
+    fig.set_figheight(grid + top + (0.87 * names if tilt else 0.2) + 1.0)  # matrix, titles, names, axis label
+    save_png(fig, path)
+
+
+def _confused_pairs_png(path: Path, confusion: list[list[int]], classes: list[str], title: str, subtitle: str) -> None:
+    """A horizontal bar per (true -> predicted) pair, most frequent at the top."""
+    plt = pyplot()
+    pairs = confused_pairs(confusion, classes)
+    names = 0.09 * (max((len(t) + len(p) for t, p, _, _ in pairs), default=10) + 3)  # inches of the longest label
+    bars = 6.0
+    fig, ax = plt.subplots(figsize=(names + bars + 0.8, 1.0), layout="constrained")
+    if pairs:
+        rows = list(reversed(pairs))  # barh draws the first row at the bottom
+        ax.barh(range(len(rows)), [n for _, _, n, _ in rows], color="tab:red")
+        ax.set_yticks(range(len(rows)), [f"{t} → {p}" for t, p, _, _ in rows])
+        for y, (_, _, n, share) in enumerate(rows):
+            ax.annotate(f" {n} ({100 * share:.0f}%)", (n, y), va="center", fontsize=9)
+        ax.set_xlim(0, 1.2 * pairs[0][2])
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.text(0.5, 0.5, "no image was misclassified", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("images (share of the true class's images)")
+    ax.set_ylabel("true → predicted")
+    k = len(classes)
+    head = (f"The {len(pairs)} most frequent mistakes among {k} classes (their {k}x{k} matrix would be "
+            "unreadable; the report's .json holds it)." if pairs else f"{k} classes, no mistakes.")
+    top = _titles(fig, ax, title, " ".join(filter(None, [subtitle, head])), bars)
+    fig.set_figheight(top + 0.3 * max(len(pairs), 3) + 0.9)
+    save_png(fig, path)
+
+
+def _accuracy_limits(values: list[float]) -> tuple[float, float]:
+    """A y range in % around the values, at least 10 points tall, inside 0-100."""
+    lo, hi = min(values), max(values)
+    pad = max(2.0, 0.1 * (hi - lo))
+    lo, hi = lo - pad, hi + pad
+    if hi - lo < 10:
+        mid = (lo + hi) / 2
+        lo, hi = mid - 5, mid + 5
+    if lo < 0:
+        lo, hi = 0.0, max(hi - lo, 10.0)
+    if hi > 100:
+        lo, hi = max(0.0, lo - (hi - 100)), 100.0
+    return lo, hi
+
+
+def curves_png(path: Path, history: list[dict[str, Any]]) -> None:
+    """Training loss, and train beside validation accuracy, per epoch."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
+    epochs = [h["epoch"] for h in history]
+    style = {"marker": "o"} if len(epochs) <= 15 else {}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    losses = [h["train_loss"] for h in history]
+    a.plot(epochs, losses, color="tab:blue", **style)
+    a.set_ylim(0, 1.1 * max(losses) if max(losses) > 0 else 1)
+    a.set_title("train loss")
+    b.plot(epochs, [100 * h["train_acc"] for h in history], color="tab:blue", label="train", **style)
+    shown = [100 * h["train_acc"] for h in history]
+    val = [(h["epoch"], 100 * h["val_acc"]) for h in history if h.get("val_acc") is not None]
+    if val:
+        b.plot(*zip(*val), color="tab:green", label="validation", **style)
+        shown += [v for _, v in val]
+    b.set_ylim(*_accuracy_limits(shown))
+    b.set_title("accuracy (%)")
+    b.legend(loc="lower right")
+    if len(epochs) <= 3:  # a few points: their values, rather than a reading off the axis
+        for ax, fmt in ((a, "{:.3f}"), (b, "{:.1f}%")):
+            for line in ax.get_lines():
+                for x, y in zip(line.get_xdata(), line.get_ydata()):
+                    ax.annotate(fmt.format(y), (x, y), xytext=(6, 4), textcoords="offset points", fontsize=8,
+                                color=line.get_color())
+    frozen = [h["epoch"] for h in history if h.get("backbone_frozen")]
+    thawed = [h["epoch"] for h in history if h.get("backbone_frozen") is False]
+    for ax in (a, b):
+        ax.set_xlabel("epoch")
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # one epoch is a point in the middle, not on 0.96-1.04
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.grid(alpha=0.3)
+        if frozen and thawed and min(thawed) > min(frozen):  # 'gradual': where the backbone started to train
+            ax.axvline(min(thawed) - 0.5, color="0.5", linestyle="--", linewidth=1)
+    if frozen and thawed and min(thawed) > min(frozen):
+        a.annotate(" backbone unfrozen", (min(thawed) - 0.5, 0.02), xycoords=("data", "axes fraction"), fontsize=8,
+                   color="0.4")
+    save_png(fig, path)
+
+
+def reliability_png(path: Path, figures: dict[str, Any], title: str) -> None:
+    """Accuracy against mean confidence per bin, beside the diagonal of a perfectly calibrated model."""
+    plt = pyplot()
+    rows = figures["reliability"]
+    width = 1 / len(rows)
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5.5, 6.2), height_ratios=(3, 1), sharex=True,
+                                     layout="constrained")
+    ax.plot([0, 1], [0, 1], color="0.5", linestyle="--", linewidth=1, label="perfectly calibrated")
+    filled = [r for r in rows if r["images"]]
+    ax.bar([r["lo"] for r in filled], [r["accuracy"] for r in filled], width=width, align="edge",
+           color="tab:blue", edgecolor="white", label="accuracy in the bin")
+    # Where each bar would end if the model were calibrated: the gap to it is what the ECE averages.
+    ax.scatter([r["lo"] + width / 2 for r in filled], [r["confidence"] for r in filled], color="tab:red", marker="_",
+               s=180, linewidths=2.5, zorder=3, label="mean confidence in the bin")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize=8)
+    scaled = figures["temperature"] != 1.0
+    ax.set_title(f"ECE {100 * figures['ece']:.2f}% ({figures['bins']} bins)"
+                 + (f", temperature {figures['temperature']:.3g}; before {100 * figures['ece_uncalibrated']:.2f}%"
+                    if scaled else ""), fontsize=9, color="0.25")
+    fig.suptitle(title, fontsize=12, fontweight="bold")
+    counts.bar([r["lo"] for r in rows], [r["images"] for r in rows], width=width, align="edge", color="0.6",
+               edgecolor="white")
+    counts.set_ylabel("images")
+    counts.set_xlabel("top-1 confidence")
+    save_png(fig, path)
