@@ -15,8 +15,8 @@ from PIL import Image
 from conftest import _have_mobilenet_weights, run_cli
 from transferkit.data.preprocess import Preprocessing
 from transferkit.data.sources import Split
-from transferkit.report.error_analysis import top_losses_png, write_errors
 from transferkit.predict import Predictor
+from transferkit.report.error_analysis import top_losses_png, write_errors
 
 
 @pytest.fixture(scope="module")

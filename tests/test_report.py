@@ -13,8 +13,7 @@ from matplotlib.transforms import Bbox
 
 from conftest import SHARED_CIFAR, link_subset, run_cli
 from transferkit import cli
-from transferkit.report import plots
-from transferkit.report import RunResult, classification_metrics, write_report
+from transferkit.report import RunResult, classification_metrics, plots, write_report
 
 SENTENCE = ("test split of /work/shared/data/cifar10, 10,000 images, stored at 64 px, model input 64x64, "
             "with its mirror image")
