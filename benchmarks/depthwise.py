@@ -17,8 +17,8 @@ import torchvision
 from accuracy import machine  # this folder's figure harness: the same machine line
 from recipes import median_ms
 
-from transferkit.engine import micro_batch_for
 from transferkit.runtime import depthwise_in_fp32
+from transferkit.training.engine import micro_batch_for
 
 CPU = torch.device("cpu")
 

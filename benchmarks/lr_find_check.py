@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit import TrainConfig
-from transferkit.fit import find_lr, train
+from transferkit.training.fit import find_lr, train
 
 
 def main(argv: list[str] | None = None) -> int:

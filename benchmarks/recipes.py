@@ -22,12 +22,12 @@ import torchvision
 from skimage import data as photos
 from torchvision.transforms.v2 import functional as TF
 
-from transferkit.averaging import WeightAverage
 from transferkit.data.mixing import Mixing
 from transferkit.data.preprocess import Preprocessing
 from transferkit.data.transforms import TrainTransform
-from transferkit.engine import StepSetup, micro_batch_for, train_step
 from transferkit.runtime import resolve_precision
+from transferkit.training.averaging import WeightAverage
+from transferkit.training.engine import StepSetup, micro_batch_for, train_step
 
 
 def median_ms(fn, repeat: int) -> float:

@@ -27,8 +27,8 @@ from torchvision import transforms
 from transferkit.data.preprocess import Preprocessing
 from transferkit.data.sources import load_source
 from transferkit.data.transforms import TrainTransform, batches
-from transferkit.engine import StepSetup, micro_batch_for, train_one_epoch
 from transferkit.runtime import pick_device, resolve_precision
+from transferkit.training.engine import StepSetup, micro_batch_for, train_one_epoch
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "train"
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import cifar_folder, needs_cifar, needs_weights, run_cli
 from transferkit import TrainConfig
 from transferkit.config import AUTO_FINETUNE_FROM
-from transferkit.plan import choose_strategy
+from transferkit.training.plan import choose_strategy
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from transferkit import TrainConfig, train
 from transferkit.data.preprocess import Preprocessing
 from transferkit.data.sources import load_source
 from transferkit.data.transforms import EvalTransform
-from transferkit.features import features
 from transferkit.models import create_backbone
+from transferkit.training.features import features
 
 STORE = Preprocessing(32, 37)
 

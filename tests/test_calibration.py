@@ -13,10 +13,10 @@ import torch
 from conftest import needs_weights, run_cli
 from transferkit.checkpoint import read_card
 from transferkit.data.images import read_image
-from transferkit.engine import infer
 from transferkit.errors import TransferkitError
 from transferkit.predict import Predictor
 from transferkit.report.calibration import expected_calibration_error, fit_temperature, nll, reliability_bins
+from transferkit.training.engine import infer
 
 
 def _reference_ece(probs: list[list[float]], labels: list[int], bins: int = 15) -> float:

@@ -7,10 +7,11 @@ import pytest
 import torch
 import torchvision
 
-from transferkit import engine, models
+from transferkit import models
 from transferkit.data.preprocess import Preprocessing
 from transferkit.data.transforms import TrainTransform
 from transferkit.runtime import resolve_precision
+from transferkit.training import engine
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible (CPU-only machine)")]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import transferkit.loop as loop
+import transferkit.training.loop as loop
 from conftest import cifar_folder, needs_cifar
 from transferkit import TrainConfig, TransferkitError, train
 

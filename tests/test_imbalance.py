@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import transferkit.fit as fit
-import transferkit.loop as loop
+import transferkit.training.fit as fit
+import transferkit.training.loop as loop
 from conftest import SHARED_CIFAR, link_subset, run_cli
 from test_faults import kill_and_resume, start
 from transferkit import TrainConfig, train

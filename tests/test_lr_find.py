@@ -12,12 +12,13 @@ import yaml
 from torch import nn
 
 from conftest import cifar_folder, needs_weights, run_cli
-from transferkit import cli, engine, lr_find, models
+from transferkit import cli, models
 from transferkit.data.sources import Split
 from transferkit.data.transforms import batches
 from transferkit.errors import TransferkitError
-from transferkit.features import identity
-from transferkit.state import new_state
+from transferkit.training import engine, lr_find
+from transferkit.training.features import identity
+from transferkit.training.state import new_state
 
 CPU = torch.device("cpu")
 PROBE = ["--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--strategy", "linear", "--image-size", "32",
@@ -177,7 +178,7 @@ def test_bad_input_exits_2_with_a_sentence(tmp_path, capsys):
 
 
 def test_a_loss_that_never_falls_gives_no_suggestion_rather_than_an_lr_below_the_ramp():
-    from transferkit import lr_find
+    from transferkit.training import lr_find
 
     lrs = list(np.geomspace(1e-7, 1.0, 20))
     rising = [0.7 + 0.01 * i for i in range(20)]  # random weights over a short ramp: the loss only grows

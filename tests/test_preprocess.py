@@ -16,8 +16,8 @@ from conftest import SHARED_CIFAR, link_subset, needs_cifar, run_cli
 from transferkit import TrainConfig, train
 from transferkit.data.preprocess import Preprocessing
 from transferkit.data.sources import load_source
-from transferkit.engine import evaluate
 from transferkit.predict import Predictor
+from transferkit.training.engine import evaluate
 
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image not installed")
 PHOTOS = {"cat": skimage_data.chelsea(), "cup": skimage_data.coffee()}

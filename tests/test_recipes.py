@@ -14,14 +14,14 @@ from torchvision.transforms.v2 import functional as TF
 from conftest import SHARED_CIFAR, link_subset
 from test_faults import kill_and_resume, outcome, same, start
 from transferkit import TrainConfig, TransferkitError, train
-from transferkit.averaging import WeightAverage
 from transferkit.data.mixing import Mixing
 from transferkit.data.policies import OPS, apply_ops
 from transferkit.data.preprocess import Preprocessing
 from transferkit.data.transforms import TrainTransform
-from transferkit.engine import StepSetup, train_step
-from transferkit.plan import param_groups as _param_groups
-from transferkit.plan import progressive_size
+from transferkit.training.averaging import WeightAverage
+from transferkit.training.engine import StepSetup, train_step
+from transferkit.training.plan import param_groups as _param_groups
+from transferkit.training.plan import progressive_size
 
 SIZE = 64
 PRE = Preprocessing(image_size=SIZE, resize_size=SIZE)

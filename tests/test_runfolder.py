@@ -226,8 +226,8 @@ def test_resume_after_config_yaml_was_edited_says_what_changed(data, tmp_path):
 
 
 def test_a_run_of_an_earlier_version_resumes_although_it_does_not_record_newer_settings(tmp_path):
-    from transferkit import fingerprint
     from transferkit.config import TrainConfig
+    from transferkit.training import fingerprint
 
     now = fingerprint.settings_of(TrainConfig(), set())
     older = {k: v for k, v in now.items() if k not in ("sampler", "calibrate")}  # settings added since

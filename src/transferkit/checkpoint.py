@@ -21,10 +21,10 @@ import torch
 import torchvision
 from safetensors.torch import load_file, save
 
-from . import runfiles
 from .data.preprocess import Preprocessing
 from .errors import TransferkitError
 from .files import atomic_write
+from .training import runfiles
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class ModelCard:
 def current_versions() -> dict[str, str]:
     """The versions a model card records: transferkit, torch, torchvision, Python (and timm where a timm model
     was built: it is imported only then)."""
-    from . import __version__
+    from .version import __version__
 
     versions = {"transferkit": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
                 "python": platform.python_version()}

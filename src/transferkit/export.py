@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
 from .checkpoint import read_card
 from .data.preprocess import Preprocessing, upsample
 from .data.splits import Split, stratified_subset
 from .data.transforms import batches
 from .errors import CheckFailed, TransferkitError
 from .files import atomic_write, temp_beside
+from .version import __version__
 
 log = logging.getLogger(__name__)
 

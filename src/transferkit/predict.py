@@ -17,12 +17,12 @@ from .data.folders import folder_layout
 from .data.images import UnreadableImage, pil_to_tensor, to_rgb, walk_images
 from .data.preprocess import Preprocessing, resolve_preprocessing
 from .data.sources import DataSource, Split, check_data_arg, check_leakage, is_named, load_source
-from .engine import evaluate, infer
 from .errors import TransferkitError
 from .models import check_model_name, check_side, create_backbone, rebuild
 from .report import calibration, classification_metrics, measured_on, write_report
 from .report.error_analysis import write_errors
 from .runtime import pick_device, resolve_precision
+from .training.engine import evaluate, infer
 
 log = logging.getLogger(__name__)
 

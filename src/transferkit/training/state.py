@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import TransferkitError
+from ..runtime import Dist, rank_seed
 from .averaging import WeightAverage
-from .errors import TransferkitError
-from .runtime import Dist, rank_seed
 
 
 @dataclass

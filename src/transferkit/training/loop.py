@@ -10,23 +10,24 @@ from typing import Any
 
 import torch
 
-from . import engine, models, runfiles
+from .. import models
+from ..checkpoint import MODEL_FILE, ModelCard, save_last, save_model
+from ..config import TrainConfig
+from ..data.mixing import Mixing
+from ..data.sources import inverse_frequency
+from ..data.splits import DataSource
+from ..data.transforms import batches
+from ..errors import Interrupted
+from ..logs import EpochProgress
+from ..report import classification_metrics, lr_range, write_metrics
+from ..report.setup import val_line
+from ..runtime import Compute, StopFlag
+from . import engine, runfiles
 from .averaging import WeightAverage
-from .checkpoint import MODEL_FILE, ModelCard, save_last, save_model
-from .config import TrainConfig
-from .data.mixing import Mixing
-from .data.sources import inverse_frequency
-from .data.splits import DataSource
-from .data.transforms import batches
-from .errors import Interrupted
 from .features import Stage
-from .logs import EpochProgress
 from .plan import Plan, param_groups
-from .report import classification_metrics, lr_range, write_metrics
 from .runfolder import resume_command
-from .runtime import Compute, StopFlag
 from .state import Tally, TrainState, lr_factor, new_state
-from .summary import val_line
 
 log = logging.getLogger(__name__)
 

@@ -9,15 +9,16 @@ from typing import Any, Literal
 
 import torch
 
-from . import engine, models
-from .config import AUTO_FINETUNE_FROM, TrainConfig
-from .data.preprocess import Preprocessing
-from .data.splits import DataSource
-from .data.transforms import EvalTransform, TrainTransform
-from .errors import TransferkitError
+from .. import models
+from ..config import AUTO_FINETUNE_FROM, TrainConfig
+from ..data.preprocess import Preprocessing
+from ..data.splits import DataSource
+from ..data.transforms import EvalTransform, TrainTransform
+from ..errors import TransferkitError
+from ..runtime import Compute
+from . import engine
 from .features import Stage, activations_fit, cached_stage, supports_feature_cache
 from .layerwise import layer_decay_groups
-from .runtime import Compute
 
 log = logging.getLogger(__name__)
 

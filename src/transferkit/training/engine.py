@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .data.mixing import Mixing
-from .data.splits import Split
-from .data.transforms import batches as split_batches
-from .data.transforms import num_batches
-from .errors import TransferkitError
-from .models import train_mode
-from .runtime import SINGLE, Dist, autocast
+from ..data.mixing import Mixing
+from ..data.splits import Split
+from ..data.transforms import batches as split_batches
+from ..data.transforms import num_batches
+from ..errors import TransferkitError
+from ..models import train_mode
+from ..runtime import SINGLE, Dist, autocast
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig
-from .data.sources import is_named
-from .data.splits import DataSource
-from .errors import TransferkitError
+from ..config import TrainConfig
+from ..data.sources import is_named
+from ..data.splits import DataSource
+from ..errors import TransferkitError
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .errors import TransferkitError
+from ..errors import TransferkitError
 
 
 def layer_decay_groups(model: nn.Module, head: str, blocks: list[list[str]], *, lr: float, backbone_lr_mult: float,

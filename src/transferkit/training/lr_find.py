@@ -20,18 +20,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import TrainConfig
+from ..data.sources import inverse_frequency
+from ..data.splits import Split
+from ..data.transforms import batches
+from ..errors import TransferkitError
+from ..files import atomic_write
+from ..models import set_trainable, train_mode
+from ..report.plots import pyplot, save_png
+from ..runtime import SINGLE
 from . import engine, runfiles
-from .config import TrainConfig
-from .data.sources import inverse_frequency
-from .data.splits import Split
-from .data.transforms import batches
-from .errors import TransferkitError
-from .files import atomic_write
 from .loop import Job
-from .models import set_trainable, train_mode
 from .plan import param_groups
-from .report.plots import pyplot, save_png
-from .runtime import SINGLE
 from .state import generators, lr_factor, make_optimizer
 
 log = logging.getLogger(__name__)

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import cache
-from .data.splits import Split
+from .. import cache
+from ..data.splits import Split
+from ..models import set_trainable, without
+from ..runtime import SINGLE, Dist, memory_bytes
 from .engine import Transform, evaluate
-from .models import set_trainable, without
-from .runtime import SINGLE, Dist, memory_bytes
 
 log = logging.getLogger(__name__)
 

@@ -10,24 +10,25 @@ from typing import Any
 
 import torch
 
-from . import engine, fingerprint, lr_find, models, runfiles, runtime
-from .checkpoint import META_FILE, ModelCard, load_model_state, read_card, update_card
-from .config import TrainConfig, requested_from
-from .data import heldout, sources
-from .data.preprocess import Preprocessing, resolve_preprocessing
-from .data.splits import DataSource
-from .data.transforms import EvalTransform
-from .errors import TransferkitError
-from .files import atomic_write
-from .logs import run_logging
+from .. import models, runtime
+from ..checkpoint import META_FILE, ModelCard, load_model_state, read_card, update_card
+from ..config import TrainConfig, requested_from
+from ..data import heldout, sources
+from ..data.preprocess import Preprocessing, resolve_preprocessing
+from ..data.splits import DataSource
+from ..data.transforms import EvalTransform
+from ..errors import TransferkitError
+from ..files import atomic_write
+from ..logs import run_logging
+from ..report import RunResult, calibration, classification_metrics, measured_on, write_report
+from ..report.error_analysis import write_errors
+from ..report.setup import setup_section
+from ..runtime import Compute
+from . import engine, fingerprint, lr_find, runfiles
 from .loop import Job, epochs, start_state
 from .plan import build_stage, check_progressive, frozen_blocks, make_plan, resolve_strategy
-from .report import RunResult, calibration, classification_metrics, measured_on, write_report
-from .report.error_analysis import write_errors
 from .runfolder import UNCHECKED, RunStart, begin_writing, run_folder, settings_of
-from .runtime import Compute
 from .state import TrainState
-from .summary import setup_section
 
 log = logging.getLogger(__name__)
 
