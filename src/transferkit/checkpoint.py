@@ -21,10 +21,10 @@ import torch
 import torchvision
 from safetensors.torch import load_file, save
 
+from . import runfiles
 from .data.preprocess import Preprocessing
 from .errors import TransferkitError
 from .files import atomic_write
-from .training import runfiles
 
 log = logging.getLogger(__name__)
 

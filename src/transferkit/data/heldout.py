@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
+from .. import runfiles
 from ..errors import TransferkitError
 from ..files import atomic_write
-from ..training import runfiles
 from .folders import folder_layout
 from .preprocess import Preprocessing
 from .sources import check_leakage, is_named, load_source, train_val_test

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
+from .. import runfiles
 from ..files import atomic_write
-from ..training import runfiles
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .. import models, runtime
+from .. import models, runfiles, runtime
 from ..checkpoint import META_FILE, ModelCard, load_model_state, read_card, update_card
 from ..config import TrainConfig, requested_from
 from ..data import heldout, sources
@@ -22,13 +22,13 @@ from ..files import atomic_write
 from ..logs import run_logging
 from ..report import RunResult, calibration, classification_metrics, measured_on, write_report
 from ..report.error_analysis import write_errors
-from ..report.setup import setup_section
 from ..runtime import Compute
-from . import engine, fingerprint, lr_find, runfiles
+from . import engine, fingerprint, lr_find
 from .loop import Job, epochs, start_state
 from .plan import build_stage, check_progressive, frozen_blocks, make_plan, resolve_strategy
 from .runfolder import UNCHECKED, RunStart, begin_writing, run_folder, settings_of
 from .state import TrainState
+from .summary import setup_section
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .. import models
+from .. import models, runfiles
 from ..checkpoint import MODEL_FILE, ModelCard, save_last, save_model
 from ..config import TrainConfig
 from ..data.mixing import Mixing
@@ -20,14 +20,14 @@ from ..data.transforms import batches
 from ..errors import Interrupted
 from ..logs import EpochProgress
 from ..report import classification_metrics, lr_range, write_metrics
-from ..report.setup import val_line
 from ..runtime import Compute, StopFlag
-from . import engine, runfiles
+from . import engine
 from .averaging import WeightAverage
 from .features import Stage
 from .plan import Plan, param_groups
 from .runfolder import resume_command
 from .state import Tally, TrainState, lr_factor, new_state
+from .summary import val_line
 
 log = logging.getLogger(__name__)
 

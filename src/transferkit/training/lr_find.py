@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import runfiles
 from ..config import TrainConfig
 from ..data.sources import inverse_frequency
 from ..data.splits import Split
@@ -29,7 +30,7 @@ from ..files import atomic_write
 from ..models import set_trainable, train_mode
 from ..report.plots import pyplot, save_png
 from ..runtime import SINGLE
-from . import engine, runfiles
+from . import engine
 from .loop import Job
 from .plan import param_groups
 from .state import generators, lr_factor, make_optimizer

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from .. import runfiles
 from ..checkpoint import load_last
 from ..config import TrainConfig, requested_from
 from ..data import sources
 from ..errors import TransferkitError
 from ..files import atomic_write
 from ..runtime import Dist
-from . import fingerprint, runfiles
+from . import fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .. import runfiles
 from ..checkpoint import ModelCard
 from ..config import RECIPE_MODELS, TrainConfig, requested_from
 from ..data.splits import DataSource
 from ..runtime import Compute
-from ..training import runfiles
-from ..training.plan import choose_strategy
-from ..training.state import TrainState, selection_score
+from .plan import choose_strategy
+from .state import TrainState, selection_score
 
 
 def setup_section(cfg: TrainConfig, card: ModelCard, state: TrainState, data: DataSource, hw: Compute,
