@@ -3,6 +3,8 @@ found again from any directory (issue 13 items 6, 8, 9, 10, 15)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -247,6 +249,41 @@ def test_a_last_pt_without_fingerprints_still_resumes_with_a_warning(data, tmp_p
     assert proc.returncode == 0, proc.stderr
     assert "cannot check" in proc.stderr
 
+
+
+def test_the_split_record_in_last_pt_is_split_jsons_and_an_older_last_pt_still_resumes(data, tmp_path):
+    """One record of "is this the same split?" serves a resume (last.pt) and eval (split.json); a last.pt
+    written before that record resumes on its own record, and a changed split is refused by name."""
+    from transferkit.training import fingerprint
+
+    out = tmp_path / "run"
+    assert run_cli(*quick(data, out)).returncode == 0
+    last = torch.load(out / "last.pt", weights_only=True)
+    prints = fingerprint.unpack(last)
+    assert prints["splits"]["val"] == {k: v for k, v in json.loads((out / "split.json").read_text())["val"].items()
+                                       if k in ("images", "per_class", "fingerprint")}
+    # A last.pt of transferkit before 2026-12-07: [size, a hash of the labels] per split
+    older = {name: [split["images"], "0" * 16] for name, split in prints["splits"].items()}
+    last["fingerprints"] = fingerprint.pack({**prints, "splits": older})
+    torch.save(last, out / "last.pt")
+    refused(run_cli("train", "--resume", out, "--epochs", "2"), "splits of", "differ from the ones the run started")
+    source = _carved(data)  # the real older record: the labels' hash as that version computed it
+    older = {name: [len(split), hashlib.sha256(split.labels.to(torch.int64).numpy().tobytes()).hexdigest()[:16]]
+             for name, split in (("train", source.train), ("val", source.val), ("test", source.test))}
+    last["fingerprints"] = fingerprint.pack({**prints, "splits": older})
+    torch.save(last, out / "last.pt")
+    proc = run_cli("train", "--resume", out, "--epochs", "2")
+    assert proc.returncode == 0, proc.stderr
+
+
+def _carved(data):
+    """The splits a `quick` run trains on, carved as train carves them."""
+    from transferkit.data.preprocess import Preprocessing
+    from transferkit.data.sources import load_source, train_val_test
+
+    src = load_source(str(data), preprocessing=Preprocessing(32, 32), splits=("train", "val", "test"), seed=0)
+    src.train, src.val, src.test = train_val_test(src, 0.25, 0)
+    return src
 
 # --- item 8: config.yaml holds the resolved settings ---------------------------------------------------------
 

@@ -48,6 +48,12 @@ def _summary(split: Split | None, classes: int) -> dict[str, Any] | None:
     return {"images": len(split), "per_class": torch.bincount(split.labels, minlength=classes).tolist()}
 
 
+def identity(split: Split, classes: int) -> dict[str, Any]:
+    """The one record of "is this the same split?": its size, images per class and a fingerprint of its
+    labels and contents. split.json keeps it for eval, last.pt for a resume."""
+    return {**_summary(split, classes), "fingerprint": fingerprint(split)}
+
+
 def val_carved(data: str) -> bool:
     """Whether a run on `data` holds its validation split out of train (no val/ folder of its own)."""
     return is_named(data) or "val" not in folder_layout(Path(data).expanduser())
@@ -58,9 +64,9 @@ def write_split_record(out: Path, data: str, src: DataSource, *, val_split: floa
     """Write split.json: the rule that carved validation out of train, the counts, the held-out files and a
     fingerprint of their contents to check them by."""
     carved = src.val is not None and val_carved(data)
-    val = _summary(src.val, len(src.classes))
+    val = None if src.val is None else identity(src.val, len(src.classes))
     if val is not None:
-        val.update(source="carved from train" if carved else "val", fingerprint=fingerprint(src.val))
+        val.update(source="carved from train" if carved else "val")
         if src.val.files is not None:
             val["files"] = [os.path.relpath(f, data) for f in src.val.files]
     record = {

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..config import TrainConfig
+from ..data import heldout
 from ..data.sources import is_named
 from ..data.splits import DataSource
 from ..errors import TransferkitError
@@ -51,13 +52,22 @@ def data_listing(data: DataSource, where: str) -> dict[str, Any]:
     return {"classes": data.classes, "files": files}
 
 
-def splits_of(data: DataSource) -> dict[str, list[Any]]:
-    """Each split's size and a hash of its labels, as the run trains on them (after carving val out of train)."""
+def splits_of(data: DataSource) -> dict[str, dict[str, Any]]:
+    """Each split's identity as the run trains on it (after carving val out of train): the record
+    split.json keeps too (heldout.identity)."""
+    splits = {name: getattr(data, name) for name in ("train", "val", "test")}
+    return {name: heldout.identity(split, len(data.classes)) for name, split in splits.items()
+            if split is not None}
+
+
+def _legacy_splits_of(data: DataSource) -> dict[str, list[Any]]:
+    """What a last.pt of transferkit before 2026-12-07 recorded of the splits: [size, labels' hash]."""
     out = {}
     for name in ("train", "val", "test"):
         split = getattr(data, name)
         if split is not None:
-            out[name] = [len(split), hashlib.sha256(split.labels.to(torch.int64).numpy().tobytes()).hexdigest()[:16]]
+            labels = split.labels.to(torch.int64).numpy().tobytes()
+            out[name] = [len(split), hashlib.sha256(labels).hexdigest()[:16]]
     return out
 
 
@@ -90,8 +100,8 @@ def check_settings(recorded: dict[str, Any], now: dict[str, Any], run: Path) -> 
             "to resume it, or start a new run with these settings (--config with another --out)")
 
 
-def check_data(recorded: dict[str, Any], listing: dict[str, Any], splits: dict[str, list[Any]] | None,
-               data: str) -> None:
+def check_data(recorded: dict[str, Any], listing: dict[str, Any], splits: dict[str, dict[str, Any]],
+               source: DataSource, data: str) -> None:
     """Refuse a resume on data other than the run's: say which files are gone, new or changed."""
     old, new = recorded.get("listing", {}), listing
     if old.get("named") != new.get("named") or ("named" in old) != ("named" in new):
@@ -116,9 +126,12 @@ def check_data(recorded: dict[str, Any], listing: dict[str, Any], splits: dict[s
                 raise TransferkitError(
                     f"{n} {word} image{'s' if n != 1 else ''} {verb} in {data} since the run started (first: "
                     f"{paths[0]}); restore the files to resume it, or start a new run on the data as it is now")
-    if splits is not None and recorded.get("splits") is not None and recorded["splits"] != splits:
+    was = recorded.get("splits")
+    if was and all(isinstance(v, list) for v in was.values()):  # an older last.pt: its own record
+        splits = _legacy_splits_of(source)
+    if was is not None and was != splits:
         raise TransferkitError(f"the splits of {data} differ from the ones the run started with "
-                               f"({_counts(recorded['splits'])} -> {_counts(splits)}); resume it on its own data, "
+                               f"({_counts(was)} -> {_counts(splits)}); resume it on its own data, "
                                "or start a new run")
 
 
@@ -126,8 +139,8 @@ def _split_order(split: str) -> tuple[int, str]:
     return (list(SPLIT_WORDS).index(split) if split in SPLIT_WORDS else len(SPLIT_WORDS), split)
 
 
-def _counts(splits: dict[str, list[Any]]) -> str:
-    return ", ".join(f"{k} {v[0]}" for k, v in splits.items())
+def _counts(splits: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v[0] if isinstance(v, list) else v['images']}" for k, v in splits.items())
 
 
 def _show(v: Any) -> str:
