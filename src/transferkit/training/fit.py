@@ -129,7 +129,7 @@ def _begin(job: Job, run: RunStart) -> dict[str, Any]:
     prints = {"listing": fingerprint.data_listing(data, cfg.data), "splits": fingerprint.splits_of(data)}
     recorded = None if run.saved is None else fingerprint.unpack(run.saved)  # None: an older last.pt
     if recorded is not None:
-        fingerprint.check_data(recorded, prints["listing"], prints["splits"], cfg.data)
+        fingerprint.check_data(recorded, prints["listing"], prints["splits"], data, cfg.data)
     if job.hw.dist.main:
         begin_writing(out, cfg, run.replace, data.skipped, job.requested)
         heldout.write_split_record(out, cfg.data, data, val_split=cfg.val_split, seed=cfg.seed,
