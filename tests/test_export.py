@@ -17,6 +17,7 @@ from torch import nn
 
 from conftest import SHARED_CIFAR, _have_mobilenet_weights, link_subset
 from transferkit import Predictor, TrainConfig, train
+from transferkit.checkpoint import ModelCard, read_card
 from transferkit.cli import main
 from transferkit.data.preprocess import Preprocessing
 from transferkit.errors import CheckFailed, TransferkitError
@@ -280,6 +281,30 @@ def test_predict_refuses_onnx_without_metadata_or_truncated(runs, exported, cifa
     raw = (runs["r18"] / "model.onnx").read_bytes()
     (tmp_path / "cut.onnx").write_bytes(raw[: len(raw) // 2])
     assert "truncated or damaged" in _fails(["predict", str(tmp_path / "cut.onnx"), image], capsys)
+
+
+def test_the_file_holds_the_runs_model_card_and_a_file_without_one_still_loads(runs, exported, tmp_path):
+    """The ONNX file carries the run's ModelCard itself (its to_json, as model.json holds it);
+    OnnxPredictor takes the classes and temperature from it, and from their single entries in a
+    file written before the metadata held the card."""
+    run = runs["r18"]
+    card = read_card(run)
+    model = onnx.load(str(run / "model.onnx"))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert ModelCard.from_json(meta["model_card"]) == card
+    now = export.OnnxPredictor(run / "model.onnx")
+    assert now.card == card and (now.classes, now.temperature) == (card.classes, card.temperature)
+
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        if k not in ("model_card", "preprocessing"):  # what transferkit wrote before either
+            model.metadata_props.add(key=k, value="2.5" if k == "temperature" else v)
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    old = export.OnnxPredictor(tmp_path / "old.onnx")
+    assert old.card is None and old.classes == card.classes and old.temperature == 2.5
+    assert old.preprocessing == card.preprocessing  # a bilinear run
+    image = torch.full((3, 40, 60), 90, dtype=torch.uint8)
+    assert [c for c, _ in old.predict(image, topk=3)[0]] == [c for c, _ in now.predict(image, topk=3)[0]]
 
 
 def test_int8_records_accuracy_before_and_after(runs, tmp_path, capsys):
