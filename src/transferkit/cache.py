@@ -61,7 +61,8 @@ def load(kind: str, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] 
         return None
 
 
-def store(kind: str, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
+def store(kind: str, key: str, tensors: dict[str, torch.Tensor],
+          meta: dict[str, str] | None = None) -> None:
     """Write a cache entry; a full disk or a read-only cache costs only a warning."""
     folder = cache_dir(kind)
     try:
@@ -69,4 +70,5 @@ def store(kind: str, key: str, tensors: dict[str, torch.Tensor], meta: dict[str,
         atomic_write(folder / f"{key}.safetensors",
                      save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
     except (OSError, TransferkitError) as e:
-        log.warning("could not write the %s cache in %s (%s); continuing without it", kind, folder, e)
+        log.warning("could not write the %s cache in %s (%s); continuing without it",
+                    kind, folder, e)

@@ -1,4 +1,5 @@
-"""Run-folder files: weights as safetensors + the model card (model.json), the resumable last checkpoint.
+"""Run-folder files: weights as safetensors + the model card
+(model.json), the resumable last checkpoint.
 
 Every file is written to a temporary name and renamed, so a crash leaves the previous file.
 Nothing here unpickles: safetensors for weights, torch.load(weights_only=True) for the rest.
@@ -58,15 +59,16 @@ class ModelCard:
     temperature: float = 1.0  # probabilities are softmax(logits / temperature); --calibrate fits it
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.arch, str) and isinstance(self.head, str) and isinstance(self.build_kwargs, dict)):
+        if not (isinstance(self.arch, str) and isinstance(self.head, str)
+                and isinstance(self.build_kwargs, dict)):
             raise ValueError("arch and head must be names, build_kwargs a mapping")
         if not (isinstance(self.classes, list) and len(self.classes) >= 2
                 and all(isinstance(c, str) for c in self.classes)):
             raise ValueError(f"classes must be a list of at least two names, not {self.classes!r}")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"classes must not repeat a name: {self.classes}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not (
-                0 < self.temperature < float("inf")):
+        if (isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float))
+                or not (0 < self.temperature < float("inf"))):
             raise ValueError(f"temperature must be a positive number, not {self.temperature!r}")
 
     @property
@@ -77,36 +79,40 @@ class ModelCard:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "preprocessing"}
-        return json.dumps({"format": FORMAT, **d, "num_classes": self.num_classes, **self.preprocessing.to_dict()},
-                          indent=2)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name != "preprocessing"}
+        return json.dumps({"format": FORMAT, **d, "num_classes": self.num_classes,
+                           **self.preprocessing.to_dict()}, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> ModelCard:
         d = {"versions": {}, **json.loads(text)}  # not today's versions for a file that names none
         if not isinstance(d.get("format", 1), int) or d.get("format", 1) > FORMAT:
-            raise ValueError(f"format {d.get('format')!r} is newer than this transferkit reads ({FORMAT}); "
-                             "upgrade transferkit")
+            raise ValueError(f"format {d.get('format')!r} is newer than this transferkit reads "
+                             f"({FORMAT}); upgrade transferkit")
         if "num_classes" in d and d["num_classes"] != len(d.get("classes", [])):
-            raise ValueError(f"num_classes {d['num_classes']} but {len(d.get('classes', []))} class names")
+            raise ValueError(f"num_classes {d['num_classes']} but "
+                             f"{len(d.get('classes', []))} class names")
         names = {f.name for f in dataclasses.fields(cls)} - {"preprocessing"}
-        return cls(**{k: v for k, v in d.items() if k in names}, preprocessing=Preprocessing.from_dict(d))
+        return cls(**{k: v for k, v in d.items() if k in names},
+                   preprocessing=Preprocessing.from_dict(d))
 
 
 def current_versions() -> dict[str, str]:
-    """The versions a model card records: transferkit, torch, torchvision, Python (and timm where a timm model
-    was built: it is imported only then)."""
+    """The versions a model card records: transferkit, torch, torchvision,
+    Python (and timm where a timm model was built: it is imported only then)."""
     from .version import __version__
 
-    versions = {"transferkit": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-                "python": platform.python_version()}
+    versions = {"transferkit": __version__, "torch": torch.__version__,
+                "torchvision": torchvision.__version__, "python": platform.python_version()}
     if "timm" in sys.modules:
         versions["timm"] = sys.modules["timm"].__version__
     return versions
 
 
 def save_model(run_dir: Path, model: torch.nn.Module, card: ModelCard) -> ModelCard:
-    """Write model.safetensors and model.json (with the weights' sha256); returns the card written."""
+    """Write model.safetensors and model.json (with the weights' sha256);
+    returns the card written."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     raw = save(state)
     atomic_write(Path(run_dir) / MODEL_FILE, raw)
@@ -119,8 +125,9 @@ def read_card(run_dir: Path) -> ModelCard:
     """model.json of a run folder, with a clear error when the folder is not a run."""
     path = Path(run_dir) / META_FILE
     if Path(run_dir).suffix == ".onnx" and Path(run_dir).is_file():
-        raise TransferkitError(f"'{run_dir}' is an exported ONNX file, not a run folder: predict with it by "
-                               "transferkit.export.OnnxPredictor(path), or pass the run folder it came from")
+        raise TransferkitError(f"'{run_dir}' is an exported ONNX file, not a run folder: "
+                               "predict with it by transferkit.export.OnnxPredictor(path), "
+                               "or pass the run folder it came from")
     if not path.is_file():
         raise TransferkitError(
             f"'{run_dir}' is not a transferkit run folder (no {META_FILE}); "
@@ -129,11 +136,13 @@ def read_card(run_dir: Path) -> ModelCard:
     try:
         return ModelCard.from_json(path.read_text())
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise TransferkitError(f"{path} is damaged ({type(e).__name__}: {e}); retrain or restore it") from None
+        raise TransferkitError(f"{path} is damaged ({type(e).__name__}: {e}); "
+                               "retrain or restore it") from None
 
 
 def update_card(run_dir: Path, **changes: Any) -> None:
-    """Change fields of a run's model.json that do not touch its weights (e.g. the data's new place)."""
+    """Change fields of a run's model.json that do not
+    touch its weights (e.g. the data's new place)."""
     atomic_write(Path(run_dir) / META_FILE, read_card(run_dir).replace(**changes).to_json())
 
 

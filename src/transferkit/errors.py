@@ -11,13 +11,15 @@ class TransferkitError(Exception):
 
 
 class CheckFailed(TransferkitError):
-    """A check of the work failed (e.g. an export disagrees with PyTorch) and nothing was kept: exit status 1."""
+    """A check of the work failed (e.g. an export disagrees with PyTorch)
+    and nothing was kept: exit status 1."""
 
     exit_code = 1
 
 
 class Interrupted(TransferkitError):
-    """Ctrl-C or SIGTERM: the run stopped after a step and saved a checkpoint (the CLI exits 130)."""
+    """Ctrl-C or SIGTERM: the run stopped after a step
+    and saved a checkpoint (the CLI exits 130)."""
 
     def __init__(self, message: str, main: bool = True) -> None:
         super().__init__(message)

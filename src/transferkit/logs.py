@@ -1,4 +1,5 @@
-"""The package logger during one run: a train.log beside the run, and left as it was found afterwards."""
+"""The package logger during one run:
+a train.log beside the run, and left as it was found afterwards."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def run_logging(quiet: bool) -> Iterator[Callable[[Path], None]]:
-    """Within the block the package logs at INFO (errors only when `quiet`: torchrun's other ranks), on
-    stderr too when nothing else would show it; the callable it gives adds a log file. Level and
+    """Within the block the package logs at INFO (errors only when `quiet`: torchrun's other ranks),
+    on stderr too when nothing else would show it; the callable it gives adds a log file. Level and
     handlers are restored on exit."""
     logger = logging.getLogger(LOGGER)
     level, handlers = logger.level, list(logger.handlers)
@@ -28,7 +29,8 @@ def run_logging(quiet: bool) -> Iterator[Callable[[Path], None]]:
     elif level == logging.NOTSET or level > logging.INFO:
         logger.setLevel(logging.INFO)
     if not quiet and not logger.handlers and not logging.getLogger().handlers:
-        # A library call where nobody configured logging: show the run's progress on stderr, as the CLI does.
+        # A library call where nobody configured logging:
+        # show the run's progress on stderr, as the CLI does.
         console = logging.StreamHandler()
         console.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(console)
@@ -53,7 +55,8 @@ class EpochProgress:
     """One progress bar per epoch (on rank 0) with the loss and speed, and the running loss in the
     log every `log_every` steps (as the classic tutorial prints it every 100 batches)."""
 
-    def __init__(self, desc: str, total: int, start: int, *, show: bool, log_every: int, world: int) -> None:
+    def __init__(self, desc: str, total: int, start: int, *, show: bool, log_every: int,
+                 world: int) -> None:
         self.bar = tqdm(total=total, initial=start, desc=desc, unit="batch", leave=False,
                         disable=True if not show else None)
         self.desc, self.log_every, self.world = desc, log_every, world
@@ -69,7 +72,8 @@ class EpochProgress:
         rate = self.world * self.images / (time.perf_counter() - self.started)
         self.bar.set_postfix(loss=f"{loss.item() / max(images, 1):.3f}", img_s=f"{rate:.0f}")
         if logged:
-            log.info("[%s, batch %5d] loss: %.3f", self.desc, step, running.loss.item() / max(running.images, 1))
+            log.info("[%s, batch %5d] loss: %.3f", self.desc, step,
+                     running.loss.item() / max(running.images, 1))
         return True
 
     def close(self) -> None:

@@ -1,5 +1,5 @@
-"""Every file of a run folder, by name: the one list of what a run writes, which --overwrite, a failed
-start and export's clean-up iterate over."""
+"""Every file of a run folder, by name: the one list of what a run writes,
+which --overwrite, a failed start and export's clean-up iterate over."""
 
 from __future__ import annotations
 
@@ -20,5 +20,5 @@ REPORT = "report"  # report.md / .json / .html and their pictures: report*
 # the folder.
 BEFORE_TRAINING = frozenset({LOCK, LOG, CONFIG, SKIPPED, SPLIT, LR_FIND_JSON, LR_FIND_PNG})
 # What --overwrite replaces (train.log is kept: the new run's log follows the old one's).
-OUTPUTS = (LAST, MODEL, CARD, METRICS, SKIPPED, SPLIT, f"{REPORT}*", "eval-*", "curves.png", "errors.csv",
-           "top_losses.png", "lr_find.*")
+OUTPUTS = (LAST, MODEL, CARD, METRICS, SKIPPED, SPLIT, f"{REPORT}*", "eval-*", "curves.png",
+           "errors.csv", "top_losses.png", "lr_find.*")

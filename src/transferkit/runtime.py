@@ -32,7 +32,8 @@ def pick_device(spec: str = "auto") -> torch.device:
     except RuntimeError:
         raise TransferkitError(f"unknown device '{spec}'; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise TransferkitError("device 'cuda' asked for, but no CUDA GPU is visible; use --device cpu")
+        raise TransferkitError("device 'cuda' asked for, but no CUDA GPU is visible; "
+                               "use --device cpu")
     return device
 
 
@@ -57,8 +58,8 @@ def resolve_precision(requested: str, device: torch.device) -> str:
             log.info("precision: fp32 (this %s has no native bf16 support)", device.type)
         return "bf16" if fast else "fp32"
     if requested == "bf16" and not fast:
-        log.warning("bf16 asked for, but this %s has no native bf16: expect it to be slower than fp32",
-                    device.type)
+        log.warning("bf16 asked for, but this %s has no native bf16: expect it to be slower "
+                    "than fp32", device.type)
     return requested
 
 
@@ -70,11 +71,12 @@ def autocast(device: torch.device, precision: str):
 
 
 class Fp32DepthwiseConv2d(torch.nn.Conv2d):
-    """A depthwise convolution that, when a backward pass follows, computes in fp32 under bf16 autocast and hands
-    on its input's dtype; the same parameters and state_dict. On a CPU, oneDNN's bf16 backward pass of a
-    depthwise convolution is its slowest kernel by far (51 ms of MobileNetV2's 770 ms step at 112 px for one
-    strided layer, 95 ms of 407 at 48 px for three at 2x2); the fp32 kernels take a fraction of that (README,
-    "Performance"). Forward alone (evaluation) keeps the bf16 kernel, the faster one there."""
+    """A depthwise convolution that, when a backward pass follows, computes in fp32 under bf16
+    autocast and hands on its input's dtype; the same parameters and state_dict. On a CPU, oneDNN's
+    bf16 backward pass of a depthwise convolution is its slowest kernel by far (51 ms of
+    MobileNetV2's 770 ms step at 112 px for one strided layer, 95 ms of 407 at 48 px for three at
+    2x2); the fp32 kernels take a fraction of that (README, "Performance"). Forward alone
+    (evaluation) keeps the bf16 kernel, the faster one there."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
@@ -85,8 +87,8 @@ class Fp32DepthwiseConv2d(torch.nn.Conv2d):
 
 
 def depthwise_in_fp32(model: torch.nn.Module, device: torch.device, precision: str) -> int:
-    """For a run on a CPU in bf16: its depthwise convolutions become `Fp32DepthwiseConv2d` (in place, same
-    weights); elsewhere (fp32, GPUs) nothing changes. Returns how many."""
+    """For a run on a CPU in bf16: its depthwise convolutions become `Fp32DepthwiseConv2d`
+    (in place, same weights); elsewhere (fp32, GPUs) nothing changes. Returns how many."""
     if device.type != "cpu" or precision != "bf16":
         return 0
     swapped = 0
@@ -177,12 +179,14 @@ class Dist:
 
     @classmethod
     def from_env(cls) -> Dist:
-        """This process's place as torchrun's environment describes it (the one place that reads it)."""
+        """This process's place as torchrun's environment
+        describes it (the one place that reads it)."""
         env = os.environ
         run_id = env.get("TORCHELASTIC_RUN_ID")
-        return cls(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")),
-                   int(env.get("TORCHELASTIC_RESTART_COUNT", "0")), False,
-                   None if run_id in (None, "none") else run_id, int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")))
+        return cls(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")),
+                   int(env.get("LOCAL_RANK", "0")), int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                   False, None if run_id in (None, "none") else run_id,
+                   int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")))
 
     @property
     def main(self) -> bool:
@@ -243,8 +247,8 @@ class Dist:
 
     def wrap(self, module: torch.nn.Module, compiled: torch.nn.Module, compile: bool,
              device: torch.device) -> torch.nn.Module:
-        """What runs forward in training: `compiled` alone, or under torchrun DistributedDataParallel
-        around `module` (compiled again when asked)."""
+        """What runs forward in training: `compiled` alone, or under torchrun
+        DistributedDataParallel around `module` (compiled again when asked)."""
         if not self.on:
             return compiled
         ids = [device.index] if device.type == "cuda" else None
@@ -279,24 +283,26 @@ def start_distributed(device_spec: str) -> tuple[Dist, torch.device]:
     if device.type == "cuda":
         if device.index is not None and device_spec != "auto" and ":" in device_spec:
             raise TransferkitError(
-                f"--device {device_spec} names one GPU, but under torchrun each process takes the GPU of its "
-                "LOCAL_RANK; use --device cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES"
+                f"--device {device_spec} names one GPU, but under torchrun each process takes the "
+                "GPU of its LOCAL_RANK; use --device cuda (or auto) and choose GPUs with "
+                "CUDA_VISIBLE_DEVICES"
             )
         if dist.local_rank >= torch.cuda.device_count():
             raise TransferkitError(
-                f"this machine shows {torch.cuda.device_count()} GPUs but torchrun started local rank "
-                f"{dist.local_rank}; set --nproc_per_node to at most the number of GPUs"
+                f"this machine shows {torch.cuda.device_count()} GPUs but torchrun started local "
+                f"rank {dist.local_rank}; set --nproc_per_node to at most the number of GPUs"
             )
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     if torch.distributed.is_initialized():
         return dist, device
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-    # torchrun's store outlives a restart (--max-restarts); keys of its own per attempt keep
-    # the new workers from reading the dead workers' addresses (which fails with "Connection refused").
+    # torchrun's store outlives a restart (--max-restarts); keys of its own per attempt keep the
+    # new workers from reading the dead workers' addresses (which fails with "Connection refused").
     store, _, _ = next(torch.distributed.rendezvous("env://", dist.rank, dist.world))
     store = torch.distributed.PrefixStore(f"transferkit/attempt{dist.restart}", store)
-    torch.distributed.init_process_group(backend=backend, store=store, rank=dist.rank, world_size=dist.world)
+    torch.distributed.init_process_group(backend=backend, store=store, rank=dist.rank,
+                                         world_size=dist.world)
     return dataclasses.replace(dist, started_here=True), device
 
 
@@ -304,14 +310,16 @@ def check_world(dist: Dist, device: torch.device, batch_size: int, batchnorm: st
     """Refuse a torchrun job whose global batch or BatchNorm mode does not fit its processes."""
     if batch_size < 2 * dist.world:
         raise TransferkitError(
-            f"--batch-size {batch_size} is the global batch, shared by {dist.world} processes; it must be at "
-            f"least {2 * dist.world} (two images per process)"
+            f"--batch-size {batch_size} is the global batch, shared by {dist.world} processes; "
+            f"it must be at least {2 * dist.world} (two images per process)"
         )
     if batchnorm == "sync" and device.type != "cuda":
-        raise TransferkitError("--batchnorm sync needs GPUs (NCCL); on CPUs use --batchnorm train or frozen")
+        raise TransferkitError("--batchnorm sync needs GPUs (NCCL); "
+                               "on CPUs use --batchnorm train or frozen")
     per = f"{batch_size // dist.world}" + ("" if batch_size % dist.world == 0
                                                else f"-{batch_size // dist.world + 1}")
-    log.info("torchrun: %d processes, global batch %d (%s per process)", dist.world, batch_size, per)
+    log.info("torchrun: %d processes, global batch %d (%s per process)", dist.world, batch_size,
+             per)
 
 
 def stop_distributed(dist: Dist) -> None:
@@ -321,7 +329,8 @@ def stop_distributed(dist: Dist) -> None:
 
 @contextlib.contextmanager
 def distributed(device_spec: str) -> Iterator[tuple[Dist, torch.device]]:
-    """This process's place in the torchrun job (if any) and its device, for the time of the block."""
+    """This process's place in the torchrun job (if any)
+    and its device, for the time of the block."""
     dist, device = start_distributed(device_spec)
     try:
         yield dist, device
@@ -331,7 +340,8 @@ def distributed(device_spec: str) -> Iterator[tuple[Dist, torch.device]]:
 
 @dataclass(frozen=True)
 class Compute:
-    """Where this process computes and how: its place in the torchrun job, its device, its precision."""
+    """Where this process computes and how:
+    its place in the torchrun job, its device, its precision."""
 
     dist: Dist
     device: torch.device

@@ -1,4 +1,5 @@
-"""Image folders: listing, headers, the memory decision, decoding (cached) or streaming from the files."""
+"""Image folders: listing, headers, the memory decision,
+decoding (cached) or streaming from the files."""
 
 from __future__ import annotations
 
@@ -34,21 +35,24 @@ class FileImages:
         return len(self.paths)
 
     def select(self, index: torch.Tensor) -> FileImages:
-        return FileImages([self.paths[i] for i in torch.as_tensor(index).tolist()], self.preprocessing, self.side)
+        return FileImages([self.paths[i] for i in torch.as_tensor(index).tolist()],
+                          self.preprocessing, self.side)
 
     def __getitem__(self, index) -> torch.Tensor:
-        picked = self.paths[index] if isinstance(index, slice) else [self.paths[i] for i in
-                                                                      torch.as_tensor(index).tolist()]
+        picked = (self.paths[index] if isinstance(index, slice)
+                  else [self.paths[i] for i in torch.as_tensor(index).tolist()])
         out = torch.zeros((len(picked), 3, self.side, self.side), dtype=torch.uint8)
         for i, path in enumerate(picked):
             try:
                 out[i] = self.preprocessing.read(path, self.side)
             except UnreadableImage as e:
-                # Headers were checked when the folder was read; a file that breaks later trains as black.
+                # Headers were checked when the folder was read;
+                # a file that breaks later trains as black.
                 log.warning("unreadable image %s (%s): used as a black image", path, e)
         return out
 
-    def __str__(self) -> str:  # what cache keys see: the files (paths, sizes, times) and how they are stored
+    def __str__(self) -> str:
+        # what cache keys see: the files (paths, sizes, times) and how they are stored
         p = self.preprocessing
         return cache.digest("files", file_stats(self.paths), *p.storage_key, self.side)
 
@@ -66,11 +70,13 @@ def load_folder(root: Path, pre: Preprocessing, splits: Sequence[str], *, worker
         paths, labels = _list_files(path, classes)
         out.listed[split] = (paths, labels)  # what the run's fingerprint records
         if not paths:
-            raise TransferkitError(f"no image files under {path} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+            raise TransferkitError(f"no image files under {path} "
+                                   f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
         empty = [c for i, c in enumerate(classes) if i not in set(labels)]
         if split == "train" and empty:
-            raise TransferkitError(f"class folder(s) without images in {path}: {', '.join(empty)}; a class needs "
-                                   "training images: add some, or remove the folder(s)")
+            raise TransferkitError(f"class folder(s) without images in {path}: "
+                                   f"{', '.join(empty)}; a class needs training images: add some, "
+                                   "or remove the folder(s)")
         if split == "train" and max_train:
             keep = stratified_subset(torch.tensor(labels), max_train, seed).tolist()
             paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
@@ -80,18 +86,20 @@ def load_folder(root: Path, pre: Preprocessing, splits: Sequence[str], *, worker
     out.stored_bytes = sum(pre.stored_bytes(sizes) for _, _, sizes, _ in listed.values())
     allowed = runtime.memory_bytes() / 4
     streaming = stream == "always" or (stream == "auto" and out.stored_bytes > allowed)
-    log.info("%s: its decoded images take %.2f GB (a quarter of this process's memory is %.2f GB): %s", root,
-             out.stored_bytes / 1e9, allowed / 1e9, "kept in memory (--stream never)" if stream == "never" else
-             "streaming it from its files" + (" (--stream always)" if stream == "always" else "") if streaming
-             else "kept in memory")
+    log.info("%s: its decoded images take %.2f GB (a quarter of this process's memory is "
+             "%.2f GB): %s", root, out.stored_bytes / 1e9, allowed / 1e9,
+             "kept in memory (--stream never)" if stream == "never" else
+             ("streaming it from its files" + (" (--stream always)" if stream == "always" else "")
+              if streaming else "kept in memory"))
     for split, (paths, labels, sizes, hashes) in listed.items():
         side = pre.stored_side(sizes)
         if streaming:
             images = FileImages(paths, pre, side)
-            setattr(out, split, Split(split, images, torch.tensor(labels, dtype=torch.int64), [str(p) for p in paths],
-                                      hashes))
+            setattr(out, split, Split(split, images, torch.tensor(labels, dtype=torch.int64),
+                                      [str(p) for p in paths], hashes))
         else:
-            decoded = _decode_cached(split, paths, labels, pre, side, workers, out.skipped, use_cache)
+            decoded = _decode_cached(split, paths, labels, pre, side, workers, out.skipped,
+                                     use_cache)
             gone = {p for p, _ in out.skipped}  # files whose header read but whose pixels did not
             kept = [i for i, p in enumerate(paths) if str(p) not in gone]
             decoded.files, decoded.hashes = [str(paths[i]) for i in kept], [hashes[i] for i in kept]
@@ -114,7 +122,8 @@ def folder_classes(root: Path) -> tuple[dict[str, Path], list[str]]:
     first = next(iter(layout.values()))
     classes = _class_dirs(first)
     if not classes:
-        raise TransferkitError(f"no class folders in {first}; expected {first}/<class name>/<image files>")
+        raise TransferkitError(f"no class folders in {first}; "
+                               f"expected {first}/<class name>/<image files>")
     for path in layout.values():
         other = _class_dirs(path)
         if other != classes:
@@ -135,8 +144,8 @@ def _list_files(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
     for i, c in enumerate(classes):
         found, left_out = walk_images(root / c)
         if left_out:
-            log.warning("%s: left out %d folder(s) or file(s) reached again through links, e.g. %s", root / c,
-                        len(left_out), "; ".join(left_out[:3]))
+            log.warning("%s: left out %d folder(s) or file(s) reached again through links, e.g. %s",
+                        root / c, len(left_out), "; ".join(left_out[:3]))
         paths += found
         labels += [i] * len(found)
     return paths, labels
@@ -158,7 +167,8 @@ HASH_BYTES = 16
 
 
 def file_hash(path: Path) -> bytes:
-    """A digest of the file's bytes: equal for exact copies (and links to one file), whatever their names."""
+    """A digest of the file's bytes: equal for exact copies
+    (and links to one file), whatever their names."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=HASH_BYTES)).digest()
 
@@ -167,20 +177,23 @@ def _check_every_class_reads(path: Path, classes: list[str], labels: list[int]) 
     """A class whose training files all failed to read would add an output that never trains."""
     unread = [c for i, c in enumerate(classes) if i not in set(labels)]
     if unread:
-        raise TransferkitError(f"class folder(s) in {path} without a readable image: {', '.join(unread)} (the "
-                               "warnings above say why each file was skipped); add images that open, or remove "
-                               "the folder(s)")
+        raise TransferkitError(f"class folder(s) in {path} without a readable image: "
+                               f"{', '.join(unread)} (the warnings above say why each file was "
+                               "skipped); add images that open, or remove the folder(s)")
 
 
-def _readable(name: str, paths: list[Path], labels: list[int], workers: int, use_cache: bool,
-              skipped: list[tuple[str, str]]) -> tuple[list[Path], list[int], list[tuple[int, int]], list[bytes]]:
-    """The files whose header reads as an image, with their labels, (width, height) and content hash;
-    the rest are listed in `skipped` with the reason. Sizes and hashes are cached like decoded images
-    (keyed by paths, sizes, mtimes); files that failed are read again each time (a permission or a
-    plugin may have been fixed since)."""
+def _readable(
+    name: str, paths: list[Path], labels: list[int], workers: int, use_cache: bool,
+    skipped: list[tuple[str, str]],
+) -> tuple[list[Path], list[int], list[tuple[int, int]], list[bytes]]:
+    """The files whose header reads as an image, with their labels, (width, height) and content
+    hash; the rest are listed in `skipped` with the reason. Sizes and hashes are cached like decoded
+    images (keyed by paths, sizes, mtimes); files that failed are read again each time (a permission
+    or a plugin may have been fixed since)."""
     def header(p: Path) -> tuple[tuple[int, int] | str, bytes]:
         try:
-            return image_size(p), file_hash(p)  # reading the bytes costs little next to decoding them
+            # reading the bytes costs little next to decoding them
+            return image_size(p), file_hash(p)
         except UnreadableImage as e:
             return str(e), b""
         except OSError as e:
@@ -188,7 +201,8 @@ def _readable(name: str, paths: list[Path], labels: list[int], workers: int, use
 
     key = cache.digest("headers", file_stats(paths))
     hit = cache.load("headers", key) if use_cache else None
-    if hit is not None and "hashes" in hit[0]:  # entries from before hashes were kept are built again
+    # entries from before hashes were kept are built again
+    if hit is not None and "hashes" in hit[0]:
         sizes, raw = hit[0]["sizes"].tolist(), hit[0]["hashes"].numpy().tobytes()
         found = [(tuple(s), raw[i * HASH_BYTES:(i + 1) * HASH_BYTES]) if s[0] >= 0 else header(p)
                  for i, (p, s) in enumerate(zip(paths, sizes))]
@@ -196,7 +210,8 @@ def _readable(name: str, paths: list[Path], labels: list[int], workers: int, use
         with ThreadPoolExecutor(max(1, workers)) as pool:
             found = list(pool.map(header, paths, chunksize=256))
         if use_cache:
-            sizes = torch.tensor([s if isinstance(s, tuple) else (-1, -1) for s, _ in found], dtype=torch.int64)
+            sizes = torch.tensor([s if isinstance(s, tuple) else (-1, -1) for s, _ in found],
+                                 dtype=torch.int64)
             raw = b"".join(h or bytes(HASH_BYTES) for _, h in found)
             digests = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, HASH_BYTES)
             cache.store("headers", key, {"sizes": sizes.view(-1, 2), "hashes": digests})
@@ -208,12 +223,16 @@ def _readable(name: str, paths: list[Path], labels: list[int], workers: int, use
             skipped.append((str(p), s))
             log.warning("skipping unreadable image %s: %s", p, s)
     if not keep:
-        raise TransferkitError(f"none of the {len(paths)} image files in the {name} split could be read")
-    return [paths[i] for i in keep], [labels[i] for i in keep], [found[i] for i in keep], [hashes[i] for i in keep]
+        raise TransferkitError(f"none of the {len(paths)} image files in the {name} split "
+                               "could be read")
+    return ([paths[i] for i in keep], [labels[i] for i in keep], [found[i] for i in keep],
+            [hashes[i] for i in keep])
 
 
-def _decode_cached(name, paths, labels, pre: Preprocessing, side: int, workers, skipped, use_cache: bool) -> Split:
-    """Decode once; later runs on the same files (same paths, sizes, mtimes), stored alike, read the cache."""
+def _decode_cached(name, paths, labels, pre: Preprocessing, side: int, workers, skipped,
+                   use_cache: bool) -> Split:
+    """Decode once; later runs on the same files
+    (same paths, sizes, mtimes), stored alike, read the cache."""
     if not use_cache:
         return _decode(name, paths, labels, pre, side, workers, skipped)
     key = cache.digest("stored", *pre.storage_key, side, file_stats(paths), list(labels))
@@ -226,7 +245,8 @@ def _decode_cached(name, paths, labels, pre: Preprocessing, side: int, workers, 
     mine: list[tuple[str, str]] = []
     split = _decode(name, paths, labels, pre, side, workers, mine)
     skipped += mine
-    cache.store("decoded", key, {"images": split.images, "labels": split.labels}, {"skipped": json.dumps(mine)})
+    cache.store("decoded", key, {"images": split.images, "labels": split.labels},
+                {"skipped": json.dumps(mine)})
     return split
 
 
@@ -248,5 +268,6 @@ def _decode(name, paths, labels, pre: Preprocessing, side: int, workers, skipped
             images.append(img)
             keep.append(y)
     if not images:
-        raise TransferkitError(f"none of the {len(paths)} image files in the {name} split could be read")
+        raise TransferkitError(f"none of the {len(paths)} image files in the {name} split "
+                               "could be read")
     return Split(name, torch.stack(images), torch.tensor(keep, dtype=torch.int64))

@@ -23,11 +23,11 @@ class UnreadableImage(TransferkitError):
 
 _BROKEN = (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError)
 
-# PIL warns about an image over Image.MAX_IMAGE_PIXELS (about 89 Mpx) and decodes it anyway, up to twice that.
-# transferkit refuses every such file itself (_check_pixels: training, eval and predict alike, the file listed
-# with the reason), so PIL's raw warning would only repeat it in a form the user cannot act on. It is silenced
-# around each open (where a caller set "always", as pytest's recwarn does) and, for threads whose
-# catch_warnings blocks overlap, once for the process.
+# PIL warns about an image over Image.MAX_IMAGE_PIXELS (about 89 Mpx) and decodes it anyway, up to
+# twice that. transferkit refuses every such file itself (_check_pixels: training, eval and predict
+# alike, the file listed with the reason), so PIL's raw warning would only repeat it in a form the
+# user cannot act on. It is silenced around each open (where a caller set "always", as pytest's
+# recwarn does) and, for threads whose catch_warnings blocks overlap, once for the process.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
@@ -41,15 +41,16 @@ def _check_pixels(im: Image.Image) -> None:
     """Refuse an image whose header declares more pixels than PIL's limit, before decoding it."""
     limit, (w, h) = Image.MAX_IMAGE_PIXELS, im.size
     if limit and w * h > limit:
-        raise UnreadableImage(f"declares {w}x{h} pixels ({w * h / 1e6:.0f} Mpx), over the pixel limit of "
-                              f"{limit / 1e6:.0f} Mpx (a decompression bomb, or a photo to scale down first)")
+        raise UnreadableImage(f"declares {w}x{h} pixels ({w * h / 1e6:.0f} Mpx), over the pixel "
+                              f"limit of {limit / 1e6:.0f} Mpx (a decompression bomb, or a photo "
+                              "to scale down first)")
 
 
 def open_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
     """Decode any image file (L, P, RGBA, CMYK, 16-bit, float...) into an 8-bit RGB image.
 
-    With `min_side`, a JPEG at least twice that on both sides is decoded at 1/2, 1/4 or 1/8 of its size
-    (libjpeg's scaled decoding, several times faster), never below `min_side` on either side.
+    With `min_side`, a JPEG at least twice that on both sides is decoded at 1/2, 1/4 or 1/8 of its
+    size (libjpeg's scaled decoding, several times faster), never below `min_side` on either side.
     """
     try:
         with _open(path) as im:
@@ -78,13 +79,15 @@ def image_size(path: str | Path) -> tuple[int, int]:
 def _reason(path: str | Path, e: Exception) -> str:
     if Path(path).is_file() and Path(path).stat().st_size == 0:
         return "empty file"
-    if isinstance(e, Image.DecompressionBombError):  # over twice the limit: PIL refuses it while opening
+    # over twice the limit: PIL refuses it while opening
+    if isinstance(e, Image.DecompressionBombError):
         return f"over the pixel limit of {Image.MAX_IMAGE_PIXELS / 1e6:.0f} Mpx ({e})"
     return str(e) or type(e).__name__
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Convert a PIL image of any mode to 8-bit RGB, scaling high-bit-depth data, not clipping it."""
+    """Convert a PIL image of any mode to 8-bit RGB,
+    scaling high-bit-depth data, not clipping it."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
         # 16-bit files hold 0..65535; 32-bit int and float images have no fixed range.
@@ -106,7 +109,8 @@ def pil_to_tensor(im: Image.Image) -> torch.Tensor:
 
 
 def walk_images(root: Path) -> tuple[list[Path], list[str]]:
-    """The image files under `root`, sorted, following links to folders; each real folder and file once.
+    """The image files under `root`, sorted, following links to folders;
+    each real folder and file once.
 
     A link back to `root` or a folder above it (a loop) and a folder or file reached a second time
     are left out; the second list says which.
@@ -134,5 +138,6 @@ def walk_images(root: Path) -> tuple[list[Path], list[str]]:
 
 
 def read_image(path: str | Path, min_side: int | None = None) -> torch.Tensor:
-    """Decode an image file of any mode into a uint8 RGB tensor (3, H, W) (`min_side`: as open_rgb)."""
+    """Decode an image file of any mode into a uint8 RGB tensor
+    (3, H, W) (`min_side`: as open_rgb)."""
     return pil_to_tensor(open_rgb(path, min_side))

@@ -1,4 +1,5 @@
-"""--mixup / --cutmix: each training batch blends pairs of its images, and their labels by the same share."""
+"""--mixup / --cutmix: each training batch blends pairs
+of its images, and their labels by the same share."""
 
 from __future__ import annotations
 
@@ -9,16 +10,17 @@ import torch
 
 @dataclass(frozen=True)
 class Mix:
-    """One batch's draw: image i is mixed with image `partner[i]`, keeping share `lam` of its own (for cutmix,
-    the part outside `box`: (top, left, height, width) as fractions of the side)."""
+    """One batch's draw: image i is mixed with image `partner[i]`, keeping share `lam` of its own
+    (for cutmix, the part outside `box`: (top, left, height, width) as fractions of the side)."""
 
     partner: torch.Tensor  # (n,) row numbers of the batch, on the cpu
     lam: float
     box: tuple[float, float, float, float] | None = None
 
     def apply(self, x: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The mixed inputs of a pass (x: its rows, other: their partners, both transformed) and the share of
-        each image's own label in them (cutmix: by the area its box leaves, after clipping at the borders)."""
+        """The mixed inputs of a pass (x: its rows, other: their partners, both
+        transformed) and the share of each image's own label in them (cutmix: by
+        the area its box leaves, after clipping at the borders)."""
         if self.box is None:
             return x * self.lam + other * (1 - self.lam), self.lam
         side = x.shape[-1]
@@ -31,20 +33,23 @@ class Mix:
 
 @dataclass(frozen=True)
 class Mixing:
-    """Beta(alpha, alpha) shares; with both alphas set, each batch is mixup or cutmix at even odds."""
+    """Beta(alpha, alpha) shares; with both alphas set,
+    each batch is mixup or cutmix at even odds."""
 
     mixup: float = 0.0
     cutmix: float = 0.0
 
     def draw(self, n: int, g: torch.Generator | None) -> Mix:
-        """The batch's partners and share, every random number from `g` (the run's saved generator)."""
+        """The batch's partners and share, every random
+        number from `g` (the run's saved generator)."""
         dev = "cpu" if g is None else g.device
         u = torch.rand(4, generator=g, device=dev).cpu()
         seed = int(torch.randint(0, 2**62, (1,), generator=g, device=dev))
         partner = torch.randperm(n, generator=g, device=dev).cpu()
         cut = self.cutmix > 0 and (self.mixup == 0 or float(u[0]) < 0.5)
         alpha = self.cutmix if cut else self.mixup
-        # torch samples Beta from the global generator only: seed it from the run's, and put it back after
+        # torch samples Beta from the global generator only:
+        # seed it from the run's, and put it back after
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             lam = float(torch.distributions.Beta(alpha, alpha).sample())

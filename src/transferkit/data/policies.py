@@ -16,31 +16,36 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-Rand = Callable[[int], torch.Tensor]  # rand(k): (rows, k) uniforms in [0, 1), one row per image of the batch
+# rand(k): (rows, k) uniforms in [0, 1), one row per image of the batch
+Rand = Callable[[int], torch.Tensor]
 
-OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
-       "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
-SIGNED = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color", "contrast",
-          "sharpness")
+OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness",
+       "color", "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
+SIGNED = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
+          "contrast", "sharpness")
 BINS = 31  # torchvision's num_magnitude_bins
-RANDAUGMENT_OPS, RANDAUGMENT_BIN = 2, 9  # torchvision's RandAugment defaults: 2 ops a image at magnitude 9 of 31
+# torchvision's RandAugment defaults: 2 ops a image at magnitude 9 of 31
+RANDAUGMENT_OPS, RANDAUGMENT_BIN = 2, 9
 
 
 def _table(policy: str) -> torch.Tensor:
     """(len(OPS), BINS): each op's magnitude at each bin, as torchvision's policy of that name."""
     wide = policy == "trivialaugment"
     lin = lambda hi: torch.linspace(0.0, hi, BINS)  # noqa: E731
-    shear, move, turn, enhance = (0.99, 32 / 224, 135.0, 0.99) if wide else (0.3, 150 / 331, 30.0, 0.9)
+    shear, move, turn, enhance = ((0.99, 32 / 224, 135.0, 0.99) if wide
+                                  else (0.3, 150 / 331, 30.0, 0.9))
     bits = 8 - (torch.arange(BINS) / ((BINS - 1) / (6 if wide else 4))).round()
-    rows = {"shear_x": lin(shear), "shear_y": lin(shear), "translate_x": lin(move), "translate_y": lin(move),
-            "rotate": lin(turn), "brightness": lin(enhance), "color": lin(enhance), "contrast": lin(enhance),
-            "sharpness": lin(enhance), "posterize": bits, "solarize": torch.linspace(1.0, 0.0, BINS)}
+    rows = {"shear_x": lin(shear), "shear_y": lin(shear),
+            "translate_x": lin(move), "translate_y": lin(move), "rotate": lin(turn),
+            "brightness": lin(enhance), "color": lin(enhance), "contrast": lin(enhance),
+            "sharpness": lin(enhance), "posterize": bits,
+            "solarize": torch.linspace(1.0, 0.0, BINS)}
     return torch.stack([rows.get(op, torch.zeros(BINS)) for op in OPS])
 
 
 class Policy:
-    """`trivialaugment` (one op a image, magnitude uniform over the bins) or `randaugment` (two ops at
-    magnitude 9 of 31), on a float batch in [0, 1]."""
+    """`trivialaugment` (one op a image, magnitude uniform over the bins)
+    or `randaugment` (two ops at magnitude 9 of 31), on a float batch in [0, 1]."""
 
     def __init__(self, name: str) -> None:
         assert name in ("trivialaugment", "randaugment"), name
@@ -49,7 +54,8 @@ class Policy:
 
     def __call__(self, x: torch.Tensor, rand: Rand) -> torch.Tensor:
         for _ in range(1 if self.name == "trivialaugment" else RANDAUGMENT_OPS):
-            u = rand(3).cpu()  # op, magnitude bin, sign: drawn for every image whether or not it is used
+            # op, magnitude bin, sign: drawn for every image whether or not it is used
+            u = rand(3).cpu()
             op = (u[:, 0] * len(OPS)).long().clamp(max=len(OPS) - 1)
             bins = ((u[:, 1] * BINS).long().clamp(max=BINS - 1) if self.name == "trivialaugment"
                     else torch.full_like(op, RANDAUGMENT_BIN))
@@ -59,7 +65,8 @@ class Policy:
 
 
 def apply_ops(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Image i of `x` (float, [0, 1]; changed in place) after op OPS[op[i]] at magnitude m[i] (cpu tensors)."""
+    """Image i of `x` (float, [0, 1]; changed in place)
+    after op OPS[op[i]] at magnitude m[i] (cpu tensors)."""
     out = x  # each row is read by its own op before that op writes it: no copy of the batch needed
     geometric = (op >= 1) & (op <= 5)
     if geometric.any():
@@ -74,11 +81,14 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor) -> torch.Tenso
 
 
 def _affine(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Shear, translate (m: a fraction of the side) or rotate (m: degrees) about the centre; black fill."""
-    at = lambda k: torch.where(op == OPS.index(k), m, 0.0)  # noqa: E731  (one op a row: the others are 0)
+    """Shear, translate (m: a fraction of the side)
+    or rotate (m: degrees) about the centre; black fill."""
+    # one op a row: the others are 0
+    at = lambda k: torch.where(op == OPS.index(k), m, 0.0)  # noqa: E731
     a = torch.deg2rad(at("rotate"))
     theta = torch.stack([torch.cos(a), at("shear_x") - torch.sin(a), 2 * at("translate_x"),
-                         torch.sin(a) + at("shear_y"), torch.cos(a), 2 * at("translate_y")], 1).view(-1, 2, 3)
+                         torch.sin(a) + at("shear_y"), torch.cos(a), 2 * at("translate_y")],
+                        1).view(-1, 2, 3)
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -116,10 +126,12 @@ def _autocontrast(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 def _equalize(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Histogram equalization of each channel of each image on 256 levels, as PIL's ImageOps.equalize."""
+    """Histogram equalization of each channel of each
+    image on 256 levels, as PIL's ImageOps.equalize."""
     n, c, h, w = x.shape
     v = (x * 255).round().long().reshape(n * c, h * w)
-    hist = torch.zeros(n * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, v, torch.ones_like(v))
+    hist = torch.zeros(n * c, 256, dtype=torch.long, device=x.device).scatter_add_(
+        1, v, torch.ones_like(v))
     last = hist.gather(1, v.amax(1, keepdim=True))  # pixels at the top level present
     step = (h * w - last) // 255
     lut = (torch.cumsum(hist, 1)[:, :-1] + step // 2) // step.clamp(min=1)
@@ -141,8 +153,8 @@ _COLOR: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 
 def random_erasing(x: torch.Tensor, p: float, rand: Rand) -> torch.Tensor:
-    """Each image, with probability p, gets one rectangle (2-33% of its area, aspect 0.3-3.3) set to 0: the
-    mean pixel of normalized input (torchvision's RandomErasing defaults)."""
+    """Each image, with probability p, gets one rectangle (2-33% of its area, aspect 0.3-3.3)
+    set to 0: the mean pixel of normalized input (torchvision's RandomErasing defaults)."""
     u = rand(5).to(x.device)
     n, _, h, w = x.shape
     area = 0.02 + (1 / 3 - 0.02) * u[:, 1]
@@ -152,6 +164,7 @@ def random_erasing(x: torch.Tensor, p: float, rand: Rand) -> torch.Tensor:
     top, left = (u[:, 3] * (h - eh + 1)).floor(), (u[:, 4] * (w - ew + 1)).floor()
     ys = torch.arange(h, device=x.device).view(1, h, 1)
     xs = torch.arange(w, device=x.device).view(1, 1, w)
-    inside = ((ys >= top.view(-1, 1, 1)) & (ys < (top + eh).view(-1, 1, 1)) & (xs >= left.view(-1, 1, 1))
-              & (xs < (left + ew).view(-1, 1, 1)) & (u[:, 0] < p).view(-1, 1, 1))
+    inside = ((ys >= top.view(-1, 1, 1)) & (ys < (top + eh).view(-1, 1, 1))
+              & (xs >= left.view(-1, 1, 1)) & (xs < (left + ew).view(-1, 1, 1))
+              & (u[:, 0] < p).view(-1, 1, 1))
     return x.masked_fill(inside.unsqueeze(1), 0.0)

@@ -37,34 +37,40 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Input side, the resize a center crop starts from (and its interpolation), and the normalization."""
+    """Input side, the resize a center crop starts from
+    (and its interpolation), and the normalization."""
 
     image_size: int = 224
     resize_size: int = 256
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: Interpolation = "bilinear"  # of the resize before the crop (timm's weights often say bicubic)
+    # of the resize before the crop (timm's weights often say bicubic)
+    interpolation: Interpolation = "bilinear"
 
     def __post_init__(self) -> None:
         for name in ("image_size", "resize_size"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a whole number, not {getattr(self, name)!r}")
         if not 1 <= self.image_size <= self.resize_size:
-            raise ValueError(f"need 1 <= image_size <= resize_size, not {self.image_size} and {self.resize_size}")
+            raise ValueError(f"need 1 <= image_size <= resize_size, not {self.image_size} and "
+                             f"{self.resize_size}")
         for name in ("mean", "std"):
             v = getattr(self, name)
-            if not isinstance(v, tuple) or len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):
+            if (not isinstance(v, tuple) or len(v) != 3
+                    or not all(isinstance(x, (int, float)) for x in v)):
                 raise ValueError(f"{name} must be three numbers (R, G, B), not {v!r}")
         if not all(s > 0 for s in self.std):
             raise ValueError(f"std values must be positive, not {self.std}")
         if self.interpolation not in ("bilinear", "bicubic"):
-            raise ValueError(f"interpolation must be bilinear or bicubic, not {self.interpolation!r}")
+            raise ValueError("interpolation must be bilinear or bicubic, "
+                             f"not {self.interpolation!r}")
 
     @property
     def storage_key(self) -> tuple:
-        """What decides how a file is stored (for cache keys): 'scaled-jpeg' marks files read by `read`."""
-        return (self.image_size, self.resize_size, "scaled-jpeg") + (() if self.interpolation == "bilinear" else
-                                                                      (self.interpolation,))
+        """What decides how a file is stored (for cache keys):
+        'scaled-jpeg' marks files read by `read`."""
+        return (self.image_size, self.resize_size, "scaled-jpeg") + (
+            () if self.interpolation == "bilinear" else (self.interpolation,))
 
     @property
     def crop_ratio(self) -> float:
@@ -73,7 +79,8 @@ class Preprocessing:
     @property
     def normalization(self) -> str:
         fmt = ", ".join
-        return f"mean ({fmt(f'{v:.3f}' for v in self.mean)}) std ({fmt(f'{v:.3f}' for v in self.std)})"
+        return (f"mean ({fmt(f'{v:.3f}' for v in self.mean)}) "
+                f"std ({fmt(f'{v:.3f}' for v in self.std)})")
 
     def keeps(self, width: int, height: int) -> bool:
         """Whether an image of this size is stored at its own size (a small square)."""
@@ -93,13 +100,14 @@ class Preprocessing:
         return len(sizes) * channels * self.stored_side(sizes) ** 2
 
     def store(self, images: torch.Tensor, side: int | None = None) -> torch.Tensor:
-        """uint8 image(s) (..., C, H, W) as stored in a split of side `side` (None: this image alone).
-        With `side` the result always has that side: a file whose pixels disagree with its header
-        (which decided the split's side) is resized to fit."""
+        """uint8 image(s) (..., C, H, W) as stored in a split of side `side` (None: this image
+        alone). With `side` the result always has that side: a file whose pixels disagree with its
+        header (which decided the split's side) is resized to fit."""
         h, w = images.shape[-2:]
         if not self.keeps(w, h):
             mode = InterpolationMode(self.interpolation)
-            out = TF.center_crop(TF.resize(images, [self.resize_size], interpolation=mode, antialias=True),
+            out = TF.center_crop(TF.resize(images, [self.resize_size], interpolation=mode,
+                                           antialias=True),
                                  [self.image_size, self.image_size])
         else:
             out = images if h == (side or h) else upsample(images, side)
@@ -108,7 +116,8 @@ class Preprocessing:
         return out
 
     def read(self, path: str | Path, side: int | None = None) -> torch.Tensor:
-        """An image file as stored (`side`: as in `store`); a large JPEG is decoded at a reduced scale."""
+        """An image file as stored (`side`: as in `store`);
+        a large JPEG is decoded at a reduced scale."""
         return self.store(read_image(path, self.resize_size), side)
 
     def to_input(self, stored: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
@@ -133,24 +142,30 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
         # model.json files of earlier versions name no interpolation: they were all bilinear
-        return cls(d["image_size"], d["resize_size"], tuple(d["mean"]) if isinstance(d["mean"], list) else d["mean"],
-                   tuple(d["std"]) if isinstance(d["std"], list) else d["std"], d.get("interpolation", "bilinear"))
+        return cls(d["image_size"], d["resize_size"],
+                   tuple(d["mean"]) if isinstance(d["mean"], list) else d["mean"],
+                   tuple(d["std"]) if isinstance(d["std"], list) else d["std"],
+                   d.get("interpolation", "bilinear"))
 
 
 def resolve_preprocessing(*, image_size: int | None = None, mean: Sequence[float] | None = None,
-                          std: Sequence[float] | None = None, weights: Preprocessing | None = None) -> Preprocessing:
+                          std: Sequence[float] | None = None,
+                          weights: Preprocessing | None = None) -> Preprocessing:
     """One precedence for every field: explicit settings > the weights' own > defaults.
 
     An explicit input side keeps the weights' crop ratio (e.g. 224 of 256) for its resize.
     """
     base = weights or Preprocessing()
     size = image_size or base.image_size
-    resize = base.resize_size if size == base.image_size else max(size, round(size / base.crop_ratio))
-    return Preprocessing(size, resize, tuple(mean or base.mean), tuple(std or base.std), base.interpolation)
+    resize = (base.resize_size if size == base.image_size
+              else max(size, round(size / base.crop_ratio)))
+    return Preprocessing(size, resize, tuple(mean or base.mean), tuple(std or base.std),
+                         base.interpolation)
 
 
 def upsample(images: torch.Tensor, side: int) -> torch.Tensor:
-    """Bilinear resize of a small square to `side`, rounded to uint8 (no antialiasing: it only enlarges)."""
+    """Bilinear resize of a small square to `side`,
+    rounded to uint8 (no antialiasing: it only enlarges)."""
     batch = images if images.ndim == 4 else images[None]
     out = F.interpolate(batch.float(), size=(side, side), mode="bilinear", align_corners=False)
     out = out.round_().clamp_(0, 255).to(torch.uint8)

@@ -28,7 +28,8 @@ def is_named(data: str) -> bool:
 
 def load_source(
     data: str, *, preprocessing: Preprocessing, data_dir: str | None = None,
-    splits: Sequence[str] = ("train", "test"), workers: int = 2, max_train_images: int | None = None,
+    splits: Sequence[str] = ("train", "test"), workers: int = 2,
+    max_train_images: int | None = None,
     seed: int = 0, use_cache: bool = True, stream: str = "auto",
 ) -> DataSource:
     """Load a named set or an image folder. `splits` picks which of train/val/test to load.
@@ -42,10 +43,11 @@ def load_source(
     if is_named(data):
         src = _load_named(data.lower(), data_dir, splits, preprocessing)
         if src.train is not None and max_train_images:
-            src.train = src.train.subset(stratified_subset(src.train.labels, max_train_images, seed))
+            src.train = src.train.subset(stratified_subset(src.train.labels, max_train_images,
+                                                           seed))
         return src
-    return load_folder(Path(data).expanduser(), preprocessing, splits, workers=workers, max_train=max_train_images,
-                       seed=seed, use_cache=use_cache, stream=stream)
+    return load_folder(Path(data).expanduser(), preprocessing, splits, workers=workers,
+                       max_train=max_train_images, seed=seed, use_cache=use_cache, stream=stream)
 
 
 def check_data_arg(data: str) -> None:
@@ -67,7 +69,8 @@ def check_data_arg(data: str) -> None:
 # --- named sets ---------------------------------------------------------------------------
 
 
-def _load_named(name: str, data_dir: str | None, splits: Sequence[str], pre: Preprocessing) -> DataSource:
+def _load_named(name: str, data_dir: str | None, splits: Sequence[str],
+                pre: Preprocessing) -> DataSource:
     if name == "fashion-mnist" and data_dir is None and DEBIAN_FASHION_MNIST.is_dir():
         out = _fashion_mnist_debian(splits)
     else:
@@ -83,7 +86,8 @@ def _load_named(name: str, data_dir: str | None, splits: Sequence[str], pre: Pre
 def _torchvision_named(name: str, data_dir: str | None, splits: Sequence[str]) -> DataSource:
     import torchvision.datasets as D
 
-    root = Path(data_dir or os.environ.get("TRANSFERKIT_DATA", "~/.cache/transferkit/data")).expanduser()
+    root = Path(data_dir or os.environ.get("TRANSFERKIT_DATA",
+                                           "~/.cache/transferkit/data")).expanduser()
     cls = {"cifar10": D.CIFAR10, "cifar100": D.CIFAR100, "fashion-mnist": D.FashionMNIST,
            "mnist": D.MNIST}[name]
     out = DataSource(name=name, classes=[])
@@ -133,17 +137,19 @@ def _fashion_mnist_debian(splits: Sequence[str]) -> DataSource:
 # --- splitting ----------------------------------------------------------------------------
 
 
-def train_val_test(src: DataSource, val_split: float, seed: int) -> tuple[Split, Split | None, Split | None]:
+def train_val_test(src: DataSource, val_split: float,
+                   seed: int) -> tuple[Split, Split | None, Split | None]:
     """train/val/test; val is carved from train (stratified, seeded) when the data has none."""
     if src.train is None:
-        raise TransferkitError(f"{src.name} has no training images (expected a train/ folder or class folders)")
+        raise TransferkitError(f"{src.name} has no training images "
+                               "(expected a train/ folder or class folders)")
     train, val = src.train, src.val
     if val is None and val_split > 0:
         keep, held = stratified_split(train.labels, val_split, seed)
         if len(held) == 0:
             raise TransferkitError(
-                f"{src.name} has too few images per class to hold out a validation split; add images, "
-                "a val/ folder, or use --val-split 0 with a test/ folder"
+                f"{src.name} has too few images per class to hold out a validation split; "
+                "add images, a val/ folder, or use --val-split 0 with a test/ folder"
             )
         train, val = train.subset(keep, "train"), train.subset(held, "val")
     if val is None and src.test is None:
@@ -155,7 +161,8 @@ def train_val_test(src: DataSource, val_split: float, seed: int) -> tuple[Split,
 
 
 def check_leakage(src: DataSource, dedupe: bool = False, shown: int = 5) -> None:
-    """Warn about val/test images whose file has the bytes of a training image's; `dedupe` drops them.
+    """Warn about val/test images whose file has the bytes of a training image's;
+    `dedupe` drops them.
 
     Called after val is carved, so a file copied inside train that lands on both sides is found too.
     Copies within one split are no leakage: they are only counted at debug level.
@@ -168,12 +175,13 @@ def check_leakage(src: DataSource, dedupe: bool = False, shown: int = 5) -> None
         originals.setdefault(h, f)
     for split in (train, src.val, src.test):
         if split is not None and split.hashes is not None and len(set(split.hashes)) < len(split):
-            log.debug("%s: %d images are copies of others in the same split (not leakage)", split.name,
-                      len(split) - len(set(split.hashes)))
+            log.debug("%s: %d images are copies of others in the same split (not leakage)",
+                      split.name, len(split) - len(set(split.hashes)))
     if src.val is not None and src.test is not None and src.val.hashes and src.test.hashes:
         shared = set(src.val.hashes) & set(src.test.hashes)  # selection saw them, training did not
         if shared:
-            log.debug("%d test images are copies of val images", sum(h in shared for h in src.test.hashes))
+            log.debug("%d test images are copies of val images",
+                      sum(h in shared for h in src.test.hashes))
     for name in ("val", "test"):
         split = getattr(src, name)
         if split is None or split.hashes is None:
@@ -181,20 +189,22 @@ def check_leakage(src: DataSource, dedupe: bool = False, shown: int = 5) -> None
         copies = [i for i, h in enumerate(split.hashes) if h in originals]
         if not copies:
             continue
-        pairs = "; ".join(f"{_shown(originals[split.hashes[i]], src.name)} = {_shown(split.files[i], src.name)}"
+        pairs = "; ".join(f"{_shown(originals[split.hashes[i]], src.name)} = "
+                          f"{_shown(split.files[i], src.name)}"
                           for i in copies[:shown]) + ("; ..." if len(copies) > shown else "")
         if not dedupe:
-            log.warning("%d of %d %s images are byte-for-byte copies of training images (leakage: the %s "
-                        "figures will look better than they are): %s; --dedupe drops them from val and test",
-                        len(copies), len(split), name, name, pairs)
+            log.warning("%d of %d %s images are byte-for-byte copies of training images (leakage: "
+                        "the %s figures will look better than they are): %s; --dedupe drops them "
+                        "from val and test", len(copies), len(split), name, name, pairs)
             continue
         keep = sorted(set(range(len(split))) - set(copies))
         if not keep:
-            raise TransferkitError(f"all {len(split)} {name} images of {src.name} are copies of training images, so "
-                                   f"--dedupe would leave none to evaluate on; replace them with other images")
+            raise TransferkitError(f"all {len(split)} {name} images of {src.name} are copies of "
+                                   f"training images, so --dedupe would leave none to evaluate on; "
+                                   f"replace them with other images")
         setattr(src, name, split.subset(torch.tensor(keep, dtype=torch.int64)))
-        log.info("--dedupe: dropped %d of %d %s images that are byte-for-byte copies of training images (%s); "
-                 "%d left", len(copies), len(split), name, pairs, len(keep))
+        log.info("--dedupe: dropped %d of %d %s images that are byte-for-byte copies of training "
+                 "images (%s); %d left", len(copies), len(split), name, pairs, len(keep))
 
 
 def _shown(path: str, root: str) -> str:
@@ -203,19 +213,24 @@ def _shown(path: str, root: str) -> str:
     return path if rel.startswith("..") else rel
 
 
-def warn_imbalance(counts: torch.Tensor, classes: list[str], class_weights: str, *, sampler: str = "none",
-                   select_by: str = "accuracy") -> None:
-    """Warn about very small classes and heavy imbalance in the training split (with what the run could change)."""
+def warn_imbalance(counts: torch.Tensor, classes: list[str], class_weights: str, *,
+                   sampler: str = "none", select_by: str = "accuracy") -> None:
+    """Warn about very small classes and heavy imbalance in
+    the training split (with what the run could change)."""
     small = [f"{classes[i]} ({int(n)})" for i, n in enumerate(counts) if n < SMALL_CLASS]
     if small:
-        log.warning("very small classes in train: %s; their scores will be unreliable", ", ".join(small))
+        log.warning("very small classes in train: %s; their scores will be unreliable",
+                    ", ".join(small))
     ratio = counts.max().item() / max(1, counts.min().item())
-    advice = [hint for hint, applies in (("--select-by balanced-accuracy (accuracy mostly counts the large classes)",
-                                         select_by == "accuracy"),
-                                        ("--sampler balanced or --class-weights auto",
-                                         sampler == "none" and class_weights == "none")) if applies]
+    advice = [hint for hint, applies in (
+        ("--select-by balanced-accuracy (accuracy mostly counts the large classes)",
+         select_by == "accuracy"),
+        ("--sampler balanced or --class-weights auto",
+         sampler == "none" and class_weights == "none"),
+    ) if applies]
     if ratio > IMBALANCE_RATIO and advice:
-        log.warning("heavy class imbalance (largest/smallest class %.0fx); consider %s", ratio, ", and ".join(advice))
+        log.warning("heavy class imbalance (largest/smallest class %.0fx); consider %s", ratio,
+                    ", and ".join(advice))
 
 
 def inverse_frequency(labels: torch.Tensor, classes: int) -> torch.Tensor:

@@ -10,13 +10,15 @@ import torch
 
 @dataclass
 class Split:
-    """One split: images uint8 (N, C, H, W) with C in {1, 3} (or files decoded per batch), labels int64 (N,)."""
+    """One split: images uint8 (N, C, H, W) with C in {1, 3}
+    (or files decoded per batch), labels int64 (N,)."""
 
     name: str
     images: torch.Tensor  # or folders.FileImages, which indexes like one
     labels: torch.Tensor
     files: list[str] | None = None  # image folders: each image's file
-    hashes: list[bytes] | None = None  # image folders: a digest of each file's bytes (exact copies match)
+    # image folders: a digest of each file's bytes (exact copies match)
+    hashes: list[bytes] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -52,10 +54,12 @@ class DataSource:
     test: Split | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     stored_bytes: int = 0  # what its decoded images take (estimated from the headers for folders)
-    listed: dict[str, tuple[list[Path], list[int]]] = field(default_factory=dict)  # folders: files, labels by split
+    # folders: files, labels by split
+    listed: dict[str, tuple[list[Path], list[int]]] = field(default_factory=dict)
 
 
-def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_split(labels: torch.Tensor, fraction: float,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (kept, held out): `fraction` of every class held out, at least one where possible."""
     g = torch.Generator().manual_seed(seed)
     kept, held = [], []
