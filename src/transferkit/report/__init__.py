@@ -1,7 +1,15 @@
-"""The report of a run or an evaluation: metrics, pictures, report.md/.json/.html, calibration, errors."""
+"""The report of a run or an evaluation:
+metrics, pictures, report.md/.json/.html, calibration, errors."""
 
 from .markdown import write_report
-from .metrics import RunResult, accuracy_line, classification_metrics, lr_range, measured_on, write_metrics
+from .metrics import (
+    RunResult,
+    accuracy_line,
+    classification_metrics,
+    lr_range,
+    measured_on,
+    write_metrics,
+)
 
-__all__ = ["RunResult", "accuracy_line", "classification_metrics", "lr_range", "measured_on", "write_metrics",
-           "write_report"]
+__all__ = ["RunResult", "accuracy_line", "classification_metrics", "lr_range", "measured_on",
+           "write_metrics", "write_report"]

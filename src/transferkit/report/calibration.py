@@ -1,4 +1,5 @@
-"""Can the probabilities be trusted: expected calibration error, temperature scaling, the reliability diagram."""
+"""Can the probabilities be trusted:
+expected calibration error, temperature scaling, the reliability diagram."""
 
 from __future__ import annotations
 
@@ -15,33 +16,41 @@ from .plots import reliability_png
 log = logging.getLogger(__name__)
 
 BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al. 2017 use 15)
-LOG_T_RANGE = (math.log(0.01), math.log(100.0))  # the temperatures searched: beyond these the model is broken
-SEARCH_STEPS = 80  # golden-section steps: the bracket shrinks to 0.618^80 of its width, far below float noise
+# the temperatures searched: beyond these the model is broken
+LOG_T_RANGE = (math.log(0.01), math.log(100.0))
+# golden-section steps: the bracket shrinks to 0.618^80 of its width, far below float noise
+SEARCH_STEPS = 80
 
 
 def _checked(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp64 logits (N, K) and int64 labels (N,), or a clear error."""
     if logits.ndim != 2 or labels.ndim != 1 or len(logits) != len(labels):
-        raise TransferkitError(f"calibration needs logits (N, K) and labels (N,), got {tuple(logits.shape)} and "
-                               f"{tuple(labels.shape)}")
+        raise TransferkitError(f"calibration needs logits (N, K) and labels (N,), got "
+                               f"{tuple(logits.shape)} and {tuple(labels.shape)}")
     if len(labels) == 0:
         raise TransferkitError("calibration needs at least one image; the split is empty")
     if not torch.isfinite(logits).all():
-        raise TransferkitError("the logits hold NaN or infinite values: the model diverged; retrain with a lower --lr")
+        raise TransferkitError("the logits hold NaN or infinite values: the model diverged; "
+                               "retrain with a lower --lr")
     labels = labels.long()
     if labels.min() < 0 or labels.max() >= logits.shape[1]:
-        raise TransferkitError(f"labels must lie in 0..{logits.shape[1] - 1} for {logits.shape[1]} classes")
+        raise TransferkitError(f"labels must lie in 0..{logits.shape[1] - 1} "
+                               f"for {logits.shape[1]} classes")
     return logits.double(), labels
 
 
-def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> list[dict[str, Any]]:
-    """Per equal-width bin of top-1 confidence, (lo, hi]: images, their accuracy and mean confidence."""
+def reliability_bins(probs: torch.Tensor, labels: torch.Tensor,
+                     bins: int = BINS) -> list[dict[str, Any]]:
+    """Per equal-width bin of top-1 confidence, (lo, hi]:
+    images, their accuracy and mean confidence."""
     if bins < 1:
         raise TransferkitError(f"bins {bins}: use at least one bin")
     conf, pred = probs.double().max(1)
-    # Edges as i/bins exactly (not linspace), so a confidence on an edge goes where (lo, hi] says it goes.
+    # Edges as i/bins exactly (not linspace),
+    # so a confidence on an edge goes where (lo, hi] says it goes.
     edges = torch.tensor([i / bins for i in range(bins + 1)], dtype=torch.float64)
-    index = torch.bucketize(conf, edges[1:], right=False).clamp(max=bins - 1)  # edges[i] < conf <= edges[i + 1]
+    # edges[i] < conf <= edges[i + 1]
+    index = torch.bucketize(conf, edges[1:], right=False).clamp(max=bins - 1)
     correct = (pred == labels).double()
     rows = []
     for i in range(bins):
@@ -53,13 +62,16 @@ def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS
     return rows
 
 
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> float:
-    """ECE: the images-weighted mean gap between accuracy and mean top-1 confidence over equal-width bins."""
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor,
+                               bins: int = BINS) -> float:
+    """ECE: the images-weighted mean gap between accuracy
+    and mean top-1 confidence over equal-width bins."""
     if probs.ndim != 2 or len(probs) != len(labels) or len(labels) == 0:
         raise TransferkitError(f"ECE needs probabilities (N, K) and labels (N,) with N > 0, got "
                                f"{tuple(probs.shape)} and {tuple(labels.shape)}")
     rows = reliability_bins(probs, labels.long(), bins)
-    return sum(r["images"] * abs(r["accuracy"] - r["confidence"]) for r in rows if r["images"]) / len(labels)
+    return sum(r["images"] * abs(r["accuracy"] - r["confidence"])
+               for r in rows if r["images"]) / len(labels)
 
 
 def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:
@@ -69,10 +81,11 @@ def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) ->
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The one temperature T that minimizes the NLL of softmax(logits / T): a golden-section search on log T.
+    """The one temperature T that minimizes the NLL of softmax(logits / T):
+    a golden-section search on log T.
 
-    The NLL is convex in 1/T, so unimodal in log T: the bounded search finds its minimum, the same one on
-    every machine (no random start, no learning rate).
+    The NLL is convex in 1/T, so unimodal in log T: the bounded search finds its minimum,
+    the same one on every machine (no random start, no learning rate).
     """
     logits, labels = _checked(logits, labels)
 
@@ -93,7 +106,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
             b = lo + ratio * (hi - lo)
             fb = loss(b)
     best = (lo + hi) / 2
-    if loss(best) >= loss(0.0):  # no better than as trained (e.g. a flat NLL, every logit equal): keep T = 1
+    # no better than as trained (e.g. a flat NLL, every logit equal): keep T = 1
+    if loss(best) >= loss(0.0):
         return 1.0
     return math.exp(best)
 
@@ -101,23 +115,27 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def check_calibration_split(calibrate: bool, val: Any, data: str) -> None:
     """--calibrate fits on the validation split: refuse, before training, a run that has none."""
     if calibrate and val is None:
-        raise TransferkitError(f"--calibrate fits its temperature on the validation split, and {data} has none; "
-                               "hold some training images out with --val-split 0.1 (or add a val/ folder), or "
-                               "drop --calibrate")
+        raise TransferkitError(f"--calibrate fits its temperature on the validation split, and "
+                               f"{data} has none; hold some training images out with "
+                               "--val-split 0.1 (or add a val/ folder), or drop --calibrate")
 
 
 def summary(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> dict[str, Any]:
-    """The report's calibration figures: ECE and NLL with the model's temperature and without, and its bins."""
+    """The report's calibration figures:
+    ECE and NLL with the model's temperature and without, and its bins."""
     logits, labels = _checked(logits, labels)
     raw, scaled = logits.softmax(1), (logits / temperature).softmax(1)
     return {"temperature": temperature, "bins": BINS,
-            "ece": expected_calibration_error(scaled, labels), "nll": nll(logits, labels, temperature),
-            "ece_uncalibrated": expected_calibration_error(raw, labels), "nll_uncalibrated": nll(logits, labels),
+            "ece": expected_calibration_error(scaled, labels),
+            "nll": nll(logits, labels, temperature),
+            "ece_uncalibrated": expected_calibration_error(raw, labels),
+            "nll_uncalibrated": nll(logits, labels),
             "reliability": reliability_bins(scaled, labels)}
 
 
 def report_section(out_dir: Path, metrics: dict[str, Any], name: str) -> list[str]:
-    """report.md's calibration lines (and <name>_reliability.png); none when the metrics hold no figures."""
+    """report.md's calibration lines (and <name>_reliability.png);
+    none when the metrics hold no figures."""
     figures = metrics.get("calibration")
     if not figures:
         return []
@@ -125,15 +143,15 @@ def report_section(out_dir: Path, metrics: dict[str, Any], name: str) -> list[st
     reliability_png(Path(out_dir) / png, figures, "Reliability diagram")
     t = figures["temperature"]
     lines = ["## Calibration", "",
-             f"Expected calibration error over {figures['bins']} equal-width bins of top-1 confidence, and the "
-             "negative log-likelihood (lower is better for both).", "",
+             f"Expected calibration error over {figures['bins']} equal-width bins of top-1 "
+             "confidence, and the negative log-likelihood (lower is better for both).", "",
              "| | ECE | NLL |", "| --- | --- | --- |"]
     if t != 1.0:
         lines += [f"| before (temperature 1) | {100 * figures['ece_uncalibrated']:.2f}% | "
                   f"{figures['nll_uncalibrated']:.4f} |",
-                  f"| after (temperature {t:.4g}, fitted on the validation split) | {100 * figures['ece']:.2f}% | "
-                  f"{figures['nll']:.4f} |"]
+                  f"| after (temperature {t:.4g}, fitted on the validation split) | "
+                  f"{100 * figures['ece']:.2f}% | {figures['nll']:.4f} |"]
     else:
-        lines += [f"| uncalibrated (--calibrate fits a temperature) | {100 * figures['ece']:.2f}% | "
-                  f"{figures['nll']:.4f} |"]
+        lines += [f"| uncalibrated (--calibrate fits a temperature) | "
+                  f"{100 * figures['ece']:.2f}% | {figures['nll']:.4f} |"]
     return lines + ["", f"![reliability diagram]({png})", ""]

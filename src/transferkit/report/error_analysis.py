@@ -1,4 +1,5 @@
-"""Which images a final evaluation got wrong: errors.csv (highest loss first) and the top-losses contact sheet."""
+"""Which images a final evaluation got wrong:
+errors.csv (highest loss first) and the top-losses contact sheet."""
 
 from __future__ import annotations
 
@@ -18,18 +19,22 @@ from .plots import pyplot, save_png, wrap
 
 TOP_LOSSES = 25  # tiles on the contact sheet (5 x 5)
 COLUMNS = 5
-TILE_IN = 2.2  # inches per tile: 220 px at the report's 100 dpi, room for a 29-character line at 8 pt
+# inches per tile: 220 px at the report's 100 dpi, room for a 29-character line at 8 pt
+TILE_IN = 2.2
 CAPTION_PT = 8
 
 
 def file_names(name: str) -> tuple[str, str]:
-    """(errors csv, contact sheet) beside the report `name`: errors.csv for report.md, eval-X_errors.csv for eval-X."""
+    """(errors csv, contact sheet) beside the report `name`:
+    errors.csv for report.md, eval-X_errors.csv for eval-X."""
     prefix = "" if name == "report" else f"{name}_"
     return f"{prefix}errors.csv", f"{prefix}top_losses.png"
 
 
-def error_rows(logits: torch.Tensor, labels: torch.Tensor, split: Split, classes: list[str]) -> list[dict[str, Any]]:
-    """One row per misclassified image, highest loss (cross-entropy of the softmax) first; ties in split order."""
+def error_rows(logits: torch.Tensor, labels: torch.Tensor, split: Split,
+               classes: list[str]) -> list[dict[str, Any]]:
+    """One row per misclassified image, highest loss
+    (cross-entropy of the softmax) first; ties in split order."""
     assert len(logits) == len(labels) == len(split), "logits, labels and the split out of step"
     logp = torch.log_softmax(logits.double(), dim=1)
     pred = logp.argmax(1)
@@ -45,30 +50,35 @@ def error_rows(logits: torch.Tensor, labels: torch.Tensor, split: Split, classes
 
 
 def write_errors(out_dir: Path, name: str, logits: torch.Tensor, labels: torch.Tensor, split: Split,
-                 classes: list[str], preprocessing: Preprocessing, title: str = "") -> dict[str, Any]:
-    """Write the errors csv and top-losses sheet of a final evaluation; returns what the report links."""
+                 classes: list[str], preprocessing: Preprocessing,
+                 title: str = "") -> dict[str, Any]:
+    """Write the errors csv and top-losses sheet of a final evaluation;
+    returns what the report links."""
     csv_name, sheet_name = file_names(name)
     rows = error_rows(logits, labels, split, classes)
-    key = "file" if split.files is not None else "index"  # a named data set: the image's index in its split
+    # a named data set: the image's index in its split
+    key = "file" if split.files is not None else "index"
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow([key, "true", "predicted", "prob_true", "prob_predicted", "loss"])
     for r in rows:
-        w.writerow([r[key], r["true"], r["predicted"], f"{r['prob_true']:.6g}", f"{r['prob_predicted']:.6g}",
-                    f"{r['loss']:.6g}"])
+        w.writerow([r[key], r["true"], r["predicted"], f"{r['prob_true']:.6g}",
+                    f"{r['prob_predicted']:.6g}", f"{r['loss']:.6g}"])
     atomic_write(Path(out_dir) / csv_name, buf.getvalue())
     tiles = 0
     if rows:
         top = rows[:TOP_LOSSES]
-        stored = split.images[torch.tensor([r["index"] for r in top])]  # a streamed split reads only these files
-        tiles = top_losses_png(Path(out_dir) / sheet_name, seen_by_model(stored, preprocessing), top,
-                               title=title, errors=len(rows), total=len(split))
-    return {"csv": csv_name, "top_losses": sheet_name if tiles else None, "errors": len(rows), "images": len(split),
-            "tiles": tiles}
+        # a streamed split reads only these files
+        stored = split.images[torch.tensor([r["index"] for r in top])]
+        tiles = top_losses_png(Path(out_dir) / sheet_name, seen_by_model(stored, preprocessing),
+                               top, title=title, errors=len(rows), total=len(split))
+    return {"csv": csv_name, "top_losses": sheet_name if tiles else None, "errors": len(rows),
+            "images": len(split), "tiles": tiles}
 
 
 def seen_by_model(stored: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
-    """Stored uint8 images (N, C, h, w) as the model saw them, resized and cropped but not normalized: (N, 3, S, S)."""
+    """Stored uint8 images (N, C, h, w) as the model saw them,
+    resized and cropped but not normalized: (N, 3, S, S)."""
     x = pre.to_input(stored)
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
     std = torch.tensor(pre.std).view(1, 3, 1, 1)
@@ -76,8 +86,8 @@ def seen_by_model(stored: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
 
 
 def _fit(text: str, chars: int, lines: int = 2) -> list[str]:
-    """`text` in at most `lines` lines of `chars` characters (broken between words where it can), the last cut
-    with an ellipsis if it runs over."""
+    """`text` in at most `lines` lines of `chars` characters
+    (broken between words where it can), the last cut with an ellipsis if it runs over."""
     out = textwrap.wrap(text, chars, break_on_hyphens=False) or [""]
     if len(out) > lines:
         out = out[:lines]
@@ -91,7 +101,8 @@ def _pct(p: float) -> str:
 
 def top_losses_png(path: Path, images: torch.Tensor, rows: list[dict[str, Any]], *, title: str = "",
                    errors: int | None = None, total: int | None = None) -> int:
-    """A grid of the highest-loss images, each captioned true / predicted / probabilities; returns the tiles drawn."""
+    """A grid of the highest-loss images, each captioned true / predicted / probabilities;
+    returns the tiles drawn."""
     plt = pyplot()
     n = min(len(rows), len(images))
     cols = min(COLUMNS, n)
@@ -102,15 +113,18 @@ def top_losses_png(path: Path, images: torch.Tensor, rows: list[dict[str, Any]],
         true, pred = _fit(r["true"], chars), _fit(r["predicted"], chars)
         captions.append("\n".join([f"true: {true[0]}", *(f"      {s}" for s in true[1:]),
                                    f"pred: {pred[0]}", *(f"      {s}" for s in pred[1:]),
-                                   f"p(pred) {_pct(r['prob_predicted'])}  p(true) {_pct(r['prob_true'])}"]))
+                                   f"p(pred) {_pct(r['prob_predicted'])}  "
+                                   f"p(true) {_pct(r['prob_true'])}"]))
     caption_in = max(c.count("\n") + 1 for c in captions) * 1.25 * CAPTION_PT / 72 + 0.1
     width = cols * TILE_IN + 0.3
     head = " — ".join(filter(None, [f"Top losses: the {n} images the model got most wrong", title]))
-    sub = (f"{errors:,} of {total:,} images misclassified; " if errors is not None and total else "") + \
+    sub = (f"{errors:,} of {total:,} images misclassified; "
+           if errors is not None and total else "") + \
         "shown as the model saw them (resized and cropped), highest loss first."
     head_w, sub_w = wrap(head, width - 0.3, 12), wrap(sub, width - 0.3, 9)
     head_in = (1.3 * 12 * (head_w.count("\n") + 1) + 1.3 * 9 * (sub_w.count("\n") + 1)) / 72 + 0.3
-    fig = plt.figure(figsize=(width, grid_rows * (TILE_IN + caption_in) + head_in), layout="constrained")
+    fig = plt.figure(figsize=(width, grid_rows * (TILE_IN + caption_in) + head_in),
+                     layout="constrained")
     fig.suptitle(head_w + "\n" + sub_w, fontsize=10)
     for i in range(n):
         ax = fig.add_subplot(grid_rows, cols, i + 1)

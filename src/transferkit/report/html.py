@@ -1,4 +1,5 @@
-"""<name>.html beside <name>.md: the same report as one self-contained page (pictures inlined, no external files)."""
+"""<name>.html beside <name>.md: the same report as one
+self-contained page (pictures inlined, no external files)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,24 @@ from .metrics import MATRIX_MAX_CLASSES, confused_pairs, lr_range
 
 WEAKEST_FIRST = "f1"  # the per-class table opens with the classes the model does worst on
 PAIRS_SHOWN = 10
-KNOWN_KEYS = {"per_class", "confusion", "calibration"}  # drawn by their own sections, not as generic tables
+# drawn by their own sections, not as generic tables
+KNOWN_KEYS = {"per_class", "confusion", "calibration"}
 
 STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 2em auto;
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; \
+margin: 2em auto;
        max-width: 1100px; padding: 0 1em; color: #222; line-height: 1.45; }
-h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } \
+h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
 .measured { color: #555; }
 .headline { display: flex; flex-wrap: wrap; gap: 1em; margin: 1em 0; }
 .figure { border: 1px solid #ddd; border-radius: 6px; padding: 0.6em 1em; min-width: 9em; }
-.figure .value { font-size: 1.6em; font-weight: 600; } .figure .label { color: #555; font-size: 0.9em; }
-table { border-collapse: collapse; margin: 0.6em 0; } th, td { border: 1px solid #ddd; padding: 0.25em 0.7em; }
-th { background: #f4f4f4; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.figure .value { font-size: 1.6em; font-weight: 600; } \
+.figure .label { color: #555; font-size: 0.9em; }
+table { border-collapse: collapse; margin: 0.6em 0; } \
+th, td { border: 1px solid #ddd; padding: 0.25em 0.7em; }
+th { background: #f4f4f4; text-align: left; } \
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img { max-width: 100%; height: auto; display: block; margin: 0.6em 0; }
 """
 
@@ -45,7 +52,8 @@ def _png(path: Path, alt: str) -> str:
 
 def _table(header: list[str], rows: list[list[Any]], numeric: set[int] = frozenset()) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f'<td class="num">{_e(v)}</td>' if i in numeric else f"<td>{_e(v)}</td>"
+    body = "".join("<tr>" + "".join(f'<td class="num">{_e(v)}</td>' if i in numeric
+                                    else f"<td>{_e(v)}</td>"
                                     for i, v in enumerate(row)) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -62,7 +70,8 @@ def _headline(metrics: dict[str, Any]) -> str:
         figures.append((f"ECE ({cal['bins']} bins)", _pct(cal["ece"])))
     figures.append(("images", f"{metrics['images']:,}"))
     return '<div class="headline">' + "".join(
-        f'<div class="figure"><div class="value">{_e(v)}</div><div class="label">{_e(k)}</div></div>'
+        f'<div class="figure"><div class="value">{_e(v)}</div>'
+        f'<div class="label">{_e(k)}</div></div>'
         for k, v in figures) + "</div>"
 
 
@@ -70,26 +79,28 @@ def _training(out_dir: Path, history: list[dict[str, Any]]) -> str:
     parts = ["<h2>Training</h2>"]
     if (out_dir / "curves.png").is_file():
         parts.append(_png(out_dir / "curves.png", "training curves"))
-    rows = [[h["epoch"], f"{h['train_loss']:.4f}", _pct(h.get("train_acc")), _pct(h.get("val_acc")), lr_range(h),
-             f"{h.get('seconds', 0):.1f}"] for h in history]
-    parts.append(_table(["epoch", "train loss", "train acc", "val acc", "lr (first → last step)", "seconds"], rows,
-                        {0, 1, 2, 3, 5}))
+    rows = [[h["epoch"], f"{h['train_loss']:.4f}", _pct(h.get("train_acc")),
+             _pct(h.get("val_acc")), lr_range(h), f"{h.get('seconds', 0):.1f}"] for h in history]
+    parts.append(_table(["epoch", "train loss", "train acc", "val acc", "lr (first → last step)",
+                         "seconds"], rows, {0, 1, 2, 3, 5}))
     return "".join(parts)
 
 
 def _per_class(metrics: dict[str, Any]) -> str:
-    rows = sorted(metrics["per_class"], key=lambda r: (r[WEAKEST_FIRST], r["recall"]))  # stable: ties in class order
+    # stable: ties in class order
+    rows = sorted(metrics["per_class"], key=lambda r: (r[WEAKEST_FIRST], r["recall"]))
     return ("<h2>Per class (weakest first, by F1)</h2>"
             + _table(["class", "precision", "recall", "F1", "images"],
-                     [[r["class"], _pct(r["precision"], 1), _pct(r["recall"], 1), _pct(r["f1"], 1), r["support"]]
-                      for r in rows], {1, 2, 3, 4}))
+                     [[r["class"], _pct(r["precision"], 1), _pct(r["recall"], 1),
+                       _pct(r["f1"], 1), r["support"]] for r in rows], {1, 2, 3, 4}))
 
 
 def _confusion(out_dir: Path, metrics: dict[str, Any], classes: list[str], name: str) -> str:
-    whole = len(classes) <= MATRIX_MAX_CLASSES  # above, the picture is a bar chart of the most confused pairs
+    # above, the picture is a bar chart of the most confused pairs
+    whole = len(classes) <= MATRIX_MAX_CLASSES
     parts = ["<h2>" + ("Confusion matrix (rows: true class, columns: predicted)" if whole else
-                       f"The most frequent mistakes (the whole {len(classes)}x{len(classes)} matrix is in "
-                       f"{_e(name)}.json)") + "</h2>"]
+                       f"The most frequent mistakes (the whole {len(classes)}x{len(classes)} "
+                       f"matrix is in {_e(name)}.json)") + "</h2>"]
     if (out_dir / f"{name}_confusion.png").is_file():
         parts.append(_png(out_dir / f"{name}_confusion.png", "confusion matrix"))
     pairs = confused_pairs(metrics["confusion"], classes, PAIRS_SHOWN)
@@ -105,47 +116,58 @@ def _calibration(out_dir: Path, metrics: dict[str, Any], name: str) -> str:
     if not cal:
         return ""
     t = cal["temperature"]
-    rows = ([["before (temperature 1)", _pct(cal["ece_uncalibrated"]), f"{cal['nll_uncalibrated']:.4f}"],
-             [f"after (temperature {t:.4g}, fitted on the validation split)", _pct(cal["ece"]), f"{cal['nll']:.4f}"]]
-            if t != 1.0 else [["uncalibrated (train --calibrate fits a temperature)", _pct(cal["ece"]),
-                               f"{cal['nll']:.4f}"]])
+    rows = ([["before (temperature 1)", _pct(cal["ece_uncalibrated"]),
+              f"{cal['nll_uncalibrated']:.4f}"],
+             [f"after (temperature {t:.4g}, fitted on the validation split)", _pct(cal["ece"]),
+              f"{cal['nll']:.4f}"]]
+            if t != 1.0 else [["uncalibrated (train --calibrate fits a temperature)",
+                               _pct(cal["ece"]), f"{cal['nll']:.4f}"]])
     parts = ["<h2>Calibration</h2>",
-             f"<p>Expected calibration error over {cal['bins']} equal-width bins of top-1 confidence, and the "
-             "negative log-likelihood (lower is better for both).</p>", _table(["", "ECE", "NLL"], rows, {1, 2})]
+             f"<p>Expected calibration error over {cal['bins']} equal-width bins of top-1 "
+             "confidence, and the negative log-likelihood (lower is better for both).</p>",
+             _table(["", "ECE", "NLL"], rows, {1, 2})]
     if (out_dir / f"{name}_reliability.png").is_file():
         parts.append(_png(out_dir / f"{name}_reliability.png", "reliability diagram"))
     return "".join(parts)
 
 
 def _other_tables(metrics: dict[str, Any]) -> str:
-    """Any further list of records in the metrics (e.g. added by later sections of report.md), as a table."""
+    """Any further list of records in the metrics
+    (e.g. added by later sections of report.md), as a table."""
     parts = []
     for key, value in metrics.items():
-        if key in KNOWN_KEYS or not (isinstance(value, list) and value and all(isinstance(r, dict) for r in value)):
+        if key in KNOWN_KEYS or not (isinstance(value, list) and value
+                                     and all(isinstance(r, dict) for r in value)):
             continue
         header = list(dict.fromkeys(k for r in value for k in r))
         parts.append(f"<h2>{_e(key.replace('_', ' ').capitalize())}</h2>"
-                     + _table(header, [[("-" if r.get(k) is None else r.get(k)) for k in header] for r in value]))
+                     + _table(header, [[("-" if r.get(k) is None else r.get(k)) for k in header]
+                                       for r in value]))
     return "".join(parts)
 
 
-def _other_pictures(out_dir: Path, name: str, shown: set[str], extra: dict[str, Path] | None) -> str:
-    """Pictures of this report that no section above drew (e.g. the top-losses sheet), titled by their name."""
+def _other_pictures(out_dir: Path, name: str, shown: set[str],
+                    extra: dict[str, Path] | None) -> str:
+    """Pictures of this report that no section above drew
+    (e.g. the top-losses sheet), titled by their name."""
     found = {p.stem[len(name) + 1:].replace("_", " ").replace("-", " "): p
              for p in sorted(out_dir.glob(f"{name}_*.png")) if p.name not in shown}
     found.update(extra or {})
-    return "".join(f"<h2>{_e(title.capitalize())}</h2>" + _png(path, title) for title, path in found.items()
-                   if Path(path).is_file())
+    return "".join(f"<h2>{_e(title.capitalize())}</h2>" + _png(path, title)
+                   for title, path in found.items() if Path(path).is_file())
 
 
-def write_html(out_dir: Path, metrics: dict[str, Any], *, title: str, measured_on: str, classes: list[str],
-               setup: dict[str, Any], history: list[dict[str, Any]] | None = None, name: str = "report",
+def write_html(out_dir: Path, metrics: dict[str, Any], *, title: str, measured_on: str,
+               classes: list[str], setup: dict[str, Any],
+               history: list[dict[str, Any]] | None = None, name: str = "report",
                extra_pictures: dict[str, Path] | None = None) -> Path:
-    """Write <name>.html: headline figures, curves, per-class table (weakest first), confusion matrix, most
-    confused pairs, calibration, the other pictures of this report, and the settings; returns its path."""
+    """Write <name>.html: headline figures, curves, per-class table (weakest
+    first), confusion matrix, most confused pairs, calibration, the other
+    pictures of this report, and the settings; returns its path."""
     out_dir = Path(out_dir)
     shown = {f"{name}_confusion.png", f"{name}_reliability.png"}
-    body = [f"<h1>{_e(title)}</h1>", f'<p class="measured">Measured on: <strong>{_e(measured_on)}</strong>.</p>',
+    body = [f"<h1>{_e(title)}</h1>",
+            f'<p class="measured">Measured on: <strong>{_e(measured_on)}</strong>.</p>',
             _headline(metrics),
             _training(out_dir, history) if history else "",
             _per_class(metrics),

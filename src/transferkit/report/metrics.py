@@ -30,13 +30,16 @@ class RunResult:
 
 
 TOP_K = 5  # metrics["top5"]: None with TOP_K classes or fewer, where every image is "in the top 5"
-MATRIX_MAX_CLASSES = 30  # above this a full confusion matrix is unreadable: the most confused pairs instead
+# above this a full confusion matrix is unreadable: the most confused pairs instead
+MATRIX_MAX_CLASSES = 30
 CONFUSED_PAIRS = 20  # how many pairs that picture and its table show
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
-    """Accuracy, top-5 (None with 5 classes or fewer), balanced accuracy and macro-F1 (means over the classes
-    present in `labels`), per-class precision/recall/F1, confusion matrix (rows: true)."""
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
+                           classes: list[str]) -> dict[str, Any]:
+    """Accuracy, top-5 (None with 5 classes or fewer), balanced accuracy and
+    macro-F1 (means over the classes present in `labels`), per-class
+    precision/recall/F1, confusion matrix (rows: true)."""
     k = len(classes)
     pred = logits.argmax(1)
     confusion = torch.bincount(labels * k + pred, minlength=k * k).view(k, k)
@@ -68,17 +71,19 @@ def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
 
 
 def measured_on(split, data: str, image_size: int, *, tta: bool = False, note: str = "") -> str:
-    """What a figure was measured on: the split, its images, how they were stored and fed to the model."""
+    """What a figure was measured on: the split, its images,
+    how they were stored and fed to the model."""
     return (f"{split.name} split of {data}, {len(split):,} images" + (f" ({note})" if note else "")
             + f", stored at {split.resolution}, model input {image_size}x{image_size}"
             + (", with its mirror image" if tta else ""))
 
 
 def accuracy_line(metrics: dict[str, Any]) -> str:
-    """'accuracy 91.20% (top-5 99.10%), balanced accuracy 90.80%, macro-F1 90.75%' as the CLI prints it; top-5
-    only where it is not 100% by construction."""
+    """'accuracy 91.20% (top-5 99.10%), balanced accuracy 90.80%, macro-F1 90.75%' as the CLI
+    prints it; top-5 only where it is not 100% by construction."""
     top5 = metrics.get("top5")
-    line = f"accuracy {100 * metrics['accuracy']:.2f}%" + ("" if top5 is None else f" (top-5 {100 * top5:.2f}%)")
+    line = f"accuracy {100 * metrics['accuracy']:.2f}%" + (
+        "" if top5 is None else f" (top-5 {100 * top5:.2f}%)")
     if metrics.get("balanced_accuracy") is not None:  # a report.json written before has neither
         line += (f", balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%, "
                  f"macro-F1 {100 * metrics['macro_f1']:.2f}%")
@@ -86,7 +91,8 @@ def accuracy_line(metrics: dict[str, Any]) -> str:
 
 
 def lr_range(row: dict[str, Any], arrow: str = "→") -> str:
-    """An epoch's learning rate, first step to last ('1.0e-03 → 5.0e-04'); rows written before hold one `lr`."""
+    """An epoch's learning rate, first step to last ('1.0e-03 → 5.0e-04');
+    rows written before hold one `lr`."""
     if "lr_start" not in row:  # the one lr of an older row is the epoch's last
         return "-" if row.get("lr") is None else f"{arrow} {row['lr']:.1e}"
     start, end = row["lr_start"], row["lr_end"]
@@ -97,13 +103,15 @@ def lr_range(row: dict[str, Any], arrow: str = "→") -> str:
 
 def confused_pairs(confusion: list[list[int]], classes: list[str], n: int = CONFUSED_PAIRS
                    ) -> list[tuple[str, str, int, float]]:
-    """The `n` most frequent mistakes: (true class, predicted class, images, share of the true class's images)."""
+    """The `n` most frequent mistakes:
+    (true class, predicted class, images, share of the true class's images)."""
     m = torch.tensor(confusion, dtype=torch.long)
     support = m.sum(1)
     off = m.clone()
     off.fill_diagonal_(0)
     flat = off.flatten()
-    order = sorted(range(len(flat)), key=lambda i: -int(flat[i]))[:n]  # stable: ties keep class order
+    # stable: ties keep class order
+    order = sorted(range(len(flat)), key=lambda i: -int(flat[i]))[:n]
     k = len(classes)
-    return [(classes[i // k], classes[i % k], int(flat[i]), int(flat[i]) / max(1, int(support[i // k])))
-            for i in order if flat[i] > 0]
+    return [(classes[i // k], classes[i % k], int(flat[i]),
+             int(flat[i]) / max(1, int(support[i // k]))) for i in order if flat[i] > 0]

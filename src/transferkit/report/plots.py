@@ -33,24 +33,28 @@ def save_png(fig, path: Path, metadata: dict[str, str] | None = None) -> None:
 
 
 def wrap(text: str, width_in: float, fontsize: float) -> str:
-    """`text` in lines that fit `width_in` inches at `fontsize` points (DejaVu Sans: about 0.6 em a character)."""
-    return "\n".join(textwrap.wrap(text, max(12, int(width_in * 72 / (0.62 * fontsize))), break_long_words=True,
-                                    break_on_hyphens=False))
+    """`text` in lines that fit `width_in` inches at `fontsize` points
+    (DejaVu Sans: about 0.6 em a character)."""
+    return "\n".join(textwrap.wrap(text, max(12, int(width_in * 72 / (0.62 * fontsize))),
+                                   break_long_words=True, break_on_hyphens=False))
 
 
 def _titles(fig, ax, title: str, subtitle: str, under: float) -> float:
-    """A short bold title over the figure and the details over the axes (`under` inches wide, where they are
-    centred), both wrapped to fit; returns their height in inches (for sizing the figure)."""
+    """A short bold title over the figure and the details over the axes (`under`
+    inches wide, where they are centred), both wrapped to fit; returns their
+    height in inches (for sizing the figure)."""
     title, subtitle = wrap(title, fig.get_figwidth() - 0.4, 13), wrap(subtitle, under, 9)
     fig.suptitle(title, fontsize=13, fontweight="bold")
     if subtitle:
         ax.set_title(subtitle, fontsize=9, color="0.25")
-    return (1.3 * 13 * (title.count("\n") + 1) + (1.3 * 9 * (subtitle.count("\n") + 1) if subtitle else 0)) / 72 + 0.3
+    return (1.3 * 13 * (title.count("\n") + 1)
+            + (1.3 * 9 * (subtitle.count("\n") + 1) if subtitle else 0)) / 72 + 0.3
 
 
-def confusion_png(path: Path, confusion: list[list[int]], classes: list[str], title: str, subtitle: str = "") -> None:
-    """The confusion matrix with counts, coloured by share of each true class; above MATRIX_MAX_CLASSES classes
-    a bar chart of the most confused pairs instead."""
+def confusion_png(path: Path, confusion: list[list[int]], classes: list[str], title: str,
+                  subtitle: str = "") -> None:
+    """The confusion matrix with counts, coloured by share of each true class;
+    above MATRIX_MAX_CLASSES classes a bar chart of the most confused pairs instead."""
     if len(classes) > MATRIX_MAX_CLASSES:
         _confused_pairs_png(path, confusion, classes, title, subtitle)
         return
@@ -76,17 +80,21 @@ def confusion_png(path: Path, confusion: list[list[int]], classes: list[str], ti
                         color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    top = _titles(fig, ax, title, " ".join(filter(None, [subtitle, "Colour: share of the true class's images."])),
+    top = _titles(fig, ax, title,
+                  " ".join(filter(None, [subtitle, "Colour: share of the true class's images."])),
                   grid + 0.6)
-    fig.set_figheight(grid + top + (0.87 * names if tilt else 0.2) + 1.0)  # matrix, titles, names, axis label
+    # matrix, titles, names, axis label
+    fig.set_figheight(grid + top + (0.87 * names if tilt else 0.2) + 1.0)
     save_png(fig, path)
 
 
-def _confused_pairs_png(path: Path, confusion: list[list[int]], classes: list[str], title: str, subtitle: str) -> None:
+def _confused_pairs_png(path: Path, confusion: list[list[int]], classes: list[str], title: str,
+                        subtitle: str) -> None:
     """A horizontal bar per (true -> predicted) pair, most frequent at the top."""
     plt = pyplot()
     pairs = confused_pairs(confusion, classes)
-    names = 0.09 * (max((len(t) + len(p) for t, p, _, _ in pairs), default=10) + 3)  # inches of the longest label
+    # inches of the longest label
+    names = 0.09 * (max((len(t) + len(p) for t, p, _, _ in pairs), default=10) + 3)
     bars = 6.0
     fig, ax = plt.subplots(figsize=(names + bars + 0.8, 1.0), layout="constrained")
     if pairs:
@@ -100,12 +108,14 @@ def _confused_pairs_png(path: Path, confusion: list[list[int]], classes: list[st
     else:
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.text(0.5, 0.5, "no image was misclassified", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no image was misclassified", ha="center", va="center",
+                transform=ax.transAxes)
     ax.set_xlabel("images (share of the true class's images)")
     ax.set_ylabel("true → predicted")
     k = len(classes)
-    head = (f"The {len(pairs)} most frequent mistakes among {k} classes (their {k}x{k} matrix would be "
-            "unreadable; the report's .json holds it)." if pairs else f"{k} classes, no mistakes.")
+    head = (f"The {len(pairs)} most frequent mistakes among {k} classes (their {k}x{k} matrix "
+            "would be unreadable; the report's .json holds it)." if pairs
+            else f"{k} classes, no mistakes.")
     top = _titles(fig, ax, title, " ".join(filter(None, [subtitle, head])), bars)
     fig.set_figheight(top + 0.3 * max(len(pairs), 3) + 0.9)
     save_png(fig, path)
@@ -138,7 +148,8 @@ def curves_png(path: Path, history: list[dict[str, Any]]) -> None:
     a.plot(epochs, losses, color="tab:blue", **style)
     a.set_ylim(0, 1.1 * max(losses) if max(losses) > 0 else 1)
     a.set_title("train loss")
-    b.plot(epochs, [100 * h["train_acc"] for h in history], color="tab:blue", label="train", **style)
+    b.plot(epochs, [100 * h["train_acc"] for h in history], color="tab:blue", label="train",
+           **style)
     shown = [100 * h["train_acc"] for h in history]
     val = [(h["epoch"], 100 * h["val_acc"]) for h in history if h.get("val_acc") is not None]
     if val:
@@ -151,25 +162,28 @@ def curves_png(path: Path, history: list[dict[str, Any]]) -> None:
         for ax, fmt in ((a, "{:.3f}"), (b, "{:.1f}%")):
             for line in ax.get_lines():
                 for x, y in zip(line.get_xdata(), line.get_ydata()):
-                    ax.annotate(fmt.format(y), (x, y), xytext=(6, 4), textcoords="offset points", fontsize=8,
-                                color=line.get_color())
+                    ax.annotate(fmt.format(y), (x, y), xytext=(6, 4), textcoords="offset points",
+                                fontsize=8, color=line.get_color())
     frozen = [h["epoch"] for h in history if h.get("backbone_frozen")]
     thawed = [h["epoch"] for h in history if h.get("backbone_frozen") is False]
     for ax in (a, b):
         ax.set_xlabel("epoch")
-        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # one epoch is a point in the middle, not on 0.96-1.04
+        # one epoch is a point in the middle, not on 0.96-1.04
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
-        if frozen and thawed and min(thawed) > min(frozen):  # 'gradual': where the backbone started to train
+        # 'gradual': where the backbone started to train
+        if frozen and thawed and min(thawed) > min(frozen):
             ax.axvline(min(thawed) - 0.5, color="0.5", linestyle="--", linewidth=1)
     if frozen and thawed and min(thawed) > min(frozen):
-        a.annotate(" backbone unfrozen", (min(thawed) - 0.5, 0.02), xycoords=("data", "axes fraction"), fontsize=8,
-                   color="0.4")
+        a.annotate(" backbone unfrozen", (min(thawed) - 0.5, 0.02),
+                   xycoords=("data", "axes fraction"), fontsize=8, color="0.4")
     save_png(fig, path)
 
 
 def reliability_png(path: Path, figures: dict[str, Any], title: str) -> None:
-    """Accuracy against mean confidence per bin, beside the diagonal of a perfectly calibrated model."""
+    """Accuracy against mean confidence per bin,
+    beside the diagonal of a perfectly calibrated model."""
     plt = pyplot()
     rows = figures["reliability"]
     width = 1 / len(rows)
@@ -180,19 +194,21 @@ def reliability_png(path: Path, figures: dict[str, Any], title: str) -> None:
     ax.bar([r["lo"] for r in filled], [r["accuracy"] for r in filled], width=width, align="edge",
            color="tab:blue", edgecolor="white", label="accuracy in the bin")
     # Where each bar would end if the model were calibrated: the gap to it is what the ECE averages.
-    ax.scatter([r["lo"] + width / 2 for r in filled], [r["confidence"] for r in filled], color="tab:red", marker="_",
-               s=180, linewidths=2.5, zorder=3, label="mean confidence in the bin")
+    ax.scatter([r["lo"] + width / 2 for r in filled], [r["confidence"] for r in filled],
+               color="tab:red", marker="_", s=180, linewidths=2.5, zorder=3,
+               label="mean confidence in the bin")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
     ax.legend(loc="upper left", fontsize=8)
     scaled = figures["temperature"] != 1.0
     ax.set_title(f"ECE {100 * figures['ece']:.2f}% ({figures['bins']} bins)"
-                 + (f", temperature {figures['temperature']:.3g}; before {100 * figures['ece_uncalibrated']:.2f}%"
-                    if scaled else ""), fontsize=9, color="0.25")
+                 + (f", temperature {figures['temperature']:.3g}; "
+                    f"before {100 * figures['ece_uncalibrated']:.2f}%" if scaled else ""),
+                 fontsize=9, color="0.25")
     fig.suptitle(title, fontsize=12, fontweight="bold")
-    counts.bar([r["lo"] for r in rows], [r["images"] for r in rows], width=width, align="edge", color="0.6",
-               edgecolor="white")
+    counts.bar([r["lo"] for r in rows], [r["images"] for r in rows], width=width, align="edge",
+               color="0.6", edgecolor="white")
     counts.set_ylabel("images")
     counts.set_xlabel("top-1 confidence")
     save_png(fig, path)
