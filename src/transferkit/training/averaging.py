@@ -1,4 +1,5 @@
-"""--ema: an exponential moving average of the weights, which validates, is selected and is saved."""
+"""--ema: an exponential moving average of the weights,
+which validates, is selected and is saved."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
 class WeightAverage:
-    """An averaged copy of `model`: its trainable parameters and its floating-point buffers (BatchNorm's
-    running statistics, as AveragedModel's use_buffers=True) move towards the model's after every step.
+    """An averaged copy of `model`: its trainable parameters and its
+    floating-point buffers (BatchNorm's running statistics, as AveragedModel's
+    use_buffers=True) move towards the model's after every step.
 
-    The decay is warmed up as min(decay, (1 + t) / (10 + t)) after t updates (timm's ModelEmaV3 warmup), so a
-    short run's average is not dominated by the weights it started from. Parameters that do not train (a
-    frozen backbone) are left alone: they equal the model's already.
+    The decay is warmed up as min(decay, (1 + t) / (10 + t)) after t updates (timm's ModelEmaV3
+    warmup), so a short run's average is not dominated by the weights it started from. Parameters
+    that do not train (a frozen backbone) are left alone: they equal the model's already.
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:

@@ -28,25 +28,30 @@ Transform = Callable[..., torch.Tensor]
 
 @dataclass(frozen=True)
 class StepSetup:
-    """How a training step runs: the transform, where and in what precision, the loss, the passes."""
+    """How a training step runs: the transform,
+    where and in what precision, the loss, the passes."""
 
     transform: Transform
     device: torch.device
     precision: str = "fp32"
-    micro_batch: int | None = None  # images per forward/backward pass (None: the whole share at once)
+    # images per forward/backward pass (None: the whole share at once)
+    micro_batch: int | None = None
     label_smoothing: float = 0.0
     class_weights: torch.Tensor | None = None  # on the device
     batchnorm: str = "train"
     dist: Dist = SINGLE
     mixing: Mixing | None = None  # --mixup / --cutmix
 
-    def __post_init__(self) -> None:  # the weights once on the cpu too, to weigh each batch's labels there
-        object.__setattr__(self, "_cpu_weights", None if self.class_weights is None else self.class_weights.cpu())
+    def __post_init__(self) -> None:
+        # the weights once on the cpu too, to weigh each batch's labels there
+        object.__setattr__(self, "_cpu_weights",
+                           None if self.class_weights is None else self.class_weights.cpu())
 
 
 @dataclass
 class StepFigures:
-    """What one step measured on this process: the summed loss (x images), correct answers, images."""
+    """What one step measured on this process:
+    the summed loss (x images), correct answers, images."""
 
     step: int
     loss: torch.Tensor
@@ -55,7 +60,8 @@ class StepFigures:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, images: torch.Tensor,
-               labels: torch.Tensor, s: StepSetup, generator: torch.Generator | None) -> StepFigures:
+               labels: torch.Tensor, s: StepSetup,
+               generator: torch.Generator | None) -> StepFigures:
     """One optimizer step on a whole (global) batch, in passes of at most `s.micro_batch` images.
 
     Under torchrun each process takes its share of the batch; the loss is scaled so that the
@@ -67,7 +73,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, im
     norm = float(n) if s.class_weights is None else s._cpu_weights[labels].sum().item()
     passes = micro_batches(d.shard(n), s.micro_batch, -(-n // d.world))
     mix = s.mixing.draw(n, generator) if s.mixing is not None else None
-    fork = generator.get_state() if generator is not None and (len(passes) > 1 or mix is not None) else None
+    fork = (generator.get_state()
+            if generator is not None and (len(passes) > 1 or mix is not None) else None)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), dtype=torch.float64, device=s.device)
     correct = torch.zeros((), dtype=torch.long, device=s.device)
@@ -81,7 +88,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, im
             partner = mix.partner[rows]
             if fork is not None:
                 generator.set_state(fork)
-            other = s.transform(images[partner].to(s.device, non_blocking=True), generator, part=(partner, n))
+            other = s.transform(images[partner].to(s.device, non_blocking=True), generator,
+                                part=(partner, n))
             x, lam = mix.apply(x, other)
             y2 = labels[partner].to(s.device, non_blocking=True)
         last = i == len(passes) - 1  # DDP averages the gradients once, after the last pass
@@ -89,12 +97,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, im
             with autocast(s.device, s.precision):
                 logits = model(x)
             loss = _loss(logits.float(), y, s) * lam
-            if lam < 1:  # cross-entropy is linear in the target: the mixed target's loss is the mix of the two
+            # cross-entropy is linear in the target: the mixed target's loss is the mix of the two
+            if lam < 1:
                 loss = loss + _loss(logits.float(), y2, s) * (1 - lam)
-            loss = loss * (d.world / norm)  # the partners' weights sum to the batch's: the same norm
+            # the partners' weights sum to the batch's: the same norm
+            loss = loss * (d.world / norm)
             loss.backward()
         loss_sum += loss.detach().double()
-        # with mixed targets, a right answer is the label with the larger share (mixup's usual train accuracy)
+        # with mixed targets, a right answer is the label with the larger share
+        # (mixup's usual train accuracy)
         correct += (logits.argmax(1) == (y if lam >= 0.5 else y2)).sum()
     optimizer.step()
     scheduler.step()
@@ -103,11 +114,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, im
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, s: StepSetup) -> torch.Tensor:
     """The summed cross-entropy of a pass (weighted, smoothed as set up)."""
-    return F.cross_entropy(logits, y, weight=s.class_weights, label_smoothing=s.label_smoothing, reduction="sum")
+    return F.cross_entropy(logits, y, weight=s.class_weights, label_smoothing=s.label_smoothing,
+                           reduction="sum")
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches: Batches,
-                    setup: StepSetup, generator: torch.Generator | None, start_step: int = 0) -> Iterator[StepFigures]:
+                    setup: StepSetup, generator: torch.Generator | None,
+                    start_step: int = 0) -> Iterator[StepFigures]:
     """Train over `batches`, yielding each step's figures (numbered from `start_step` + 1)."""
     train_mode(model, setup.batchnorm)
     for step, (images, labels) in enumerate(batches, start_step + 1):
@@ -128,9 +141,10 @@ def micro_batches(rows: slice, size: int | None, largest: int | None = None) -> 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, transform: Transform, *, batch_size: int, device: torch.device,
-             precision: str, tta: bool = False, dist: Dist = SINGLE, workers: int = 0,
-             desc: str | None = None, show: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluate(model: nn.Module, split: Split, transform: Transform, *, batch_size: int,
+             device: torch.device, precision: str, tta: bool = False, dist: Dist = SINGLE,
+             workers: int = 0, desc: str | None = None,
+             show: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 logits (on the cpu) and labels of a whole split, in eval mode; `tta`: mirror test-time
     augmentation. Under torchrun each process runs a share and every process gets all rows; rank 0
     alone shows a progress bar (`show` overrides)."""
@@ -138,8 +152,9 @@ def evaluate(model: nn.Module, split: Split, transform: Transform, *, batch_size
     def run(part: Split) -> tuple[torch.Tensor, torch.Tensor]:
         model.eval()
         out, ys = [], []
-        for images, labels in tqdm(split_batches(part, batch_size, workers=workers), desc=desc or split.name,
-                                   unit="batch", leave=False, disable=True if not show else None):
+        for images, labels in tqdm(split_batches(part, batch_size, workers=workers),
+                                   desc=desc or split.name, unit="batch", leave=False,
+                                   disable=True if not show else None):
             x = transform(images.to(device, non_blocking=True))
             out.append(infer(model, x, device=device, precision=precision, tta=tta).cpu())
             ys.append(labels)
@@ -148,7 +163,8 @@ def evaluate(model: nn.Module, split: Split, transform: Transform, *, batch_size
     return sharded(run, split, dist)
 
 
-def sharded(fn: Callable[[Split], tuple[torch.Tensor, ...]], split: Split, dist: Dist) -> tuple[torch.Tensor, ...]:
+def sharded(fn: Callable[[Split], tuple[torch.Tensor, ...]], split: Split,
+            dist: Dist) -> tuple[torch.Tensor, ...]:
     """fn over this process's share of `split`, its rows gathered from all processes in order."""
     if not dist.on or len(split) < dist.world:
         return fn(split)
@@ -158,7 +174,8 @@ def sharded(fn: Callable[[Split], tuple[torch.Tensor, ...]], split: Split, dist:
 
 def infer(model: nn.Module, x: torch.Tensor, *, device: torch.device, precision: str,
           tta: bool = False) -> torch.Tensor:
-    """fp32 logits of a prepared batch; with `tta`, the log of the mean probability of x and its mirror image."""
+    """fp32 logits of a prepared batch;
+    with `tta`, the log of the mean probability of x and its mirror image."""
     with autocast(device, precision):
         logits = model(x).float()
         if not tta:
@@ -167,7 +184,8 @@ def infer(model: nn.Module, x: torch.Tensor, *, device: torch.device, precision:
     return ((logits.softmax(1) + mirrored.softmax(1)) / 2).log()
 
 
-CPU_PIXELS_PER_PASS = 16 * 224 * 224  # a pass of 16 images at 224 px keeps a CPU fine-tune under 3 GB
+# a pass of 16 images at 224 px keeps a CPU fine-tune under 3 GB
+CPU_PIXELS_PER_PASS = 16 * 224 * 224
 
 
 def micro_batch_for(micro_batch: int, device: torch.device, size: int) -> int | None:
@@ -185,56 +203,63 @@ def eval_batch_for(batch_size: int, dist: Dist, micro: int | None) -> int:
 
 
 def steps_per_epoch(images: int, batch_size: int, dist: Dist) -> tuple[int, bool]:
-    """Steps per epoch, and whether the last batch is dropped (a share of one image breaks BatchNorm)."""
+    """Steps per epoch, and whether the last batch is dropped
+    (a share of one image breaks BatchNorm)."""
     drop_last = 0 < images % batch_size < 2 * dist.world
     steps = num_batches(images, batch_size, drop_last)
     if steps == 0:
         raise TransferkitError(
-            f"the training split has {images} images: too few for one batch shared by {dist.world} processes "
-            "(two images each); add images or use fewer processes"
+            f"the training split has {images} images: too few for one batch shared by "
+            f"{dist.world} processes (two images each); add images or use fewer processes"
         )
     return steps, drop_last
 
 
-def check_passes(model: nn.Module, frozen: Sequence[str], batch_size: int, last_batch: int, micro: int | None,
-                 dist: Dist, after_oom: bool = False) -> None:
+def check_passes(model: nn.Module, frozen: Sequence[str], batch_size: int, last_batch: int,
+                 micro: int | None, dist: Dist, after_oom: bool = False) -> None:
     """Refuse passes of one image where BatchNorm normalizes with batch statistics (it cannot: the
-    run would stop with a traceback at that pass). `frozen`: module names whose BatchNorm stays frozen."""
+    run would stop with a traceback at that pass).
+    `frozen`: module names whose BatchNorm stays frozen."""
     try:
         _check_passes(model, frozen, batch_size, last_batch, micro, dist)
     except TransferkitError as e:
         if after_oom:  # the passes were made smaller because memory ran out
-            raise TransferkitError(f"out of memory, and smaller passes would break BatchNorm: {e}") from None
+            raise TransferkitError("out of memory, and smaller passes would break BatchNorm: "
+                                   f"{e}") from None
         raise
 
 
-def _check_passes(model: nn.Module, frozen: Sequence[str], batch_size: int, last_batch: int, micro: int | None,
-                  dist: Dist) -> None:
+def _check_passes(model: nn.Module, frozen: Sequence[str], batch_size: int, last_batch: int,
+                  micro: int | None, dist: Dist) -> None:
     prefixes = tuple(f"{f}." for f in frozen)
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not (name + ".").startswith(prefixes)
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and not (name + ".").startswith(prefixes)
                for name, m in model.named_modules()):
         return
     for n in {batch_size, last_batch} - {0}:
         for rank in range(dist.world):
             rows = Dist(rank=rank, world=dist.world).shard(n)
             if min(p.stop - p.start for p in micro_batches(rows, micro, -(-n // dist.world))) < 2:
-                passes = f" in passes of {micro}" if micro and micro < n else ""  # a larger pass is the batch
+                # a larger pass is the batch
+                passes = f" in passes of {micro}" if micro and micro < n else ""
                 raise TransferkitError(
                     f"a batch of {n} image(s){passes} on {dist.world} process(es) leaves passes "
-                    "of one image, which BatchNorm cannot normalize; use a larger --batch-size, --micro-batch 3 "
-                    "or more, or --batchnorm frozen")
+                    "of one image, which BatchNorm cannot normalize; use a larger --batch-size, "
+                    "--micro-batch 3 or more, or --batchnorm frozen")
 
 
 def smaller_passes(micro: int | None, batch_size: int, image_size: int, no_retry: str | None,
                    device: torch.device) -> int:
-    """After running out of memory: half the images per pass (the batch, and so the step, stay the same),
-    or a clear error when the run may not start again (`no_retry` says why) or one image did not fit."""
+    """After running out of memory: half the images per pass (the batch, and so
+    the step, stay the same), or a clear error when the run may not start again
+    (`no_retry` says why) or one image did not fit."""
     now = min(micro or batch_size, batch_size)
     if no_retry or now < 2:
         raise TransferkitError(
             f"out of memory in passes of {now} image(s) at {image_size} px"
             + (f" (not retried: {no_retry})" if no_retry and now >= 2 else "")
-            + "; lower --micro-batch or --image-size, or use --strategy linear or --trainable-blocks K")
+            + "; lower --micro-batch or --image-size, or use --strategy linear or "
+              "--trainable-blocks K")
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return now // 2

@@ -1,4 +1,5 @@
-"""What a training stage runs on: the whole network on images, or its last layers on cached features.
+"""What a training stage runs on: the whole network on images,
+or its last layers on cached features.
 
 A frozen backbone (linear probe) or frozen first blocks map each image to the same activations
 every epoch: they are computed once (un-augmented), cached on disk, and only the rest of the
@@ -40,7 +41,8 @@ class Stage:
     cached: bool = False  # the splits hold cached features, not images
 
 
-def identity(x: torch.Tensor, generator: torch.Generator | None = None, *, part=None) -> torch.Tensor:
+def identity(x: torch.Tensor, generator: torch.Generator | None = None, *,
+             part=None) -> torch.Tensor:
     """The transform of an already-computed feature batch."""
     return x
 
@@ -63,12 +65,13 @@ def cached_stage(stage: Stage, model: nn.Module, head: str, frozen_blocks: list[
     key = dict(key, frozen=cache.digest(*frozen))
     at = frozen_blocks[-1] if frozen_blocks else None
     splits = [None if s is None else features(
-        model, head, s, stage.eval_tf, device=device, precision=precision, batch_size=stage.eval_batch,
-        identity=key, use_cache=use_cache, dist=dist, at=at, workers=workers) for s in (stage.train, stage.val,
-                                                                                         stage.test)]
+        model, head, s, stage.eval_tf, device=device, precision=precision,
+        batch_size=stage.eval_batch, identity=key, use_cache=use_cache, dist=dist, at=at,
+        workers=workers) for s in (stage.train, stage.val, stage.test)]
     runner = without(model, frozen_blocks) if frozen_blocks else model.get_submodule(head)
     return dataclasses.replace(stage, runner=runner, train=splits[0], val=splits[1], test=splits[2],
-                               train_tf=identity, eval_tf=identity, micro=None, eval_batch=eval_batch, cached=True)
+                               train_tf=identity, eval_tf=identity, micro=None,
+                               eval_batch=eval_batch, cached=True)
 
 
 @torch.no_grad()
@@ -80,8 +83,8 @@ def features(
     """The head's input (or the output of module `at`) for every image of `split` (eval mode, no
     augmentation), as a Split.
 
-    `identity` names the backbone, its weights and the preprocessing; with the precision, `at` and the
-    images' own bytes it keys the cache, so other weights or settings never read these features.
+    `identity` names the backbone, its weights and the preprocessing; with the precision, `at` and
+    the images' own bytes it keys the cache, so other weights or settings never read these features.
     Under torchrun each rank computes a share and all get all features.
     """
     key = cache.digest("features", identity, precision, at, split.images, split.labels)
@@ -91,12 +94,14 @@ def features(
     if hit is not None:
         log.info("%s: features of %d images from the cache", split.name, len(split))
         return Split(split.name, hit[0]["features"], split.labels)
-    # The head's input, or the blocks up to `at` alone: the forward stops there (the rest would be thrown away).
+    # The head's input, or the blocks up to `at` alone:
+    # the forward stops there (the rest would be thrown away).
     start = time.perf_counter()
-    (feats, _) = evaluate(_UpTo(model, head if at is None else at, before=at is None), split, transform,
-                          batch_size=batch_size, device=device, precision=precision, dist=dist, workers=workers,
-                          desc=f"features {split.name}")
-    log.info("%s: features of %d images computed in %.0f s", split.name, len(split), time.perf_counter() - start)
+    (feats, _) = evaluate(_UpTo(model, head if at is None else at, before=at is None), split,
+                          transform, batch_size=batch_size, device=device, precision=precision,
+                          dist=dist, workers=workers, desc=f"features {split.name}")
+    log.info("%s: features of %d images computed in %.0f s", split.name, len(split),
+             time.perf_counter() - start)
     if use_cache and dist.local_rank == 0:
         cache.store("features", key, {"features": feats})
     return Split(split.name, feats, split.labels)
@@ -119,7 +124,8 @@ def _stop_after(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
 
 
 class _UpTo(nn.Module):
-    """`model` run up to its module `at` alone: returns that module's output (`before`: its input)."""
+    """`model` run up to its module `at` alone:
+    returns that module's output (`before`: its input)."""
 
     def __init__(self, model: nn.Module, at: str, before: bool = False) -> None:
         super().__init__()
@@ -135,17 +141,20 @@ class _UpTo(nn.Module):
             return reached.output
         finally:
             hook.remove()
-        raise RuntimeError(f"module {self.at} did not run in {type(self.model).__name__}'s forward pass")
+        raise RuntimeError(f"module {self.at} did not run in {type(self.model).__name__}'s "
+                           "forward pass")
 
 
 @torch.no_grad()
-def activations_fit(model: nn.Module, at: str, size: int, device: torch.device, images: int) -> bool:
-    """Whether the output of module `at` for all `images` fits in a quarter of this process's memory."""
+def activations_fit(model: nn.Module, at: str, size: int, device: torch.device,
+                    images: int) -> bool:
+    """Whether the output of module `at` for all `images`
+    fits in a quarter of this process's memory."""
     model.eval()
     shape = _UpTo(model, at)(torch.zeros(1, 3, size, size, device=device)).shape
     need = math.prod(shape) * 4 * images
     if need > memory_bytes() / 4:
-        log.warning("the frozen blocks' activations would take %.1f GB: running them every step instead of "
-                    "caching them", need / 1e9)
+        log.warning("the frozen blocks' activations would take %.1f GB: running them every step "
+                    "instead of caching them", need / 1e9)
         return False
     return True

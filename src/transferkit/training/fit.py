@@ -53,8 +53,8 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         job.stage = build_stage(job.plan, job.cfg, job.bb, job.card.preprocessing, job.data, job.hw)
         if job.cfg.lr == "auto":  # before the fingerprint: a resume reads the lr from config.yaml
             job.cfg = lr_find.auto_lr(job, out)
-        state = _train(job, out, run.saved, fingerprint.pack({**prints, "settings": fingerprint.settings_of(
-            job.cfg, UNCHECKED)}))
+        state = _train(job, out, run.saved, fingerprint.pack(
+            {**prints, "settings": fingerprint.settings_of(job.cfg, UNCHECKED)}))
         result = _final_evaluation(job, out, state)
     result.seconds = time.perf_counter() - started
     return result
@@ -111,8 +111,8 @@ def prepare(cfg: TrainConfig, hw: Compute, out: Path | None, saved: dict[str, An
         log.info("model %s, weights %s, input %dpx, %s", cfg.model, bb.weights, pre.image_size,
                  pre.normalization)
         if cfg.weights.lower() == "none" and cfg.strategy != "linear":
-            log.info("random weights: the backbone learns at %g x the head's lr (--backbone-lr-mult)",
-                     cfg.backbone_lr_mult)
+            log.info("random weights: the backbone learns at %g x the head's lr "
+                     "(--backbone-lr-mult)", cfg.backbone_lr_mult)
         cfg, requested = _resolved(cfg, bb, pre, out, saved)
         data = _load_data(cfg, pre)
         if not test:
@@ -126,23 +126,27 @@ def _begin(job: Job, run: RunStart) -> dict[str, Any]:
     """A resume goes on with the files it started with, or stops here; rank 0 writes the run's first
     files. Returns the data's fingerprints (what last.pt records)."""
     cfg, data, out = job.cfg, job.data, Path(run.out)
-    prints = {"listing": fingerprint.data_listing(data, cfg.data), "splits": fingerprint.splits_of(data)}
-    recorded = None if run.saved is None else fingerprint.unpack(run.saved)  # None: an older last.pt
+    prints = {"listing": fingerprint.data_listing(data, cfg.data),
+              "splits": fingerprint.splits_of(data)}
+    # None: an older last.pt
+    recorded = None if run.saved is None else fingerprint.unpack(run.saved)
     if recorded is not None:
         fingerprint.check_data(recorded, prints["listing"], prints["splits"], data, cfg.data)
     if job.hw.dist.main:
         begin_writing(out, cfg, run.replace, data.skipped, job.requested)
         heldout.write_split_record(out, cfg.data, data, val_split=cfg.val_split, seed=cfg.seed,
                                    max_train_images=cfg.max_train_images, dedupe=cfg.dedupe)
-        if run.saved is not None and (out / META_FILE).is_file() and read_card(out).data != cfg.data:
+        if (run.saved is not None and (out / META_FILE).is_file()
+                and read_card(out).data != cfg.data):
             update_card(out, data=cfg.data)  # resumed on its moved data: eval finds it there
     return prints
 
 
 def _resolved(cfg: TrainConfig, bb: models.Backbone, pre: Preprocessing, out: Path | None,
               saved: dict[str, Any] | None) -> tuple[TrainConfig, dict[str, Any]]:
-    """The settings as they train (the weights actually loaded, the preprocessing resolved from them),
-    and what was asked for where it differs (a resumed run keeps what its config.yaml says)."""
+    """The settings as they train (the weights actually loaded, the preprocessing
+    resolved from them), and what was asked for where it differs (a resumed run
+    keeps what its config.yaml says)."""
     kind, _, name = bb.weights.partition(":")
     weights = {"torchvision": name.split(" (")[0], "file": name}.get(kind, cfg.weights)
     resolved = cfg.replace(weights=weights, image_size=pre.image_size, mean=pre.mean, std=pre.std)
@@ -157,19 +161,21 @@ def _load_data(cfg: TrainConfig, pre: Preprocessing) -> DataSource:
     """The splits (val carved from train when the data has none), with unreadable files listed."""
     src = sources.load_source(cfg.data, preprocessing=pre, data_dir=cfg.data_dir,
                               splits=("train", "val", "test"), workers=cfg.workers,
-                              max_train_images=cfg.max_train_images, seed=cfg.seed, use_cache=cfg.cache,
-                              stream=cfg.stream)
+                              max_train_images=cfg.max_train_images, seed=cfg.seed,
+                              use_cache=cfg.cache, stream=cfg.stream)
     src.train, src.val, src.test = sources.train_val_test(src, cfg.val_split, cfg.seed)
-    sources.check_leakage(src, dedupe=cfg.dedupe)  # after carving val: a copy may now be on both sides
+    # after carving val: a copy may now be on both sides
+    sources.check_leakage(src, dedupe=cfg.dedupe)
     calibration.check_calibration_split(cfg.calibrate, src.val, cfg.data)
     if len(src.classes) < 2:
-        raise TransferkitError(f"{cfg.data} has one class ({src.classes[0]}); a classifier needs at "
-                               "least two")
+        raise TransferkitError(f"{cfg.data} has one class ({src.classes[0]}); a classifier needs "
+                               "at least two")
     log.info("data %s: %d classes; train %s; val %s; test %s", cfg.data, len(src.classes),
              *("none" if s is None else s.description for s in (src.train, src.val, src.test)))
     if cfg.patience is not None and src.val is None:
-        raise TransferkitError("--patience watches a validation metric, and this run has no validation "
-                               "split; use --val-split 0.1 (or a val/ folder), or drop --patience")
+        raise TransferkitError("--patience watches a validation metric, and this run has no "
+                               "validation split; use --val-split 0.1 (or a val/ folder), or drop "
+                               "--patience")
     counts = torch.bincount(src.train.labels, minlength=len(src.classes))
     sources.warn_imbalance(counts, src.classes, cfg.class_weights, sampler=cfg.sampler,
                            select_by=cfg.select_by)
@@ -194,17 +200,20 @@ def _classifier(cfg: TrainConfig, bb: models.Backbone, pre: Preprocessing, class
 
 def _train(job: Job, out: Path, saved: dict[str, Any] | None, prints: torch.Tensor) -> TrainState:
     """The epochs; a fresh run out of memory in its first steps starts again in passes of half the
-    images (batch, learning rate and so the optimizer steps stay what was asked for; only BatchNorm's
-    batch statistics see the smaller passes)."""
+    images (batch, learning rate and so the optimizer steps stay what was asked for;
+    only BatchNorm's batch statistics see the smaller passes)."""
     model, dist = job.bb.model, job.hw.dist
-    initial = None if saved is not None else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    initial = (None if saved is not None
+               else {k: v.detach().clone() for k, v in model.state_dict().items()})
     retried = False
     while True:
         cfg, stage = job.cfg, job.stage
         steps, drop_last = engine.steps_per_epoch(len(stage.train), cfg.batch_size, dist)
-        if cfg.strategy != "linear" and cfg.batchnorm != "frozen":  # BatchNorm trains on batch statistics
+        # BatchNorm trains on batch statistics
+        if cfg.strategy != "linear" and cfg.batchnorm != "frozen":
             engine.check_passes(stage.runner, [] if stage.cached else list(job.plan.frozen_blocks),
-                                cfg.batch_size, 0 if drop_last else len(stage.train) % cfg.batch_size,
+                                cfg.batch_size,
+                                0 if drop_last else len(stage.train) % cfg.batch_size,
                                 stage.micro, dist, retried)
         state = start_state(job, out, saved, prints, steps)
         try:
@@ -212,42 +221,48 @@ def _train(job: Job, out: Path, saved: dict[str, Any] | None, prints: torch.Tens
                 epochs(job, out, state, steps, drop_last, stop)
             return state
         except torch.OutOfMemoryError:
-            why = ("it was resumed" if initial is None else "torchrun's processes would have to agree"
-                   if dist.on else "it got past its first steps" if state.steps_taken > 10 else None)
+            why = ("it was resumed" if initial is None
+                   else "torchrun's processes would have to agree" if dist.on
+                   else "it got past its first steps" if state.steps_taken > 10 else None)
             micro = engine.smaller_passes(stage.micro, cfg.batch_size, job.plan.image_size, why,
                                           job.hw.device)
             job.cfg = cfg.replace(micro_batch=micro)
             job.stage = replace(stage, micro=micro,
                                 eval_batch=engine.eval_batch_for(cfg.batch_size, dist, micro))
-            log.warning("out of memory: retrying from the start in passes of %d images (batch %d and lr "
-                        "unchanged; recorded in %s)", micro, cfg.batch_size, out / runfiles.CONFIG)
-            atomic_write(out / runfiles.CONFIG, job.cfg.to_yaml(requested_from(out / runfiles.CONFIG)))
+            log.warning("out of memory: retrying from the start in passes of %d images (batch %d "
+                        "and lr unchanged; recorded in %s)", micro, cfg.batch_size,
+                        out / runfiles.CONFIG)
+            atomic_write(out / runfiles.CONFIG,
+                         job.cfg.to_yaml(requested_from(out / runfiles.CONFIG)))
             model.load_state_dict(initial)
             retried = True
 
 
 def _final_evaluation(job: Job, out: Path, state: TrainState) -> RunResult:
-    """The selected weights, read back from disk (what is evaluated is what was shipped), on the test
-    split once."""
+    """The selected weights, read back from disk
+    (what is evaluated is what was shipped), on the test split once."""
     cfg, stage, data, card, hw = job.cfg, job.stage, job.data, job.card, job.hw
     best = load_model_state(out, read_card(out)) if hw.dist.main else None
     state.model.load_state_dict(hw.dist.share(best))  # rank 0's disk alone may hold them
     temperature = _calibrate(job, out) if cfg.calibrate else 1.0
     final, staged = (data.test, stage.test) if data.test is not None else (data.val, stage.val)
-    run = dict(device=hw.device, precision=hw.precision, tta=cfg.tta, dist=hw.dist, workers=cfg.workers)
-    if cfg.tta and stage.cached:  # cached features hold one view: the mirror image needs the whole model
+    run = dict(device=hw.device, precision=hw.precision, tta=cfg.tta, dist=hw.dist,
+               workers=cfg.workers)
+    # cached features hold one view: the mirror image needs the whole model
+    if cfg.tta and stage.cached:
         micro = engine.micro_batch_for(cfg.micro_batch, hw.device, card.preprocessing.image_size)
         logits, labels = engine.evaluate(state.model, final,
                                          EvalTransform(card.preprocessing, cfg.channels_last),
-                                         batch_size=engine.eval_batch_for(cfg.batch_size, hw.dist, micro),
+                                         batch_size=engine.eval_batch_for(cfg.batch_size, hw.dist,
+                                                                          micro),
                                          **run)
     else:
-        logits, labels = engine.evaluate(stage.runner, staged, stage.eval_tf, batch_size=stage.eval_batch,
-                                         **run)
+        logits, labels = engine.evaluate(stage.runner, staged, stage.eval_tf,
+                                         batch_size=stage.eval_batch, **run)
     metrics = classification_metrics(logits, labels, data.classes)
     metrics["calibration"] = calibration.summary(logits, labels, temperature)
-    note = "" if data.test is not None else "no test split: the validation split, also used for model " \
-        "selection"
+    note = ("" if data.test is not None
+            else "no test split: the validation split, also used for model selection")
     said = measured_on(final, cfg.data, card.preprocessing.image_size, tta=cfg.tta, note=note)
     if hw.dist.main:
         title = f"{cfg.model} on {cfg.data}"
@@ -265,9 +280,9 @@ def _calibrate(job: Job, out: Path) -> float:
     """--calibrate: the temperature that minimizes the selected model's NLL on the validation split,
     in model.json."""
     stage, hw = job.stage, job.hw
-    logits, labels = engine.evaluate(stage.runner, stage.val, stage.eval_tf, batch_size=stage.eval_batch,
-                                     device=hw.device, precision=hw.precision, dist=hw.dist,
-                                     workers=job.cfg.workers)
+    logits, labels = engine.evaluate(stage.runner, stage.val, stage.eval_tf,
+                                     batch_size=stage.eval_batch, device=hw.device,
+                                     precision=hw.precision, dist=hw.dist, workers=job.cfg.workers)
     temperature = calibration.fit_temperature(logits, labels)
     log.info("calibrated: temperature %.4g, validation NLL %.4f -> %.4f", temperature,
              calibration.nll(logits, labels), calibration.nll(logits, labels, temperature))

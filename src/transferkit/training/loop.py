@@ -1,4 +1,5 @@
-"""The epoch loop: order the images, train one epoch, validate, record, save. Read `epochs` first."""
+"""The epoch loop: order the images, train one epoch,
+validate, record, save. Read `epochs` first."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ CHECKPOINT_MINUTES = 5  # mid-epoch checkpoints at least this often, besides --c
 
 @dataclass
 class Job:
-    """A prepared run: its resolved settings, model and card, data, plan, stage and where it computes."""
+    """A prepared run: its resolved settings, model and card,
+    data, plan, stage and where it computes."""
 
     cfg: TrainConfig
     bb: models.Backbone
@@ -48,37 +50,40 @@ class Job:
     stage: Stage | None = None  # built after the run folder is written (plan.build_stage)
 
 
-def epochs(job: Job, out: Path, state: TrainState, steps: int, drop_last: bool, stop: StopFlag) -> None:
+def epochs(job: Job, out: Path, state: TrainState, steps: int, drop_last: bool,
+           stop: StopFlag) -> None:
     """Train the remaining epochs; after each, validate, keep the best model and checkpoint."""
     cfg, stage, plan, dist = job.cfg, job.stage, job.plan, job.hw.dist
     setup = _announce(job, out, state, steps)
     averaged = None if state.ema is None else _runner_of(state.ema.module, job)
-    draws = balanced_draws(stage.train.labels, job.card.num_classes) if cfg.sampler == "balanced" else None
+    draws = (balanced_draws(stage.train.labels, job.card.num_classes)
+             if cfg.sampler == "balanced" else None)
     runner = torch.compile(stage.runner) if cfg.compile else stage.runner
     wrapped, trains = None, None
     for epoch in range(state.next_epoch, cfg.epochs + 1):
         if state.stopped_early(cfg.patience):  # also when resumed after the epoch that decided it
-            log.info("early stop after epoch %d of %d: val %s has not improved by more than %g for %d "
-                     "epochs (best: epoch %d)", state.history[-1]["epoch"], cfg.epochs, cfg.select_by,
-                     cfg.min_delta, cfg.patience, state.best_epoch)
+            log.info("early stop after epoch %d of %d: val %s has not improved by more than %g "
+                     "for %d epochs (best: epoch %d)", state.history[-1]["epoch"], cfg.epochs,
+                     cfg.select_by, cfg.min_delta, cfg.patience, state.best_epoch)
             break
         frozen = plan.backbone_frozen(epoch)
         models.set_trainable(state.model, job.card.head, not frozen, list(plan.frozen_blocks))
         if wrapped is None or (dist.on and frozen != trains):  # DDP syncs what trains when built
             wrapped, trains = dist.wrap(stage.runner, runner, cfg.compile, job.hw.device), frozen
         order = state.epoch_order(epoch, len(stage.train), draws)
-        # mixing needs each row's partner, anywhere in the batch: every process decodes the whole batch
+        # mixing needs each row's partner, anywhere in the batch:
+        # every process decodes the whole batch
         shard = dist.shard if dist.on and setup.mixing is None else None
         loader = batches(stage.train, cfg.batch_size, order=order, start=state.step or 0,
                          drop_last=drop_last, workers=cfg.workers, share=shard)
-        tally = train_epoch(job, out, state, wrapped, loader, _sized(setup, job, epoch), epoch, order,
-                            steps, stop)
+        tally = train_epoch(job, out, state, wrapped, loader, _sized(setup, job, epoch), epoch,
+                            order, steps, stop)
         val = validate(job, state, runner if averaged is None else averaged)
         row = {"epoch": epoch, **tally.summary(dist), **val, "backbone_frozen": frozen}
         best = state.record(row, cfg.select_by, cfg.min_delta)
         log.info("epoch %d/%d  train_loss %.3f  %s  lr %s  %.0f s  %.0f img/s", epoch, cfg.epochs,
-                 row["train_loss"], val_line(val, cfg.select_by), lr_range(row, "->"), row["seconds"],
-                 row["img_per_s"])
+                 row["train_loss"], val_line(val, cfg.select_by), lr_range(row, "->"),
+                 row["seconds"], row["img_per_s"])
         _save(job, out, state, epoch, val["val_acc"], best)
         if dist.sum(float(stop.requested))[0] > 0 and epoch < cfg.epochs:
             raise Interrupted(f"interrupted after epoch {epoch}; checkpoint saved. "
@@ -89,14 +94,16 @@ def start_state(job: Job, out: Path, saved: dict[str, Any] | None, prints: torch
                steps: int) -> TrainState:
     """A fresh TrainState over the run's parameter groups, or last.pt's when resuming."""
     cfg, model = job.cfg, job.bb.model
-    state = new_state(model, param_groups(cfg, model, job.card.head), optimizer=cfg.optimizer, lr=cfg.lr,
-                      momentum=cfg.momentum, schedule=cfg.schedule, steps=steps * cfg.epochs,
-                      warmup_steps=round(cfg.warmup_epochs * steps), seed=cfg.seed, device=job.hw.device)
+    state = new_state(model, param_groups(cfg, model, job.card.head), optimizer=cfg.optimizer,
+                      lr=cfg.lr, momentum=cfg.momentum, schedule=cfg.schedule,
+                      steps=steps * cfg.epochs, warmup_steps=round(cfg.warmup_epochs * steps),
+                      seed=cfg.seed, device=job.hw.device)
     state.fingerprints = prints  # last.pt records what the run trains on and with
     state.ema = WeightAverage(model, cfg.ema) if cfg.ema else None
     if saved is not None:
         state.resume(saved, out / runfiles.LAST, seed=cfg.seed, dist=job.hw.dist)
-        where = f"epoch {state.epoch}" + ("" if state.step is None else f", step {state.step}/{steps}")
+        where = f"epoch {state.epoch}" + (
+            "" if state.step is None else f", step {state.step}/{steps}")
         log.info("resuming %s after %s of %d epochs", out, where, cfg.epochs)
         _warn_if_schedule_ended(cfg, out, state, steps)
     return state
@@ -111,22 +118,26 @@ def _warn_if_schedule_ended(cfg: TrainConfig, out: Path, state: TrainState, step
         return
     peak = lr_factor(cfg.schedule, steps * cfg.epochs, round(cfg.warmup_epochs * steps))(
         state.scheduler.last_epoch)
-    log.warning("its %s schedule had ended after epoch %d; stretched to %d epochs, the added ones train "
-                "at %.0f%% of the peak lr and less. To train more on a full schedule, start a new run "
-                "from its weights: transferkit train --weights %s ... (with the run's other settings)",
-                cfg.schedule, state.epoch, cfg.epochs, 100 * peak, out / MODEL_FILE)
+    log.warning("its %s schedule had ended after epoch %d; stretched to %d epochs, the added ones "
+                "train at %.0f%% of the peak lr and less. To train more on a full schedule, start "
+                "a new run from its weights: transferkit train --weights %s ... (with the run's "
+                "other settings)", cfg.schedule, state.epoch, cfg.epochs, 100 * peak,
+                out / MODEL_FILE)
 
 
 def train_epoch(job: Job, out: Path, state: TrainState, model: torch.nn.Module, loader,
                 setup: engine.StepSetup, epoch: int, order: torch.Tensor, steps: int,
                 stop: StopFlag) -> Tally:
-    """One epoch's steps (from a resumed position); a checkpoint when due, at a stop, or every N steps."""
+    """One epoch's steps (from a resumed position);
+    a checkpoint when due, at a stop, or every N steps."""
     cfg, dist = job.cfg, job.hw.dist
     start = state.step or 0
-    tally = Tally.from_state_dict(state.running if dist.main and start else None)  # sums over all ranks
+    # sums over all ranks
+    tally = Tally.from_state_dict(state.running if dist.main and start else None)
     progress = EpochProgress(f"epoch {epoch}/{cfg.epochs}", steps, start, show=dist.main,
                              log_every=cfg.log_every, world=dist.world)
-    last_save, lr = time.monotonic(), state.optimizer.param_groups[0]["lr"]  # what the coming step uses
+    # lr: what the coming step uses
+    last_save, lr = time.monotonic(), state.optimizer.param_groups[0]["lr"]
     for fig in engine.train_one_epoch(model, state.optimizer, state.scheduler, loader, setup,
                                       state.augment, start):
         tally.add(fig.loss, fig.correct, fig.images, lr)
@@ -148,8 +159,9 @@ def train_epoch(job: Job, out: Path, state: TrainState, model: torch.nn.Module, 
                 save_last(out, state.state_dict())
             last_save = time.monotonic()
             if stopping:
-                raise Interrupted(f"interrupted at epoch {epoch}, step {fig.step}/{steps}; checkpoint "
-                                  f"saved. Resume with: {resume_command(out, dist)}", dist.main)
+                raise Interrupted(f"interrupted at epoch {epoch}, step {fig.step}/{steps}; "
+                                  f"checkpoint saved. Resume with: {resume_command(out, dist)}",
+                                  dist.main)
     progress.close()
     tally.stop()
     tally.check_finite(dist, steps, lr)
@@ -170,14 +182,16 @@ def validate(job: Job, state: TrainState, runner: torch.nn.Module) -> dict[str, 
     return _val_figures(logits, labels, job.card.classes)
 
 
-def _save(job: Job, out: Path, state: TrainState, epoch: int, val_acc: float | None, best: bool) -> None:
+def _save(job: Job, out: Path, state: TrainState, epoch: int, val_acc: float | None,
+          best: bool) -> None:
     """metrics.jsonl, the model when this epoch is the best so far, then last.pt (rank 0 alone)."""
     if not job.hw.dist.main:
         return
     write_metrics(out, state.history)
     if best:
         shipped = state.model if state.ema is None else state.ema.module
-        save_model(out, shipped, job.card.replace(best_epoch=epoch, val_acc=val_acc, epochs_trained=epoch,
+        save_model(out, shipped, job.card.replace(best_epoch=epoch, val_acc=val_acc,
+                                                  epochs_trained=epoch,
                                                   batch_size=job.cfg.batch_size))
     save_last(out, state.state_dict())
 
@@ -189,21 +203,22 @@ def _announce(job: Job, out: Path, state: TrainState, steps: int) -> engine.Step
         write_metrics(out, state.history)
     share = -(-cfg.batch_size // hw.dist.world)
     passes = "" if not stage.micro or stage.micro >= share else f" in passes of up to {stage.micro}"
-    log.info("training %d epochs x %d steps, batch %d%s, %s, %s on %s", cfg.epochs, steps, cfg.batch_size,
-             passes, cfg.strategy, hw.precision, hw.device)
+    log.info("training %d epochs x %d steps, batch %d%s, %s, %s on %s", cfg.epochs, steps,
+             cfg.batch_size, passes, cfg.strategy, hw.precision, hw.device)
     if state.next_epoch > cfg.epochs:
-        log.info("%s has trained all %d epochs: evaluating it again (resume with --epochs N to train more)",
-                 out, cfg.epochs)
+        log.info("%s has trained all %d epochs: evaluating it again (resume with --epochs N to "
+                 "train more)", out, cfg.epochs)
     weights = None if cfg.class_weights == "none" else \
         inverse_frequency(stage.train.labels, job.card.num_classes).to(hw.device)
     mixing = Mixing(cfg.mixup, cfg.cutmix) if cfg.mixup or cfg.cutmix else None
     if mixing is not None:
-        log.info("%s: train_acc counts an answer right when it is the label with the larger share of "
-                 "each mixed image", " + ".join(n for n in ("mixup", "cutmix") if getattr(cfg, n)))
+        log.info("%s: train_acc counts an answer right when it is the label with the larger "
+                 "share of each mixed image",
+                 " + ".join(n for n in ("mixup", "cutmix") if getattr(cfg, n)))
     if state.ema is not None:
         log.info("validating and saving the weights' moving average (--ema %g)", cfg.ema)
-    return engine.StepSetup(stage.train_tf, hw.device, hw.precision, stage.micro, cfg.label_smoothing,
-                            weights, cfg.batchnorm, hw.dist, mixing)
+    return engine.StepSetup(stage.train_tf, hw.device, hw.precision, stage.micro,
+                            cfg.label_smoothing, weights, cfg.batchnorm, hw.dist, mixing)
 
 
 def _sized(setup: engine.StepSetup, job: Job, epoch: int) -> engine.StepSetup:
@@ -217,7 +232,8 @@ def _sized(setup: engine.StepSetup, job: Job, epoch: int) -> engine.StepSetup:
 
 
 def _runner_of(model: torch.nn.Module, job: Job) -> torch.nn.Module:
-    """What of `model` (the averaged copy) runs on the stage's splits, as stage.runner does of the model."""
+    """What of `model` (the averaged copy) runs on the stage's splits,
+    as stage.runner does of the model."""
     if not job.plan.cached:
         return model
     if job.plan.on == "features":
@@ -226,15 +242,18 @@ def _runner_of(model: torch.nn.Module, job: Job) -> torch.nn.Module:
 
 
 def balanced_draws(labels: torch.Tensor, classes: int) -> torch.Tensor:
-    """--sampler balanced: each image's weight, inverse to its class's size (every class equally likely)."""
+    """--sampler balanced: each image's weight,
+    inverse to its class's size (every class equally likely)."""
     counts = torch.bincount(labels, minlength=classes).double()
     return (1.0 / counts.clamp(min=1))[labels]
 
 
-def _val_figures(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, float]:
+def _val_figures(logits: torch.Tensor, labels: torch.Tensor,
+                 classes: list[str]) -> dict[str, float]:
     """The epoch row's validation figures: what --select-by can choose from."""
     m = classification_metrics(logits, labels, classes)
-    loss = torch.nn.functional.cross_entropy(logits.float(), labels).item()  # plain NLL: no smoothing
+    # plain NLL: no smoothing
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels).item()
     return {"val_acc": m["accuracy"], "val_balanced_acc": m["balanced_accuracy"],
             "val_macro_f1": m["macro_f1"], "val_loss": loss}
 

@@ -1,9 +1,10 @@
-"""LR range test (Smith 2015, fastai's lr_find): train a few steps at exponentially growing learning rates,
-smooth the loss, stop when it diverges, and suggest the lr where the smoothed loss falls fastest, as the peak
-of the run's schedule (a cosine schedule averages half its peak: the suggestion is then twice that lr).
+"""LR range test (Smith 2015, fastai's lr_find): train a few steps at exponentially
+growing learning rates, smooth the loss, stop when it diverges, and suggest the lr
+where the smoothed loss falls fastest, as the peak of the run's schedule (a cosine
+schedule averages half its peak: the suggestion is then twice that lr).
 
-The model, its BatchNorm statistics, the optimizer and torch's global generator are as they were afterwards:
-nothing of the test leaks into the training that follows.
+The model, its BatchNorm statistics, the optimizer and torch's global generator are
+as they were afterwards: nothing of the test leaks into the training that follows.
 """
 
 from __future__ import annotations
@@ -39,16 +40,20 @@ log = logging.getLogger(__name__)
 
 STEPS = 100  # steps of the ramp: about 14 per decade from 1e-7 to 1
 START_LR = 1e-7
-END_LR = 1.0  # or 10x the lr asked for where that is larger; the test stops at divergence long before, mostly
-BETA = 0.9  # EMA of the loss: weight of the past (a window of ~10 steps, under one decade of the ramp)
+# or 10x the lr asked for where that is larger; the test stops at divergence long before, mostly
+END_LR = 1.0
+# EMA of the loss: weight of the past (a window of ~10 steps, under one decade of the ramp)
+BETA = 0.9
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this many times its minimum
-SKIP = 0.1  # the first 10% of the steps: the EMA's start-up and the flat part where nothing learns yet
+# the first 10% of the steps: the EMA's start-up and the flat part where nothing learns yet
+SKIP = 0.1
 JSON_FILE, PNG_FILE = runfiles.LR_FIND_JSON, runfiles.LR_FIND_PNG
 
 
 @dataclass
 class RangeTest:
-    """What an LR range test measured: the lr and mean loss of each step, the smoothed curve, the suggestion."""
+    """What an LR range test measured: the lr and mean loss of each step,
+    the smoothed curve, the suggestion."""
 
     lrs: list[float]
     losses: list[float]
@@ -62,8 +67,8 @@ class RangeTest:
     steps: int  # asked for; len(lrs) were taken
     batch_size: int
     seconds: float = 0.0
-    rule: str = ("steepest descent of the zero-phase smoothed loss (first 10% of the steps skipped), divided by "
-                 "the schedule's mean lr factor")
+    rule: str = ("steepest descent of the zero-phase smoothed loss (first 10% of the steps "
+                 "skipped), divided by the schedule's mean lr factor")
     notes: dict[str, Any] = field(default_factory=dict)  # what it ran on (strategy, model, data)
     out: str = ""  # the folder of lr_find.json and lr_find.png
 
@@ -71,20 +76,23 @@ class RangeTest:
 def check_ramp(steps: int, start_lr: float, end_lr: float) -> None:
     """Refuse a ramp the test cannot read a suggestion from."""
     if steps < 10:
-        raise TransferkitError(f"--steps {steps}: the range test needs at least 10 steps (about 100 is usual)")
+        raise TransferkitError(f"--steps {steps}: the range test needs at least 10 steps "
+                               "(about 100 is usual)")
     if not 0 < start_lr < end_lr or not math.isfinite(end_lr):
-        raise TransferkitError(f"the lr ramp must rise from a positive --start-lr to a larger --end-lr, not "
-                               f"{start_lr:g} -> {end_lr:g}")
+        raise TransferkitError(f"the lr ramp must rise from a positive --start-lr to a larger "
+                               f"--end-lr, not {start_lr:g} -> {end_lr:g}")
 
 
 def ramp(start_lr: float, end_lr: float, steps: int):
-    """The factor of step i (0-based) on a base lr of 1: exponential from start_lr to end_lr over `steps`."""
+    """The factor of step i (0-based) on a base lr of 1:
+    exponential from start_lr to end_lr over `steps`."""
     ratio = end_lr / start_lr
     return lambda i: start_lr * ratio ** (min(i, steps - 1) / max(1, steps - 1))
 
 
 def ema(values: np.ndarray, beta: float = BETA) -> np.ndarray:
-    """Bias-corrected exponential moving average (what the divergence test watches, step by step)."""
+    """Bias-corrected exponential moving average
+    (what the divergence test watches, step by step)."""
     out, avg = np.empty(len(values)), 0.0
     for i, v in enumerate(values):
         avg = beta * avg + (1 - beta) * v
@@ -93,8 +101,9 @@ def ema(values: np.ndarray, beta: float = BETA) -> np.ndarray:
 
 
 def zero_phase(values: np.ndarray, beta: float = BETA) -> np.ndarray:
-    """The EMA run forward then backward: as smooth, but centred, so the curve does not lag behind the ramp
-    (a forward EMA alone lags ~beta/(1-beta) steps, most of a decade of lr here, and would suggest too high)."""
+    """The EMA run forward then backward: as smooth, but centred, so the curve
+    does not lag behind the ramp (a forward EMA alone lags ~beta/(1-beta) steps,
+    most of a decade of lr here, and would suggest too high)."""
     return ema(ema(values, beta)[::-1], beta)[::-1]
 
 
@@ -103,53 +112,60 @@ class NoDescent(TransferkitError):
 
 
 def suggest(lrs: list[float], losses: list[float]) -> float:
-    """The lr where the smoothed loss falls fastest per decade, between the first 10% of the steps and the
-    smoothed minimum.
+    """The lr where the smoothed loss falls fastest per decade,
+    between the first 10% of the steps and the smoothed minimum.
 
-    Why this rule: the steepest descent is where a step gains most from a larger lr while still gaining at
-    all; on the zero-phase smoothed curve one noisy batch moves it little, and skipping the start keeps the
-    EMA's start-up out. Without a clear descent (the loss never fell), a tenth of the lr at the lowest loss.
+    Why this rule: the steepest descent is where a step gains most from a larger lr while still
+    gaining at all; on the zero-phase smoothed curve one noisy batch moves it little, and skipping
+    the start keeps the EMA's start-up out. Without a clear descent (the loss never fell), a tenth
+    of the lr at the lowest loss.
     """
     x = np.log10(np.asarray(lrs, dtype=np.float64))
     y = np.asarray(losses, dtype=np.float64)
     if len(y) < 5:
-        raise TransferkitError("the range test ended after fewer than 5 finite losses; lower --start-lr")
+        raise TransferkitError("the range test ended after fewer than 5 finite losses; "
+                               "lower --start-lr")
     s = zero_phase(y)
     lo, hi = max(1, int(SKIP * len(s))), int(np.argmin(s))
     if hi - lo < 3 and (hi == 0 or s[hi] > 0.99 * s[0]):
-        raise NoDescent(f"the loss did not fall over the LR range test ({len(s)} steps, lr {lrs[0]:.1e} to "
-                        f"{lrs[-1]:.1e}), so there is no lr to suggest; run more --steps or pass --lr")
+        raise NoDescent(f"the loss did not fall over the LR range test ({len(s)} steps, "
+                        f"lr {lrs[0]:.1e} to {lrs[-1]:.1e}), so there is no lr to suggest; "
+                        "run more --steps or pass --lr")
     if hi - lo < 3:
-        log.warning("lr-find: the smoothed loss has no clear descent before its minimum; suggesting a tenth of "
-                    "the lr at the lowest loss")
+        log.warning("lr-find: the smoothed loss has no clear descent before its minimum; "
+                    "suggesting a tenth of the lr at the lowest loss")
         return float(10 ** x[int(np.argmin(s))] / 10)
     slope = np.gradient(s, x)
     return float(10 ** x[lo + int(np.argmin(slope[lo:hi + 1]))])
 
 
-def range_test(model: nn.Module, runner: nn.Module, groups: list[dict], train: Split, setup: engine.StepSetup, *,
-               optimizer: str, momentum: float, batch_size: int, seed: int, steps: int = STEPS,
-               start_lr: float = START_LR, end_lr: float = END_LR, schedule_mean: float = 1.0) -> RangeTest:
-    """Train `runner` (the model, or its head on cached features) from `train`'s batches at an exponentially
-    growing lr; `groups`: the run's parameter groups built at lr 1 (their lr is the multiplier of the ramp).
-    `model` (the whole network) is restored afterwards, its trainable flags and torch's generator too.
-    `schedule_mean`: the run's mean lr over its peak (schedule_mean()): the suggestion is the peak whose
-    schedule spends on average the lr where the loss fell fastest."""
+def range_test(model: nn.Module, runner: nn.Module, groups: list[dict], train: Split,
+               setup: engine.StepSetup, *, optimizer: str, momentum: float, batch_size: int,
+               seed: int, steps: int = STEPS, start_lr: float = START_LR, end_lr: float = END_LR,
+               schedule_mean: float = 1.0) -> RangeTest:
+    """Train `runner` (the model, or its head on cached features) from `train`'s
+    batches at an exponentially growing lr; `groups`: the run's parameter groups built
+    at lr 1 (their lr is the multiplier of the ramp). `model` (the whole network) is
+    restored afterwards, its trainable flags and torch's generator too.
+    `schedule_mean`: the run's mean lr over its peak (schedule_mean()): the suggestion
+    is the peak whose schedule spends on average the lr where the loss fell fastest."""
     check_ramp(steps, start_lr, end_lr)
     kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainable = [p.requires_grad for p in model.parameters()]
     rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state(setup.device) if setup.device.type == "cuda" else None  # dropout there
+    cuda_rng = (torch.cuda.get_rng_state(setup.device)  # dropout there
+                if setup.device.type == "cuda" else None)
     opt = make_optimizer(groups, optimizer, 1.0, momentum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp(start_lr, end_lr, steps))
-    # Generators of its own, seeded as the run's: the run's order and crops stay what they would have been.
+    # Generators of its own, seeded as the run's:
+    # the run's order and crops stay what they would have been.
     shuffle, augment = generators(seed, setup.device)
     drop_last = engine.steps_per_epoch(len(train), batch_size, SINGLE)[1]
     started = time.perf_counter()
     train_mode(runner, setup.batchnorm)
     try:
-        lrs, losses, stopped = _ramp(runner, opt, sched, train, setup, shuffle, augment, batch_size, drop_last,
-                                     steps)
+        lrs, losses, stopped = _ramp(runner, opt, sched, train, setup, shuffle, augment,
+                                     batch_size, drop_last, steps)
     finally:
         model.load_state_dict(kept)
         for p, flag in zip(model.parameters(), trainable):
@@ -160,16 +176,17 @@ def range_test(model: nn.Module, runner: nn.Module, groups: list[dict], train: S
         opt.zero_grad(set_to_none=True)
     curve = [float(v) for v in ema(np.asarray(losses))]
     steepest = suggest(lrs, losses)
-    result = RangeTest(lrs, losses, curve, steepest / schedule_mean, steepest, schedule_mean, stopped, start_lr,
-                       end_lr, steps, batch_size, time.perf_counter() - started)
-    log.info("lr-find: %d steps from %.1e to %.1e (%s) in %.0f s; steepest descent at %.2e: suggested peak lr "
-             "%.2e", len(lrs), lrs[0], lrs[-1], stopped, result.seconds, steepest, result.suggestion)
+    result = RangeTest(lrs, losses, curve, steepest / schedule_mean, steepest, schedule_mean,
+                       stopped, start_lr, end_lr, steps, batch_size, time.perf_counter() - started)
+    log.info("lr-find: %d steps from %.1e to %.1e (%s) in %.0f s; steepest descent at %.2e: "
+             "suggested peak lr %.2e", len(lrs), lrs[0], lrs[-1], stopped, result.seconds, steepest,
+             result.suggestion)
     return result
 
 
-def _ramp(runner: nn.Module, opt: torch.optim.Optimizer, sched, train: Split, setup: engine.StepSetup,
-          shuffle: torch.Generator, augment: torch.Generator, batch_size: int, drop_last: bool,
-          steps: int) -> tuple[list[float], list[float], str]:
+def _ramp(runner: nn.Module, opt: torch.optim.Optimizer, sched, train: Split,
+          setup: engine.StepSetup, shuffle: torch.Generator, augment: torch.Generator,
+          batch_size: int, drop_last: bool, steps: int) -> tuple[list[float], list[float], str]:
     """The ramp's steps: each one's lr and loss, and why it stopped."""
     lrs: list[float] = []
     losses: list[float] = []
@@ -197,13 +214,15 @@ def _ramp(runner: nn.Module, opt: torch.optim.Optimizer, sched, train: Split, se
 
 
 def schedule_mean(schedule: str, steps: int, warmup_steps: int) -> float:
-    """The mean lr of a run's schedule (state.lr_factor) as a fraction of its peak: cosine with warmup 0.5."""
+    """The mean lr of a run's schedule (state.lr_factor)
+    as a fraction of its peak: cosine with warmup 0.5."""
     factor = lr_factor(schedule, steps, warmup_steps)
     return sum(factor(i) for i in range(steps)) / max(1, steps)
 
 
 def write(out: Path, result: RangeTest, title: str) -> None:
-    """lr_find.json (the curve) and lr_find.png (loss against lr, the suggestion marked) in `out`."""
+    """lr_find.json (the curve) and lr_find.png
+    (loss against lr, the suggestion marked) in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     result.out = str(out)
     atomic_write(out / JSON_FILE, json.dumps(asdict(result), indent=2))
@@ -212,16 +231,21 @@ def write(out: Path, result: RangeTest, title: str) -> None:
     ax.plot(result.lrs, result.losses, color="0.75", lw=1, label="loss of each step")
     ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label=f"smoothed (EMA {BETA})")
     ax.axvline(result.steepest, color="C1", ls=":", label=f"steepest descent {result.steepest:.2e}")
-    ax.axvline(result.suggestion, color="C3", ls="--", label=f"suggested peak lr {result.suggestion:.2e}"
-               + ("" if result.schedule_mean == 1 else f" (/ schedule mean {result.schedule_mean:.2f})"))
+    ax.axvline(result.suggestion, color="C3", ls="--",
+               label=f"suggested peak lr {result.suggestion:.2e}"
+               + ("" if result.schedule_mean == 1
+                  else f" (/ schedule mean {result.schedule_mean:.2f})"))
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (head; backbone at --backbone-lr-mult times it)")
     ax.set_ylabel("training loss")
     finite = [v for v in result.smoothed if math.isfinite(v)]
-    if finite:  # a diverged tail would squash the useful part of the curve: show up to a bit above the start
+    # a diverged tail would squash the useful part of the curve: show up to a bit above the start
+    if finite:
         start = max(finite[:max(1, int(SKIP * len(finite)))])
-        ax.set_ylim(min(finite) * 0.95, min(max(finite), 1.25 * start, DIVERGED * min(finite)) * 1.05)
-    ax.set_title(f"{title}\n{len(result.lrs)} steps of batch {result.batch_size}, {result.stopped}", fontsize=9)
+        ax.set_ylim(min(finite) * 0.95,
+                    min(max(finite), 1.25 * start, DIVERGED * min(finite)) * 1.05)
+    ax.set_title(f"{title}\n{len(result.lrs)} steps of batch {result.batch_size}, "
+                 f"{result.stopped}", fontsize=9)
     ax.legend(fontsize=8)
     save_png(fig, out / PNG_FILE)
 
@@ -234,9 +258,10 @@ def run_test(job: Job, **ramp: Any) -> RangeTest:
     set_trainable(model, head, cfg.strategy != "linear", list(job.plan.frozen_blocks))
     weights = None if cfg.class_weights == "none" else \
         inverse_frequency(stage.train.labels, job.card.num_classes).to(hw.device)
-    setup = engine.StepSetup(stage.train_tf, hw.device, hw.precision, stage.micro, cfg.label_smoothing,
-                             weights, cfg.batchnorm)
-    groups = param_groups(cfg.replace(lr=1.0), model, head)  # the ramp scales them (--layer-decay too)
+    setup = engine.StepSetup(stage.train_tf, hw.device, hw.precision, stage.micro,
+                             cfg.label_smoothing, weights, cfg.batchnorm)
+    # the ramp scales them (--layer-decay too)
+    groups = param_groups(cfg.replace(lr=1.0), model, head)
     end = ramp.pop("end_lr", None) or max(END_LR, 10 * cfg.lr if cfg.lr != "auto" else 0)
     steps, _ = engine.steps_per_epoch(len(stage.train), cfg.batch_size, SINGLE)
     mean = schedule_mean(cfg.schedule, steps * cfg.epochs, round(cfg.warmup_epochs * steps))
@@ -253,9 +278,11 @@ def auto_lr(job: Job, out: Path) -> TrainConfig:
     """--lr auto: the range test's suggestion (rank 0 runs it, every process trains at it), in
     config.yaml (what was asked for, 'auto', under requested:)."""
     cfg, dist = job.cfg, job.hw.dist
-    if dist.on and cfg.batchnorm == "sync":  # SyncBatchNorm in rank 0's test would wait for the others
-        raise TransferkitError("--lr auto with --batchnorm sync under torchrun: run 'transferkit lr-find' "
-                               "with the same settings in one process first, then pass its suggestion as --lr")
+    # SyncBatchNorm in rank 0's test would wait for the others
+    if dist.on and cfg.batchnorm == "sync":
+        raise TransferkitError("--lr auto with --batchnorm sync under torchrun: "
+                               "run 'transferkit lr-find' with the same settings in one process "
+                               "first, then pass its suggestion as --lr")
     found, lr = None, None
     if dist.main:
         try:

@@ -1,5 +1,6 @@
-"""The transfer policy as a value: which strategy, which blocks train in which epoch, on images or on
-cached features, at what size. `make_plan` decides; the epoch loop and the report read the `Plan`."""
+"""The transfer policy as a value: which strategy, which blocks train in which
+epoch, on images or on cached features, at what size. `make_plan` decides; the
+epoch loop and the report read the `Plan`."""
 
 from __future__ import annotations
 
@@ -40,8 +41,10 @@ class Plan:
         return self.on != "images"
 
     def backbone_frozen(self, epoch: int) -> bool:
-        """Whether the backbone stays frozen in `epoch` (a probe always; gradual for its head epochs)."""
-        return self.strategy == "linear" or (self.strategy == "gradual" and epoch <= self.head_epochs)
+        """Whether the backbone stays frozen in `epoch`
+        (a probe always; gradual for its head epochs)."""
+        return self.strategy == "linear" or (self.strategy == "gradual"
+                                             and epoch <= self.head_epochs)
 
     def size(self, epoch: int) -> int:
         """The side `epoch` trains at (--progressive grows it)."""
@@ -54,21 +57,24 @@ def choose_strategy(cfg: TrainConfig, train_images: int) -> tuple[str, str]:
         return cfg.strategy, "asked for"
     if cfg.weights.lower() == "none":
         return "finetune", "random weights (--weights none) give no features to probe"
-    needs_backbone = [flag for flag, on in (("--trainable-blocks", cfg.trainable_blocks is not None),
-                                            ("--layer-decay", cfg.layer_decay != 1)) if on]
+    needs_backbone = [flag for flag, on in (
+        ("--trainable-blocks", cfg.trainable_blocks is not None),
+        ("--layer-decay", cfg.layer_decay != 1),
+    ) if on]
     needs_backbone += image_options(cfg)
     if needs_backbone:
         return "finetune", f"{', '.join(needs_backbone)} train(s) the backbone on augmented images"
     if train_images < AUTO_FINETUNE_FROM:
-        return "linear", (f"{train_images:,} training images, fewer than {AUTO_FINETUNE_FROM:,}: on "
-                          "this little data the frozen pretrained features, probed on cached features, "
-                          "beat a full fine-tune in a fraction of its time")
-    return "finetune", f"{train_images:,} training images, {AUTO_FINETUNE_FROM:,} or more: a full fine-tune"
+        return "linear", (f"{train_images:,} training images, fewer than {AUTO_FINETUNE_FROM:,}: "
+                          "on this little data the frozen pretrained features, probed on cached "
+                          "features, beat a full fine-tune in a fraction of its time")
+    return "finetune", (f"{train_images:,} training images, {AUTO_FINETUNE_FROM:,} or more: "
+                        "a full fine-tune")
 
 
 def resolve_strategy(cfg: TrainConfig, train_images: int, requested: dict[str, Any]) -> TrainConfig:
-    """Resolve --strategy auto by the training split; config.yaml keeps `auto` under requested:, so a
-    resumed run goes on with what was chosen."""
+    """Resolve --strategy auto by the training split;
+    config.yaml keeps `auto` under requested:, so a resumed run goes on with what was chosen."""
     if cfg.strategy != "auto":
         return cfg
     strategy, why = choose_strategy(cfg, train_images)
@@ -88,9 +94,10 @@ def frozen_blocks(cfg: TrainConfig, bb: models.Backbone) -> tuple[str, ...]:
 
 def make_plan(cfg: TrainConfig, bb: models.Backbone, pre: Preprocessing, data: DataSource,
               device: torch.device, frozen: tuple[str, ...]) -> Plan:
-    """The policy of a run whose strategy is resolved: what trains in which epoch, on what (`frozen`:
-    frozen_blocks)."""
-    linear = cfg.strategy == "linear" and cfg.feature_cache and supports_feature_cache(bb.model, bb.head)
+    """The policy of a run whose strategy is resolved:
+    what trains in which epoch, on what (`frozen`: frozen_blocks)."""
+    linear = (cfg.strategy == "linear" and cfg.feature_cache
+              and supports_feature_cache(bb.model, bb.head))
     images = sum(len(s) for s in (data.train, data.val, data.test) if s is not None)
     trunk = bool(frozen) and cfg.feature_cache and models.caches_activations(bb.model) and \
         activations_fit(bb.model, frozen[-1], pre.image_size, device, images)
@@ -98,8 +105,8 @@ def make_plan(cfg: TrainConfig, bb: models.Backbone, pre: Preprocessing, data: D
     if on != "images":
         check_uncached(cfg)
     elif frozen:  # (the cached case says so when the cache is made)
-        log.info("training the last %d blocks and the head; the blocks up to %s stay frozen and run "
-                 "every step on the augmented images", cfg.trainable_blocks, frozen[-1])
+        log.info("training the last %d blocks and the head; the blocks up to %s stay frozen and "
+                 "run every step on the augmented images", cfg.trainable_blocks, frozen[-1])
     return Plan(cfg.strategy, frozen, on, cfg.head_epochs, cfg.epochs, pre.image_size,
                 cfg.progressive)
 
@@ -116,13 +123,15 @@ def build_stage(plan: Plan, cfg: TrainConfig, bb: models.Backbone, pre: Preproce
                   engine.eval_batch_for(cfg.batch_size, hw.dist, micro))
     if not plan.cached:
         return stage
-    if cfg.tta:  # the mirror image needs the whole model: the final evaluation reads the test images
+    # the mirror image needs the whole model: the final evaluation reads the test images
+    if cfg.tta:
         stage = replace(stage, test=None)
     key = {"arch": cfg.model, "weights": bb.weights, "build": bb.build_kwargs,
            "preprocessing": pre.to_dict()}
     frozen = [] if plan.on == "features" else list(plan.frozen_blocks)
     stage = cached_stage(stage, bb.model, bb.head, frozen, key, device=hw.device,
-                         precision=hw.precision, use_cache=cfg.cache, dist=hw.dist, workers=cfg.workers,
+                         precision=hw.precision, use_cache=cfg.cache, dist=hw.dist,
+                         workers=cfg.workers,
                          eval_batch=engine.eval_batch_for(cfg.batch_size, hw.dist, None))
     if plan.on == "activations":
         log.info("training the last %d blocks on cached activations of %s (one un-augmented view)",
@@ -146,8 +155,8 @@ def check_progressive(cfg: TrainConfig, bb: models.Backbone, size: int) -> None:
     if cfg.progressive is None:
         return
     if cfg.progressive >= size:
-        raise TransferkitError(f"--progressive {cfg.progressive} must be smaller than the input size "
-                               f"({size} px); lower it or raise --image-size")
+        raise TransferkitError(f"--progressive {cfg.progressive} must be smaller than the input "
+                               f"size ({size} px); lower it or raise --image-size")
     if cfg.model.startswith(models.FIXED_SIZE):
         raise TransferkitError(f"{cfg.model} takes {size} px inputs only; --progressive needs a "
                                "convolutional model (resnet, mobilenet, efficientnet, convnext...)")
@@ -158,18 +167,21 @@ def image_options(cfg: TrainConfig) -> list[str]:
     """The flags given that change the training images (beyond crop and flip), which cached features
     cannot."""
     return [flag for flag, on in (("--augment-policy", cfg.augment_policy != "none"),
-                                  ("--random-erasing", cfg.random_erasing > 0), ("--mixup", cfg.mixup > 0),
-                                  ("--cutmix", cfg.cutmix > 0), ("--progressive", cfg.progressive is not None))
+                                  ("--random-erasing", cfg.random_erasing > 0),
+                                  ("--mixup", cfg.mixup > 0), ("--cutmix", cfg.cutmix > 0),
+                                  ("--progressive", cfg.progressive is not None))
             if on]
 
 
 def check_uncached(cfg: TrainConfig) -> None:
-    """Refuse what transforms training images where training runs on cached features (there are none)."""
+    """Refuse what transforms training images where
+    training runs on cached features (there are none)."""
     asked = image_options(cfg)
     if asked:
-        raise TransferkitError(f"{', '.join(asked)} change(s) the training images, and this run trains on "
-                               "cached features of them (--strategy linear or --trainable-blocks); add "
-                               "--no-feature-cache to train on the images, or drop " + ", ".join(asked))
+        raise TransferkitError(f"{', '.join(asked)} change(s) the training images, and this run "
+                               "trains on cached features of them (--strategy linear "
+                               "or --trainable-blocks); add --no-feature-cache to train on the "
+                               "images, or drop " + ", ".join(asked))
 
 
 def param_groups(cfg: TrainConfig, model: torch.nn.Module, head: str) -> list[dict]:
@@ -179,8 +191,8 @@ def param_groups(cfg: TrainConfig, model: torch.nn.Module, head: str) -> list[di
     try:
         blocks = models.block_names(model, head)
     except TransferkitError:
-        raise TransferkitError(f"--layer-decay needs a backbone built from a sequence of blocks (ResNet, "
-                               f"RegNet, MobileNet, EfficientNet, ConvNeXt...), not {type(model).__name__}; "
-                               "drop --layer-decay") from None
+        raise TransferkitError(f"--layer-decay needs a backbone built from a sequence of blocks "
+                               f"(ResNet, RegNet, MobileNet, EfficientNet, ConvNeXt...), not "
+                               f"{type(model).__name__}; drop --layer-decay") from None
     return layer_decay_groups(model, head, blocks, lr=cfg.lr, backbone_lr_mult=cfg.backbone_lr_mult,
                               layer_decay=cfg.layer_decay, weight_decay=cfg.weight_decay)

@@ -26,25 +26,30 @@ from . import fingerprint
 
 log = logging.getLogger(__name__)
 
-RESUMABLE_CHANGES = {"epochs", "device", "workers", "log_every", "compile", "checkpoint_every", "micro_batch", "tta"}
-MOVABLE = {"data", "data_dir"}  # a resume may name the data's new place: its fingerprint says whether it is the same
+RESUMABLE_CHANGES = {"epochs", "device", "workers", "log_every", "compile", "checkpoint_every",
+                     "micro_batch", "tta"}
+# a resume may name the data's new place: its fingerprint says whether it is the same
+MOVABLE = {"data", "data_dir"}
 UNCHECKED = RESUMABLE_CHANGES | MOVABLE | {"out"}  # what the settings' fingerprint leaves out
 
 
-def settings_of(config: TrainConfig | None, resume: str | Path | None, settings: dict[str, Any]) -> TrainConfig:
-    """The run's settings: a resumed run's own config.yaml (only RESUMABLE_CHANGES may change, and --data
-    may point to its moved data folder), or new ones."""
+def settings_of(config: TrainConfig | None, resume: str | Path | None,
+                settings: dict[str, Any]) -> TrainConfig:
+    """The run's settings: a resumed run's own config.yaml (only RESUMABLE_CHANGES may change,
+    and --data may point to its moved data folder), or new ones."""
     if resume is not None:
         changed = sorted(set(settings) - RESUMABLE_CHANGES - MOVABLE)
         if changed or config is not None:
             raise TransferkitError(
-                f"--resume continues a run with its own config.yaml; only {', '.join(sorted(RESUMABLE_CHANGES))} "
-                f"may change, and --data may name the new place of moved data "
-                f"(not {', '.join(changed) or 'a new config'})"
+                "--resume continues a run with its own config.yaml; only "
+                f"{', '.join(sorted(RESUMABLE_CHANGES))} may change, and --data may name the new "
+                f"place of moved data (not {', '.join(changed) or 'a new config'})"
             )
         if not (Path(resume) / runfiles.CONFIG).is_file():
-            raise TransferkitError(f"nothing to resume in '{resume}': no config.yaml (is it a run folder?)")
-        return TrainConfig.from_yaml(Path(resume) / "config.yaml", **settings, out=str(Path(resume).absolute()))
+            raise TransferkitError(f"nothing to resume in '{resume}': no config.yaml "
+                                   "(is it a run folder?)")
+        return TrainConfig.from_yaml(Path(resume) / "config.yaml", **settings,
+                                     out=str(Path(resume).absolute()))
     if config is None:
         return TrainConfig.create(**settings)
     return config.replace(**settings) if settings else config
@@ -52,7 +57,8 @@ def settings_of(config: TrainConfig | None, resume: str | Path | None, settings:
 
 @dataclass
 class RunStart:
-    """Rank 0's decision, shared with every process: the settings, the folder, the state to resume."""
+    """Rank 0's decision, shared with every process:
+    the settings, the folder, the state to resume."""
 
     cfg: TrainConfig | None = None
     out: str = ""
@@ -62,7 +68,8 @@ class RunStart:
 
 
 @contextlib.contextmanager
-def run_folder(cfg: TrainConfig, resume: str | Path | None, overwrite: bool, dist: Dist) -> Iterator[RunStart]:
+def run_folder(cfg: TrainConfig, resume: str | Path | None, overwrite: bool,
+               dist: Dist) -> Iterator[RunStart]:
     """Rank 0 prepares the run folder, locks it for the time of the block and reads last.pt; every
     process gets the same RunStart."""
     start, lock, made = RunStart(error="rank 0 did not prepare the run"), None, []
@@ -89,19 +96,21 @@ def run_folder(cfg: TrainConfig, resume: str | Path | None, overwrite: bool, dis
 
 
 def _check_settings(saved: dict[str, Any], cfg: TrainConfig, out: Path) -> None:
-    """A resume continues with the settings the run started with: config.yaml edited since is refused."""
+    """A resume continues with the settings the run started with:
+    config.yaml edited since is refused."""
     prints = fingerprint.unpack(saved)
     if prints is None:
-        log.warning("%s records no fingerprint of its data and settings (an earlier transferkit wrote it): cannot "
-                    "check that they are still the ones the run started with", out / runfiles.LAST)
+        log.warning("%s records no fingerprint of its data and settings (an earlier transferkit "
+                    "wrote it): cannot check that they are still the ones the run started with",
+                    out / runfiles.LAST)
         return
     fingerprint.check_settings(prints["settings"], fingerprint.settings_of(cfg, UNCHECKED), out)
 
 
 def _discard(made: list[Path]) -> None:
-    """Remove the folders this run created while it wrote nothing in them but what it writes before training
-    (lock, log, config.yaml, skipped.txt, split.json): a run that fails before it trains leaves nothing behind, and what
-    was there before this run is never removed."""
+    """Remove the folders this run created while it wrote nothing in them but what it writes before
+    training (lock, log, config.yaml, skipped.txt, split.json): a run that fails before it trains
+    leaves nothing behind, and what was there before this run is never removed."""
     if not made:
         return
     try:
@@ -117,8 +126,8 @@ def _discard(made: list[Path]) -> None:
 
 
 def _make_folder(out: Path, resuming: bool) -> list[Path]:
-    """Create the run folder (and its parents) and check that it takes files; returns the folders created,
-    deepest first."""
+    """Create the run folder (and its parents) and check that it takes files;
+    returns the folders created, deepest first."""
     made, p = [], out
     while not (p.exists() or p.is_symlink()) and p != p.parent:
         made.append(p)
@@ -128,8 +137,8 @@ def _make_folder(out: Path, resuming: bool) -> list[Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise TransferkitError(f"cannot create the run folder {out} ({e.strerror or e}); choose another --out "
-                               "in a folder you can write") from None
+        raise TransferkitError(f"cannot create the run folder {out} ({e.strerror or e}); "
+                               "choose another --out in a folder you can write") from None
     try:
         fd, probe = tempfile.mkstemp(dir=out, prefix=".write-check.")
         os.close(fd)
@@ -137,15 +146,17 @@ def _make_folder(out: Path, resuming: bool) -> list[Path]:
     except OSError as e:
         _discard(made)
         if resuming:
-            raise TransferkitError(f"the run folder {out} is read-only ({e.strerror or e}); make it writable to "
-                                   "resume it, or copy it elsewhere and resume the copy") from None
-        raise TransferkitError(f"cannot write in the run folder {out} ({e.strerror or e}); choose another --out "
-                               "in a folder you can write") from None
+            raise TransferkitError(f"the run folder {out} is read-only ({e.strerror or e}); make "
+                                   "it writable to resume it, or copy it elsewhere and resume the "
+                                   "copy") from None
+        raise TransferkitError(f"cannot write in the run folder {out} ({e.strerror or e}); "
+                               "choose another --out in a folder you can write") from None
     return made
 
 
 def _absolute(cfg: TrainConfig, resume: str | Path | None) -> TrainConfig:
-    """The data folder, data_dir and out as absolute paths: the run is found again from any directory."""
+    """The data folder, data_dir and out as absolute paths:
+    the run is found again from any directory."""
     changes: dict[str, Any] = {"out": str(Path(cfg.out).expanduser().absolute())} if cfg.out else {}
     if cfg.data_dir:
         changes["data_dir"] = str(Path(cfg.data_dir).expanduser().absolute())
@@ -155,26 +166,29 @@ def _absolute(cfg: TrainConfig, resume: str | Path | None) -> TrainConfig:
             changes["data"] = str(data.absolute())
         elif resume is not None:
             raise TransferkitError(
-                f"the run's data folder {cfg.data} (recorded in {Path(resume) / 'config.yaml'}) is missing; if it "
-                f"moved, pass its new place: transferkit train --resume {resume} --data NEWPATH")
+                f"the run's data folder {cfg.data} (recorded in {Path(resume) / 'config.yaml'}) "
+                "is missing; if it moved, pass its new place: "
+                f"transferkit train --resume {resume} --data NEWPATH")
     return cfg.replace(**changes) if changes else cfg
 
 
 def _lock(out: Path) -> IO[str]:
-    """An OS lock on the run folder while this process writes it; a second run is refused by name."""
+    """An OS lock on the run folder while this process writes it;
+    a second run is refused by name."""
     try:
         f = open(out / runfiles.LOCK, "a+")  # held open for the whole run
     except OSError as e:
-        raise TransferkitError(f"cannot write in the run folder {out} ({e.strerror or e}); choose another --out "
-                               "in a folder you can write") from None
+        raise TransferkitError(f"cannot write in the run folder {out} ({e.strerror or e}); "
+                               "choose another --out in a folder you can write") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
-        raise TransferkitError(f"{out} is being written by another transferkit run (process {holder}); wait for "
-                               "it to finish, or choose another --out") from None
+        raise TransferkitError(f"{out} is being written by another transferkit run "
+                               f"(process {holder}); wait for it to finish, or choose "
+                               "another --out") from None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
@@ -184,18 +198,19 @@ def _lock(out: Path) -> IO[str]:
 
 def _prepare(cfg: TrainConfig, resume: str | Path | None, overwrite: bool,
              dist: Dist) -> tuple[TrainConfig, Path, bool, IO[str], list[Path]]:
-    """Create (or check) and lock the run folder; returns the config, the folder, whether to resume, the lock
-    and the folders this run created."""
+    """Create (or check) and lock the run folder; returns the config,
+    the folder, whether to resume, the lock and the folders this run created."""
     if dist.on and not cfg.out and not dist.run_id and dist.max_restarts > 0:
-        log.warning("no --out: a restarted worker will not find this run; give --out (or --rdzv-id)")
+        log.warning("no --out: a restarted worker will not find this run; "
+                    "give --out (or --rdzv-id)")
     cfg = _absolute(cfg, resume)
     # Under torchrun the default name uses the job's run id, which a restarted worker sees again.
     stamp = (dist.run_id if dist.on else None) or time.strftime("%Y%m%d-%H%M%S")
     out = Path(cfg.out or f"runs/{Path(cfg.data).name or 'data'}-{cfg.model}-{stamp}").absolute()
     data = Path(cfg.data).expanduser()
     if data.is_dir() and data.resolve() in (out.resolve(), *out.resolve().parents):
-        raise TransferkitError(f"--out {out} is inside --data {cfg.data}: the run's files would become images of "
-                               "a class; choose an --out outside the data folder")
+        raise TransferkitError(f"--out {out} is inside --data {cfg.data}: the run's files would "
+                               "become images of a class; choose an --out outside the data folder")
     resuming = resume is not None
     made = _make_folder(out, resuming)
     try:
@@ -207,7 +222,8 @@ def _prepare(cfg: TrainConfig, resume: str | Path | None, overwrite: bool,
         if not resuming and dist.restart > 0 and (out / runfiles.LAST).exists():
             # torchrun restarted the workers after one died (--max-restarts): continue from last.pt.
             saved = TrainConfig.from_yaml(out / runfiles.CONFIG)
-            asked = saved.replace(**requested_from(out / runfiles.CONFIG))  # config.yaml holds resolved values
+            # config.yaml holds resolved values
+            asked = saved.replace(**requested_from(out / runfiles.CONFIG))
             keep = {k: getattr(cfg, k) for k in RESUMABLE_CHANGES}
             differs = [k for k in dataclasses.asdict(cfg)
                        if k not in keep and k != "out" and getattr(cfg, k) != getattr(asked, k)]
@@ -231,8 +247,8 @@ def _prepare(cfg: TrainConfig, resume: str | Path | None, overwrite: bool,
 def begin_writing(out: Path, cfg: TrainConfig, replace: bool, skipped: list[tuple[str, str]],
                   requested: dict[str, Any] | None = None) -> None:
     """The run has its settings, data and weights: only now does it replace an old run (--overwrite)
-    and write its first files, config.yaml (resolved settings, and what was `requested` where it differs)
-    and the list of unreadable files."""
+    and write its first files, config.yaml (resolved settings,
+    and what was `requested` where it differs) and the list of unreadable files."""
     if replace:
         for old in runfiles.OUTPUTS:
             for f in out.glob(old):
@@ -245,7 +261,8 @@ def begin_writing(out: Path, cfg: TrainConfig, replace: bool, skipped: list[tupl
 
 
 def _remove_exports(out: Path) -> None:
-    """--overwrite: the old run's exported files (named in its export.json) would answer for the old model."""
+    """--overwrite: the old run's exported files
+    (named in its export.json) would answer for the old model."""
     record = out / runfiles.EXPORT
     try:
         names = list(json.loads(record.read_text())) if record.is_file() else []

@@ -15,12 +15,13 @@ from .plan import choose_strategy
 from .state import TrainState, selection_score
 
 
-def setup_section(cfg: TrainConfig, card: ModelCard, state: TrainState, data: DataSource, hw: Compute,
-                  out: Path, cached: bool) -> dict[str, Any]:
+def setup_section(cfg: TrainConfig, card: ModelCard, state: TrainState, data: DataSource,
+                  hw: Compute, out: Path, cached: bool) -> dict[str, Any]:
     """The report's "Setup" section (`cached`: training ran on cached features)."""
     best = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
     score = selection_score(best, cfg.select_by)
-    shown = "" if score is None else f"{-score:.4f}" if cfg.select_by == "loss" else f"{100 * score:.2f}%"
+    shown = ("" if score is None else f"{-score:.4f}" if cfg.select_by == "loss"
+             else f"{100 * score:.2f}%")
     where = "" if data.val is None or not shown else \
         f", val {cfg.select_by} {shown} on {len(data.val):,} images"
     last = state.history[-1]["epoch"] if state.history else 0
@@ -40,8 +41,8 @@ def setup_section(cfg: TrainConfig, card: ModelCard, state: TrainState, data: Da
         f"{cfg.batch_size} ({hw.dist.world} processes)",
         "precision": f"{card.precision} on {hw.device}",
         "augmentation": augmentation_line(cfg, cached),
-        "weights averaged": f"exponential moving average, decay {cfg.ema:g} a step (--ema): validated and "
-        "saved" if cfg.ema else "no",
+        "weights averaged": f"exponential moving average, decay {cfg.ema:g} a step (--ema): "
+        "validated and saved" if cfg.ema else "no",
         "test-time augmentation": "mirror image (--tta)" if cfg.tta else "none",
         "normalization": card.preprocessing.normalization,
         "recipe": cfg.recipe or "defaults",
@@ -52,8 +53,8 @@ def strategy_line(cfg: TrainConfig, data: DataSource, out: Path) -> str:
     """The report's strategy: 'linear', 'finetune of the last K blocks ...', or with --strategy auto
     'linear (chosen by --strategy auto: why)'."""
     for_model = RECIPE_MODELS.get(cfg.recipe or "", {}).get(cfg.model, {})
-    source = f", as in --recipe {cfg.recipe}" if for_model.get("trainable_blocks") == cfg.trainable_blocks \
-        else ""
+    source = (f", as in --recipe {cfg.recipe}"
+              if for_model.get("trainable_blocks") == cfg.trainable_blocks else "")
     what = cfg.strategy + (f", the last {cfg.trainable_blocks} backbone blocks and the head "
                            f"(--trainable-blocks {cfg.trainable_blocks}{source})"
                            if cfg.trainable_blocks else "")
@@ -67,10 +68,10 @@ def augmentation_line(cfg: TrainConfig, cached: bool) -> str:
     """The report's line on what changed the training images (`cached`: nothing did, training read
     their features)."""
     if cached:
-        return ("none: trained on cached features of one un-augmented view (--no-feature-cache trains on "
-                "the images)")
-    parts = [f"random-resized crop (area >= {cfg.crop_scale:g})" + (" + flip" if cfg.flip else "")] \
-        if cfg.augment else []
+        return ("none: trained on cached features of one un-augmented view (--no-feature-cache "
+                "trains on the images)")
+    parts = [f"random-resized crop (area >= {cfg.crop_scale:g})"
+             + (" + flip" if cfg.flip else "")] if cfg.augment else []
     parts += [cfg.augment_policy] if cfg.augment_policy != "none" else []
     parts += [f"random erasing p {cfg.random_erasing:g}"] if cfg.random_erasing else []
     parts += [f"{n} {getattr(cfg, n):g}" for n in ("mixup", "cutmix") if getattr(cfg, n)]
