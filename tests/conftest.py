@@ -121,3 +121,12 @@ def trained_run(cifar_small, tmp_path_factory) -> tuple[Path, subprocess.Complet
                    "--batch-size", "32", "--val-split", "0.2", "--out", out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out, proc
+
+
+@pytest.fixture
+def restore_logger():
+    """cli.main points transferkit's log at the test's captured stderr; the next test gets the logger back."""
+    logger = logging.getLogger("transferkit")
+    kept = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = kept

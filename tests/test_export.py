@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import os
 import shutil
 import sys
@@ -29,13 +28,7 @@ from transferkit import export  # noqa: E402  (after the skips: it needs the exp
 RUN_FILES = ("model.json", "model.safetensors", "config.yaml", "split.json")  # what export reads of a run
 
 
-@pytest.fixture(autouse=True)
-def _restore_logger():
-    """cli.main points transferkit's log at this test's captured stderr; the next test gets the logger back."""
-    logger = logging.getLogger("transferkit")
-    kept = logger.handlers[:], logger.level, logger.propagate
-    yield
-    logger.handlers[:], logger.level, logger.propagate = kept
+pytestmark = pytest.mark.usefixtures("restore_logger")  # conftest: cli.main repoints the log
 
 
 @pytest.fixture(scope="module")

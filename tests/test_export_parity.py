@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +31,7 @@ CLASSES = ["airplane", "cat", "ship"]
 EXAMPLE_DIFF = 2e-3
 
 
-@pytest.fixture(autouse=True)
-def _restore_logger():
-    """cli.main points transferkit's log at this test's stderr; the next test gets it back."""
-    logger = logging.getLogger("transferkit")
-    kept = logger.handlers[:], logger.level, logger.propagate
-    yield
-    logger.handlers[:], logger.level, logger.propagate = kept
+pytestmark = pytest.mark.usefixtures("restore_logger")  # conftest: cli.main repoints the log
 
 
 @pytest.fixture(scope="module")

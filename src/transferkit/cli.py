@@ -381,20 +381,12 @@ def add_test_time_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """transferkit eval: score a run on a split; print the metrics and write the report."""
-    from .checkpoint import read_card
-    from .data.sources import is_named
     from .predict import evaluate_run
     from .report import accuracy_line
 
     _check_batch_size(args.batch_size)
-    data = args.data or read_card(args.run).data
-    if not data:
-        raise TransferkitError("pass --data: the run does not record its data set")
-    if not args.data and not is_named(data) and not Path(data).exists():
-        raise TransferkitError(f"the run's data folder {data} (recorded in {args.run}/model.json) "
-                               "is missing; if it moved, pass its new place with --data NEWPATH")
     metrics, measured_on, report = evaluate_run(
-        args.run, data, data_dir=args.data_dir, split=args.split, batch_size=args.batch_size,
+        args.run, args.data, data_dir=args.data_dir, split=args.split, batch_size=args.batch_size,
         device=args.device, image_size=args.image_size, tta=args.tta, report_dir=args.report_dir)
     if args.json:
         print(json.dumps(dict(metrics, measured_on=measured_on), indent=2))

@@ -284,10 +284,14 @@ def evaluate_run(
     if batch_size < 1:
         raise TransferkitError(f"batch_size {batch_size}: evaluate at least 1 image per batch")
     card = read_card(run_dir)
-    data = data or card.data
-    if not data:
+    if not (data or card.data):
         raise TransferkitError(f"pass --data: {run_dir / runfiles.CARD} does not record the data "
                                "set it was trained on")
+    if not data and not is_named(card.data) and not Path(card.data).exists():
+        raise TransferkitError(f"the run's data folder {card.data} (recorded in "
+                               f"{run_dir / runfiles.CARD}) is missing; if it moved, pass its new "
+                               "place with --data NEWPATH")
+    data = data or card.data
     pred = Predictor.from_run(run_dir, device=device, image_size=image_size, tta=tta, card=card)
     check_data_arg(data)
     part, src, note = _split_of(run_dir, card, data, split, pred.preprocessing, data_dir=data_dir,
