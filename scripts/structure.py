@@ -1,5 +1,6 @@
-"""Structure figures of src/transferkit: import circles (function-level imports included), private names
-imported across modules, lines per module, longest functions, widest signatures, lines over 100 characters.
+"""Structure figures of src/transferkit: import circles (function-level imports included), private
+names imported across modules, lines per module, longest functions, widest signatures, lines over
+100 characters.
 
     python scripts/structure.py [--top N] [--json]
 """
@@ -66,8 +67,8 @@ def scan(modules: dict[str, Path]) -> dict:
                 params = len(a.posonlyargs + a.args + a.kwonlyargs) + bool(a.vararg) + bool(a.kwarg)
                 params -= bool(a.args) and a.args[0].arg in ("self", "cls")
                 functions.append((length, params, f"{mod}.{node.name}"))
-    return {"edges": edges, "private": private, "functions": functions, "wide": wide, "lines": lines,
-            "total": total}
+    return {"edges": edges, "private": private, "functions": functions, "wide": wide,
+            "lines": lines, "total": total}
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -122,7 +123,8 @@ def main() -> int:
         "functions_over_50": sum(n > 50 for n, _, _ in funcs),
         "widest_signatures": [f"{p} params  {name}" for _, p, name in
                               sorted(funcs, key=lambda f: -f[1])[: args.top]],
-        "largest_modules": [f"{n}  {m}" for m, n in sorted(s["lines"].items(), key=lambda x: -x[1])[: args.top]],
+        "largest_modules": [f"{n}  {m}" for m, n in
+                            sorted(s["lines"].items(), key=lambda x: -x[1])[: args.top]],
     }
     if args.json:
         print(json.dumps(result, indent=1))

@@ -7,4 +7,5 @@ from .report import RunResult
 from .training.fit import train
 from .version import __version__
 
-__all__ = ["Predictor", "RunResult", "TrainConfig", "TransferkitError", "evaluate_run", "train", "__version__"]
+__all__ = ["Predictor", "RunResult", "TrainConfig", "TransferkitError", "evaluate_run", "train",
+           "__version__"]

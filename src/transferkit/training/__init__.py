@@ -1,1 +1,2 @@
-"""Training: the run's sequence (fit), its policy (plan), the epoch loop, steps, state, caches, the run folder."""
+"""Training: the run's sequence (fit), its policy (plan), the epoch loop, steps, state, caches, the
+run folder."""
