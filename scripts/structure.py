@@ -1,6 +1,7 @@
-"""Structure figures of src/transferkit: import circles (function-level imports included), private
-names imported across modules, lines per module, longest functions, widest signatures, lines over
-100 characters.
+"""Structure figures of src/transferkit, measured from its source.
+
+Import circles (function-level imports included), private names imported across modules, lines per
+module, longest functions, widest signatures, lines over 100 characters.
 
     python scripts/structure.py [--top N] [--json]
 """

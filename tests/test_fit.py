@@ -170,7 +170,7 @@ def test_a_streamed_folder_lists_files_that_are_not_images(tmp_path):
 def test_train_tta_reports_what_eval_tta_measures(tiny, tmp_path, caplog):
     """--tta averages the mirror image into the final evaluation, also when the head trained on cached features
     (whose test split's features are then not computed: the mirror needs the whole model)."""
-    from transferkit.predict import evaluate_run
+    from transferkit.evaluate import evaluate_run
 
     for name, kw in (("linear", dict(strategy="linear", tta=True)), ("fast", dict(recipe="fast", strategy="finetune"))):
         caplog.clear()

@@ -118,9 +118,9 @@ def test_the_per_class_table_opens_with_the_weakest_class(odd_names_run):
 def test_pictures_and_tables_other_sections_add_are_inlined_too(tmp_path):
     """A top-losses sheet beside the report (<name>_*.png) and a list of records in the metrics get a section."""
     import torch
-    from transferkit.html_report import write_html
 
     from transferkit.report import classification_metrics
+    from transferkit.report.html import write_html
     from transferkit.report.plots import pyplot as _pyplot
     from transferkit.report.plots import save_png as _save_png
 

@@ -173,9 +173,9 @@ def test_cli_prints_top5_only_where_it_means_something(tmp_path, capsys, monkeyp
     assert printed.startswith(f"accuracy {100 * metrics['accuracy']:.2f}%")
     assert ("top-5" in printed) == (k > 5) and "top-3" not in printed
 
-    import transferkit.predict
+    import transferkit.evaluate
 
-    monkeypatch.setattr(transferkit.predict, "evaluate_run", lambda *a, **kw: (metrics, SENTENCE, tmp_path / "r.md"))
+    monkeypatch.setattr(transferkit.evaluate, "evaluate_run", lambda *a, **kw: (metrics, SENTENCE, tmp_path / "r.md"))
     args = cli.build_parser().parse_args(["eval", str(tmp_path), "--data", "somewhere", "--split", "test",
                                           "--batch-size", "8", "--device", "cpu"])
     assert cli.cmd_eval(args) == 0

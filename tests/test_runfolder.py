@@ -231,7 +231,7 @@ def test_a_run_of_an_earlier_version_resumes_although_it_does_not_record_newer_s
     from transferkit.config import TrainConfig
     from transferkit.training import fingerprint
 
-    now = fingerprint.settings_of(TrainConfig(), set())
+    now = fingerprint.settings_record(TrainConfig(), set())
     older = {k: v for k, v in now.items() if k not in ("sampler", "calibrate")}  # settings added since
     fingerprint.check_settings(older, now, tmp_path)  # at their defaults: nothing changed
     with pytest.raises(TransferkitError, match="sampler none -> balanced"):

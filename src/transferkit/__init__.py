@@ -2,7 +2,8 @@
 
 from .config import TrainConfig
 from .errors import TransferkitError
-from .predict import Predictor, evaluate_run
+from .evaluate import evaluate_run
+from .predict import Predictor
 from .report import RunResult
 from .training.fit import train
 from .version import __version__

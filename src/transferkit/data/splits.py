@@ -14,7 +14,9 @@ class Split:
     (or files decoded per batch), labels int64 (N,)."""
 
     name: str
-    images: torch.Tensor  # or folders.FileImages, which indexes like one
+    # uint8 images, or folders.FileImages (which indexes like them); on a cached stage
+    # (training.features), the frozen part's output: features or activations, float
+    images: torch.Tensor
     labels: torch.Tensor
     files: list[str] | None = None  # image folders: each image's file
     # image folders: a digest of each file's bytes (exact copies match)

@@ -75,7 +75,7 @@ def _legacy_splits_of(data: DataSource) -> dict[str, list[Any]]:
     return out
 
 
-def settings_of(cfg: TrainConfig, ignore: set[str]) -> dict[str, Any]:
+def settings_record(cfg: TrainConfig, ignore: set[str]) -> dict[str, Any]:
     """The resolved settings that decide what trains (JSON values), less `ignore`."""
     return json.loads(json.dumps({k: getattr(cfg, k) for k in cfg.__dataclass_fields__
                                   if k not in ignore}))
@@ -98,7 +98,7 @@ def check_settings(recorded: dict[str, Any], now: dict[str, Any], run: Path) -> 
     """Refuse a resume whose config.yaml differs from the settings the run started with."""
     # A setting that a newer transferkit added is not recorded by an older run: at its default, it
     # is unchanged.
-    defaults = settings_of(TrainConfig(), set())
+    defaults = settings_record(TrainConfig(), set())
     was = {k: recorded.get(k, defaults.get(k)) for k in set(recorded) | set(now)}
     changed = [f"{k} {_show(was[k])} -> {_show(now.get(k))}" for k in sorted(was)
                if was[k] != now.get(k)]

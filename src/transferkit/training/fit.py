@@ -54,7 +54,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         if job.cfg.lr == "auto":  # before the fingerprint: a resume reads the lr from config.yaml
             job.cfg = lr_find.auto_lr(job, out)
         state = _train(job, out, run.saved, fingerprint.pack(
-            {**prints, "settings": fingerprint.settings_of(job.cfg, UNCHECKED)}))
+            {**prints, "settings": fingerprint.settings_record(job.cfg, UNCHECKED)}))
         result = _final_evaluation(job, out, state)
     result.seconds = time.perf_counter() - started
     return result
@@ -133,7 +133,7 @@ def _begin(job: Job, run: RunStart) -> dict[str, Any]:
     if recorded is not None:
         fingerprint.check_data(recorded, prints["listing"], prints["splits"], data, cfg.data)
     if job.hw.dist.main:
-        begin_writing(out, cfg, run.replace, data.skipped, job.requested)
+        begin_writing(out, cfg, run.overwrite, data.skipped, job.requested)
         heldout.write_split_record(out, cfg.data, data, val_split=cfg.val_split, seed=cfg.seed,
                                    max_train_images=cfg.max_train_images, dedupe=cfg.dedupe)
         if (run.saved is not None and (out / META_FILE).is_file()

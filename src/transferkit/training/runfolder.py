@@ -64,7 +64,8 @@ class RunStart:
     out: str = ""
     saved: dict[str, Any] | None = None  # last.pt's contents when resuming
     error: str | None = None
-    replace: bool = False  # --overwrite: an old run's files go when this run writes its first file
+    # --overwrite: an old run's files go when this run writes its first file
+    overwrite: bool = False
 
 
 @contextlib.contextmanager
@@ -80,7 +81,7 @@ def run_folder(cfg: TrainConfig, resume: str | Path | None, overwrite: bool,
                 saved = load_last(out) if resuming else None
                 if saved is not None:
                     _check_settings(saved, cfg, out)
-                start = RunStart(cfg, str(out), saved, replace=overwrite and not resuming)
+                start = RunStart(cfg, str(out), saved, overwrite=overwrite and not resuming)
             except TransferkitError as e:
                 start = RunStart(error=str(e))
         start = dist.share(start)
@@ -104,7 +105,7 @@ def _check_settings(saved: dict[str, Any], cfg: TrainConfig, out: Path) -> None:
                     "wrote it): cannot check that they are still the ones the run started with",
                     out / runfiles.LAST)
         return
-    fingerprint.check_settings(prints["settings"], fingerprint.settings_of(cfg, UNCHECKED), out)
+    fingerprint.check_settings(prints["settings"], fingerprint.settings_record(cfg, UNCHECKED), out)
 
 
 def _discard(made: list[Path]) -> None:
@@ -244,12 +245,12 @@ def _prepare(cfg: TrainConfig, resume: str | Path | None, overwrite: bool,
     return cfg.replace(out=str(out)), out, resuming, lock, made
 
 
-def begin_writing(out: Path, cfg: TrainConfig, replace: bool, skipped: list[tuple[str, str]],
+def begin_writing(out: Path, cfg: TrainConfig, overwrite: bool, skipped: list[tuple[str, str]],
                   requested: dict[str, Any] | None = None) -> None:
     """The run has its settings, data and weights: only now does it replace an old run (--overwrite)
     and write its first files, config.yaml (resolved settings,
     and what was `requested` where it differs) and the list of unreadable files."""
-    if replace:
+    if overwrite:
         for old in runfiles.OUTPUTS:
             for f in out.glob(old):
                 f.unlink()

@@ -1,0 +1,225 @@
+"""`transferkit eval`: which split of which data a run is scored on, and how: the held-out split it
+recorded (split.json), another split or data set with the same classes, a report beside the run."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import runfiles
+from .checkpoint import ModelCard, read_card
+from .data import heldout
+from .data.folders import folder_layout
+from .data.preprocess import Preprocessing
+from .data.sources import DataSource, Split, check_data_arg, check_leakage, is_named, load_source
+from .errors import TransferkitError
+from .predict import Predictor
+from .report import calibration, classification_metrics, measured_on, write_report
+from .report.error_analysis import write_errors
+from .training.engine import evaluate
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_run(
+    run_dir: str | Path, data: str | None = None, *, data_dir: str | None = None,
+    split: str | None = None, batch_size: int = 128, device: str = "auto", workers: int = 2,
+    image_size: int | None = None, tta: bool = False, report_dir: str | Path | None = None,
+) -> tuple[dict[str, Any], str, Path | None]:
+    """Evaluate a run on a data set with the same classes; writes eval-<data>-<split>.md in the
+    run (or `report_dir`) and returns (metrics, what they were measured on, the report or None if
+    unwritable).
+
+    On the run's own data (the default) it scores the split the run held out: test if the data has
+    one, else the validation split exactly as the run carved it from train (split.json);
+    `split="train"` scores the images that trained the model, and says so.
+    """
+    run_dir = Path(run_dir)
+    if batch_size < 1:
+        raise TransferkitError(f"batch_size {batch_size}: evaluate at least 1 image per batch")
+    card = read_card(run_dir)
+    if not (data or card.data):
+        raise TransferkitError(f"pass --data: {run_dir / runfiles.CARD} does not record the data "
+                               "set it was trained on")
+    if not data and not is_named(card.data) and not Path(card.data).exists():
+        raise TransferkitError(f"the run's data folder {card.data} (recorded in "
+                               f"{run_dir / runfiles.CARD}) is missing; if it moved, pass its new "
+                               "place with --data NEWPATH")
+    data = data or card.data
+    pred = Predictor.from_run(run_dir, device=device, image_size=image_size, tta=tta, card=card)
+    check_data_arg(data)
+    part, src, note = _split_of(run_dir, card, data, split, pred.preprocessing, data_dir=data_dir,
+                                workers=workers)
+    labels = _labels(data, src, part, pred.classes)
+    logits, _ = evaluate(pred.model, part, pred.preprocessing.to_input, batch_size=batch_size,
+                         device=pred.device, precision=pred.precision, tta=tta, workers=workers)
+    metrics = classification_metrics(logits, labels, pred.classes)
+    metrics["calibration"] = calibration.summary(logits, labels, pred.temperature)
+    said = measured_on(part, data, pred.preprocessing.image_size, tta=tta, note=note)
+    if src.skipped:
+        log.warning("%d unreadable files skipped", len(src.skipped))
+    other_size = image_size if image_size and image_size != card.preprocessing.image_size else None
+    report = _write_eval_report(
+        Path(report_dir) if report_dir is not None else run_dir, metrics,
+        title=f"{run_dir.name} evaluated on {data}", measured_on=said, classes=pred.classes,
+        setup={"run": str(run_dir)}, name=_eval_name(data, part.name, other_size, tta),
+        analysed=(logits / pred.temperature, labels, part, pred.classes, pred.preprocessing))
+    return metrics, said, report
+
+
+def _split_of(run_dir: Path, card: ModelCard, data: str, split: str | None, pre: Preprocessing, *,
+              data_dir: str | None, workers: int) -> tuple[Split, DataSource, str]:
+    """What eval scores: on the run's own data (or that data moved to another folder) the split it
+    held out, else the split `data` lays out; with its source and a note for what it measured."""
+    own = _same_data(data, card.data)
+    # The folder it trained on is gone and another is named: most likely the same data, moved
+    # (checked below).
+    moved = not own and bool(card.data) and not is_named(card.data) and not Path(
+        card.data).expanduser().exists()
+    record = held_out_record(run_dir, data) if own or moved else None
+    score = dict(data_dir=data_dir, workers=workers, same_pre=pre == card.preprocessing)
+    try:
+        return split_to_score(run_dir, data, split, pre, record=record, **score)
+    except heldout.SplitChanged:
+        if not moved:
+            raise
+        log.warning("%s is not the data %s trained on, moved (its held-out split differs from "
+                    "%s): evaluating it as other data", data, run_dir, runfiles.SPLIT)
+        return split_to_score(run_dir, data, split, pre, record=None, **score)
+
+
+def _labels(data: str, src: DataSource, part: Split, classes: list[str]) -> torch.Tensor:
+    """The model's class index of each image of `part`; data with other classes is refused."""
+    if sorted(src.classes) != sorted(classes):
+        missing = sorted(set(classes) - set(src.classes))
+        extra = sorted(set(src.classes) - set(classes))
+        raise TransferkitError(
+            f"classes of {data} do not match the run's: missing {missing or 'none'}, "
+            f"not known to the model {extra or 'none'}; evaluate on data with the classes "
+            f"{', '.join(classes)}"
+        )
+    return torch.tensor([classes.index(c) for c in src.classes])[part.labels]
+
+
+def _eval_name(data: str, split: str, image_size: int | None, tta: bool) -> str:
+    """eval-<data>-<split>[-<size>px][-tta]: the report's file name."""
+    size = f"-{image_size}px" if image_size else ""
+    return f"eval-{Path(data).name or 'data'}-{split}{size}" + ("-tta" if tta else "")
+
+
+def _same_data(data: str, trained_on: str) -> bool:
+    """Whether `data` names the data set the run trained on (a named set, or the same folder)."""
+    if not trained_on:
+        return False
+    if is_named(data) or is_named(trained_on):
+        return data.lower() == trained_on.lower()
+    try:
+        return Path(data).expanduser().resolve() == Path(trained_on).expanduser().resolve()
+    except OSError:
+        return False
+
+
+def held_out_record(run_dir: Path, data: str) -> dict[str, Any] | None:
+    """What the run held out of its data: split.json, or for a run without one the rule its
+    config.yaml gives, unchecked (None when neither says)."""
+    record = heldout.read_split_record(run_dir)
+    return _record_from_config(run_dir, data) if record is None else record
+
+
+def split_to_score(run_dir: Path, data: str, split: str | None, pre: Preprocessing, *,
+                   record: dict[str, Any] | None, data_dir: str | None, workers: int,
+                   same_pre: bool) -> tuple[Split, DataSource, str]:
+    """The split to evaluate, its source, and a note for what it was measured on. `record`: what
+    the run held out of `data` (held_out_record), None for other data."""
+    if split is None:
+        split = record["evaluate"] if record is not None else _first_split(data)
+    carved = record is not None and float(record.get("val_split") or 0) > 0 and split in (
+        "train", "val")
+    if carved:
+        src, kept, held = heldout.carve(data, record, pre, data_dir=data_dir, workers=workers)
+        part = held if split == "val" else kept
+    else:
+        src, part = _load_split(data, split, record, pre, data_dir=data_dir, workers=workers)
+    if record is None:
+        return part, src, ""
+    if record.get("unchecked"):
+        log.warning("%s records no held-out split (no usable %s; earlier transferkit versions "
+                    "wrote none): evaluating the %s split of %s, %s", run_dir, runfiles.SPLIT,
+                    split, data, f"carved again by {runfiles.CONFIG}'s val_split and seed; it "
+                    "could not be checked against the run's" if carved
+                    else "as the data lays it out")
+    else:
+        heldout.check_same(split, part, record.get(split), len(src.classes),
+                           same_pixels=same_pre, run_dir=run_dir, data=data)
+    return part, src, _note(split, record, carved)
+
+
+def _first_split(data: str) -> str:
+    """test, else val, else train: the first split the data lays out."""
+    layout = {"test": None} if is_named(data) else folder_layout(Path(data).expanduser())
+    return next(s for s in ("test", "val", "train") if s in layout)
+
+
+def _load_split(data: str, split: str, record: dict[str, Any] | None, pre: Preprocessing, *,
+                data_dir: str | None, workers: int) -> tuple[DataSource, Split]:
+    """A split the data lays out (not carved), without the copies of train the run dropped."""
+    max_train = record.get("max_train_images") if record is not None else None
+    dedupe = bool(record and record.get("dedupe")) and split != "train"
+    src = load_source(data, preprocessing=pre, data_dir=data_dir, workers=workers,
+                      splits=(split, "train") if dedupe else (split,), max_train_images=max_train,
+                      seed=int(record.get("seed", 0)) if record else 0)
+    if dedupe:
+        check_leakage(src, dedupe=True)
+    part = getattr(src, split)
+    if part is None:
+        raise TransferkitError(f"{data} has no '{split}' split; choose --split train, val or test")
+    return src, part
+
+
+def _note(split: str, record: dict[str, Any], carved: bool) -> str:
+    """What a reader of the figures should know about the run's own split they measure."""
+    again = f", re-carved from {runfiles.CONFIG} and unchecked" if record.get("unchecked") else ""
+    if split == "val" and carved:
+        return (f"held out of train by the run: {100 * float(record['val_split']):g}% of each "
+                f"class, seed {record.get('seed', 0)}{again}; it chose its epoch on them")
+    if split == "val":
+        return "the run chose its epoch on them"
+    if split == "train":
+        return ("the run's training images: these images trained the model, so they overstate its "
+                "accuracy")
+    return ""
+
+
+def _record_from_config(run_dir: Path, data: str) -> dict[str, Any] | None:
+    """For a run without split.json: the rule its config.yaml gives (val_split, seed,
+    max_train_images), unchecked."""
+    from .config import TrainConfig
+
+    try:
+        cfg = TrainConfig.from_yaml(run_dir / runfiles.CONFIG)
+    except (TransferkitError, OSError, ValueError, TypeError):
+        return None
+    layout = {"train": None, "test": None} if is_named(data) else folder_layout(
+        Path(data).expanduser())
+    carved = heldout.val_carved(data) and cfg.val_split > 0
+    return {"unchecked": True, "evaluate": "test" if "test" in layout else "val", "seed": cfg.seed,
+            "val_split": cfg.val_split if carved else 0.0,
+            "max_train_images": cfg.max_train_images, "dedupe": getattr(cfg, "dedupe", False)}
+
+
+def _write_eval_report(where: Path, metrics: dict[str, Any], analysed: tuple[Any, ...],
+                       **report: Any) -> Path | None:
+    """The report and its errors in `where` (`analysed`: logits, labels, split, classes,
+    preprocessing); if they cannot be written there, one line that says so (the figures stand)."""
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        errors = write_errors(where, report["name"], *analysed, title=report["title"])
+        return write_report(where, metrics, errors=errors, **report)
+    except (OSError, TransferkitError) as e:
+        why = getattr(e, "strerror", None) or str(e).split(";")[0]
+        log.warning("could not write the report into %s (%s); --report-dir DIR writes it elsewhere",
+                    where, why)
+        return None
