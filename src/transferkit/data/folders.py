@@ -20,6 +20,9 @@ from .splits import DataSource, Split, stratified_subset
 
 log = logging.getLogger(__name__)
 
+# a split's readable files: paths, labels, (width, height) and content hashes
+Listed = tuple[list[Path], list[int], list[tuple[int, int]], list[bytes]]
+
 
 class FileImages:
     """The images of a split too large to hold in memory: files, decoded when a batch needs them.
@@ -63,51 +66,76 @@ def load_folder(root: Path, pre: Preprocessing, splits: Sequence[str], *, worker
     """The splits of an image folder (see load_source), with the bytes their stored images take."""
     layout, classes = folder_classes(root)
     out = DataSource(name=str(root), classes=classes)
-    listed: dict[str, tuple[list[Path], list[int], list[tuple[int, int]], list[bytes]]] = {}
-    for split, path in layout.items():
-        if split not in splits:
-            continue
-        paths, labels = _list_files(path, classes)
-        out.listed[split] = (paths, labels)  # what the run's fingerprint records
-        if not paths:
-            raise TransferkitError(f"no image files under {path} "
-                                   f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-        empty = [c for i, c in enumerate(classes) if i not in set(labels)]
-        if split == "train" and empty:
-            raise TransferkitError(f"class folder(s) without images in {path}: "
-                                   f"{', '.join(empty)}; a class needs training images: add some, "
-                                   "or remove the folder(s)")
-        if split == "train" and max_train:
-            keep = stratified_subset(torch.tensor(labels), max_train, seed).tolist()
-            paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
-        listed[split] = _readable(split, paths, labels, workers, use_cache, out.skipped)
-        if split == "train":
-            _check_every_class_reads(path, classes, listed[split][1])
+    listed = {split: _list_split(split, path, out, workers=workers, max_train=max_train,
+                                 seed=seed, use_cache=use_cache)
+              for split, path in layout.items() if split in splits}
     out.stored_bytes = sum(pre.stored_bytes(sizes) for _, _, sizes, _ in listed.values())
+    streaming = _streams(root, out.stored_bytes, stream)
+    for split, files in listed.items():
+        side = pre.stored_side(files[2])
+        if streaming:
+            setattr(out, split, _file_split(split, files, pre, side))
+        else:
+            setattr(out, split, _decoded_split(split, layout[split], files, pre, side, out,
+                                               workers=workers, use_cache=use_cache))
+    return out
+
+
+def _list_split(split: str, path: Path, out: DataSource, *, workers: int,
+                max_train: int | None, seed: int, use_cache: bool) -> Listed:
+    """A split's readable files (paths, labels, sizes, hashes), recorded in `out.listed`."""
+    classes = out.classes
+    paths, labels = _list_files(path, classes)
+    out.listed[split] = (paths, labels)  # what the run's fingerprint records
+    if not paths:
+        raise TransferkitError(f"no image files under {path} "
+                               f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    empty = [c for i, c in enumerate(classes) if i not in set(labels)]
+    if split == "train" and empty:
+        raise TransferkitError(f"class folder(s) without images in {path}: "
+                               f"{', '.join(empty)}; a class needs training images: add some, "
+                               "or remove the folder(s)")
+    if split == "train" and max_train:
+        keep = stratified_subset(torch.tensor(labels), max_train, seed).tolist()
+        paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+    files = _readable(split, paths, labels, workers, use_cache, out.skipped)
+    if split == "train":
+        _check_every_class_reads(path, classes, files[1])
+    return files
+
+
+def _streams(root: Path, stored_bytes: int, stream: str) -> bool:
+    """Whether to stream the folder from its files (`stream`, else by size), logged with why."""
     allowed = runtime.memory_bytes() / 4
-    streaming = stream == "always" or (stream == "auto" and out.stored_bytes > allowed)
+    streaming = stream == "always" or (stream == "auto" and stored_bytes > allowed)
     log.info("%s: its decoded images take %.2f GB (a quarter of this process's memory is "
-             "%.2f GB): %s", root, out.stored_bytes / 1e9, allowed / 1e9,
+             "%.2f GB): %s", root, stored_bytes / 1e9, allowed / 1e9,
              "kept in memory (--stream never)" if stream == "never" else
              ("streaming it from its files" + (" (--stream always)" if stream == "always" else "")
               if streaming else "kept in memory"))
-    for split, (paths, labels, sizes, hashes) in listed.items():
-        side = pre.stored_side(sizes)
-        if streaming:
-            images = FileImages(paths, pre, side)
-            setattr(out, split, Split(split, images, torch.tensor(labels, dtype=torch.int64),
-                                      [str(p) for p in paths], hashes))
-        else:
-            decoded = _decode_cached(split, paths, labels, pre, side, workers, out.skipped,
-                                     use_cache)
-            gone = {p for p, _ in out.skipped}  # files whose header read but whose pixels did not
-            kept = [i for i, p in enumerate(paths) if str(p) not in gone]
-            decoded.files, decoded.hashes = [str(paths[i]) for i in kept], [hashes[i] for i in kept]
-            assert len(decoded.files) == len(decoded), "decoded images and their files out of step"
-            if split == "train":  # files whose header read but whose pixels did not
-                _check_every_class_reads(layout[split], classes, decoded.labels.tolist())
-            setattr(out, split, decoded)
-    return out
+    return streaming
+
+
+def _file_split(split: str, files: Listed, pre: Preprocessing, side: int) -> Split:
+    """A split streamed from its files, decoded when a batch needs them."""
+    paths, labels, _, hashes = files
+    images = FileImages(paths, pre, side)
+    return Split(split, images, torch.tensor(labels, dtype=torch.int64),
+                 [str(p) for p in paths], hashes)
+
+
+def _decoded_split(split: str, path: Path, files: Listed, pre: Preprocessing, side: int,
+                   out: DataSource, *, workers: int, use_cache: bool) -> Split:
+    """A split decoded into memory (or read from the cache), with the files it kept."""
+    paths, labels, _, hashes = files
+    decoded = _decode_cached(split, paths, labels, pre, side, workers, out.skipped, use_cache)
+    gone = {p for p, _ in out.skipped}  # files whose header read but whose pixels did not
+    kept = [i for i, p in enumerate(paths) if str(p) not in gone]
+    decoded.files, decoded.hashes = [str(paths[i]) for i in kept], [hashes[i] for i in kept]
+    assert len(decoded.files) == len(decoded), "decoded images and their files out of step"
+    if split == "train":  # a class may have lost every file to pixels that did not decode
+        _check_every_class_reads(path, out.classes, decoded.labels.tolist())
+    return decoded
 
 
 def folder_layout(root: Path) -> dict[str, Path]:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..data.mixing import Mixing
+from ..data.mixing import Mix, Mixing
 from ..data.splits import Split
 from ..data.transforms import batches as split_batches
 from ..data.transforms import num_batches
@@ -79,30 +79,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, im
     loss_sum = torch.zeros((), dtype=torch.float64, device=s.device)
     correct = torch.zeros((), dtype=torch.long, device=s.device)
     for i, rows in enumerate(passes):
-        if fork is not None:
-            generator.set_state(fork)
-        x = s.transform(images[rows].to(s.device, non_blocking=True), generator, part=(rows, n))
-        y = labels[rows].to(s.device, non_blocking=True)
-        lam = 1.0
-        if mix is not None:  # the partners as their own rows are transformed: the same draws again
-            partner = mix.partner[rows]
-            if fork is not None:
-                generator.set_state(fork)
-            other = s.transform(images[partner].to(s.device, non_blocking=True), generator,
-                                part=(partner, n))
-            x, lam = mix.apply(x, other)
-            y2 = labels[partner].to(s.device, non_blocking=True)
+        x, y, y2, lam = _pass_inputs(images, labels, rows, n, s, generator, fork, mix)
         last = i == len(passes) - 1  # DDP averages the gradients once, after the last pass
-        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            with autocast(s.device, s.precision):
-                logits = model(x)
-            loss = _loss(logits.float(), y, s) * lam
-            # cross-entropy is linear in the target: the mixed target's loss is the mix of the two
-            if lam < 1:
-                loss = loss + _loss(logits.float(), y2, s) * (1 - lam)
-            # the partners' weights sum to the batch's: the same norm
-            loss = loss * (d.world / norm)
-            loss.backward()
+        loss, logits = _pass_backward(model, x, y, y2, lam, s, d.world / norm, last)
         loss_sum += loss.detach().double()
         # with mixed targets, a right answer is the label with the larger share
         # (mixup's usual train accuracy)
@@ -110,6 +89,43 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, im
     optimizer.step()
     scheduler.step()
     return StepFigures(0, loss_sum * (n / d.world), correct, passes[-1].stop - passes[0].start)
+
+
+def _pass_inputs(images: torch.Tensor, labels: torch.Tensor, rows: slice, n: int, s: StepSetup,
+                 generator: torch.Generator | None, fork: torch.Tensor | None,
+                 mix: Mix | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+    """A pass's transformed images and labels: (x, y, the partners' labels, y's share)."""
+    if fork is not None:
+        generator.set_state(fork)
+    x = s.transform(images[rows].to(s.device, non_blocking=True), generator, part=(rows, n))
+    y = labels[rows].to(s.device, non_blocking=True)
+    lam, y2 = 1.0, None
+    if mix is not None:  # the partners as their own rows are transformed: the same draws again
+        partner = mix.partner[rows]
+        if fork is not None:
+            generator.set_state(fork)
+        other = s.transform(images[partner].to(s.device, non_blocking=True), generator,
+                            part=(partner, n))
+        x, lam = mix.apply(x, other)
+        y2 = labels[partner].to(s.device, non_blocking=True)
+    return x, y, y2, lam
+
+
+def _pass_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, y2: torch.Tensor | None,
+                   lam: float, s: StepSetup, scale: float,
+                   last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pass's forward and backward, its loss scaled by `scale`: (that loss, the logits)."""
+    with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+        with autocast(s.device, s.precision):
+            logits = model(x)
+        loss = _loss(logits.float(), y, s) * lam
+        # cross-entropy is linear in the target: the mixed target's loss is the mix of the two
+        if lam < 1:
+            loss = loss + _loss(logits.float(), y2, s) * (1 - lam)
+        # the partners' weights sum to the batch's: the same norm
+        loss = loss * scale
+        loss.backward()
+    return loss, logits
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, s: StepSetup) -> torch.Tensor:
