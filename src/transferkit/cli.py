@@ -127,7 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="only warnings and the final result")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _train_parser(sub)
+    _lr_find_parser(sub)
+    _eval_parser(sub)
+    _predict_parser(sub)
+    _export_parser(sub)
+    _demo_parser(sub)
+    _models_parser(sub)
+    parser.commands = sub.choices
+    return parser
 
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    """transferkit train: every TrainConfig flag, and how the run folder is started or resumed."""
     t = sub.add_parser("train", help="fine-tune a pretrained backbone on a data set",
                        usage="transferkit train --data DATA [--model NAME] [--out DIR] [options]",
                        description="Fine-tune an ImageNet-pretrained backbone: select the best "
@@ -143,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument("--config", type=Path, metavar="FILE", help="read settings from YAML (a "
                         "run's config.yaml works); flags win")
 
+
+def _lr_find_parser(sub: argparse._SubParsersAction) -> None:
+    """transferkit lr-find: the train flags (a few hidden) and the lr ramp's own."""
     lf = sub.add_parser("lr-find", help="LR range test: suggest --lr for these train settings",
                         usage="transferkit lr-find --data DATA [train options] [--steps N] "
                               "[--out DIR]",
@@ -164,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     ramp.add_argument("--end-lr", type=float, metavar="LR", help="the last step's lr, if the loss "
                       "has not diverged before [default: 1, or 10 x --lr where that is larger]")
 
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
+    """transferkit eval: a run, the data and split to score it on, and where the report goes."""
     e = sub.add_parser("eval", help="evaluate a run on a data set with the same classes")
     e.add_argument("run", type=Path, help="a run folder (the --out of 'transferkit train')")
     e.add_argument("--data", help="data set with the run's classes (default: the one the run was "
@@ -184,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the run folder")
     add_test_time_options(e)
 
+
+def _predict_parser(sub: argparse._SubParsersAction) -> None:
+    """transferkit predict: a run or model.onnx, the images, and how the results are shown."""
     pr = sub.add_parser("predict", help="classify image files and folders with a run")
     pr.add_argument("run", type=Path, help="a run folder (the --out of 'transferkit train'), or a "
                     "model.onnx written by 'transferkit export' (run by onnxruntime)")
@@ -205,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "class_k, prob_k")
     add_test_time_options(pr)
 
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    """transferkit export: the formats, the file's shape, the parity check and int8."""
     x = sub.add_parser("export",
                        help="export a run to ONNX or TorchScript, checked against PyTorch",
                        description="Export a run's model (uint8 RGB input, normalization inside, "
@@ -237,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--quantize: refuse when test accuracy drops by more than this many points "
                         "[default: 1]")
 
+
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
+    """transferkit demo: the demo recipe's run folder, epochs and overwrite."""
     demo = RECIPES["demo"]
     d = sub.add_parser("demo", help="offline default job: ImageNet MobileNetV2 fine-tuned on "
                        "Fashion-MNIST",
@@ -254,13 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, metavar="N",
                    help=f"epochs to train [default: {demo['epochs']}, the demo recipe's]")
 
+
+def _models_parser(sub: argparse._SubParsersAction) -> None:
+    """transferkit models: an optional name pattern."""
     m = sub.add_parser("models", help="list backbones (torchvision's and timm's) and whether their "
                        "weights are on this machine")
     m.add_argument("--search", metavar="PATTERN",
                    help="only names matching PATTERN (a glob such as 'convnext*', else a part of "
                         "the name)")
-    parser.commands = sub.choices
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -381,7 +409,7 @@ def add_test_time_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """transferkit eval: score a run on a split; print the metrics and write the report."""
-    from .predict import evaluate_run
+    from .evaluate import evaluate_run
     from .report import accuracy_line
 
     _check_batch_size(args.batch_size)
@@ -422,56 +450,14 @@ def _check_csv_path(path: Path) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .predict import Predictor, expand_paths
-
-    if args.run.suffix == ".onnx" and not args.run.is_dir():
-        from .export import OnnxPredictor
-
-        if args.image_size is not None:
-            raise TransferkitError(f"{args.run} takes a fixed input side; drop --image-size, or "
-                                   "export the run again at another size")
-        if args.precision not in (None, "fp32"):
-            raise TransferkitError(f"{args.run} runs in fp32 (onnxruntime); drop --precision "
-                                   f"{args.precision}, or predict with the run folder")
-        predictor = OnnxPredictor(args.run, tta=args.tta)
-    else:
-        predictor = Predictor.from_run(args.run, device=args.device, image_size=args.image_size,
-                                       tta=args.tta, precision=args.precision)
+    """Load the model, classify the images as each batch is ready, then write what was asked."""
+    predictor = _load_predictor(args)
     # The CSV is held in memory (beside `results`, which --json needs whole) and written at the
     # end in one atomic step: a run stopped or failed midway leaves no half-written file.
-    table = io.StringIO() if args.csv is not None else None
-    writer = None
-    if table is not None:
-        k = max(1, min(args.topk, len(predictor.classes)))
-        writer = csv.writer(table, lineterminator="\n")
-        writer.writerow(["file", *(f"{what}_{i}" for i in range(1, k + 1)
-                                   for what in ("class", "prob"))])
-    missing = [str(p) for p in args.paths if not Path(p).exists()]
-    if missing:  # named on the command line: a typo, not a file to skip
-        raise TransferkitError(f"no such file or folder: {', '.join(missing)}")
-    files, errors = expand_paths(args.paths)
-    for path, reason in errors:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
-    results = []
-    # Results are printed as each batch is ready; the bar shows only on a terminal (stderr), never
-    # in a pipe.
-    with tqdm(total=len(files), unit="img", file=sys.stderr, disable=not sys.stderr.isatty(),
-              leave=False) as bar:
-        for path, top in predictor.predict_files(files, topk=args.topk,
-                                                 batch_size=args.batch_size):
-            bar.update()
-            if isinstance(top, str):
-                errors.append((str(path), top))
-                bar.write(f"skipped {path}: {top}", file=sys.stderr)
-                continue
-            results.append({"file": str(path), "top": [{"class": c, "prob": p} for c, p in top]})
-            if writer is not None:
-                writer.writerow([str(path), *(v for c, p in top for v in (c, f"{p:.6g}"))])
-            if not args.json:
-                line = ", ".join(f"{c} {100 * p:.1f}%" for c, p in top)
-                bar.write(f"{path}: {line}", file=sys.stdout)
+    table, writer = _csv_table(args, predictor.classes)
+    files, errors = _image_files(args.paths)
+    results, unreadable = _classify(predictor, files, args, writer)
+    errors += unreadable
     if args.json:
         print(json.dumps({"predictions": results,
                           "errors": [{"file": p, "reason": r} for p, r in errors]}, indent=2))
@@ -482,6 +468,75 @@ def _predict(args: argparse.Namespace) -> int:
         atomic_write(args.csv, table.getvalue())
         print(f"predictions: {args.csv}", file=sys.stderr)
     return 0
+
+
+def _load_predictor(args: argparse.Namespace):
+    """The run folder's Predictor, or an OnnxPredictor for a model.onnx (fp32, its own size)."""
+    from .predict import Predictor
+
+    if args.run.suffix == ".onnx" and not args.run.is_dir():
+        from .export import OnnxPredictor
+
+        if args.image_size is not None:
+            raise TransferkitError(f"{args.run} takes a fixed input side; drop --image-size, or "
+                                   "export the run again at another size")
+        if args.precision not in (None, "fp32"):
+            raise TransferkitError(f"{args.run} runs in fp32 (onnxruntime); drop --precision "
+                                   f"{args.precision}, or predict with the run folder")
+        return OnnxPredictor(args.run, tta=args.tta)
+    return Predictor.from_run(args.run, device=args.device, image_size=args.image_size,
+                              tta=args.tta, precision=args.precision)
+
+
+def _csv_table(args: argparse.Namespace, classes: Sequence[str]):
+    """For --csv, an in-memory table with its header row and its writer; else (None, None)."""
+    if args.csv is None:
+        return None, None
+    table = io.StringIO()
+    k = max(1, min(args.topk, len(classes)))
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["file", *(f"{what}_{i}" for i in range(1, k + 1)
+                               for what in ("class", "prob"))])
+    return table, writer
+
+
+def _image_files(paths: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The image files under `paths` and the ones skipped (printed); a missing path is an error."""
+    from .predict import expand_paths
+
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:  # named on the command line: a typo, not a file to skip
+        raise TransferkitError(f"no such file or folder: {', '.join(missing)}")
+    files, errors = expand_paths(paths)
+    for path, reason in errors:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    return files, errors
+
+
+def _classify(predictor, files: list[Path], args: argparse.Namespace,
+              writer) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Each readable file's top classes, printed (unless --json) and written as each is ready."""
+    from tqdm import tqdm
+
+    results, unreadable = [], []
+    # Results are printed as each batch is ready; the bar shows only on a terminal (stderr), never
+    # in a pipe.
+    with tqdm(total=len(files), unit="img", file=sys.stderr, disable=not sys.stderr.isatty(),
+              leave=False) as bar:
+        for path, top in predictor.predict_files(files, topk=args.topk,
+                                                 batch_size=args.batch_size):
+            bar.update()
+            if isinstance(top, str):
+                unreadable.append((str(path), top))
+                bar.write(f"skipped {path}: {top}", file=sys.stderr)
+                continue
+            results.append({"file": str(path), "top": [{"class": c, "prob": p} for c, p in top]})
+            if writer is not None:
+                writer.writerow([str(path), *(v for c, p in top for v in (c, f"{p:.6g}"))])
+            if not args.json:
+                line = ", ".join(f"{c} {100 * p:.1f}%" for c, p in top)
+                bar.write(f"{path}: {line}", file=sys.stdout)
+    return results, unreadable
 
 
 def _batch_arg(text: str) -> int | None:

@@ -270,6 +270,14 @@ class TrainConfig:
         "every 5 minutes", "N")
 
     def __post_init__(self) -> None:
+        """Coerce each setting to its type, then validate; the first problem found raises."""
+        self._coerce_types()
+        self._check_ranges()
+        self._check_techniques()
+        self._check_normalization()
+
+    def _coerce_types(self) -> None:
+        """Each setting in its declared type: a Literal's choices, or an exact int, float, bool."""
         for name, kind in typing.get_type_hints(type(self)).items():
             value = getattr(self, name)
             optional = type(None) in get_args(kind)
@@ -284,6 +292,9 @@ class TrainConfig:
                     )
             elif base in (int, float, bool, str):
                 object.__setattr__(self, name, _coerce(name, value, base))
+
+    def _check_ranges(self) -> None:
+        """The run's sizes, learning rates, schedule and logging within their ranges."""
         _check(self.epochs >= 1, "epochs must be at least 1")
         _check(self.batch_size >= 1, "batch_size must be at least 1")
         _check(self.micro_batch >= 0, "micro_batch must be >= 0 (0: automatic)")
@@ -309,6 +320,9 @@ class TrainConfig:
                f"patience must be at least 1 epoch, not {self.patience}; leave it out to train "
                "every epoch")
         _check(self.min_delta >= 0, "min_delta must be >= 0 (e.g. 0.001)")
+
+    def _check_techniques(self) -> None:
+        """Each optional technique's range, and how it combines with strategy and image_size."""
         _check(self.trainable_blocks is None or self.trainable_blocks >= 1,
                "trainable_blocks must be at least 1 (for the head alone use --strategy linear)")
         _check(self.trainable_blocks is None or self.strategy != "linear",
@@ -334,6 +348,9 @@ class TrainConfig:
         _check(self.strategy != "linear" or self.layer_decay == 1,
                "--layer-decay sets the backbone's learning rates, and --strategy linear trains the "
                "head alone; use --strategy finetune or gradual, or drop --layer-decay")
+
+    def _check_normalization(self) -> None:
+        """mean and std: three numbers each (R G B), std positive."""
         for name in ("mean", "std"):
             v = getattr(self, name)
             if v is not None:
