@@ -133,7 +133,7 @@ def test_fixed_batch_export_takes_that_batch_and_checks_every_image(tmp_path):
 
 
 def test_disagreeing_export_exits_1_and_leaves_nothing(runs, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(export, "MAX_PROB_DIFF", -1.0)  # no export can be this close: each now disagrees
+    monkeypatch.setattr(export.compare, "MAX_PROB_DIFF", -1.0)  # no export can be this close: each now disagrees
     out = tmp_path / "m.pt"
     assert main(["export", str(runs["r18"]), "--format", "torchscript", "--out", str(out), "--check-images", "8"]) == 1
     err = capsys.readouterr().err

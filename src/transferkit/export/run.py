@@ -1,0 +1,153 @@
+"""Export a run folder or a Predictor, checked on held-out images; export.json records each export.
+
+A run folder is checked on its own held-out split (or `--data`'s), and --quantize int8 measures
+the accuracy drop on all of it, calibrating on the run's training images; the run's ModelCard
+travels in the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import runfiles
+from ..checkpoint import ModelCard, read_card
+from ..data.preprocess import Preprocessing
+from ..data.sources import DataSource, is_named
+from ..data.splits import Split, stratified_subset
+from ..data.transforms import batches
+from ..errors import TransferkitError
+from ..evaluate import held_out_record, split_to_score
+from ..predict import Predictor, stored
+from .file_metadata import metadata, record
+from .model import export_checked
+from .request import (
+    DEFAULT_OPSET,
+    SUFFIX,
+    Format,
+    Int8,
+    Target,
+    check_destination,
+    check_run_request,
+    require,
+)
+from .runtime import as_input
+
+
+def _images(split: Split, pre: Preprocessing, count: int | None = None,
+            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 model input, labels) of a class-balanced, seeded subset of `count` images of a split
+    (None: all)."""
+    if count is not None and count < len(split):
+        split = split.subset(stratified_subset(split.labels, count, seed)[:count])
+    xs, ys = [], []
+    for images, labels in batches(split, 64):
+        xs.append(as_input(pre, images))
+        ys.append(labels)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def export_predictor(predictor: Predictor, out: str | Path, images: Sequence[Any], *,
+                     fmt: Format = "onnx", batch: int | None = None, opset: int = DEFAULT_OPSET,
+                     int8: Int8 | None = None) -> dict[str, Any]:
+    """Export a Predictor (e.g. Predictor.from_pretrained) checked on `images` (paths, PIL images,
+    arrays); a run's Predictor (from_run) writes its ModelCard into the file."""
+    pre = predictor.preprocessing
+    check = torch.cat([as_input(pre, stored(pre, im)[None]) for im in images])
+    meta = metadata(predictor.classes, pre, temperature=predictor.temperature,
+                    card=predictor.card)
+    return export_checked(predictor.model, pre, meta, Target(Path(out), fmt, batch, opset), check,
+                          measured_on=f"{len(check)} images given", int8=int8)
+
+
+def default_out(run_dir: Path, fmt: str, quantize: str | None = None) -> Path:
+    """RUN/model.onnx, RUN/model.pt, RUN/model.int8.onnx."""
+    name = f"model.{quantize}{SUFFIX[fmt]}" if quantize else f"model{SUFFIX[fmt]}"
+    return Path(run_dir) / name
+
+
+def export_run(run_dir: str | Path, formats: Sequence[str] = ("onnx",), *,
+               out: str | Path | None = None, batch: int | None = None, opset: int = DEFAULT_OPSET,
+               check_images: int = 256, data: str | None = None, data_dir: str | None = None,
+               quantize: str | None = None, max_drop: float = 1.0,
+               workers: int = 2) -> list[dict[str, Any]]:
+    """Export a run folder to each format, checked on its held-out images (or `data`'s).
+
+    Each export is recorded in export.json beside its file; returns the records."""
+    run_dir = Path(run_dir)
+    check_run_request(formats, check_images, quantize)
+    card = read_card(run_dir)
+    if "onnx" in formats:
+        require("onnx", "onnxscript", "onnxruntime")
+    paths = [_target(run_dir, f, out, len(formats) > 1, quantize) for f in formats]
+    targets = [Target(path, f, batch, opset) for path, f in zip(paths, formats)]
+    for t in targets:
+        check_destination(t.path)
+    # One reading of model.json; model.safetensors is checked against its sha256.
+    pred = Predictor.from_run(run_dir, device="cpu", card=card)
+    pre = pred.preprocessing
+    source, own = _data_to_check(run_dir, card, data)
+    scored = dict(record=held_out_record(run_dir, source) if own else None, data_dir=data_dir,
+                  workers=workers, same_pre=True)
+    held, src, _ = split_to_score(run_dir, source, None, pre, **scored)
+    check, _ = _images(held, pre, check_images)
+    measured_on = f"{len(check)} images of the {held.name} split of {source}"
+    int8 = None
+    if quantize:
+        int8 = Int8(_labelled(held, src, pred.classes, pre, source),
+                    _calibration(run_dir, source, pre, scored), max_drop)
+    meta = metadata(pred.classes, pre, temperature=pred.temperature, card=card,
+                    source=f"transferkit run {run_dir.name} ({card.arch}, trained on {card.data})")
+    records = []
+    for target in targets:
+        rec = export_checked(pred.model, pre, meta, target, check, measured_on=measured_on,
+                             int8=int8)
+        rec["run"], rec["path"] = str(run_dir), str(target.path)
+        record(target.path, rec)
+        records.append(rec)
+    return records
+
+
+def _data_to_check(run_dir: Path, card: ModelCard, data: str | None) -> tuple[str, bool]:
+    """The data whose images check the export, and whether it is the run's own (the default)."""
+    source = data or card.data
+    if not source:
+        raise TransferkitError(f"{run_dir / runfiles.CARD} records no data set; pass --data DIR "
+                               "with images of its classes for the parity check")
+    own = data is None
+    if own and not Path(source).expanduser().exists() and not is_named(source):
+        raise TransferkitError(f"the run's data {source} (recorded in {run_dir / runfiles.CARD}) "
+                               "is missing; pass --data DIR with images of its classes for the "
+                               "parity check")
+    return source, own
+
+
+def _labelled(held: Split, src: DataSource, classes: list[str], pre: Preprocessing,
+              source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of the held-out split as (model input, the model's class index): what int8's accuracy
+    drop is measured on."""
+    images, labels = _images(held, pre)
+    if sorted(src.classes) != sorted(classes):
+        raise TransferkitError(f"the classes of {source} are not the run's; --quantize measures "
+                               "accuracy on data with the run's classes")
+    return images, torch.tensor([classes.index(c) for c in src.classes])[labels]
+
+
+def _calibration(run_dir: Path, source: str, pre: Preprocessing,
+                 scored: dict[str, Any]) -> torch.Tensor:
+    """128 of the run's training images (class-balanced, seeded): what static int8 calibrates on."""
+    train, _, _ = split_to_score(run_dir, source, "train", pre, **scored)
+    return _images(train, pre, 128, seed=1)[0]
+
+
+def _target(run_dir: Path, fmt: str, out: str | Path | None, several: bool,
+            quantize: str | None) -> Path:
+    """Where a format's file goes: --out (its suffix per format when there are several), else the
+    run folder."""
+    if out is None:
+        return default_out(run_dir, fmt, quantize)
+    out = Path(out)
+    return out.with_suffix(SUFFIX[fmt]) if several else out
