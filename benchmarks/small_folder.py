@@ -1,7 +1,8 @@
 """Build a small real-photo folder (train/<class>/, test/<class>/ of symlinks) from the shared CIFAR-10 folder.
 
-The small-data benchmark of the README: a few hundred real 32 px photos in two classes, the case where a
-user's default command should not spend minutes fine-tuning what a linear probe learns in seconds.
+The small-data benchmark of benchmarks/RESULTS.md ("Small folders and the default strategy"): a
+few hundred real 32 px photos in two classes, the case where a user's default command should not
+spend minutes fine-tuning what a linear probe learns in seconds.
 
     python benchmarks/small_folder.py /tmp/catdog --classes cat dog --train 200 --test 500
     python benchmarks/accuracy.py --seeds 3 -- --data /tmp/catdog

@@ -22,7 +22,7 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
 
 
 def render(package: Path) -> str:
-    """| module | lines | its job | for every .py file under `package`, folders first-level order."""
+    """A table (module, lines, its job) of every .py file under `package`, top level first."""
     rows = ["| module | lines | its job |", "| --- | ---: | --- |"]
     for path in sorted(package.rglob("*.py"), key=lambda p: (len(p.relative_to(package).parts), p)):
         text = path.read_text()

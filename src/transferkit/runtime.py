@@ -75,8 +75,8 @@ class Fp32DepthwiseConv2d(torch.nn.Conv2d):
     autocast and hands on its input's dtype; the same parameters and state_dict. On a CPU, oneDNN's
     bf16 backward pass of a depthwise convolution is its slowest kernel by far (51 ms of
     MobileNetV2's 770 ms step at 112 px for one strided layer, 95 ms of 407 at 48 px for three at
-    2x2); the fp32 kernels take a fraction of that (README, "Performance"). Forward alone
-    (evaluation) keeps the bf16 kernel, the faster one there."""
+    2x2); the fp32 kernels take a fraction of that (benchmarks/RESULTS.md, "Performance").
+    Forward alone (evaluation) keeps the bf16 kernel, the faster one there."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
