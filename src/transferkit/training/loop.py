@@ -21,7 +21,7 @@ from ..data.transforms import batches
 from ..errors import Interrupted
 from ..logs import EpochProgress
 from ..report import classification_metrics, lr_range, write_metrics
-from ..runtime import Compute, StopFlag
+from ..runtime import SINGLE, Compute, Dist, StopFlag
 from . import engine
 from .averaging import WeightAverage
 from .features import Stage
@@ -208,8 +208,6 @@ def _announce(job: Job, out: Path, state: TrainState, steps: int) -> engine.Step
     if state.next_epoch > cfg.epochs:
         log.info("%s has trained all %d epochs: evaluating it again (resume with --epochs N to "
                  "train more)", out, cfg.epochs)
-    weights = None if cfg.class_weights == "none" else \
-        inverse_frequency(stage.train.labels, job.card.num_classes).to(hw.device)
     mixing = Mixing(cfg.mixup, cfg.cutmix) if cfg.mixup or cfg.cutmix else None
     if mixing is not None:
         log.info("%s: train_acc counts an answer right when it is the label with the larger "
@@ -217,8 +215,17 @@ def _announce(job: Job, out: Path, state: TrainState, steps: int) -> engine.Step
                  " + ".join(n for n in ("mixup", "cutmix") if getattr(cfg, n)))
     if state.ema is not None:
         log.info("validating and saving the weights' moving average (--ema %g)", cfg.ema)
+    return step_setup(job, hw.dist, mixing)
+
+
+def step_setup(job: Job, dist: Dist = SINGLE, mixing: Mixing | None = None) -> engine.StepSetup:
+    """The training step's settings for the job's stage: transforms, passes, loss (label smoothing,
+    --class-weights), BatchNorm mode; the epochs add the torchrun job and mixup/cutmix."""
+    cfg, stage, hw = job.cfg, job.stage, job.hw
+    weights = None if cfg.class_weights == "none" else \
+        inverse_frequency(stage.train.labels, job.card.num_classes).to(hw.device)
     return engine.StepSetup(stage.train_tf, hw.device, hw.precision, stage.micro,
-                            cfg.label_smoothing, weights, cfg.batchnorm, hw.dist, mixing)
+                            cfg.label_smoothing, weights, cfg.batchnorm, dist, mixing)
 
 
 def _sized(setup: engine.StepSetup, job: Job, epoch: int) -> engine.StepSetup:

@@ -23,7 +23,6 @@ from torch import nn
 
 from .. import runfiles
 from ..config import TrainConfig
-from ..data.sources import inverse_frequency
 from ..data.splits import Split
 from ..data.transforms import batches
 from ..errors import TransferkitError
@@ -32,7 +31,7 @@ from ..models import set_trainable, train_mode
 from ..report.plots import pyplot, save_png
 from ..runtime import SINGLE
 from . import engine
-from .loop import Job
+from .loop import Job, step_setup
 from .plan import param_groups
 from .state import generators, lr_factor, make_optimizer
 
@@ -253,13 +252,10 @@ def write(out: Path, result: RangeTest, title: str) -> None:
 def run_test(job: Job, **ramp: Any) -> RangeTest:
     """The LR range test on what the run trains: its stage, transforms, passes, loss and parameter
     groups ('gradual': the whole network, which its lr drives after --head-epochs)."""
-    cfg, stage, hw, model, head = job.cfg, job.stage, job.hw, job.bb.model, job.card.head
+    cfg, stage, model, head = job.cfg, job.stage, job.bb.model, job.card.head
     trainable = [p.requires_grad for p in model.parameters()]
     set_trainable(model, head, cfg.strategy != "linear", list(job.plan.frozen_blocks))
-    weights = None if cfg.class_weights == "none" else \
-        inverse_frequency(stage.train.labels, job.card.num_classes).to(hw.device)
-    setup = engine.StepSetup(stage.train_tf, hw.device, hw.precision, stage.micro,
-                             cfg.label_smoothing, weights, cfg.batchnorm)
+    setup = step_setup(job)  # one process, no mixing: the ramp's steps are the run's plain steps
     # the ramp scales them (--layer-decay too)
     groups = param_groups(cfg.replace(lr=1.0), model, head)
     end = ramp.pop("end_lr", None) or max(END_LR, 10 * cfg.lr if cfg.lr != "auto" else 0)
@@ -267,8 +263,8 @@ def run_test(job: Job, **ramp: Any) -> RangeTest:
     mean = schedule_mean(cfg.schedule, steps * cfg.epochs, round(cfg.warmup_epochs * steps))
     try:
         return range_test(model, stage.runner, groups, stage.train, setup, optimizer=cfg.optimizer,
-                                  momentum=cfg.momentum, batch_size=cfg.batch_size, seed=cfg.seed,
-                                  end_lr=end, schedule_mean=mean, **ramp)
+                          momentum=cfg.momentum, batch_size=cfg.batch_size, seed=cfg.seed,
+                          end_lr=end, schedule_mean=mean, **ramp)
     finally:
         for p, flag in zip(model.parameters(), trainable):
             p.requires_grad_(flag)
