@@ -51,6 +51,11 @@ def _summary(split: Split | None, classes: int) -> dict[str, Any] | None:
             "per_class": torch.bincount(split.labels, minlength=classes).tolist()}
 
 
+def _counts(identity: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A split's size and images per class, from its identity."""
+    return None if identity is None else {k: identity[k] for k in ("images", "per_class")}
+
+
 def identity(split: Split, classes: int) -> dict[str, Any]:
     """The one record of "is this the same split?": its size, images per class and a fingerprint of
     its labels and contents. split.json keeps it for eval, last.pt for a resume."""
@@ -63,12 +68,14 @@ def val_carved(data: str) -> bool:
     return is_named(data) or "val" not in folder_layout(Path(data).expanduser())
 
 
-def write_split_record(out: Path, data: str, src: DataSource, *, val_split: float, seed: int,
-                       max_train_images: int | None, dedupe: bool = False) -> None:
+def write_split_record(out: Path, data: str, src: DataSource, identities: dict[str, dict[str, Any]],
+                       *, val_split: float, seed: int, max_train_images: int | None,
+                       dedupe: bool = False) -> None:
     """Write split.json: the rule that carved validation out of train, the counts, the held-out
-    files and a fingerprint of their contents to check them by."""
+    files and a fingerprint of their contents to check them by (`identities`: identity() of each
+    split, as the run computed them once for last.pt)."""
     carved = src.val is not None and val_carved(data)
-    val = None if src.val is None else identity(src.val, len(src.classes))
+    val = None if src.val is None else dict(identities["val"])
     if val is not None:
         val.update(source="carved from train" if carved else "val")
         if src.val.files is not None:
@@ -82,8 +89,8 @@ def write_split_record(out: Path, data: str, src: DataSource, *, val_split: floa
         "val_split": val_split if carved else 0.0, "seed": seed,
         "max_train_images": max_train_images,
         "dedupe": dedupe,
-        "train": _summary(src.train, len(src.classes)), "val": val,
-        "test": _summary(src.test, len(src.classes)),
+        "train": _counts(identities.get("train")), "val": val,
+        "test": _counts(identities.get("test")),
     }
     atomic_write(Path(out) / SPLIT_FILE, json.dumps(record, indent=2))
 

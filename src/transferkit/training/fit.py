@@ -134,8 +134,9 @@ def _begin(job: Job, run: RunStart) -> dict[str, Any]:
         fingerprint.check_data(recorded, prints["listing"], prints["splits"], data, cfg.data)
     if job.hw.dist.main:
         begin_writing(out, cfg, run.overwrite, data.skipped, job.requested)
-        heldout.write_split_record(out, cfg.data, data, val_split=cfg.val_split, seed=cfg.seed,
-                                   max_train_images=cfg.max_train_images, dedupe=cfg.dedupe)
+        heldout.write_split_record(out, cfg.data, data, prints["splits"], val_split=cfg.val_split,
+                                   seed=cfg.seed, max_train_images=cfg.max_train_images,
+                                   dedupe=cfg.dedupe)
         if (run.saved is not None and (out / META_FILE).is_file()
                 and read_card(out).data != cfg.data):
             update_card(out, data=cfg.data)  # resumed on its moved data: eval finds it there
