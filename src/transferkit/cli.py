@@ -16,10 +16,9 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import GROUPS, RECIPES, TrainConfig
+from .config import GROUPS, RECIPES, RESUMABLE_CHANGES, TrainConfig
 from .errors import Interrupted, TransferkitError, did_you_mean
 from .files import atomic_write, temp_beside
-from .training.runfolder import RESUMABLE_CHANGES
 from .version import __version__
 
 DISTRIBUTED = ("several GPUs or machines: torchrun --nproc_per_node=N -m transferkit train ... "

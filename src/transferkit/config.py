@@ -79,6 +79,11 @@ RECIPE_MODELS: dict[str, dict[str, dict[str, Any]]] = {
     "fast": {"mobilenet_v2": dict(image_size=160, trainable_blocks=12, feature_cache=False)},
 }
 
+# The settings a resume may change (the rest must match the run's config.yaml): how long, where and
+# how fast it runs, never what it learns.
+RESUMABLE_CHANGES = {"epochs", "device", "workers", "log_every", "compile", "checkpoint_every",
+                     "micro_batch", "tta"}
+
 # The groups of settings in --help, in this order, each with one line.
 GROUPS: dict[str, str] = {
     "data": "what to train on",

@@ -17,7 +17,7 @@ from typing import IO, Any
 
 from .. import runfiles
 from ..checkpoint import load_last
-from ..config import TrainConfig, requested_from
+from ..config import RESUMABLE_CHANGES, TrainConfig, requested_from
 from ..data import sources
 from ..errors import TransferkitError
 from ..files import atomic_write
@@ -26,8 +26,6 @@ from . import fingerprint
 
 log = logging.getLogger(__name__)
 
-RESUMABLE_CHANGES = {"epochs", "device", "workers", "log_every", "compile", "checkpoint_every",
-                     "micro_batch", "tta"}
 # a resume may name the data's new place: its fingerprint says whether it is the same
 MOVABLE = {"data", "data_dir"}
 UNCHECKED = RESUMABLE_CHANGES | MOVABLE | {"out"}  # what the settings' fingerprint leaves out
