@@ -170,3 +170,43 @@ def test_calibrate_without_a_validation_split_exits_2_before_training(cifar_smal
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "--calibrate" in proc.stderr and "--val-split 0.1" in proc.stderr and "Traceback" not in proc.stderr
     assert "epoch 1/1" not in proc.stderr and not out.exists()
+
+
+# issue 27, item 9: a validation split too small to fit a temperature on --------------------------------------------
+
+def test_a_temperature_at_the_end_of_the_search_is_not_stored_and_the_report_says_why(tmp_path, caplog):
+    """A model right on every validation image with margin: the NLL falls all the way to T = 0.01, the search's
+    end. That is no fit: T = 1 is kept, and the log and the report say why."""
+    from transferkit.report import classification_metrics, write_report
+    from transferkit.report.calibration import summary
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat(20)
+    logits = torch.randn(60, 3, generator=g) + 4 * torch.nn.functional.one_hot(labels, 3)
+    assert torch.equal(logits.argmax(1), labels)
+    with caplog.at_level("WARNING", logger="transferkit"):
+        t = fit_temperature(logits, labels)
+    assert t == 1.0  # not 0.01
+    assert "end of the search" in caplog.text and "kept temperature 1" in caplog.text
+    metrics = classification_metrics(logits, labels, ["a", "b", "c"])
+    metrics["calibration"] = summary(logits, labels, t)
+    md = write_report(tmp_path, metrics, title="t", measured_on="val", classes=["a", "b", "c"], setup={})
+    text = md.read_text()
+    assert "not calibrated" in text and "every validation image right" in text
+    assert "every validation image right" in (tmp_path / "report.html").read_text()
+
+
+def test_calibrate_with_a_validation_split_of_a_few_images_exits_2_before_training(tmp_path):
+    from conftest import SHARED_CIFAR, link_subset
+
+    if not (SHARED_CIFAR / "train").is_dir():
+        pytest.skip(f"shared CIFAR-10 folder not found at {SHARED_CIFAR}")
+    data = tmp_path / "data"
+    link_subset(SHARED_CIFAR / "train", data / "train", 20, ["cat", "dog"])
+    link_subset(SHARED_CIFAR / "test", data / "val", 1, ["cat", "dog"])  # two validation images
+    out = tmp_path / "run"
+    proc = run_cli("train", "--data", data, "--model", "resnet18", "--weights", "none", "--calibrate",
+                   "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--out", out)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "2 image(s)" in proc.stderr and "at least 30" in proc.stderr and "Traceback" not in proc.stderr
+    assert "epoch 1/1" not in proc.stderr and not (out / "model.json").exists()

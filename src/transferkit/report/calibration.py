@@ -20,6 +20,22 @@ BINS = 15  # equal-width confidence bins of the expected calibration error (Guo 
 LOG_T_RANGE = (math.log(0.01), math.log(100.0))
 # golden-section steps: the bracket shrinks to 0.618^80 of its width, far below float noise
 SEARCH_STEPS = 80
+# a minimum this close to an end of LOG_T_RANGE (in log T) is the end: the NLL still falls there
+AT_BOUND = 0.05
+# --calibrate refuses a smaller validation split: below it one image moves the NLL by over 3%,
+# and a split the model gets all right (or all wrong) has no finite best temperature
+MIN_IMAGES = 30
+
+
+class Temperature(float):
+    """A fitted temperature; `note` says why it is 1 where the fit was not kept (else empty)."""
+
+    note: str
+
+    def __new__(cls, value: float, note: str = "") -> Temperature:
+        t = super().__new__(cls, value)
+        t.note = note
+        return t
 
 
 def _checked(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,12 +96,14 @@ def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) ->
     return torch.nn.functional.cross_entropy(logits / temperature, labels).item()
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> Temperature:
     """The one temperature T that minimizes the NLL of softmax(logits / T):
     a golden-section search on log T.
 
     The NLL is convex in 1/T, so unimodal in log T: the bounded search finds its minimum,
-    the same one on every machine (no random start, no learning rate).
+    the same one on every machine (no random start, no learning rate). A minimum at an end of
+    the search is no fit (the NLL still falls beyond it): T = 1 is kept, and its `note` and a
+    warning say why.
     """
     logits, labels = _checked(logits, labels)
 
@@ -108,16 +126,31 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     best = (lo + hi) / 2
     # no better than as trained (e.g. a flat NLL, every logit equal): keep T = 1
     if loss(best) >= loss(0.0):
-        return 1.0
-    return math.exp(best)
+        return Temperature(1.0)
+    edge = next((e for e in LOG_T_RANGE if abs(best - e) < AT_BOUND), None)
+    if edge is None:
+        return Temperature(math.exp(best))
+    note = (f"not calibrated: the validation NLL still falls at temperature "
+            f"{math.exp(edge):g}, the end of the search, " + (
+                "as it does when the model gets every validation image right"
+                if edge < 0 else "as it does when the probabilities carry no information there")
+            + f" ({len(labels):,} images); kept temperature 1")
+    log.warning("--calibrate: %s", note)
+    return Temperature(1.0, note)
 
 
 def check_calibration_split(calibrate: bool, val: Any, data: str) -> None:
-    """--calibrate fits on the validation split: refuse, before training, a run that has none."""
+    """--calibrate fits on the validation split: refuse, before training, a run that has none
+    or fewer than MIN_IMAGES images there."""
     if calibrate and val is None:
         raise TransferkitError(f"--calibrate fits its temperature on the validation split, and "
                                f"{data} has none; hold some training images out with "
                                "--val-split 0.1 (or add a val/ folder), or drop --calibrate")
+    if calibrate and len(val) < MIN_IMAGES:
+        raise TransferkitError(f"--calibrate fits its temperature on the validation split, which "
+                               f"has {len(val):,} image(s) here; it needs at least {MIN_IMAGES}: "
+                               "hold more images out (a larger --val-split, or more in val/), or "
+                               "drop --calibrate")
 
 
 def summary(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> dict[str, Any]:
@@ -125,12 +158,19 @@ def summary(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
     ECE and NLL with the model's temperature and without, and its bins."""
     logits, labels = _checked(logits, labels)
     raw, scaled = logits.softmax(1), (logits / temperature).softmax(1)
-    return {"temperature": temperature, "bins": BINS,
+    note = getattr(temperature, "note", "")
+    return {"temperature": float(temperature), **({"note": note} if note else {}), "bins": BINS,
             "ece": expected_calibration_error(scaled, labels),
             "nll": nll(logits, labels, temperature),
             "ece_uncalibrated": expected_calibration_error(raw, labels),
             "nll_uncalibrated": nll(logits, labels),
             "reliability": reliability_bins(scaled, labels)}
+
+
+def uncalibrated_label(figures: dict[str, Any]) -> str:
+    """The row of a report's calibration table where the temperature is 1."""
+    return ("not calibrated (--calibrate's fit was not kept: see below)" if figures.get("note")
+            else "uncalibrated (--calibrate fits a temperature)")
 
 
 def report_section(out_dir: Path, metrics: dict[str, Any], name: str) -> list[str]:
@@ -152,6 +192,7 @@ def report_section(out_dir: Path, metrics: dict[str, Any], name: str) -> list[st
                   f"| after (temperature {t:.4g}, fitted on the validation split) | "
                   f"{100 * figures['ece']:.2f}% | {figures['nll']:.4f} |"]
     else:
-        lines += [f"| uncalibrated (--calibrate fits a temperature) | "
+        lines += [f"| {uncalibrated_label(figures)} | "
                   f"{100 * figures['ece']:.2f}% | {figures['nll']:.4f} |"]
-    return lines + ["", f"![reliability diagram]({png})", ""]
+    note = [f"--calibrate: {figures['note']}.", ""] if figures.get("note") else []
+    return lines + ["", *note, f"![reliability diagram]({png})", ""]

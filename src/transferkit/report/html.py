@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write
+from . import calibration
 from .metrics import MATRIX_MAX_CLASSES, confused_pairs, lr_range
 
 WEAKEST_FIRST = "f1"  # the per-class table opens with the classes the model does worst on
@@ -120,12 +121,13 @@ def _calibration(out_dir: Path, metrics: dict[str, Any], name: str) -> str:
               f"{cal['nll_uncalibrated']:.4f}"],
              [f"after (temperature {t:.4g}, fitted on the validation split)", _pct(cal["ece"]),
               f"{cal['nll']:.4f}"]]
-            if t != 1.0 else [["uncalibrated (train --calibrate fits a temperature)",
+            if t != 1.0 else [[calibration.uncalibrated_label(cal),
                                _pct(cal["ece"]), f"{cal['nll']:.4f}"]])
     parts = ["<h2>Calibration</h2>",
              f"<p>Expected calibration error over {cal['bins']} equal-width bins of top-1 "
              "confidence, and the negative log-likelihood (lower is better for both).</p>",
-             _table(["", "ECE", "NLL"], rows, {1, 2})]
+             _table(["", "ECE", "NLL"], rows, {1, 2}),
+             f"<p>--calibrate: {_e(cal['note'])}.</p>" if cal.get("note") else ""]
     if (out_dir / f"{name}_reliability.png").is_file():
         parts.append(_png(out_dir / f"{name}_reliability.png", "reliability diagram"))
     return "".join(parts)
