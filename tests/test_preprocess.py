@@ -157,3 +157,34 @@ def test_streamed_and_in_memory_train_alike_with_large_images_shrunk(tmp_path):
     streamed = train(TrainConfig.create(**kw, stream="always", out=str(tmp_path / "s")))
     assert "stored at 32x32" in streamed.measured_on
     _same_weights(in_memory, streamed)
+
+
+def test_a_long_strip_is_refused_by_the_one_rule_before_its_resize_takes_gigabytes(run_28px, tmp_path):
+    """A strip one pixel wide would be resized to 73 x 219,000 pixels (at 224 px input: 5 GB and more). Every
+    path refuses it by the one rule: predict answers it with an error row and still predicts the other file,
+    a training folder lists it as unreadable, and an image passed in memory is refused; a real 6:1 panorama
+    is not."""
+    from transferkit.data.images import UnreadableImage
+
+    strip = np.ascontiguousarray(np.tile(PHOTOS["cup"][200:201], (1, 5, 1)).transpose(1, 0, 2))  # 3000 x 1
+    pano = PHOTOS["cup"][100:200]  # 100 x 600: 6:1
+    Image.fromarray(strip).save(tmp_path / "strip.png")
+    Image.fromarray(pano).save(tmp_path / "pano.png")
+    proc = run_cli("predict", run_28px, tmp_path / "pano.png", tmp_path / "strip.png", "--json")
+    assert "Traceback" not in proc.stderr, proc.stderr
+    out = json.loads(proc.stdout)
+    assert [r["file"] for r in out["predictions"]] == [str(tmp_path / "pano.png")]
+    (error,) = out["errors"]
+    assert error["file"] == str(tmp_path / "strip.png") and "1x3000 pixels" in error["reason"]
+    assert "20:1" in error["reason"] and "crop it" in error["reason"]
+    with pytest.raises(UnreadableImage, match="20:1"):
+        Predictor.from_run(run_28px, device="cpu").predict(strip)
+    for c, i in (("cup", 0), ("cup", 1), ("cat", 0), ("cat", 1)):
+        (tmp_path / "data" / c).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(PHOTOS[c][i * 100:i * 100 + 200, :200]).save(tmp_path / "data" / c / f"{i}.png")
+    (tmp_path / "data" / "cup" / "strip.png").write_bytes((tmp_path / "strip.png").read_bytes())
+    for stream in ("never", "always"):
+        src = load_source(str(tmp_path / "data"), preprocessing=Preprocessing(224, 256), splits=("train",),
+                          use_cache=False, stream=stream)
+        assert len(src.train) == 4 and [p for p, _ in src.skipped] == [str(tmp_path / "data" / "cup" / "strip.png")]
+        assert "20:1" in src.skipped[0][1]

@@ -37,13 +37,35 @@ def _open(path: str | Path) -> Image.Image:
         return Image.open(path)
 
 
+# The longest side an image may have, in units of its shortest. Preprocessing scales the short side
+# to the resize size before the center crop, so what a file becomes grows with its aspect ratio, not
+# its pixels: a 124-byte 1x10000 PNG would become 256x2,560,000 pixels (5.3 GB at peak). Real photos
+# and panoramas are 1:1 to about 8:1; at 20:1 the center crop already keeps only a twentieth of the
+# image, and what a file becomes stays under 28 Mpx (82 MB) at the largest input size, 1024 px.
+MAX_ASPECT_RATIO = 20
+
+
+def check_shape(width: int, height: int) -> None:
+    """Refuse an image whose long side is over MAX_ASPECT_RATIO times its short side: resized, it
+    would take gigabytes (every path checks it: headers, decoding, images passed in memory)."""
+    long, short = max(width, height), max(1, min(width, height))
+    if long > MAX_ASPECT_RATIO * short:
+        ratio = f"{long / short:,.0f}" if long >= 100 * short else f"{long / short:.1f}"
+        raise UnreadableImage(f"is {width}x{height} pixels, an aspect ratio of {ratio}:1, over the "
+                              f"limit of {MAX_ASPECT_RATIO}:1 (its short side is resized to the "
+                              "model's input, which would make it huge); crop it into parts of at "
+                              f"most {MAX_ASPECT_RATIO}:1")
+
+
 def _check_pixels(im: Image.Image) -> None:
-    """Refuse an image whose header declares more pixels than PIL's limit, before decoding it."""
+    """Refuse an image whose header declares more pixels than PIL's limit, or a strip too long for
+    the resize (check_shape), before decoding it."""
     limit, (w, h) = Image.MAX_IMAGE_PIXELS, im.size
     if limit and w * h > limit:
         raise UnreadableImage(f"declares {w}x{h} pixels ({w * h / 1e6:.0f} Mpx), over the pixel "
                               f"limit of {limit / 1e6:.0f} Mpx (a decompression bomb, or a photo "
                               "to scale down first)")
+    check_shape(w, h)
 
 
 def open_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:

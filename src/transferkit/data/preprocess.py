@@ -12,6 +12,10 @@ The rule: an image is *stored* as uint8, then turned into model input.
   the input side, as torchvision's `weights.transforms()` do. A JPEG file at least twice
   `resize_size` on both sides is first decoded at 1/2, 1/4 or 1/8 scale by libjpeg (never below
   `resize_size`): a 12 Mpx photo decodes several times faster, and every path reads files alike.
+- An image whose long side is over 20 times its short side (`images.MAX_ASPECT_RATIO`) is refused
+  (`UnreadableImage`), from its header before decoding and in memory alike: the resize would make
+  its long side over 20 x `resize_size` (a 1x10000 PNG of 124 bytes: 5.3 GB). Training and eval
+  list such a file as unreadable, `predict` answers it with an error row.
 A split stores all its images at one side: their own when they are all the same small square,
 else the input side.
 """
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from .images import read_image
+from .images import check_shape, read_image
 
 Interpolation = Literal["bilinear", "bicubic"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -104,6 +108,7 @@ class Preprocessing:
         alone). With `side` the result always has that side: a file whose pixels disagree with its
         header (which decided the split's side) is resized to fit."""
         h, w = images.shape[-2:]
+        check_shape(w, h)
         if not self.keeps(w, h):
             mode = InterpolationMode(self.interpolation)
             out = TF.center_crop(TF.resize(images, [self.resize_size], interpolation=mode,
