@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from html.parser import HTMLParser
+from urllib.parse import unquote
 
 import pytest
 import torch
@@ -214,3 +217,70 @@ def test_real_run_records_first_and_last_lr_and_no_top5_of_three_classes(three_c
     proc = run_cli("eval", out, "--data", root)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("accuracy ") and "top-" not in proc.stdout
+
+
+# issue 27 ---------------------------------------------------------------------------------------------------------
+
+HOSTILE = ['"><img src=x onerror=alert(1)>', "pipe | *star* [link](javascript:alert(2)) `tick`", "new\nline",
+           "plain_name"]
+
+
+class _Rendered(HTMLParser):
+    """What a Markdown viewer that passes inline HTML makes of report.md: its tags, pictures and table cells."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags, self.pictures, self.cells, self._cell = [], [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag == "img":
+            self.pictures.append(dict(attrs).get("src"))
+        if tag == "td":
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._cell is not None:
+            self.cells.append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def test_report_md_shows_hostile_class_and_folder_names_as_text_in_a_markdown_viewer(tmp_path):
+    """Names from the user's folders (classes, the data path, an eval report's name) are text in report.md, as in
+    report.html: no tag, no link, no broken table row, the characters the user wrote."""
+    import markdown
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat(10)
+    pred = torch.where(torch.rand(40, generator=g) < 0.6, labels, (labels + 1) % 4)
+    metrics = classification_metrics(torch.nn.functional.one_hot(pred, 4).float(), labels, HOSTILE)
+    name = "eval-x)<img src=y onerror=alert(3)>-test"
+    md = write_report(tmp_path, metrics, title="m on /data/<script>alert(4)</script>", name=name,
+                      measured_on="test split of /data/<b>x</b>, 40 images", classes=HOSTILE,
+                      setup={"data": "/data/<iframe src=z>"}, history=_history(2))
+    page = _Rendered()
+    page.feed(markdown.markdown(md.read_text(encoding="utf-8"), extensions=["tables"]))
+    tags = {tag for tag, _ in page.tags}
+    assert not tags & {"script", "iframe", "a", "b", "code", "em"}, tags
+    assert not any(k.startswith("on") for _, attrs in page.tags for k in attrs)
+    assert sorted(unquote(p) for p in page.pictures) == ["curves.png", f"{name}_confusion.png"]
+    assert all((tmp_path / unquote(p)).is_file() for p in page.pictures)
+    for cls in HOSTILE:  # the per-class table holds each name as written (a line break shown as \n)
+        assert cls.replace("\n", "\\n") in page.cells
+    assert all(len(row) == 5 for row in _md_table(md.read_text(encoding="utf-8"), "| class |"))
+
+
+def _md_table(text: str, header: str) -> list[list[str]]:
+    """The rows of the Markdown table under `header`, split on unescaped pipes."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(re.split(r"(?<!\\)\|", line.strip())[1:-1])
+    return rows

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import TransferkitError
+from .escape import md_picture, md_text
 from .plots import reliability_png
 
 log = logging.getLogger(__name__)
@@ -194,5 +195,5 @@ def report_section(out_dir: Path, metrics: dict[str, Any], name: str) -> list[st
     else:
         lines += [f"| {uncalibrated_label(figures)} | "
                   f"{100 * figures['ece']:.2f}% | {figures['nll']:.4f} |"]
-    note = [f"--calibrate: {figures['note']}.", ""] if figures.get("note") else []
-    return lines + ["", *note, f"![reliability diagram]({png})", ""]
+    note = [f"--calibrate: {md_text(figures['note'])}.", ""] if figures.get("note") else []
+    return lines + ["", *note, md_picture("reliability diagram", png), ""]

@@ -4,12 +4,12 @@ self-contained page (pictures inlined, no external files)."""
 from __future__ import annotations
 
 import base64
-import html
 from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write
 from . import calibration
+from .escape import html_text
 from .metrics import MATRIX_MAX_CLASSES, confused_pairs, lr_range
 
 WEAKEST_FIRST = "f1"  # the per-class table opens with the classes the model does worst on
@@ -36,11 +36,6 @@ img { max-width: 100%; height: auto; display: block; margin: 0.6em 0; }
 """
 
 
-def _e(value: Any) -> str:
-    """Any value as escaped HTML text (class names and paths come from the user's files)."""
-    return html.escape(str(value), quote=True)
-
-
 def _pct(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{100 * x:.{digits}f}%"
 
@@ -48,13 +43,13 @@ def _pct(x: float | None, digits: int = 2) -> str:
 def _png(path: Path, alt: str) -> str:
     """An <img> holding the picture itself as a data URI, so the page needs no other file."""
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+    return f'<img alt="{html_text(alt)}" src="data:image/png;base64,{data}">'
 
 
 def _table(header: list[str], rows: list[list[Any]], numeric: set[int] = frozenset()) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f'<td class="num">{_e(v)}</td>' if i in numeric
-                                    else f"<td>{_e(v)}</td>"
+    head = "".join(f"<th>{html_text(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f'<td class="num">{html_text(v)}</td>' if i in numeric
+                                    else f"<td>{html_text(v)}</td>"
                                     for i, v in enumerate(row)) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -71,8 +66,8 @@ def _headline(metrics: dict[str, Any]) -> str:
         figures.append((f"ECE ({cal['bins']} bins)", _pct(cal["ece"])))
     figures.append(("images", f"{metrics['images']:,}"))
     return '<div class="headline">' + "".join(
-        f'<div class="figure"><div class="value">{_e(v)}</div>'
-        f'<div class="label">{_e(k)}</div></div>'
+        f'<div class="figure"><div class="value">{html_text(v)}</div>'
+        f'<div class="label">{html_text(k)}</div></div>'
         for k, v in figures) + "</div>"
 
 
@@ -101,7 +96,7 @@ def _confusion(out_dir: Path, metrics: dict[str, Any], classes: list[str], name:
     whole = len(classes) <= MATRIX_MAX_CLASSES
     parts = ["<h2>" + ("Confusion matrix (rows: true class, columns: predicted)" if whole else
                        f"The most frequent mistakes (the whole {len(classes)}x{len(classes)} "
-                       f"matrix is in {_e(name)}.json)") + "</h2>"]
+                       f"matrix is in {html_text(name)}.json)") + "</h2>"]
     if (out_dir / f"{name}_confusion.png").is_file():
         parts.append(_png(out_dir / f"{name}_confusion.png", "confusion matrix"))
     pairs = confused_pairs(metrics["confusion"], classes, PAIRS_SHOWN)
@@ -127,7 +122,7 @@ def _calibration(out_dir: Path, metrics: dict[str, Any], name: str) -> str:
              f"<p>Expected calibration error over {cal['bins']} equal-width bins of top-1 "
              "confidence, and the negative log-likelihood (lower is better for both).</p>",
              _table(["", "ECE", "NLL"], rows, {1, 2}),
-             f"<p>--calibrate: {_e(cal['note'])}.</p>" if cal.get("note") else ""]
+             f"<p>--calibrate: {html_text(cal['note'])}.</p>" if cal.get("note") else ""]
     if (out_dir / f"{name}_reliability.png").is_file():
         parts.append(_png(out_dir / f"{name}_reliability.png", "reliability diagram"))
     return "".join(parts)
@@ -142,7 +137,7 @@ def _other_tables(metrics: dict[str, Any]) -> str:
                                      and all(isinstance(r, dict) for r in value)):
             continue
         header = list(dict.fromkeys(k for r in value for k in r))
-        parts.append(f"<h2>{_e(key.replace('_', ' ').capitalize())}</h2>"
+        parts.append(f"<h2>{html_text(key.replace('_', ' ').capitalize())}</h2>"
                      + _table(header, [[("-" if r.get(k) is None else r.get(k)) for k in header]
                                        for r in value]))
     return "".join(parts)
@@ -155,7 +150,7 @@ def _other_pictures(out_dir: Path, name: str, shown: set[str],
     found = {p.stem[len(name) + 1:].replace("_", " ").replace("-", " "): p
              for p in sorted(out_dir.glob(f"{name}_*.png")) if p.name not in shown}
     found.update(extra or {})
-    return "".join(f"<h2>{_e(title.capitalize())}</h2>" + _png(path, title)
+    return "".join(f"<h2>{html_text(title.capitalize())}</h2>" + _png(path, title)
                    for title, path in found.items() if Path(path).is_file())
 
 
@@ -168,8 +163,8 @@ def write_html(out_dir: Path, metrics: dict[str, Any], *, title: str, measured_o
     pictures of this report, and the settings; returns its path."""
     out_dir = Path(out_dir)
     shown = {f"{name}_confusion.png", f"{name}_reliability.png"}
-    body = [f"<h1>{_e(title)}</h1>",
-            f'<p class="measured">Measured on: <strong>{_e(measured_on)}</strong>.</p>',
+    body = [f"<h1>{html_text(title)}</h1>",
+            f'<p class="measured">Measured on: <strong>{html_text(measured_on)}</strong>.</p>',
             _headline(metrics),
             _training(out_dir, history) if history else "",
             _per_class(metrics),
@@ -180,7 +175,7 @@ def write_html(out_dir: Path, metrics: dict[str, Any], *, title: str, measured_o
             "<h2>Settings</h2>" + _table(["setting", "value"], [[k, v] for k, v in setup.items()])]
     page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            f"<title>{_e(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+            f"<title>{html_text(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
             + "\n".join(filter(None, body)) + "\n</body>\n</html>\n")
     path = out_dir / f"{name}.html"
     atomic_write(path, page)

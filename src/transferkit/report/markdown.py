@@ -8,6 +8,7 @@ from typing import Any
 
 from ..files import atomic_write
 from . import calibration, html
+from .escape import md_link, md_picture, md_text
 from .metrics import MATRIX_MAX_CLASSES, TOP_K, confused_pairs, lr_range
 from .plots import confusion_png, curves_png
 
@@ -31,7 +32,7 @@ def write_report(
     lines += ["## Per class", "", "| class | precision | recall | F1 | images |",
               "| --- | --- | --- | --- | --- |"]
     for row in metrics["per_class"]:
-        lines.append(f"| {row['class']} | {100 * row['precision']:.1f}% | "
+        lines.append(f"| {md_text(row['class'])} | {100 * row['precision']:.1f}% | "
                      f"{100 * row['recall']:.1f}% | {100 * row['f1']:.1f}% | {row['support']} |")
     pairs = confused_pairs(metrics["confusion"], classes)
     lines += _mistakes_lines(pairs, classes, name, conf_png, errors)
@@ -55,9 +56,9 @@ def _headline_lines(metrics: dict[str, Any], title: str, measured_on: str,
     """The report's title, its table of headline figures and the Setup section."""
     top5 = metrics.get("top5")
     return [
-        f"# {title}",
+        f"# {md_text(title)}",
         "",
-        f"Measured on: **{measured_on}**.",
+        f"Measured on: **{md_text(measured_on)}**.",
         "",
         "| metric | value |",
         "| --- | --- |",
@@ -70,7 +71,7 @@ def _headline_lines(metrics: dict[str, Any], title: str, measured_on: str,
         "",
         "## Setup",
         "",
-        *[f"- {k}: {v}" for k, v in setup.items()],
+        *[f"- {md_text(k)}: {md_text(v)}" for k, v in setup.items()],
         "",
     ]
 
@@ -84,7 +85,7 @@ def _training_lines(history: list[dict[str, Any]]) -> list[str]:
         val = f"{100 * h['val_acc']:.2f}%" if h.get("val_acc") is not None else "-"
         lines.append(f"| {h['epoch']} | {h['train_loss']:.4f} | {100 * h['train_acc']:.2f}% | "
                      f"{val} | {lr_range(h)} | {h['seconds']:.{1 if h['seconds'] < 10 else 0}f} |")
-    return lines + ["", "![curves](curves.png)", ""]
+    return lines + ["", md_picture("curves", "curves.png"), ""]
 
 
 def _mistakes_lines(pairs: list[tuple[str, str, int, float]], classes: list[str], name: str,
@@ -94,21 +95,22 @@ def _mistakes_lines(pairs: list[tuple[str, str, int, float]], classes: list[str]
     k = len(classes)
     big = k > MATRIX_MAX_CLASSES
     lines = [] if big else ["", "## Confusion matrix (rows: true class, columns: predicted)", "",
-                            f"![confusion matrix]({conf_png})"]
-    whole = f"; the whole {k}x{k} matrix is in {name}.json" if big else ""
+                            md_picture("confusion matrix", conf_png)]
+    whole = f"; the whole {k}x{k} matrix is in {md_text(name)}.json" if big else ""
     lines += ["", "## Most confused pairs (true → predicted, each direction on its own "
               f"row{whole})", "",
               "| true → predicted | images | share of the true class |", "| --- | --- | --- |",
-              *[f"| {t} → {p} | {n} | {100 * share:.1f}% |" for t, p, n, share in pairs],
+              *[f"| {md_text(t)} → {md_text(p)} | {n} | {100 * share:.1f}% |"
+                for t, p, n, share in pairs],
               *([] if pairs else ["| (none: no image was misclassified) | 0 | |"]), ""]
     if big:
-        lines += [f"![most confused pairs]({conf_png})", ""]
+        lines += [md_picture("most confused pairs", conf_png), ""]
     if errors is not None:
         lines += ["## Errors", "",
                   f"{errors['errors']:,} of {errors['images']:,} images misclassified; "
-                  f"[{errors['csv']}]({errors['csv']}) lists each (file, true and predicted "
+                  f"{md_link(errors['csv'])} lists each (file, true and predicted "
                   "class, their probabilities, the loss), highest loss first.", ""]
         if errors.get("top_losses"):
             lines += [f"The {errors['tiles']} highest losses, as the model saw them:", "",
-                      f"![top losses]({errors['top_losses']})", ""]
+                      md_picture("top losses", errors["top_losses"]), ""]
     return lines
