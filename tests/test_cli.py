@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -248,3 +250,22 @@ def test_overwrite_with_a_mistake_in_the_new_settings_keeps_the_old_run(cifar_sm
     assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]  # replaced once it was good
     # The old run's export would answer for the old model: it goes with it.
     assert not (out / "model.onnx").exists() and not (out / "export.json").exists()
+
+
+def test_models_says_how_many_have_weights_here_lists_only_those_with_available_and_stops_quietly_in_head():
+    everything = run_cli("models")
+    available = run_cli("models", "--available")
+    assert everything.returncode == 0 and available.returncode == 0, available.stderr
+    rows = [line.split() for line in available.stdout.splitlines()[1:]]
+    assert all(row[1] != "-" for row in rows), rows  # each one names weights on this machine
+    total = len(everything.stdout.splitlines()) - 1
+    assert f"{total:,} models, {len(rows):,} with weights on this machine" in everything.stderr, everything.stderr
+    assert "transferkit models --available" in everything.stderr
+    # `transferkit models | head -1`: the reader closes the pipe after a line, and no traceback follows
+    proc = subprocess.Popen([sys.executable, "-m", "transferkit", "models"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("model ")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

@@ -282,12 +282,15 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _models_parser(sub: argparse._SubParsersAction) -> None:
-    """transferkit models: an optional name pattern."""
+    """transferkit models: an optional name pattern, and only the weights on this machine."""
     m = sub.add_parser("models", help="list backbones (torchvision's and timm's) and whether their "
                        "weights are on this machine")
     m.add_argument("--search", metavar="PATTERN",
                    help="only names matching PATTERN (a glob such as 'convnext*', else a part of "
                         "the name)")
+    m.add_argument("--available", action="store_true",
+                   help="only models whose ImageNet weights are on this machine (what trains "
+                        "offline with --weights imagenet)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -299,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.quiet)
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # e.g. `transferkit models | head`: the reader has what it wanted
+        _drop_stdout()
+        return 141  # as a program killed by SIGPIPE
     except Interrupted as e:
         if e.main:  # under torchrun, rank 0 speaks for the job
             print(str(e), file=sys.stderr)
@@ -309,6 +315,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _drop_stdout() -> None:
+    """Send what is left for a closed pipe to /dev/null (Python flushes stdout again at exit)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass  # not a file descriptor (stdout captured in-process)
 
 
 def _config_flags(args: argparse.Namespace) -> dict[str, typing.Any]:
@@ -583,11 +597,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     from .models import listing
 
     rows = listing(args.search)
+    local = [row for row in rows if row[1]]
     print(f"{'model':<36} {'weights on this machine':<34} other weights (need a download or "
           "--weights FILE)")
-    for name, here, other in rows:
+    for name, here, other in local if args.available else rows:
         shown = ", ".join(other[:4]) + (f" (+{len(other) - 4} more)" if len(other) > 4 else "")
         print(f"{name:<36} {', '.join(here) or '-':<34} {shown or '-'}")
+    # The count goes to stderr: stdout stays the table for grep, wc and head.
+    more = "" if args.available else "; 'transferkit models --available' lists only those"
+    print(f"{len(rows):,} models, {len(local):,} with weights on this machine (they train "
+          f"offline){more}", file=sys.stderr)
     return 0
 
 
