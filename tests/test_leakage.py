@@ -115,3 +115,38 @@ def test_dedupe_refuses_to_leave_an_evaluation_split_empty(tmp_path):
     src.train, src.val, src.test = train_val_test(src, 0.0, seed=0)
     with pytest.raises(TransferkitError, match="all 6 test images .* copies of training images"):
         sources.check_leakage(src, dedupe=True)
+
+
+@needs_cifar
+def test_a_file_filed_under_two_classes_is_a_label_conflict_in_any_split_and_dedupe_drops_every_copy(
+        tmp_path, caplog):
+    """A cat photo also filed as a dog, once with both copies in train and once across train and test: each is
+    named as a label conflict (not as leakage, which it is not: the answers differ). --dedupe drops every copy
+    from every split, says so, records it in split.json, and eval RUN scores what the run scored."""
+    import json
+
+    root = tmp_path / "conflicts"
+    link_subset(SHARED_CIFAR / "train", root / "train", 6, ["cat", "dog"])
+    link_subset(SHARED_CIFAR / "test", root / "test", 3, ["cat", "dog"])
+    cats = sorted((root / "train" / "cat").iterdir())
+    (root / "train" / "dog" / "also-a-cat.jpg").write_bytes(cats[0].read_bytes())  # both copies in train
+    (root / "test" / "dog" / "cat-again.jpg").write_bytes(cats[1].read_bytes())  # one in train, one in test
+    caplog.set_level(logging.INFO, "transferkit")
+    kept = train(_tiny(root, tmp_path / "kept"))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "conflict" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+    assert f"train/cat/{cats[0].name} (cat) = train/dog/also-a-cat.jpg (dog)" in warned[0]
+    assert f"train/cat/{cats[1].name} (cat) = test/dog/cat-again.jpg (dog)" in warned[0]
+    assert "4 copies (3 in train, 1 in test)" in warned[0] and "--dedupe drops every copy" in warned[0]
+    assert "copies of training images" not in caplog.text  # a conflict is not reported as leakage
+    assert "7 images" in kept.measured_on  # said, nothing dropped
+    caplog.clear()
+    run = tmp_path / "deduped"
+    deduped = train(_tiny(root, run, dedupe=True))
+    assert "--dedupe: dropped all 4 copies from every split" in caplog.text
+    assert "6 images" in deduped.measured_on
+    record = json.loads((run / "split.json").read_text())
+    assert record["train"]["images"] == 13 - 3 and record["label_conflicts"] == "dropped"
+    proc = run_cli("eval", run, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["images"] == 6 and json.loads(proc.stdout)["accuracy"] == deduped.accuracy

@@ -14,7 +14,7 @@ from .checkpoint import ModelCard, read_card
 from .data import heldout
 from .data.folders import folder_layout
 from .data.preprocess import Preprocessing
-from .data.sources import DataSource, Split, check_data_arg, check_leakage, is_named, load_source
+from .data.sources import DataSource, Split, check_data_arg, is_named, load_source
 from .errors import TransferkitError
 from .predict import Predictor
 from .report import calibration, classification_metrics, measured_on, write_report
@@ -172,7 +172,7 @@ def _load_split(data: str, split: str, record: dict[str, Any] | None, pre: Prepr
                       splits=(split, "train") if dedupe else (split,), max_train_images=max_train,
                       seed=int(record.get("seed", 0)) if record else 0)
     if dedupe:
-        check_leakage(src, dedupe=True)
+        heldout.check_copies(src, dedupe=True, drop_conflicts=heldout.conflicts_dropped(record))
     part = getattr(src, split)
     if part is None:
         raise TransferkitError(f"{data} has no '{split}' split; choose --split train, val or test")

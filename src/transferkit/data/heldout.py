@@ -3,6 +3,7 @@ the right ones."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -84,11 +85,11 @@ def write_split_record(out: Path, data: str, src: DataSource, identities: dict[s
         "format": FORMAT, "data": data, "classes": src.classes,
         "evaluate": "test" if src.test is not None else "val",
         # The rule: load train (a stratified subset of max_train_images with seed), hold out
-        # val_split of each class, then (dedupe) drop val and test images whose bytes are a
-        # training image's.
+        # val_split of each class, then (dedupe) drop every copy of a file filed under two classes
+        # from every split, and val and test images whose bytes are a training image's.
         "val_split": val_split if carved else 0.0, "seed": seed,
         "max_train_images": max_train_images,
-        "dedupe": dedupe,
+        "dedupe": dedupe, "label_conflicts": "dropped" if dedupe else "kept",
         "train": _counts(identities.get("train")), "val": val,
         "test": _counts(identities.get("test")),
     }
@@ -132,8 +133,93 @@ def carve(data: str, record: dict[str, Any], pre: Preprocessing, *, data_dir: st
     src.train, src.val, _ = train_val_test(src, float(record["val_split"]),
                                            int(record.get("seed", 0)))
     if record.get("dedupe"):
-        check_leakage(src, dedupe=True)
+        check_copies(src, dedupe=True, drop_conflicts=conflicts_dropped(record))
     return src, src.train, src.val
+
+
+def conflicts_dropped(record: dict[str, Any]) -> bool:
+    """Whether the run's --dedupe dropped label conflicts (runs of earlier versions did not)."""
+    return record.get("label_conflicts") == "dropped"
+
+
+def check_copies(src: DataSource, dedupe: bool = False, *, drop_conflicts: bool = True,
+                 shown: int = 5) -> None:
+    """Files of an image folder whose bytes are filed under two classes (label conflicts, in any
+    split, both copies in train included), then copies of training images in val and test (leakage,
+    sources.check_leakage). `dedupe` drops every copy of a conflicting file from every split (no
+    copy's label can be trusted, and keeping one would pick a class by chance), then the copies of
+    training images from val and test. Called after val is carved."""
+    conflicts = label_conflicts(src)
+    drop = dedupe and drop_conflicts
+    if conflicts:
+        _say_conflicts(src, conflicts, dropped=drop, shown=shown)
+        view = {n: _without(getattr(src, n), set(conflicts)) for n in ("train", "val", "test")}
+        if drop:
+            _check_left(src, view)
+            src.train, src.val, src.test = view["train"], view["val"], view["test"]
+        elif not dedupe:  # leakage is what is left: copies filed under the same class
+            src = dataclasses.replace(src, val=view["val"], test=view["test"])
+    check_leakage(src, dedupe=dedupe)
+
+
+def label_conflicts(src: DataSource) -> dict[bytes, list[tuple[str, str, int]]]:
+    """The digests of files filed under more than one class, in any split:
+    {digest: [(split, file, label), ...]}."""
+    seen: dict[bytes, list[tuple[str, str, int]]] = {}
+    for split in (src.train, src.val, src.test):
+        if split is not None and split.hashes is not None:
+            for f, h, y in zip(split.files, split.hashes, split.labels.tolist()):
+                seen.setdefault(h, []).append((split.name, f, y))
+    return {h: c for h, c in seen.items() if len({y for *_, y in c}) > 1}
+
+
+def _say_conflicts(src: DataSource, conflicts: dict[bytes, list[tuple[str, str, int]]], *,
+                   dropped: bool, shown: int) -> None:
+    copies = [c for group in conflicts.values() for c in group]
+    where = ", ".join(f"{n} in {name}" for name in ("train", "val", "test")
+                      if (n := sum(s == name for s, *_ in copies)))
+    groups = "; ".join(" = ".join(f"{_relative(f, src.name)} ({src.classes[y]})" for _, f, y in g)
+                       for g in list(conflicts.values())[:shown])
+    said = (f"label conflicts: {len(conflicts)} file(s) filed under more than one class, "
+            f"{len(copies)} copies ({where}): {groups}{'; ...' if len(conflicts) > shown else ''}")
+    if dropped:
+        log.info("--dedupe: dropped all %d copies from every split (no copy's class can be "
+                 "trusted); %s", len(copies), said)
+    else:
+        log.warning("%s (the same image taught or scored as two classes); fix their labels, or "
+                    "--dedupe drops every copy of such a file from every split", said)
+
+
+def _without(split: Split | None, digests: set[bytes]) -> Split | None:
+    """`split` without the files of these digests (None: no split, or nothing left)."""
+    if split is None or split.hashes is None:
+        return split
+    keep = [i for i, h in enumerate(split.hashes) if h not in digests]
+    if len(keep) == len(split):
+        return split
+    return split.subset(torch.tensor(keep, dtype=torch.int64), split.name) if keep else None
+
+
+def _check_left(src: DataSource, left: dict[str, Split | None]) -> None:
+    """--dedupe leaves each split that had images some, and each class in train an image."""
+    for name in ("train", "val", "test"):
+        if getattr(src, name) is not None and left[name] is None:
+            raise TransferkitError(f"every image of the {name} split of {src.name} is filed under "
+                                   "more than one class, so --dedupe would leave none; fix their "
+                                   "labels")
+    if src.train is not None:
+        lost = set(src.train.labels.tolist()) - set(left["train"].labels.tolist())
+        if lost:
+            raise TransferkitError(
+                f"every training image of {', '.join(src.classes[i] for i in sorted(lost))} in "
+                f"{src.name} is also filed under another class, so --dedupe would leave the class "
+                "none to learn from; fix their labels")
+
+
+def _relative(path: str, root: str) -> str:
+    """A path as the user knows it: inside the data folder, relative to it."""
+    rel = os.path.relpath(path, root)
+    return path if rel.startswith("..") else rel
 
 
 def check_same(name: str, split: Split, recorded: dict[str, Any] | None, classes: int, *,

@@ -166,7 +166,7 @@ def _load_data(cfg: TrainConfig, pre: Preprocessing) -> DataSource:
                               use_cache=cfg.cache, stream=cfg.stream)
     src.train, src.val, src.test = sources.train_val_test(src, cfg.val_split, cfg.seed)
     # after carving val: a copy may now be on both sides
-    sources.check_leakage(src, dedupe=cfg.dedupe)
+    heldout.check_copies(src, dedupe=cfg.dedupe)
     calibration.check_calibration_split(cfg.calibrate, src.val, cfg.data)
     if len(src.classes) < 2:
         raise TransferkitError(f"{cfg.data} has one class ({src.classes[0]}); a classifier needs "
