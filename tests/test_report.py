@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from html.parser import HTMLParser
 from urllib.parse import unquote
 
@@ -284,3 +285,46 @@ def _md_table(text: str, header: str) -> list[list[str]]:
             break
         rows.append(re.split(r"(?<!\\)\|", line.strip())[1:-1])
     return rows
+
+
+NON_LATIN = ["猫", "犬の写真", "кошка", "कुत्ता", "plain"]  # Devanagari: no font here may have it
+
+
+def test_non_latin_class_names_draw_in_a_font_that_has_them_and_no_glyph_warning_reaches_the_user(
+        drawn, tmp_path, caplog):
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    labels = torch.arange(5).repeat(6)
+    pred = (labels + torch.arange(30) % 2) % 5
+    metrics = classification_metrics(torch.nn.functional.one_hot(pred, 5).float(), labels, NON_LATIN)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_report(tmp_path, metrics, title="模型 on /data/写真", measured_on=SENTENCE, classes=NON_LATIN,
+                     setup={}, history=_history(2))
+    raw = [str(w.message) for w in caught if "Glyph" in str(w.message) or "font" in str(w.message).lower()]
+    assert not raw, raw[:2]
+    assert "findfont" not in caplog.text
+    if not any("CJK" in f.name for f in font_manager.fontManager.ttflist):
+        return  # the fallback: boxes, quietly (scripts/setup.sh installs fonts-noto-cjk)
+    (ax,) = [a for a in drawn["report_confusion.png"].axes if a.images]
+    tick = next(t for t in ax.get_yticklabels() if t.get_text() == "猫")
+    fonts = [FT2Font(font_manager.findfont(f, fallback_to_default=False)) for f in tick.get_fontfamily()]
+    assert any(f.get_char_index(ord("猫")) for f in fonts), "猫 would be drawn as a box"
+
+
+def test_a_210_character_class_name_is_shortened_in_the_picture_and_whole_in_the_tables(drawn, tmp_path):
+    long = ("photographs_of_the_northern_river_otter_taken_at_dusk_" * 4)[:209] + "2"
+    classes = [long, "cat", "dog"]
+    metrics = dict(_metrics(3), per_class=[dict(r, **{"class": c}) for r, c in zip(_metrics(3)["per_class"], classes)])
+    md = write_report(tmp_path, metrics, title=TITLE, measured_on=SENTENCE, classes=classes, setup={})
+    fig = drawn["report_confusion.png"]
+    assert _fits(fig)
+    (ax,) = [a for a in fig.axes if a.images]
+    renderer = _renderer(fig)
+    assert ax.get_window_extent(renderer).width > 0.4 * fig.bbox.width  # the matrix, not the name, fills it
+    shown = [t.get_text() for t in ax.get_yticklabels()]
+    assert shown[0].startswith("photographs_of") and shown[0].endswith(long[-6:]) and "…" in shown[0]
+    assert len(shown[0]) <= 28 and shown[1:] == ["cat", "dog"]
+    assert f"| {long} |" in md.read_text()  # the tables give the whole name
+    assert long in (tmp_path / "report.html").read_text()

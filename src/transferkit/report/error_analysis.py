@@ -15,7 +15,7 @@ import torch
 from ..data.preprocess import Preprocessing
 from ..data.splits import Split
 from ..files import atomic_write
-from .plots import pyplot, save_png, wrap
+from .plots import drawing, fallback_fonts, pyplot, save_png, wrap
 
 TOP_LOSSES = 25  # tiles on the contact sheet (5 x 5)
 COLUMNS = 5
@@ -99,6 +99,7 @@ def _pct(p: float) -> str:
     return "<0.1%" if p < 0.001 else f"{p:.1%}" if p < 0.995 else f"{p:.0%}"
 
 
+@drawing
 def top_losses_png(path: Path, images: torch.Tensor, rows: list[dict[str, Any]], *, title: str = "",
                    errors: int | None = None, total: int | None = None) -> int:
     """A grid of the highest-loss images, each captioned true / predicted / probabilities;
@@ -131,6 +132,7 @@ def top_losses_png(path: Path, images: torch.Tensor, rows: list[dict[str, Any]],
         ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(captions[i], fontsize=CAPTION_PT, loc="left", family="DejaVu Sans Mono")
+        ax.set_title(captions[i], fontsize=CAPTION_PT, loc="left",
+                     family=["DejaVu Sans Mono", *fallback_fonts()])
     save_png(fig, path, metadata={"tiles": str(n), "grid": f"{grid_rows}x{cols}"})
     return n

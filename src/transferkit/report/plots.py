@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import io
 import textwrap
+import unicodedata
+import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from ..files import atomic_write
 from .metrics import MATRIX_MAX_CLASSES, confused_pairs
+
+# Fonts for the scripts DejaVu Sans lacks (class and folder names in Chinese, Japanese, Korean,
+# Devanagari...), tried glyph by glyph after it, where installed: scripts/setup.sh installs
+# Debian's fonts-noto-cjk; without any, such glyphs are boxes, quietly.
+FALLBACK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans CJK KR",
+                  "Noto Sans Devanagari", "Noto Sans Thai", "Noto Sans Bengali", "Noto Sans Tamil",
+                  "Noto Sans Arabic", "Noto Sans Hebrew", "Droid Sans Fallback",
+                  "WenQuanYi Micro Hei")
+# their files, for a font installed after matplotlib cached its list of fonts
+FONT_FILES = ("NotoSansCJK-*", "NotoSans[A-Z]*-Regular.*", "NotoSans[A-Z]*-Bold.*",
+              "DroidSansFallback*", "wqy-microhei*")
+# a class name in a picture: at most this many character widths (a CJK character counts two);
+# the report's tables give it in full
+LABEL_WIDTH = 28
+
+Drawn = TypeVar("Drawn")
 
 
 def pyplot():
@@ -20,6 +41,71 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+@functools.cache
+def fallback_fonts() -> tuple[str, ...]:
+    """The FALLBACK_FONTS installed here."""
+    from matplotlib import font_manager
+
+    def known() -> set[str]:
+        return {f.name for f in font_manager.fontManager.ttflist}
+
+    if not known() & set(FALLBACK_FONTS):
+        for path in font_manager.findSystemFonts():
+            if any(fnmatch.fnmatch(Path(path).name, f) for f in FONT_FILES):
+                font_manager.fontManager.addfont(path)
+    have = known()
+    cjk = next((f for f in FALLBACK_FONTS if "CJK" in f and f in have), None)  # one covers all
+    return tuple(f for f in FALLBACK_FONTS if f in have and ("CJK" not in f or f == cjk))
+
+
+def drawing(draw: Callable[..., Drawn]) -> Callable[..., Drawn]:
+    """For a function that draws a picture: the fonts of fallback_fonts() after DejaVu Sans, and no
+    raw "Glyph missing" warning for a character that none of them has (a box is drawn)."""
+
+    @functools.wraps(draw)
+    def drawn(*args: Any, **kwargs: Any) -> Drawn:
+        import matplotlib
+
+        pyplot()
+        with matplotlib.rc_context({"font.family": ["DejaVu Sans", *fallback_fonts()]}), \
+                warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
+            return draw(*args, **kwargs)
+
+    return drawn
+
+
+def text_width(text: str) -> int:
+    """`text`'s width in characters of a Latin font: a wide (CJK) character counts two."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _cut(text: str, width: int, from_end: bool = False) -> str:
+    """The longest start (or end) of `text` within `width` character widths."""
+    chars = reversed(text) if from_end else iter(text)
+    kept, used = [], 0
+    for c in chars:
+        used += text_width(c)
+        if used > width:
+            break
+        kept.append(c)
+    return "".join(reversed(kept) if from_end else kept)
+
+
+def short_labels(names: list[str], width: int = LABEL_WIDTH) -> list[str]:
+    """Names for a picture's axes, each within `width` character widths: a longer one keeps its
+    start and end around an ellipsis ('a_very_long_cl…_version_2'); names that would read the
+    same get their class number in front."""
+    head = (2 * (width - 1)) // 3
+    labels = [n if text_width(n) <= width
+              else _cut(n, head) + "…" + _cut(n, width - 1 - text_width(_cut(n, head)), True)
+              for n in names]
+    seen: dict[str, int] = {}
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+    return [f"#{i} {label}" if seen[label] > 1 else label for i, label in enumerate(labels)]
 
 
 def save_png(fig, path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -51,6 +137,13 @@ def _titles(fig, ax, title: str, subtitle: str, under: float) -> float:
             + (1.3 * 9 * (subtitle.count("\n") + 1) if subtitle else 0)) / 72 + 0.3
 
 
+def _shortened(classes: list[str], labels: list[str]) -> str:
+    """The picture's note where a label is shorter than its class name."""
+    return (f"Names over {LABEL_WIDTH} characters shortened (…); the report's tables give them "
+            "in full." if labels != classes else "")
+
+
+@drawing
 def confusion_png(path: Path, confusion: list[list[int]], classes: list[str], title: str,
                   subtitle: str = "") -> None:
     """The confusion matrix with counts, coloured by share of each true class;
@@ -62,13 +155,14 @@ def confusion_png(path: Path, confusion: list[list[int]], classes: list[str], ti
     m = torch.tensor(confusion, dtype=torch.float64)
     norm = m / m.sum(1, keepdim=True).clamp(min=1)
     k = len(classes)
+    labels = short_labels(classes)
     grid = max(3.5, min(0.55 * k, 16.0))  # inches of the matrix itself
-    names = 0.09 * max(len(c) for c in classes)  # inches of the longest class name at 10 pt
+    names = 0.09 * max(text_width(c) for c in labels)  # inches of the longest label at 10 pt
     tilt = k > 3 or names > grid / k
     fig, ax = plt.subplots(figsize=(grid + names + 1.0, 1.0), layout="constrained")
     ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(k), classes, rotation=60 if tilt else 0, ha="right" if tilt else "center")
-    ax.set_yticks(range(k), classes)
+    ax.set_xticks(range(k), labels, rotation=60 if tilt else 0, ha="right" if tilt else "center")
+    ax.set_yticks(range(k), labels)
     # The counts' size follows the cell: as large as the widest count allows, 6-16 pt.
     cell = grid * 72 / k
     digits = len(str(int(m.max()))) if m.numel() else 1
@@ -81,7 +175,8 @@ def confusion_png(path: Path, confusion: list[list[int]], classes: list[str], ti
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     top = _titles(fig, ax, title,
-                  " ".join(filter(None, [subtitle, "Colour: share of the true class's images."])),
+                  " ".join(filter(None, [subtitle, "Colour: share of the true class's images.",
+                                         _shortened(classes, labels)])),
                   grid + 0.6)
     # matrix, titles, names, axis label
     fig.set_figheight(grid + top + (0.87 * names if tilt else 0.2) + 1.0)
@@ -92,9 +187,10 @@ def _confused_pairs_png(path: Path, confusion: list[list[int]], classes: list[st
                         subtitle: str) -> None:
     """A horizontal bar per (true -> predicted) pair, most frequent at the top."""
     plt = pyplot()
-    pairs = confused_pairs(confusion, classes)
+    labels = short_labels(classes)
+    pairs = confused_pairs(confusion, labels)
     # inches of the longest label
-    names = 0.09 * (max((len(t) + len(p) for t, p, _, _ in pairs), default=10) + 3)
+    names = 0.09 * (max((text_width(t) + text_width(p) for t, p, _, _ in pairs), default=10) + 3)
     bars = 6.0
     fig, ax = plt.subplots(figsize=(names + bars + 0.8, 1.0), layout="constrained")
     if pairs:
@@ -116,7 +212,8 @@ def _confused_pairs_png(path: Path, confusion: list[list[int]], classes: list[st
     head = (f"The {len(pairs)} most frequent mistakes among {k} classes (their {k}x{k} matrix "
             "would be unreadable; the report's .json holds it)." if pairs
             else f"{k} classes, no mistakes.")
-    top = _titles(fig, ax, title, " ".join(filter(None, [subtitle, head])), bars)
+    top = _titles(fig, ax, title,
+                  " ".join(filter(None, [subtitle, head, _shortened(classes, labels)])), bars)
     fig.set_figheight(top + 0.3 * max(len(pairs), 3) + 0.9)
     save_png(fig, path)
 
@@ -136,6 +233,7 @@ def _accuracy_limits(values: list[float]) -> tuple[float, float]:
     return lo, hi
 
 
+@drawing
 def curves_png(path: Path, history: list[dict[str, Any]]) -> None:
     """Training loss, and train beside validation accuracy, per epoch."""
     from matplotlib.ticker import MaxNLocator
@@ -181,6 +279,7 @@ def curves_png(path: Path, history: list[dict[str, Any]]) -> None:
     save_png(fig, path)
 
 
+@drawing
 def reliability_png(path: Path, figures: dict[str, Any], title: str) -> None:
     """Accuracy against mean confidence per bin,
     beside the diagonal of a perfectly calibrated model."""

@@ -28,7 +28,7 @@ from ..data.transforms import batches
 from ..errors import TransferkitError
 from ..files import atomic_write
 from ..models import set_trainable, train_mode
-from ..report.plots import pyplot, save_png
+from ..report.plots import drawing, pyplot, save_png
 from ..runtime import SINGLE
 from . import engine
 from .loop import Job, step_setup
@@ -219,6 +219,7 @@ def schedule_mean(schedule: str, steps: int, warmup_steps: int) -> float:
     return sum(factor(i) for i in range(steps)) / max(1, steps)
 
 
+@drawing
 def write(out: Path, result: RangeTest, title: str) -> None:
     """lr_find.json (the curve) and lr_find.png
     (loss against lr, the suggestion marked) in `out`."""
