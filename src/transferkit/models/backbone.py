@@ -1,4 +1,5 @@
-"""The Backbone record, and what both families do with a weights file: read it, load it.
+"""The Backbone record, and what both families do with a weights file: read it, load it; whether
+the place a download would come from can be reached.
 
 A leaf: timm.py and torchvision.py build on it, and nothing here knows either family.
 """
@@ -7,6 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +22,10 @@ from ..data.preprocess import Preprocessing
 from ..errors import TransferkitError
 
 log = logging.getLogger(__name__)
+
+# How long a download's host may take to answer one connection before the machine counts as
+# offline: one check instead of the hub client's retries (12 lines over 46 s without a network).
+NETWORK_CHECK_S = 3.0
 
 
 @dataclass
@@ -92,3 +101,28 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], head: str, origi
             f"(e.g. {shape_clash[:3]}); the file's keys begin {sample(state)}, the model's "
             f"{sample(own)}. Pass --model with the architecture these weights were saved from."
         )
+
+
+def unreachable(url: str) -> str | None:
+    """Why `url`'s host (or the proxy for it) cannot be reached now, in a few words; None if it
+    answered. One connection attempt, at most NETWORK_CHECK_S seconds, name lookup included."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    where = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+    answer: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection(where, timeout=NETWORK_CHECK_S).close()
+            answer.append(None)
+        except OSError as e:
+            answer.append(f"{where[0]}: {e.strerror or type(e).__name__}")
+
+    # a thread, because a name lookup ignores the socket's timeout
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(NETWORK_CHECK_S)
+    return answer[0] if answer else f"{where[0]} did not answer within {NETWORK_CHECK_S:g} s"

