@@ -328,3 +328,19 @@ def test_a_210_character_class_name_is_shortened_in_the_picture_and_whole_in_the
     assert len(shown[0]) <= 28 and shown[1:] == ["cat", "dog"]
     assert f"| {long} |" in md.read_text()  # the tables give the whole name
     assert long in (tmp_path / "report.html").read_text()
+
+
+def test_curves_draw_the_validation_loss_beside_the_training_loss(drawn, tmp_path):
+    history = [dict(h, val_loss=1.5 / (h["epoch"] + 0.2)) for h in _history(4)]
+    history[2]["val_loss"] = None  # an epoch without validation leaves a gap, not a zero
+    write_report(tmp_path, _metrics(3), title=TITLE, measured_on=SENTENCE, classes=_names(3), setup={},
+                 history=history)
+    fig = drawn["curves.png"]
+    assert _fits(fig)
+    (loss,) = [a for a in fig.axes if "loss" in a.get_title().lower()]
+    lines = {line.get_label(): line for line in loss.get_lines()}
+    assert {"train", "validation"} <= set(lines)
+    val = lines["validation"]
+    assert list(val.get_xdata()) == [1, 2, 4]
+    assert list(val.get_ydata()) == pytest.approx([history[i]["val_loss"] for i in (0, 1, 3)])
+    assert loss.get_ylim()[1] >= max(h["train_loss"] for h in history)

@@ -235,7 +235,7 @@ def _accuracy_limits(values: list[float]) -> tuple[float, float]:
 
 @drawing
 def curves_png(path: Path, history: list[dict[str, Any]]) -> None:
-    """Training loss, and train beside validation accuracy, per epoch."""
+    """Train beside validation loss, and train beside validation accuracy, per epoch."""
     from matplotlib.ticker import MaxNLocator
 
     plt = pyplot()
@@ -243,9 +243,14 @@ def curves_png(path: Path, history: list[dict[str, Any]]) -> None:
     style = {"marker": "o"} if len(epochs) <= 15 else {}
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     losses = [h["train_loss"] for h in history]
-    a.plot(epochs, losses, color="tab:blue", **style)
+    a.plot(epochs, losses, color="tab:blue", label="train", **style)
+    val_loss = [(h["epoch"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
+    if val_loss:
+        a.plot(*zip(*val_loss), color="tab:green", label="validation", **style)
+        losses += [v for _, v in val_loss]
+        a.legend(loc="best")
     a.set_ylim(0, 1.1 * max(losses) if max(losses) > 0 else 1)
-    a.set_title("train loss")
+    a.set_title("loss")
     b.plot(epochs, [100 * h["train_acc"] for h in history], color="tab:blue", label="train",
            **style)
     shown = [100 * h["train_acc"] for h in history]
