@@ -228,3 +228,34 @@ def test_eval_on_the_run_s_data_moved_elsewhere_still_scores_the_held_out_split(
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads(proc.stdout)
     assert metrics["images"] == 4 and "held out" in metrics["measured_on"]
+
+
+def test_eval_of_a_run_still_training_says_so_and_leaves_no_report_in_its_folder(run_and_data, tmp_path):
+    """While another process holds the run folder's lock (a run training), eval scores the best model so far and
+    says which epoch it is from; its report would answer for an older model once training ends, so none is left
+    in the run folder (--report-dir writes one elsewhere). Once the lock is released the report is written."""
+    import fcntl
+
+    from transferkit.checkpoint import update_card
+
+    run, data = run_and_data
+    training = tmp_path / "training"
+    shutil.copytree(run, training, ignore=shutil.ignore_patterns("eval-*"))
+    update_card(training, best_epoch=2, epochs_trained=2)
+    with open(training / ".lock", "a+") as lock:  # what `train` holds for the whole run
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("4242\n")
+        lock.flush()
+        proc = run_cli("eval", training, "--data", data)
+        assert proc.returncode == 0, proc.stderr
+        assert "still training (process 4242)" in proc.stderr and "from epoch 2" in proc.stderr
+        assert "--report-dir" in proc.stderr
+        assert "the model of epoch 2, the best so far of a run still training" in proc.stdout
+        assert "report:" not in proc.stdout and not list(training.glob("eval-*"))
+        proc = run_cli("eval", training, "--data", data, "--report-dir", tmp_path / "elsewhere")
+        assert proc.returncode == 0, proc.stderr
+        assert "epoch 2" in (tmp_path / "elsewhere" / f"eval-{data.name}-test.md").read_text()
+        assert not list(training.glob("eval-*"))
+    proc = run_cli("eval", training, "--data", data)  # training over: the report goes beside the model
+    assert proc.returncode == 0 and "still training" not in proc.stderr + proc.stdout, proc.stderr
+    assert (training / f"eval-{data.name}-test.md").is_file()

@@ -4,6 +4,7 @@ recorded (split.json), another split or data set with the same classes, a report
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from .predict import Predictor
 from .report import calibration, classification_metrics, measured_on, write_report
 from .report.error_analysis import write_errors
 from .training.engine import evaluate
+from .training.runfolder import writer_of
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,8 @@ def evaluate_run(
 ) -> tuple[dict[str, Any], str, Path | None]:
     """Evaluate a run on a data set with the same classes; writes eval-<data>-<split>.md in the
     run (or `report_dir`) and returns (metrics, what they were measured on, the report or None if
-    unwritable).
+    unwritable). A run still training gets no report in its folder (its model will change): only
+    `report_dir` gets one, and what it was measured on names the epoch of the model scored.
 
     On the run's own data (the default) it scores the split the run held out: test if the data has
     one, else the validation split exactly as the run carved it from train (split.json);
@@ -49,7 +52,8 @@ def evaluate_run(
                                f"{run_dir / runfiles.CARD}) is missing; if it moved, pass its new "
                                "place with --data NEWPATH")
     data = data or card.data
-    pred = Predictor.from_run(run_dir, device=device, image_size=image_size, tta=tta, card=card)
+    pred, training = _model(run_dir, card, report_dir, device=device, image_size=image_size,
+                            tta=tta)
     check_data_arg(data)
     part, src, note = _split_of(run_dir, card, data, split, pred.preprocessing, data_dir=data_dir,
                                 workers=workers)
@@ -58,16 +62,44 @@ def evaluate_run(
                          device=pred.device, precision=pred.precision, tta=tta, workers=workers)
     metrics = classification_metrics(logits, labels, pred.classes)
     metrics["calibration"] = calibration.summary(logits, labels, pred.temperature)
-    said = measured_on(part, data, pred.preprocessing.image_size, tta=tta, note=note)
+    said = measured_on(part, data, pred.preprocessing.image_size, tta=tta,
+                       note="; ".join(filter(None, (note, training))))
     if src.skipped:
         log.warning("%d unreadable files skipped", len(src.skipped))
     other_size = image_size if image_size and image_size != card.preprocessing.image_size else None
-    report = _write_eval_report(
+    report = None if training and report_dir is None else _write_eval_report(
         Path(report_dir) if report_dir is not None else run_dir, metrics,
         title=f"{run_dir.name} evaluated on {data}", measured_on=said, classes=pred.classes,
-        setup={"run": str(run_dir)}, name=_eval_name(data, part.name, other_size, tta),
+        setup={"run": str(run_dir), **({"model": training} if training else {})},
+        name=_eval_name(data, part.name, other_size, tta),
         analysed=(logits / pred.temperature, labels, part, pred.classes, pred.preprocessing))
     return metrics, said, report
+
+
+def _model(run_dir: Path, card: ModelCard, report_dir: str | Path | None,
+           **load: Any) -> tuple[Predictor, str]:
+    """The run's Predictor and, for a run training now (its folder locked), which model that is
+    ('' for a finished run), said in a warning with where the report goes."""
+    holder = writer_of(run_dir)
+    for attempt in range(3):
+        try:
+            pred = Predictor.from_run(run_dir, card=card, **load)
+            break
+        except TransferkitError:
+            # a run saving its new best model between our reads of model.json and of the weights
+            if holder is None or attempt == 2:
+                raise
+            time.sleep(0.5)
+            card = read_card(run_dir)
+    if holder is None:
+        return pred, ""
+    epoch = "an unrecorded epoch" if card.best_epoch is None else f"epoch {card.best_epoch}"
+    log.warning("%s is still training (process %s): scoring its best model so far, from %s; %s",
+                run_dir, holder, epoch,
+                f"the report goes to {report_dir}" if report_dir is not None else
+                "no report is written into the run folder, where a later model would make it "
+                "stale (--report-dir DIR writes one elsewhere; or eval again when training ends)")
+    return pred, f"the model of {epoch}, the best so far of a run still training"
 
 
 def _split_of(run_dir: Path, card: ModelCard, data: str, split: str | None, pre: Preprocessing, *,

@@ -195,6 +195,24 @@ def _lock(out: Path) -> IO[str]:
     return f
 
 
+def writer_of(run_dir: str | Path) -> str | None:
+    """The process that holds the run folder's lock (a run training in it now: its model may still
+    change), or None. Takes nothing and writes nothing: a read-only folder is read alike."""
+    try:
+        f = open(Path(run_dir) / runfiles.LOCK)
+    except OSError:  # no lock file: never trained here, or by a transferkit that wrote none
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "unknown"
+        except OSError:
+            return None
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 def _prepare(cfg: TrainConfig, resume: str | Path | None, overwrite: bool,
              dist: Dist) -> tuple[TrainConfig, Path, bool, IO[str], list[Path]]:
     """Create (or check) and lock the run folder; returns the config,
