@@ -344,3 +344,27 @@ def test_curves_draw_the_validation_loss_beside_the_training_loss(drawn, tmp_pat
     assert list(val.get_xdata()) == [1, 2, 4]
     assert list(val.get_ydata()) == pytest.approx([history[i]["val_loss"] for i in (0, 1, 3)])
     assert loss.get_ylim()[1] >= max(h["train_loss"] for h in history)
+
+
+@pytest.mark.parametrize("crop_scale", [1.0, 0.64])
+def test_the_setup_line_says_how_much_of_the_image_the_crop_really_keeps(crop_scale):
+    """The demo's --crop-scale 1 was reported as 'random-resized crop (area >= 1)', yet the aspect jitter trims
+    one side of most images: the line gives the share the transform itself keeps (measured on a coordinate
+    image: each pixel holds its own x and y)."""
+    from transferkit.config import TrainConfig
+    from transferkit.data.preprocess import Preprocessing
+    from transferkit.data.transforms import TrainTransform
+    from transferkit.training.summary import augmentation_line
+
+    line = augmentation_line(TrainConfig(data="somewhere", crop_scale=crop_scale), cached=False)
+    stated = re.search(r"(\d+)-100% of the image", line)
+    assert stated and ">=" not in line and "+ flip" in line, line
+    side = 64
+    tf = TrainTransform(Preprocessing(side, side, (0.0,) * 3, (1.0,) * 3), flip=False, scale=(crop_scale, 1.0))
+    ramp = torch.arange(side).float().view(1, side).expand(side, side)
+    image = torch.stack([ramp, ramp.t(), torch.zeros(side, side)]).mul(255 / (side - 1)).round().to(torch.uint8)
+    out = tf(image.expand(1000, 3, side, side).contiguous(), torch.Generator().manual_seed(0)) * (side - 1)
+    extent = [(out[:, c].amax((1, 2)) - out[:, c].amin((1, 2)) + 1) / side for c in (0, 1)]
+    kept = extent[0] * extent[1]
+    assert abs(100 * kept.min().item() - int(stated.group(1))) <= 3
+    assert kept.max().item() > 0.97

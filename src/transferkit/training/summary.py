@@ -3,6 +3,9 @@ augmentation and validation lines."""
 
 from __future__ import annotations
 
+import inspect
+import math
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +13,7 @@ from .. import runfiles
 from ..checkpoint import ModelCard
 from ..config import RECIPE_MODELS, TrainConfig, requested_from
 from ..data.splits import DataSource
+from ..data.transforms import TrainTransform
 from ..runtime import Compute
 from .plan import choose_strategy
 from .state import TrainState, selection_score
@@ -70,13 +74,29 @@ def augmentation_line(cfg: TrainConfig, cached: bool) -> str:
     if cached:
         return ("none: trained on cached features of one un-augmented view (--no-feature-cache "
                 "trains on the images)")
-    parts = [f"random-resized crop (area >= {cfg.crop_scale:g})"
-             + (" + flip" if cfg.flip else "")] if cfg.augment else []
+    parts = [crop_line(cfg.crop_scale) + (" + flip" if cfg.flip else "")] if cfg.augment else []
     parts += [cfg.augment_policy] if cfg.augment_policy != "none" else []
     parts += [f"random erasing p {cfg.random_erasing:g}"] if cfg.random_erasing else []
     parts += [f"{n} {getattr(cfg, n):g}" for n in ("mixup", "cutmix") if getattr(cfg, n)]
     parts += [f"progressive {cfg.progressive} px -> {cfg.image_size} px"] if cfg.progressive else []
     return ", ".join(parts) or "none"
+
+
+def crop_line(crop_scale: float) -> str:
+    """What the random-resized crop keeps of each image: the area drawn from [crop_scale, 1] and
+    the aspect from the transform's ratio range, each side then clamped to the image, so even
+    --crop-scale 1 keeps less than the whole of most images (the demo's 87-100%)."""
+    ratio = inspect.signature(TrainTransform).parameters["ratio"].default
+
+    def kept(area: float, aspect: float) -> float:  # of a square stored image
+        return min(1.0, math.sqrt(area * aspect)) * min(1.0, math.sqrt(area / aspect))
+
+    least = min(kept(crop_scale, r) for r in ratio)
+    aspects = "-".join(str(Fraction(r).limit_denominator(16)) for r in ratio)
+    what = ("aspect jitter only: a crop of the whole width or height" if crop_scale == 1
+            else "random-resized crop")
+    return (f"{what}, {100 * least:.0f}-100% of the image, aspect {aspects}, resized to the input "
+            f"(--crop-scale {crop_scale:g})")
 
 
 def val_line(val: dict[str, float | None], select_by: str) -> str:
