@@ -82,3 +82,42 @@ def test_random_weights_train_the_backbone_at_the_heads_lr_unless_told_otherwise
     path = tmp_path / "config.yaml"
     path.write_text(TrainConfig.create(weights="none").to_yaml())
     assert TrainConfig.from_yaml(path).backbone_lr_mult == 1.0
+
+
+LAUGHS = """data: some/folder
+mean:
+  - &a [1, 1, 1, 1, 1, 1, 1, 1, 1]
+  - &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+  - &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+  - [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+"""
+
+
+def test_yaml_aliases_are_refused_in_one_short_sentence_and_configs_are_written_without_them(tmp_path):
+    """Nine levels of these nested aliases in a 1 KB file made a 2.1 GB message, 9.9 GB of memory and 49 s."""
+    from conftest import run_cli
+    from transferkit.config import requested_from
+
+    laughs = tmp_path / "laughs.yaml"
+    laughs.write_text(LAUGHS)
+    proc = run_cli("train", "--config", laughs)
+    assert proc.returncode == 2 and len(proc.stderr) < 400, proc.stderr[:1000]
+    assert "line 4: an alias (*a)" in proc.stderr and "write the value out in full" in proc.stderr
+    # what transferkit writes it reads back: one list object under two names is written out twice
+    rgb = [0.5, 0.5, 0.5]
+    c = TrainConfig.create(data="some/folder", mean=rgb, std=rgb)
+    path = tmp_path / "config.yaml"
+    path.write_text(c.to_yaml({"mean": rgb, "std": rgb}))
+    assert TrainConfig.from_yaml(path) == c and requested_from(path) == {"mean": rgb, "std": rgb}
+
+
+def test_a_huge_value_is_quoted_in_an_error_in_a_few_dozen_characters():
+    for settings, quoted in (({"mean": ["a" * 10**6, 0, 0]}, "'aaaa"), ({"mean": [[1] * 10**5] * 4}, "[[1, 1, "),
+                             ({"strategy": "x" * 10**6}, "'xxxx"), ({"y" * 10**6: 1}, "'yyyy"),
+                             ({"recipe": "r" * 10**6}, "'rrrr")):
+        with pytest.raises(TransferkitError) as e:
+            TrainConfig.create(data="some/folder", **settings)
+        assert quoted in str(e.value) and len(str(e.value)) < 250, str(e.value)[:300]
+    # a message that quotes a value whole anyway keeps its start and its end
+    long = TransferkitError("start " + "z" * 10**7 + " end")
+    assert len(str(long)) < 4100 and str(long).startswith("start ") and str(long).endswith(" end")

@@ -391,11 +391,12 @@ def _demo_or_empty(out: Path) -> bool:
     import yaml
 
     from .checkpoint import LAST_FILE, META_FILE
+    from .config import read_yaml
 
     if not any((out / f).exists() for f in ("config.yaml", META_FILE, LAST_FILE)):
         return True
     try:
-        return (yaml.safe_load((out / "config.yaml").read_text()) or {}).get("recipe") == "demo"
+        return (read_yaml(out / "config.yaml") or {}).get("recipe") == "demo"
     except (OSError, yaml.YAMLError, AttributeError):
         return False
 

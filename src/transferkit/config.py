@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from .errors import TransferkitError, did_you_mean
+from .errors import TransferkitError, did_you_mean, shown
 
 Strategy = Literal["auto", "linear", "finetune", "gradual"]
 Optimizer = Literal["sgd", "adamw"]
@@ -295,7 +295,7 @@ class TrainConfig:
             if get_origin(base) is Literal:
                 if value not in get_args(base):
                     raise TransferkitError(
-                        f"{name} must be one of {', '.join(get_args(base))}, not '{value}'"
+                        f"{name} must be one of {', '.join(get_args(base))}, not {shown(value)}"
                         + did_you_mean(str(value), get_args(base))
                     )
             elif base in (int, float, bool, str):
@@ -363,7 +363,7 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None:
                 _check(isinstance(v, list | tuple) and len(v) == 3,
-                       f"{name} needs three values (R G B), got {v}")
+                       f"{name} needs three values (R G B), got {shown(v)}")
                 object.__setattr__(self, name, tuple(_coerce(name, x, float) for x in v))
         _check(self.std is None or all(s > 0 for s in self.std), "std values must be positive")
 
@@ -373,13 +373,13 @@ class TrainConfig:
         names = {f.name for f in fields(cls)}
         for key in settings:
             if key not in names:
-                raise TransferkitError(f"unknown setting '{key}'" + did_you_mean(key, names))
+                raise TransferkitError(f"unknown setting {shown(key)}" + did_you_mean(key, names))
         merged: dict[str, Any] = {}
         if recipe is not None:
             if not isinstance(recipe, str) or recipe not in RECIPES:
-                recipe = str(recipe)
+                recipe = str(recipe) if isinstance(recipe, str) else shown(recipe)
                 raise TransferkitError(
-                    f"unknown recipe '{recipe}'" + did_you_mean(recipe, RECIPES)
+                    f"unknown recipe {shown(recipe)}" + did_you_mean(recipe, RECIPES)
                     + f"; recipes: {', '.join(RECIPES)}"
                 )
             merged.update(RECIPES[recipe], recipe=recipe)
@@ -395,7 +395,7 @@ class TrainConfig:
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """Load a config.yaml (e.g. a run's own); keyword overrides win."""
         try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            loaded = read_yaml(path) or {}
         except (OSError, yaml.YAMLError) as e:
             raise TransferkitError(f"cannot read config '{path}': {e}") from None
         if not isinstance(loaded, dict):
@@ -419,12 +419,12 @@ class TrainConfig:
         # e.g. weights: imagenet beside the resolved IMAGENET1K_V1; from_yaml ignores it
         d = dataclasses.asdict(self)
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-        text = yaml.safe_dump(d, sort_keys=False)
+        text = yaml.dump(d, Dumper=_NoAliasDumper, sort_keys=False)
         if requested:
             asked = {k: list(v) if isinstance(v, tuple) else v for k, v in requested.items()}
             text += ("# What was asked for, where it differs from the resolved value above (which "
                      "is what trained;\n# transferkit reads only the values above).\n"
-                     + yaml.safe_dump({REQUESTED: asked}, sort_keys=False))
+                     + yaml.dump({REQUESTED: asked}, Dumper=_NoAliasDumper, sort_keys=False))
         return text
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -434,11 +434,45 @@ class TrainConfig:
 
 REQUESTED = "requested"
 
+# A settings file holds a few KB (a run's config.yaml about 2 KB): a larger one is another file.
+MAX_YAML_BYTES = 1_000_000
+
+
+class _NoAliases(yaml.SafeLoader):
+    """safe_load's loader, refusing aliases (*name): nine nested ones in a 1 KB file expand to
+    gigabytes ("billion laughs"), and settings have no use for them."""
+
+    def compose_node(self, parent, index):  # PyYAML's Composer step, for one node
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"line {event.start_mark.line + 1}: an alias (*{event.anchor}) "
+                                 "stands for a value written elsewhere; transferkit reads no "
+                                 "aliases, so write the value out in full")
+        return super().compose_node(parent, index)
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    """safe_dump's dumper, writing each value out in full: what it writes _NoAliases reads."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML of every file transferkit reads (configs, runs' config.yaml): safe (no tags run),
+    no aliases, at most MAX_YAML_BYTES. Raises OSError or yaml.YAMLError."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_YAML_BYTES + 1)
+    if len(data) > MAX_YAML_BYTES:
+        raise yaml.YAMLError(f"it is over {MAX_YAML_BYTES // 1_000_000} MB; a settings file "
+                             "holds a few KB (is it the file you meant?)")
+    return yaml.load(data, Loader=_NoAliases)  # a SafeLoader: tags never construct objects
+
 
 def requested_from(path: str | Path) -> dict[str, Any]:
     """The `requested:` mapping of a config.yaml (what was asked for before resolving), or {}."""
     try:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        loaded = read_yaml(path) or {}
     except (OSError, yaml.YAMLError):
         return {}
     asked = loaded.get(REQUESTED) if isinstance(loaded, dict) else None
@@ -464,7 +498,7 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
         except (TypeError, ValueError, OverflowError):
             pass
     what = {int: "a whole number", float: "a number", bool: "true or false"}[kind]
-    raise TransferkitError(f"{name} must be {what}, not {value!r}")
+    raise TransferkitError(f"{name} must be {what}, not {shown(value)}")
 
 
 def _check(ok: bool, message: str) -> None:
