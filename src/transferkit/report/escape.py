@@ -8,23 +8,26 @@ import re
 from typing import Any
 from urllib.parse import quote
 
-# Markdown's inline specials ('<', '>' and '&' are HTML's, already entities); '_' inside a word
-# (class_001) starts no emphasis in CommonMark, so it stays readable there
+# Markdown's inline specials and table pipes ('<', '>' and '&' are HTML's, already entities);
+# '_' inside a word (class_001) starts no emphasis in CommonMark, so it stays readable there
 _MARKDOWN = re.compile(r"[\\`*\[\]|~#]|(?<![^\W_])_|_(?![^\W_])")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a line break would end a table row or a heading
 
 
-def html_text(value: Any) -> str:
-    """Any value as HTML text: `<`, `>`, `&` and quotes as entities."""
-    return html.escape(str(value), quote=True)
+def html_text(value: Any, quotes: bool = True) -> str:
+    """Any value as HTML text: `<`, `>`, `&` (and quotes, which matter inside an attribute) as
+    entities."""
+    return html.escape(str(value), quote=quotes)
 
 
 def md_text(value: Any) -> str:
     """Any value as Markdown text that shows the same characters in every viewer: HTML-escaped
-    (html_text), Markdown's specials and table pipes backslashed, control characters shown as
-    their escapes (a folder named 'a<newline>b' reads 'a\\nb')."""
+    (html_text), Markdown's specials and table pipes as numeric character references too (a
+    reference is text in CommonMark, and unlike a backslash every viewer reads it: Python-Markdown
+    shows '\\~'), control characters as their escapes (a folder 'a<newline>b' reads 'a\\nb')."""
     shown = _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(value))
-    return _MARKDOWN.sub(lambda m: "\\" + m.group(), html_text(shown))
+    # quotes stay: with '<' escaped no tag, so no attribute, can open
+    return _MARKDOWN.sub(lambda m: f"&#{ord(m.group())};", html_text(shown, quotes=False))
 
 
 def md_picture(alt: str, file: str) -> str:
