@@ -201,3 +201,45 @@ def test_lr_find_takes_every_image_size_train_takes_for_a_fixed_size_timm_model(
     found = run_cli("lr-find", *flags, "--steps", "10", "--out", out / "lrf")
     assert found.returncode == 0, found.stderr
     assert json.loads((out / "lrf" / "lr_find.json").read_text())["notes"]["image_size"] == size
+
+
+# issue 27, item 20 ---------------------------------------------------------------------------------------------------
+
+def test_lr_find_png_says_how_many_steps_and_images_the_ramp_trained_on(one_thread, tmp_path, monkeypatch):
+    """54 images in batches of 64: every step is all 54 images, and the picture says so (it said '91 steps of
+    batch 64'); a split of 2,000 images is a few passes, without a caution."""
+    titles = {}
+    save = lr_find.save_png
+
+    def keep(fig, path, *a, **kw):
+        titles[path.name] = fig.axes[0].get_title()
+        save(fig, path, *a, **kw)
+
+    monkeypatch.setattr(lr_find, "save_png", keep)
+    train, _ = _features()
+    torch.manual_seed(0)
+    small = Split("train", train.images[::37][:54], train.labels[::37][:54])
+    found = _range_test(Head(64, 10), small)
+    lr_find.write(tmp_path, found, "probe on 54 images")
+    shown = titles["lr_find.png"].replace("\n", " ")
+    assert f"{len(found.lrs)} steps, each on all 54 training images (fewer than batch 64)" in shown, shown
+    assert "steps of batch 64," not in shown
+    assert json.loads((tmp_path / "lr_find.json").read_text())["images"] == 54
+    big = _range_test(Head(64, 10), train)
+    assert big.caution == ""
+    lr_find.write(tmp_path, big, "probe on 2,000 images")
+    assert f"{len(big.lrs)} steps of batch 64 from 2,000 training images" in titles["lr_find.png"].replace("\n", " ")
+
+
+@needs_weights
+def test_lr_auto_on_a_handful_of_images_trains_at_its_suggestion_with_a_caution(tmp_path_factory):
+    data = cifar_folder(tmp_path_factory, "handful", 18, 4, ["airplane", "cat", "ship"])
+    out = tmp_path_factory.mktemp("runs") / "auto"
+    proc = run_cli("train", "--data", data, *PROBE, "--epochs", "1", "--lr", "auto", "--val-split", "0",
+                   "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    saved = json.loads((out / "lr_find.json").read_text())
+    assert saved["images"] == 54 and "54 training images" in saved["caution"]
+    assert "treat the suggestion as rough" in proc.stderr
+    setup = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("- optimizer"))
+    assert "--lr auto" in setup and "caution: treat the suggestion as rough" in setup

@@ -28,7 +28,7 @@ from ..data.transforms import batches
 from ..errors import TransferkitError
 from ..files import atomic_write
 from ..models import set_trainable, train_mode
-from ..report.plots import drawing, pyplot, save_png
+from ..report.plots import drawing, pyplot, save_png, wrap
 from ..runtime import SINGLE
 from . import engine
 from .loop import Job, step_setup
@@ -46,6 +46,10 @@ BETA = 0.9
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this many times its minimum
 # the first 10% of the steps: the EMA's start-up and the flat part where nothing learns yet
 SKIP = 0.1
+# below these the suggestion gets a caution: a curve of fewer points is mostly noise, and a ramp
+# that went over the same images more often measures memorising them as much as the lr
+CAUTION_STEPS = 30
+CAUTION_PASSES = 10
 JSON_FILE, PNG_FILE = runfiles.LR_FIND_JSON, runfiles.LR_FIND_PNG
 
 
@@ -66,6 +70,8 @@ class RangeTest:
     steps: int  # asked for; len(lrs) were taken
     batch_size: int
     seconds: float = 0.0
+    images: int = 0  # of the split the ramp drew its batches from
+    caution: str = ""  # why the suggestion is rough (too few steps or images); empty when it is not
     rule: str = ("steepest descent of the zero-phase smoothed loss (first 10% of the steps "
                  "skipped), divided by the schedule's mean lr factor")
     notes: dict[str, Any] = field(default_factory=dict)  # what it ran on (strategy, model, data)
@@ -176,11 +182,43 @@ def range_test(model: nn.Module, runner: nn.Module, groups: list[dict], train: S
     curve = [float(v) for v in ema(np.asarray(losses))]
     steepest = suggest(lrs, losses)
     result = RangeTest(lrs, losses, curve, steepest / schedule_mean, steepest, schedule_mean,
-                       stopped, start_lr, end_lr, steps, batch_size, time.perf_counter() - started)
-    log.info("lr-find: %d steps from %.1e to %.1e (%s) in %.0f s; steepest descent at %.2e: "
-             "suggested peak lr %.2e", len(lrs), lrs[0], lrs[-1], stopped, result.seconds, steepest,
-             result.suggestion)
+                       stopped, start_lr, end_lr, steps, batch_size, time.perf_counter() - started,
+                       len(train))
+    result.caution = caution(result)
+    log.info("lr-find: %s from %.1e to %.1e (%s) in %.0f s; steepest descent at %.2e: "
+             "suggested peak lr %.2e", ramp_words(result), lrs[0], lrs[-1], stopped,
+             result.seconds, steepest, result.suggestion)
+    if result.caution:
+        log.warning("lr-find: %s", result.caution)
     return result
+
+
+def ramp_words(result: RangeTest) -> str:
+    """'91 steps, each on all 54 training images (fewer than batch 64)', or '100 steps of batch 64
+    from 4,500 training images (1.4 passes over them)': what the ramp trained on."""
+    n, batch, images = len(result.lrs), result.batch_size, result.images
+    if images and images <= batch:
+        return f"{n} steps, each on all {images:,} training images (fewer than batch {batch})"
+    if not images:  # a lr_find.json written before it recorded them
+        return f"{n} steps of batch {batch}"
+    return (f"{n} steps of batch {batch} from {images:,} training images "
+            f"({n * batch / images:.1f} passes over them)")
+
+
+def caution(result: RangeTest) -> str:
+    """Why the suggestion is rough, in a sentence, or "": below CAUTION_STEPS points on the curve,
+    or more than CAUTION_PASSES passes over the same images."""
+    n, images = len(result.lrs), result.images
+    passes = n * min(result.batch_size, images) / images if images else 0
+    if n < CAUTION_STEPS:
+        why = f"the curve has only {n} points (the ramp {result.stopped})"
+    elif passes > CAUTION_PASSES:
+        why = (f"the ramp went over the same {images:,} training images {passes:.0f} times, so "
+               "its loss fell as much from memorising them as from the lr")
+    else:
+        return ""
+    return (f"treat the suggestion as rough: {why}; with more images (or more --steps) it "
+            "firms up, or pass an --lr of your own")
 
 
 def _ramp(runner: nn.Module, opt: torch.optim.Optimizer, sched, train: Split,
@@ -244,8 +282,9 @@ def write(out: Path, result: RangeTest, title: str) -> None:
         start = max(finite[:max(1, int(SKIP * len(finite)))])
         ax.set_ylim(min(finite) * 0.95,
                     min(max(finite), 1.25 * start, DIVERGED * min(finite)) * 1.05)
-    ax.set_title(f"{title}\n{len(result.lrs)} steps of batch {result.batch_size}, "
-                 f"{result.stopped}", fontsize=9)
+    lines = [title, f"{ramp_words(result)}, {result.stopped}"]
+    lines += [f"Caution: {result.caution}."] if result.caution else []
+    ax.set_title("\n".join(wrap(line, 6.0, 9) for line in lines), fontsize=9)
     ax.legend(fontsize=8)
     save_png(fig, out / PNG_FILE)
 

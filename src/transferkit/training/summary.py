@@ -4,6 +4,7 @@ augmentation and validation lines."""
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from fractions import Fraction
 from pathlib import Path
@@ -39,8 +40,8 @@ def setup_section(cfg: TrainConfig, card: ModelCard, state: TrainState, data: Da
         "sampler": "balanced (each class drawn equally often)" if cfg.sampler == "balanced" else
         "none (each image once per epoch)",
         "train images": f"{len(data.train):,}",
-        "optimizer": f"{cfg.optimizer}, lr {cfg.lr:g}, backbone x{cfg.backbone_lr_mult:g}{decay}, "
-        f"{cfg.schedule}, label smoothing {cfg.label_smoothing:g}",
+        "optimizer": f"{cfg.optimizer}, {lr_words(cfg, out)}, backbone x{cfg.backbone_lr_mult:g}"
+        f"{decay}, {cfg.schedule}, label smoothing {cfg.label_smoothing:g}",
         "batch size": cfg.batch_size if not hw.dist.on else
         f"{cfg.batch_size} ({hw.dist.world} processes)",
         "precision": f"{card.precision} on {hw.device}",
@@ -51,6 +52,17 @@ def setup_section(cfg: TrainConfig, card: ModelCard, state: TrainState, data: Da
         "normalization": card.preprocessing.normalization,
         "recipe": cfg.recipe or "defaults",
     }
+
+
+def lr_words(cfg: TrainConfig, out: Path) -> str:
+    """'lr 0.003', or with --lr auto where the suggestion came from, and the range test's caution
+    (lr_find.json) where it gave one."""
+    if requested_from(out / runfiles.CONFIG).get("lr") != "auto":
+        return f"lr {cfg.lr:g}"
+    found = out / runfiles.LR_FIND_JSON
+    caution = json.loads(found.read_text()).get("caution") if found.is_file() else ""
+    return (f"lr {cfg.lr:g} (--lr auto: the LR range test's suggestion, {runfiles.LR_FIND_PNG}"
+            + (f"; caution: {caution}" if caution else "") + ")")
 
 
 def strategy_line(cfg: TrainConfig, data: DataSource, out: Path) -> str:
