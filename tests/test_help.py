@@ -64,10 +64,12 @@ def test_help_and_argument_errors_answer_before_torch_is_imported():
     import subprocess
     import sys
 
-    probe = ("import sys\nfrom transferkit.cli import main\ntry:\n    main(sys.argv[1:])\n"
+    probe = ("import sys\nfrom transferkit.cli import main\ntry:\n    print('exit', main(sys.argv[1:]))\n"
              "except SystemExit as e:\n    print('exit', e.code)\nprint('torch loaded:', 'torch' in sys.modules)")
     for argv in (["--help"], ["train", "--help"], ["lr-find", "--help"], ["eval", "--help"],
-                 ["train", "--epochs", "x"], ["train", "--wieghts", "none"], ["predict"], ["--version"]):
+                 ["train", "--epochs", "x"], ["train", "--wieghts", "none"], ["predict"], ["--version"],
+                 ["train", "--epochs", "3"], ["train", "--data", "x", "--epochs", "0"],
+                 ["lr-find", "--data", "x", "--lr", "-1"], ["eval", "run", "--batch-size", "0"]):
         proc = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
         assert "Traceback" not in proc.stderr, proc.stderr
         lines = proc.stdout.strip().splitlines()

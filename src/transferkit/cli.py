@@ -333,38 +333,39 @@ def _config_flags(args: argparse.Namespace) -> dict[str, typing.Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """transferkit train: a new run, a run from --config, or --resume."""
-    from .training.fit import train
-
     flags = _config_flags(args)
     if (args.resume is None and args.config is None and "data" not in flags
             and flags.get("recipe") != "demo"):
         raise TransferkitError("train needs --data: an image folder (root/<class>/ or "
                                "root/train/<class>/) or one of cifar10, cifar100, fashion-mnist, "
                                "mnist; 'transferkit demo' runs the offline default job")
+    # the settings are checked before torch is imported (seconds): a mistake is told at once
+    if args.config is not None and args.resume is None:
+        cfg = TrainConfig.from_yaml(args.config, **flags)
+    elif args.resume is None:
+        cfg = TrainConfig.create(recipe=flags.pop("recipe", None), **flags)
+    from .training.fit import train
+
     if args.resume is not None:
         result = train(resume=args.resume, **flags)
-    elif args.config is not None:
-        result = train(TrainConfig.from_yaml(args.config, **flags), overwrite=args.overwrite)
     else:
-        recipe = flags.pop("recipe", None)
-        result = train(TrainConfig.create(recipe=recipe, **flags), overwrite=args.overwrite)
+        result = train(cfg, overwrite=args.overwrite)
     _print_result(result)
     return 0
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
     """transferkit lr-find: an LR range test with the train flags, and its suggested lr."""
-    from .training.fit import find_lr
-
     flags = _config_flags(args)
     if "data" not in flags:
         raise TransferkitError("lr-find needs --data: an image folder or one of cifar10, cifar100, "
                                "fashion-mnist, mnist (with the train flags of the run it is for)")
     if flags.get("lr") == "auto":
         flags.pop("lr")  # the ramp's end only reads a number
-    recipe = flags.pop("recipe", None)
-    found = find_lr(TrainConfig.create(recipe=recipe, **flags), steps=args.steps,
-                    start_lr=args.start_lr, end_lr=args.end_lr)
+    cfg = TrainConfig.create(recipe=flags.pop("recipe", None), **flags)  # checked before torch
+    from .training.fit import find_lr
+
+    found = find_lr(cfg, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr)
     out = Path(found.out)
     print(f"suggested lr {found.suggestion:.2e} ({len(found.lrs)} steps, {found.stopped}; "
           f"{found.rule})")
@@ -423,10 +424,10 @@ def add_test_time_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """transferkit eval: score a run on a split; print the metrics and write the report."""
+    _check_batch_size(args.batch_size)
     from .evaluate import evaluate_run
     from .report import accuracy_line
 
-    _check_batch_size(args.batch_size)
     metrics, measured_on, report = evaluate_run(
         args.run, args.data, data_dir=args.data_dir, split=args.split, batch_size=args.batch_size,
         device=args.device, image_size=args.image_size, tta=args.tta, report_dir=args.report_dir)
