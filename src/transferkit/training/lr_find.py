@@ -211,14 +211,14 @@ def caution(result: RangeTest) -> str:
     n, images = len(result.lrs), result.images
     passes = n * min(result.batch_size, images) / images if images else 0
     if n < CAUTION_STEPS:
-        why = f"the curve has only {n} points (the ramp {result.stopped})"
+        why = (f"the curve has only {n} points (the ramp: {result.stopped}); more --steps, or a "
+               "lower --start-lr, give it more")
     elif passes > CAUTION_PASSES:
         why = (f"the ramp went over the same {images:,} training images {passes:.0f} times, so "
-               "its loss fell as much from memorising them as from the lr")
+               "its loss fell as much from memorising them as from the lr; more images firm it up")
     else:
         return ""
-    return (f"treat the suggestion as rough: {why}; with more images (or more --steps) it "
-            "firms up, or pass an --lr of your own")
+    return f"treat the suggestion as rough: {why}, or pass an --lr of your own"
 
 
 def _ramp(runner: nn.Module, opt: torch.optim.Optimizer, sched, train: Split,
@@ -284,7 +284,9 @@ def write(out: Path, result: RangeTest, title: str) -> None:
                     min(max(finite), 1.25 * start, DIVERGED * min(finite)) * 1.05)
     lines = [title, f"{ramp_words(result)}, {result.stopped}"]
     lines += [f"Caution: {result.caution}."] if result.caution else []
-    ax.set_title("\n".join(wrap(line, 6.0, 9) for line in lines), fontsize=9)
+    shown = "\n".join(wrap(line, 6.0, 9) for line in lines)
+    ax.set_title(shown, fontsize=9)
+    fig.set_figheight(4.2 + 1.3 * 9 / 72 * (shown.count("\n") - 1))  # the axes keep their height
     ax.legend(fontsize=8)
     save_png(fig, out / PNG_FILE)
 
