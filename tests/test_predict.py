@@ -113,9 +113,11 @@ def test_the_predictor_takes_a_path_arrays_and_tensors_alike_and_refuses_what_it
     with Image.open(tmp_path / "turned.jpg") as im:
         assert p.predict(im, topk=3) == from_file
     for bad, message in [(torch.rand(3, 8, 8) * 255, "values in \\[0, 1\\]"), (torch.zeros(4, 8, 8), "1 or 3 channels"),
-                         (42, "cannot predict a int")]:
+                         (42, "images\\[0\\] takes a str, a Path, a PIL image, a Tensor or an array, not 42")]:
         with pytest.raises(TransferkitError, match=message):
             p.predict([bad])
+    with pytest.raises(TransferkitError, match="cannot predict a int"):  # a generator's items are read as they come
+        p.predict(x for x in [42])
 
 
 def _bomb(path):
@@ -180,6 +182,27 @@ def test_predict_paths_holds_one_batch_of_images_whatever_the_folder_size(run, t
     # The same answers as predicting the images one at a time.
     one = p.predict([tmp_path / "07.png"], topk=1)[0]
     assert results[7]["top"][0]["class"] == one[0][0] and results[7]["top"][0]["prob"] == pytest.approx(one[0][1])
+
+
+def test_predict_files_takes_one_path_alone_as_a_file_or_a_folder_of_images(run, tmp_path):
+    """A str or Path is one path (a folder: its images, found as `transferkit predict` finds them), not a
+    sequence of one-character paths."""
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    (folder / "more").mkdir(parents=True)
+    for name in ("a.png", "more/b.png"):
+        Image.new("RGB", (40, 30), (200, 30, 30)).save(folder / name)
+    p = Predictor.from_run(run, device="cpu")
+    for given in (str(folder), folder):
+        answers = list(p.predict_files(given, topk=2))
+        assert sorted(path.name for path, _ in answers) == ["a.png", "b.png"], answers
+        assert all(len(top) == 2 and top[0][0] in "abc" for _, top in answers)
+    one = list(p.predict_files(str(folder / "a.png"), topk=2))
+    assert [path for path, _ in one] == [folder / "a.png"] and len(one[0][1]) == 2
+    assert list(p.predict_files(str(tmp_path / "nowhere"))) == [(tmp_path / "nowhere", "no such file or folder")]
+    results, errors = p.predict_paths(str(folder), topk=2)
+    assert len(results) == 2 and not errors
 
 
 @pytest.mark.parametrize(("args", "message"), [

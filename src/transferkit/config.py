@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from .arguments import checked
 from .errors import TransferkitError, did_you_mean, shown
 
 Strategy = Literal["auto", "linear", "finetune", "gradual"]
@@ -112,8 +113,8 @@ class TrainConfig:
     """
 
     # data
-    data: str = _setting(
-        "fashion-mnist", "data", "an image folder (root/<class>/ or root/train/<class>/ with val/ "
+    data: str | None = _setting(  # required: train and lr-find refuse to start without it
+        None, "data", "an image folder (root/<class>/ or root/train/<class>/ with val/ "
         "or test/) or one of cifar10, cifar100, fashion-mnist, mnist", "DATA")
     data_dir: str | None = _setting(
         None, "data", "where named data sets are read from or downloaded to", "DIR",
@@ -392,6 +393,7 @@ class TrainConfig:
         return cls(**merged)
 
     @classmethod
+    @checked
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """Load a config.yaml (e.g. a run's own); keyword overrides win."""
         try:

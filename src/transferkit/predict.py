@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,15 +13,18 @@ import torch
 from PIL import Image, ImageOps
 
 from . import runfiles
+from .arguments import checked
 from .checkpoint import ModelCard, load_model_state, read_card
 from .data.images import UnreadableImage, pil_to_tensor, to_rgb, walk_images
 from .data.preprocess import Preprocessing, resolve_preprocessing
 from .errors import TransferkitError
 from .models import check_model_name, check_side, create_backbone, rebuild
-from .runtime import pick_device, resolve_precision
+from .runtime import kept_generators, pick_device, resolve_precision
 from .training.engine import infer
 
 log = logging.getLogger(__name__)
+
+ImageLike = str | Path | Image.Image | torch.Tensor | np.ndarray
 
 
 class Predictor:
@@ -28,8 +32,9 @@ class Predictor:
 
     card: ModelCard | None = None  # a run's model.json (from_run); export writes it into its files
 
+    @checked
     def __init__(self, model: torch.nn.Module, classes: Sequence[str], preprocessing: Preprocessing,
-                 *, device: str = "auto", precision: str = "auto", tta: bool = False,
+                 *, device: str | torch.device = "auto", precision: str = "auto", tta: bool = False,
                  temperature: float = 1.0) -> None:
         self.device = pick_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -41,8 +46,9 @@ class Predictor:
         self.temperature = temperature
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "auto", *, image_size: int | None = None,
-                 tta: bool = False, precision: str | None = None,
+    @checked
+    def from_run(cls, run_dir: str | Path, device: str | torch.device = "auto", *,
+                 image_size: int | None = None, tta: bool = False, precision: str | None = None,
                  card: ModelCard | None = None) -> Predictor:
         """Load a run folder written by `transferkit train` (safetensors + model.json).
 
@@ -64,18 +70,21 @@ class Predictor:
         return pred
 
     @classmethod
+    @checked
     def from_pretrained(cls, arch: str, weights: str = "imagenet",
-                        device: str = "auto") -> Predictor:
+                        device: str | torch.device = "auto") -> Predictor:
         """The backbone with its own ImageNet head, e.g. to check weights and preprocessing."""
-        bb = create_backbone(arch, weights)
+        with kept_generators(torch.device("cpu")):  # a new model's random init draws from them
+            bb = create_backbone(arch, weights)
         if not bb.categories:
             raise TransferkitError(f"weights '{weights}' carry no class names; use a torchvision "
                                    "weights name")
         return cls(bb.model, bb.categories, bb.preprocessing, device=device)
 
     @torch.no_grad()
+    @checked
     def predict(
-        self, images: Iterable[str | Path | Image.Image | torch.Tensor | np.ndarray] | str | Path,
+        self, images: ImageLike | Iterable[ImageLike],
         topk: int = 5, batch_size: int = 32,
     ) -> list[list[tuple[str, float]]]:
         """Top-k (class, probability) for each image.
@@ -115,8 +124,9 @@ class Predictor:
         """Logits of model input (the ONNX predictor: run by onnxruntime)."""
         return self.model(x)
 
+    @checked
     def predict_paths(
-        self, paths: Sequence[str | Path], topk: int = 5, batch_size: int = 32
+        self, paths: Sequence[str | Path] | str | Path, topk: int = 5, batch_size: int = 32
     ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
         """Predict files and folders (searched recursively). Returns (results, [(path, reason)])."""
         files, errors = expand_paths(paths)
@@ -129,10 +139,12 @@ class Predictor:
                                 "top": [{"class": c, "prob": p} for c, p in top]})
         return results, errors
 
+    @checked
     def predict_files(
-        self, files: Iterable[str | Path], topk: int = 5, batch_size: int = 32
+        self, files: Iterable[str | Path] | str | Path, topk: int = 5, batch_size: int = 32
     ) -> Iterator[tuple[Path, list[tuple[str, float]] | str]]:
         """(path, top-k) for each file in order, or (path, why it was skipped), a batch at a time.
+        One path alone is one path: a file, or a folder's image files (searched recursively).
 
         Each image is decoded, stored at the input side and its full-size pixels dropped before the
         next is read, so memory holds one photo and one batch, whatever the number of files.
@@ -140,6 +152,9 @@ class Predictor:
         if batch_size < 1:
             raise TransferkitError(f"batch_size {batch_size}: predict at least one image at a time")
         k = max(1, min(topk, len(self.classes)))
+        if isinstance(files, str | os.PathLike):
+            files, missing = expand_paths(files)
+            yield from ((Path(p), why) for p, why in missing)
         batch: list[tuple[Path, torch.Tensor | str]] = []
         images = 0
         for f in map(Path, files):
@@ -230,7 +245,8 @@ def _rebuild(run_dir: Path, card: ModelCard) -> torch.nn.Module:
     state = load_model_state(run_dir, card)
     try:
         check_model_name(card.arch)
-        model = rebuild(card.arch, card.head, card.num_classes, card.build_kwargs)
+        with kept_generators(torch.device("cpu")):  # the random init before the weights load
+            model = rebuild(card.arch, card.head, card.num_classes, card.build_kwargs)
         model.load_state_dict(state)
     except (TransferkitError, RuntimeError, ValueError, TypeError, AttributeError) as e:
         raise TransferkitError(
@@ -242,11 +258,13 @@ def _rebuild(run_dir: Path, card: ModelCard) -> torch.nn.Module:
     return model
 
 
-def expand_paths(paths: Sequence[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files as given, folders expanded to their image files; missing paths become errors."""
+def expand_paths(paths: Sequence[str | Path] | str | Path
+                 ) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files as given, folders expanded to their image files; missing paths become errors. One path
+    alone is one path, not its characters."""
     files: list[Path] = []
     errors: list[tuple[str, str]] = []
-    for p in map(Path, paths):
+    for p in map(Path, [paths] if isinstance(paths, str | os.PathLike) else paths):
         if p.is_dir():
             found, left_out = walk_images(p)
             errors += [(item, "left out: reached again through a link") for item in left_out]

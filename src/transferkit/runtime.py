@@ -100,11 +100,32 @@ def depthwise_in_fp32(model: torch.nn.Module, device: torch.device, precision: s
     return swapped
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
+def seed_everything(seed: int, device: torch.device | None = None) -> None:
+    """Seed Python, NumPy and torch: the CPU's generator, and every device's unless `device` says
+    the run computes on the CPU (a CPU run leaves the GPUs' generators alone)."""
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    if device is not None and device.type == "cpu":
+        torch.default_generator.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def kept_generators(device: torch.device) -> Iterator[None]:
+    """The caller's global generators (Python's, NumPy's, torch's on the CPU and on `device`'s
+    kind) as they were before the block: a library call seeds them for its own run
+    (seed_everything) and leaves them as it found them, as it does the logger and the signal
+    handlers."""
+    python, numpy = random.getstate(), np.random.get_state()
+    devices = ([] if device.type == "cpu"
+               else list(range(torch.get_device_module(device.type).device_count())))
+    try:
+        with torch.random.fork_rng(devices, device_type=device.type):
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
 
 
 def rank_seed(seed: int, rank: int, epoch: int = 0) -> int:

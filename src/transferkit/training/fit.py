@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .. import models, runfiles, runtime
+from ..arguments import checked
 from ..checkpoint import META_FILE, ModelCard, load_model_state, read_card, update_card
 from ..config import TrainConfig, requested_from
 from ..data import heldout, sources
@@ -33,6 +34,7 @@ from .summary import setup_section
 log = logging.getLogger(__name__)
 
 
+@checked
 def train(config: TrainConfig | None = None, *, resume: str | Path | None = None,
           overwrite: bool = False, **settings: Any) -> RunResult:
     """Train, select on validation, evaluate once on test, write the run folder.
@@ -41,8 +43,8 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     (DistributedDataParallel) and rank 0 alone writes the run folder.
     """
     started = time.perf_counter()
-    cfg = settings_of(config, resume, settings)
-    with runtime.distributed(cfg.device) as (dist, device), \
+    cfg = _settings(config, resume, settings)
+    with runtime.distributed(cfg.device) as (dist, device), runtime.kept_generators(device), \
             run_logging(quiet=not dist.main) as log_to_file, \
             run_folder(cfg, resume, overwrite, dist) as run:
         if dist.main:
@@ -60,17 +62,19 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     return result
 
 
+@checked
 def find_lr(config: TrainConfig | None = None, *, steps: int = lr_find.STEPS,
             start_lr: float = lr_find.START_LR, end_lr: float | None = None,
             **settings: Any) -> lr_find.RangeTest:
     """`transferkit lr-find`: the LR range test on what train would train (data, model, transforms,
     precision, parameter groups); writes lr_find.json and lr_find.png to --out (default
     runs/lr-find-<data>-<model>-<time>)."""
-    cfg = settings_of(config, None, settings)
+    cfg = _settings(config, None, settings)
     lr_find.check_ramp(steps, start_lr, end_lr or lr_find.END_LR)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(cfg.out or f"runs/lr-find-{Path(cfg.data).name or 'data'}-{cfg.model}-{stamp}")
-    with runtime.distributed(cfg.device) as (dist, device), run_logging(quiet=False):
+    with runtime.distributed(cfg.device) as (dist, device), runtime.kept_generators(device), \
+            run_logging(quiet=False):
         if dist.on:
             raise TransferkitError("lr-find runs in one process; start it without torchrun")
         job = prepare(cfg, _compute(cfg, dist, device), None, None, test=False)
@@ -85,6 +89,19 @@ def find_lr(config: TrainConfig | None = None, *, steps: int = lr_find.STEPS,
     return found
 
 
+def _settings(config: TrainConfig | None, resume: str | Path | None,
+              settings: dict[str, Any]) -> TrainConfig:
+    """The run's settings (settings_of); as the CLI does, train and lr-find start only on data
+    they are given."""
+    cfg = settings_of(config, resume, settings)
+    if cfg.data is None:
+        raise TransferkitError(
+            "no data to train on: pass data= (--data, or data: in a config file) an image folder "
+            f"(root/<class>/ or root/train/<class>/) or one of {', '.join(sources.NAMED)}; "
+            "TrainConfig.create(recipe='demo') is the offline demo job")
+    return cfg
+
+
 def _compute(cfg: TrainConfig, dist: runtime.Dist, device: torch.device) -> Compute:
     """Where this process computes; a wrong --data is the first line the user sees."""
     sources.check_data_arg(cfg.data)
@@ -95,7 +112,7 @@ def prepare(cfg: TrainConfig, hw: Compute, out: Path | None, saved: dict[str, An
             test: bool = True) -> Job:
     """What train and lr-find share: the settings resolved, the backbone with its new head, the data
     and the transfer plan (`test`: load the test split; the range test trains on train alone)."""
-    runtime.seed_everything(cfg.seed)
+    runtime.seed_everything(cfg.seed, hw.device)
     if cfg.recipe:
         log.info("recipe '%s'", cfg.recipe)
     if hw.dist.on:
