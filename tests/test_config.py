@@ -103,6 +103,11 @@ def test_yaml_aliases_are_refused_in_one_short_sentence_and_configs_are_written_
     proc = run_cli("train", "--config", laughs)
     assert proc.returncode == 2 and len(proc.stderr) < 400, proc.stderr[:1000]
     assert "line 4: an alias (*a)" in proc.stderr and "write the value out in full" in proc.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data: [\n")  # PyYAML's own message: three lines and a caret
+    proc = run_cli("train", "--config", broken)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: cannot read config '{broken}': line 2, column 1: expected the node content, but found '<stream end>'"]
     # what transferkit writes it reads back: one list object under two names is written out twice
     rgb = [0.5, 0.5, 0.5]
     c = TrainConfig.create(data="some/folder", mean=rgb, std=rgb)

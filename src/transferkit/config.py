@@ -462,13 +462,20 @@ class _NoAliasDumper(yaml.SafeDumper):
 
 def read_yaml(path: str | Path) -> Any:
     """The YAML of every file transferkit reads (configs, runs' config.yaml): safe (no tags run),
-    no aliases, at most MAX_YAML_BYTES. Raises OSError or yaml.YAMLError."""
+    no aliases, at most MAX_YAML_BYTES. Raises OSError, or yaml.YAMLError in one line."""
     with open(path, "rb") as f:
         data = f.read(MAX_YAML_BYTES + 1)
     if len(data) > MAX_YAML_BYTES:
         raise yaml.YAMLError(f"it is over {MAX_YAML_BYTES // 1_000_000} MB; a settings file "
                              "holds a few KB (is it the file you meant?)")
-    return yaml.load(data, Loader=_NoAliases)  # a SafeLoader: tags never construct objects
+    try:
+        return yaml.load(data, Loader=_NoAliases)  # a SafeLoader: tags never construct objects
+    except yaml.reader.ReaderError as e:
+        raise yaml.YAMLError(f"it is not text (byte {e.position}: {e.reason})") from None
+    except yaml.MarkedYAMLError as e:  # PyYAML's own message takes three lines and a caret
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise yaml.YAMLError(f"{where}{e.problem or e.context}") from None
 
 
 def requested_from(path: str | Path) -> dict[str, Any]:
