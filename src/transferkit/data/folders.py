@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,22 +43,90 @@ class FileImages:
                           self.preprocessing, self.side)
 
     def __getitem__(self, index) -> torch.Tensor:
-        picked = (self.paths[index] if isinstance(index, slice)
-                  else [self.paths[i] for i in torch.as_tensor(index).tolist()])
+        """The images at `index`, for pictures: a file that can no longer be read shows black
+        (training and scoring read `batch`, which leaves such files out)."""
+        picked = self.paths[index] if isinstance(index, slice) else [
+            self.paths[i] for i in torch.as_tensor(index).view(-1).tolist()]
         out = torch.zeros((len(picked), 3, self.side, self.side), dtype=torch.uint8)
-        for i, path in enumerate(picked):
-            try:
-                out[i] = self.preprocessing.read(path, self.side)
-            except UnreadableImage as e:
-                # Headers were checked when the folder was read;
-                # a file that breaks later trains as black.
-                log.warning("unreadable image %s (%s): used as a black image", path, e)
+        unread = [(str(p), why) for i, p in enumerate(picked) if (why := self._read(out, i, p))]
+        if unread:
+            log.warning("%d image(s) could no longer be read, e.g. %s (%s)", len(unread),
+                        *unread[0])
         return out
+
+    def batch(self, index: torch.Tensor, labels: torch.Tensor, rows: slice | None = None,
+              fill: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+        """The images of `index` with their `labels`, and the files that could no longer be read
+        [(path, why)]. `rows`: only these positions are decoded (a torchrun process's share; the
+        others stay zero). An unreadable file is never used: its row is dropped or, with `fill`
+        (training), taken by a readable image of the same batch with its own label, so that the
+        batch keeps its size (its passes, BatchNorm and the processes' shares stay as planned).
+        A batch of which no image reads comes back empty."""
+        picked = [self.paths[i] for i in torch.as_tensor(index).view(-1).tolist()]
+        out = torch.zeros((len(picked), 3, self.side, self.side), dtype=torch.uint8)
+        labels = labels.clone()
+        mine = range(len(picked)) if rows is None else range(*rows.indices(len(picked)))
+        unread = [(i, why) for i in mine if (why := self._read(out, i, picked[i]))]
+        gone = [i for i, _ in unread]
+        if not fill:
+            kept = [i for i in range(len(picked)) if i not in gone]
+            out, labels = out[kept], labels[kept]
+        elif gone:
+            donors = [i for i in mine if i not in gone] or self._donor(out, picked, mine)
+            if not donors:
+                out, labels = out[:0], labels[:0]
+            for k, i in enumerate(gone if donors else []):
+                out[i], labels[i] = out[donors[k % len(donors)]], labels[donors[k % len(donors)]]
+        return out, labels, [(str(picked[i]), why) for i, why in unread]
+
+    def _read(self, out: torch.Tensor, i: int, path: Path) -> str | None:
+        """Decode `path` into out[i]; why it could not be read, or None."""
+        try:
+            out[i] = self.preprocessing.read(path, self.side)
+        except UnreadableImage as e:
+            return str(e)
+        return None
+
+    def _donor(self, out: torch.Tensor, picked: list[Path], mine: range) -> list[int]:
+        """A readable image of the batch outside this process's rows (all of its own are gone)."""
+        for i in (i for i in range(len(picked)) if i not in mine):
+            if self._read(out, i, picked[i]) is None:
+                return [i]
+        return []
 
     def __str__(self) -> str:
         # what cache keys see: the files (paths, sizes, times) and how they are stored
         p = self.preprocessing
         return cache.digest("files", file_stats(self.paths), *p.storage_key, self.side)
+
+
+# When more than this share of a split's images can no longer be read during a run, it stops (with a
+# checkpoint) instead of going on without them: a renamed or unmounted folder, not a stray file.
+VANISHED_SHARE = 0.05
+
+
+class DataChanged(TransferkitError):
+    """Files that were read when the run started could no longer be read."""
+
+
+def vanished(word: str, unread: list[tuple[str, str]], count: int, total: int,
+             share: float = VANISHED_SHARE) -> str | None:
+    """The sentence that stops a run when more than `share` of a split's `total` images (`count`
+    of them, `unread` this process's) could no longer be read; None while fewer."""
+    if count <= share * total:
+        return None
+    path, why = unread[0] if unread else ("(in another process)", "")
+    return (f"the data changed under the run: {count} of {total} {word} images could no longer "
+            f"be read, e.g. {path}" + (f" ({why})" if why else ""))
+
+
+def without_files(split: Split, unread: list[tuple[str, str]]) -> Split:
+    """`split` without the files in `unread` (what was scored, for the report's error analysis)."""
+    gone = {p for p, _ in unread}
+    if not gone or split.files is None:
+        return split
+    return split.subset(torch.tensor([i for i, f in enumerate(split.files) if f not in gone],
+                                     dtype=torch.int64))
 
 
 def load_folder(root: Path, pre: Preprocessing, splits: Sequence[str], *, workers: int = 2,
@@ -168,14 +237,19 @@ def _class_dirs(root: Path) -> list[str]:
 
 
 def _list_files(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
-    paths, labels = [], []
+    paths, labels, unreadable = [], [], []
     for i, c in enumerate(classes):
-        found, left_out = walk_images(root / c)
+        found, left_out = walk_images(root / c, unreadable)
         if left_out:
             log.warning("%s: left out %d folder(s) or file(s) reached again through links, e.g. %s",
                         root / c, len(left_out), "; ".join(left_out[:3]))
         paths += found
         labels += [i] * len(found)
+    if unreadable:  # else a folder this process may not open reads as a class without images
+        shown = "; ".join(f"{os.path.relpath(f, root)} ({why})" for f, why in unreadable[:5])
+        raise TransferkitError(f"{len(unreadable)} folder(s) in {root} could not be read: {shown}"
+                               "; give this user read access (chmod -R u+rX FOLDER), or move "
+                               "the folder(s) out of the data")
     return paths, labels
 
 

@@ -130,16 +130,22 @@ def pil_to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
-def walk_images(root: Path) -> tuple[list[Path], list[str]]:
+def walk_images(root: Path, unreadable: list[tuple[str, str]] | None = None,
+                ) -> tuple[list[Path], list[str]]:
     """The image files under `root`, sorted, following links to folders;
     each real folder and file once.
 
     A link back to `root` or a folder above it (a loop) and a folder or file reached a second time
-    are left out; the second list says which.
+    are left out; the second list says which. Folders that cannot be listed (a permission) are
+    added to `unreadable` as (folder, why).
     """
     top = os.path.realpath(root)
     files, left_out, folders, seen = [], [], set(), set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    def failed(e: OSError) -> None:
+        if unreadable is not None:
+            unreadable.append((str(e.filename), e.strerror or str(e)))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=failed):
         real = os.path.realpath(dirpath)
         if real in folders or (dirpath != str(root) and os.path.commonpath([real, top]) == real):
             left_out.append(f"{dirpath} (the folder {real} again, through a link)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator
 
@@ -11,6 +12,8 @@ import torch.nn.functional as F
 from .policies import Policy, random_erasing
 from .preprocess import Preprocessing, upsample
 from .splits import Split
+
+log = logging.getLogger(__name__)
 
 
 class EvalTransform:
@@ -109,12 +112,15 @@ def _drawer(n: int, g: torch.Generator | None, part: tuple[slice | torch.Tensor,
 def batches(
     split: Split, batch_size: int, *, order: torch.Tensor | None = None, start: int = 0,
     drop_last: bool = False, workers: int = 0, share: Callable[[int], slice] | None = None,
+    unread: list[tuple[str, str]] | None = None, fill: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (uint8 images, labels) slices of a split, in `order` if given, from batch `start`.
 
     A streamed split is decoded batch by batch in `workers` DataLoader processes, ahead of the
     training step; with `share(n)`, only these rows of each batch of n are decoded (the rest stay
-    zero): the rows this process trains on.
+    zero): the rows this process trains on. A file that can no longer be read is added to `unread`
+    (path, why) and left out: its row dropped, or with `fill` taken by another image of the batch
+    (folders.FileImages.batch); a batch with no readable image comes back empty.
     """
     index = torch.arange(len(split)) if order is None else order  # `order` may hold only some rows
     n = len(index)
@@ -122,10 +128,16 @@ def batches(
     chunks = [index[first:first + batch_size]
               for first in range(start * batch_size, stop, batch_size)]
     if split.streamed:
-        loader = torch.utils.data.DataLoader(_Decoded(split, chunks, share), batch_size=None,
-                                             num_workers=workers,
+        loader = torch.utils.data.DataLoader(_Decoded(split, chunks, share, fill),
+                                             batch_size=None, num_workers=workers,
                                              prefetch_factor=4 if workers else None)
-        yield from loader
+        for images, labels, lost in loader:
+            if unread is not None:
+                unread += lost
+            elif lost:
+                log.warning("left out %d image(s) of %s that could no longer be read, e.g. %s (%s)",
+                            len(lost), split.name, *lost[0])
+            yield images, labels
         return
     for idx in chunks:
         if order is None:  # contiguous: a view, no copy
@@ -136,23 +148,19 @@ def batches(
 
 
 class _Decoded(torch.utils.data.Dataset):
-    """Batch k of a streamed split, decoded (in a DataLoader worker)."""
+    """Batch k of a streamed split, decoded (in a DataLoader worker), with its unreadable files."""
 
     def __init__(self, split: Split, chunks: list[torch.Tensor],
-                 share: Callable[[int], slice] | None) -> None:
-        self.split, self.chunks, self.share = split, chunks, share
+                 share: Callable[[int], slice] | None, fill: bool) -> None:
+        self.split, self.chunks, self.share, self.fill = split, chunks, share, fill
 
     def __len__(self) -> int:
         return len(self.chunks)
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
         idx = self.chunks[k]
-        if self.share is None:
-            return self.split.images[idx], self.split.labels[idx]
-        rows = self.share(len(idx))
-        images = torch.zeros((len(idx), *self.split.images.shape[1:]), dtype=torch.uint8)
-        images[rows] = self.split.images[idx[rows]]
-        return images, self.split.labels[idx]
+        rows = None if self.share is None else self.share(len(idx))
+        return self.split.images.batch(idx, self.split.labels[idx], rows, self.fill)
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:

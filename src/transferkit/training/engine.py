@@ -159,24 +159,51 @@ def micro_batches(rows: slice, size: int | None, largest: int | None = None) -> 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, transform: Transform, *, batch_size: int,
              device: torch.device, precision: str, tta: bool = False, dist: Dist = SINGLE,
-             workers: int = 0, desc: str | None = None,
-             show: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             workers: int = 0, desc: str | None = None, show: bool | None = None,
+             unread: list[tuple[str, str]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 logits (on the cpu) and labels of a whole split, in eval mode; `tta`: mirror test-time
     augmentation. Under torchrun each process runs a share and every process gets all rows; rank 0
-    alone shows a progress bar (`show` overrides)."""
+    alone shows a progress bar (`show` overrides). A file of a streamed split that can no longer be
+    read is never scored: its row is left out and the file added to `unread` (path, why), on every
+    process (a warning when `unread` is None)."""
     show = dist.main if show is None else show
-    def run(part: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    lost: list[tuple[str, str]] = []
+
+    def run(part: Split) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         model.eval()
         out, ys = [], []
-        for images, labels in tqdm(split_batches(part, batch_size, workers=workers),
+        for images, labels in tqdm(split_batches(part, batch_size, workers=workers, unread=lost),
                                    desc=desc or split.name, unit="batch", leave=False,
                                    disable=True if not show else None):
-            x = transform(images.to(device, non_blocking=True))
-            out.append(infer(model, x, device=device, precision=precision, tta=tta).cpu())
-            ys.append(labels)
-        return torch.cat(out), torch.cat(ys)
+            if len(labels):
+                x = transform(images.to(device, non_blocking=True))
+                out.append(infer(model, x, device=device, precision=precision, tta=tta).cpu())
+                ys.append(labels)
+        if not out:  # none of this share read: no rows, as wide as the model's answers
+            blank = transform(torch.zeros((1, *part.images.shape[1:]), dtype=torch.uint8,
+                                          device=device))
+            out = [infer(model, blank, device=device, precision=precision)[:0].cpu()]
+            ys = [part.labels[:0]]
+        return torch.cat(out), torch.cat(ys), _read_rows(part, lost)
 
-    return sharded(run, split, dist)
+    logits, labels, read = sharded(run, split, dist)
+    if not read.all():
+        why = dict(lost)
+        gone = [(f, why.get(f, "could no longer be read")) for f, ok in
+                zip(split.files or [], read.tolist()) if not ok]
+        if unread is not None:
+            unread += gone
+        else:
+            log.warning("left out %d of %d %s images that could no longer be read, e.g. %s (%s)",
+                        len(gone), len(split), split.name, *gone[0])
+    return logits, labels
+
+
+def _read_rows(part: Split, unread: list[tuple[str, str]]) -> torch.Tensor:
+    """Which rows of `part` were read (uint8: gathered from every process)."""
+    gone = {f for f, _ in unread}
+    return torch.tensor([f not in gone for f in part.files or ["" for _ in range(len(part))]],
+                        dtype=torch.uint8)
 
 
 def sharded(fn: Callable[[Split], tuple[torch.Tensor, ...]], split: Split,

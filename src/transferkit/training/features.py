@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import cache
+from ..data.folders import without_files
 from ..data.splits import Split
 from ..models import set_trainable, without
 from ..runtime import SINGLE, Dist, memory_bytes
@@ -96,12 +97,17 @@ def features(
         return Split(split.name, hit[0]["features"], split.labels)
     # The head's input, or the blocks up to `at` alone:
     # the forward stops there (the rest would be thrown away).
-    start = time.perf_counter()
-    (feats, _) = evaluate(_UpTo(model, head if at is None else at, before=at is None), split,
-                          transform, batch_size=batch_size, device=device, precision=precision,
-                          dist=dist, workers=workers, desc=f"features {split.name}")
+    start, unread = time.perf_counter(), []
+    (feats, labels) = evaluate(_UpTo(model, head if at is None else at, before=at is None), split,
+                               transform, batch_size=batch_size, device=device,
+                               precision=precision, dist=dist, workers=workers,
+                               desc=f"features {split.name}", unread=unread)
     log.info("%s: features of %d images computed in %.0f s", split.name, len(split),
              time.perf_counter() - start)
+    if unread:  # the images that went since the split was read: left out, and nothing cached
+        log.warning("%s: left out %d image(s) that could no longer be read, e.g. %s (%s)",
+                    split.name, len(unread), *unread[0])
+        return Split(split.name, feats, labels, without_files(split, unread).files)
     if use_cache and dist.local_rank == 0:
         cache.store("features", key, {"features": feats})
     return Split(split.name, feats, split.labels)

@@ -25,7 +25,7 @@ from ..report import RunResult, calibration, classification_metrics, measured_on
 from ..report.error_analysis import write_errors
 from ..runtime import Compute
 from . import engine, fingerprint, lr_find
-from .loop import Job, epochs, start_state
+from .loop import Job, epochs, held_out_read, start_state, unread_setup
 from .plan import build_stage, check_progressive, frozen_blocks, make_plan, resolve_strategy
 from .runfolder import UNCHECKED, RunStart, begin_writing, run_folder, settings_of
 from .state import TrainState
@@ -264,8 +264,9 @@ def _final_evaluation(job: Job, out: Path, state: TrainState) -> RunResult:
     state.model.load_state_dict(hw.dist.share(best))  # rank 0's disk alone may hold them
     temperature = _calibrate(job, out) if cfg.calibrate else 1.0
     final, staged = (data.test, stage.test) if data.test is not None else (data.val, stage.val)
+    unread: list[tuple[str, str]] = []  # files that went since the run started: never scored
     run = dict(device=hw.device, precision=hw.precision, tta=cfg.tta, dist=hw.dist,
-               workers=cfg.workers)
+               workers=cfg.workers, unread=unread)
     # cached features hold one view: the mirror image needs the whole model
     if cfg.tta and stage.cached:
         micro = engine.micro_batch_for(cfg.micro_batch, hw.device, card.preprocessing.image_size)
@@ -277,10 +278,12 @@ def _final_evaluation(job: Job, out: Path, state: TrainState) -> RunResult:
     else:
         logits, labels = engine.evaluate(stage.runner, staged, stage.eval_tf,
                                          batch_size=stage.eval_batch, **run)
+    final, left_out = held_out_read(job, out, final, staged, unread)
     metrics = classification_metrics(logits, labels, data.classes)
     metrics["calibration"] = calibration.summary(logits, labels, temperature)
-    note = ("" if data.test is not None
-            else "no test split: the validation split, also used for model selection")
+    note = "; ".join(filter(None, (left_out, "" if data.test is not None else
+                                   "no test split: the validation split, also used for model "
+                                   "selection")))
     said = measured_on(final, cfg.data, card.preprocessing.image_size, tta=cfg.tta, note=note)
     if hw.dist.main:
         title = f"{cfg.model} on {cfg.data}"
@@ -288,6 +291,7 @@ def _final_evaluation(job: Job, out: Path, state: TrainState) -> RunResult:
         errors = write_errors(out, "report", logits / temperature, labels, final, data.classes,
                               card.preprocessing, title=title)
         setup = setup_section(cfg, card, state, data, hw, out, stage.cached)
+        setup.update(unread_setup(state.history))
         report = write_report(out, metrics, title=title, measured_on=said, classes=data.classes,
                               setup=setup, history=state.history, errors=errors)
         log.info("report: %s", report)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,13 @@ import torch
 from .. import models, runfiles
 from ..checkpoint import MODEL_FILE, ModelCard, save_last, save_model
 from ..config import TrainConfig
+from ..data.folders import DataChanged, vanished, without_files
 from ..data.mixing import Mixing
 from ..data.sources import inverse_frequency
-from ..data.splits import DataSource
+from ..data.splits import DataSource, Split
 from ..data.transforms import batches
 from ..errors import Interrupted
+from ..files import atomic_write
 from ..logs import EpochProgress
 from ..report import classification_metrics, lr_range, write_metrics
 from ..runtime import SINGLE, Compute, Dist, StopFlag
@@ -74,12 +77,20 @@ def epochs(job: Job, out: Path, state: TrainState, steps: int, drop_last: bool,
         # mixing needs each row's partner, anywhere in the batch:
         # every process decodes the whole batch
         shard = dist.shard if dist.on and setup.mixing is None else None
-        loader = batches(stage.train, cfg.batch_size, order=order, start=state.step or 0,
-                         drop_last=drop_last, workers=cfg.workers, share=shard)
-        tally = train_epoch(job, out, state, wrapped, loader, _sized(setup, job, epoch), epoch,
+        feed = Feed(len(stage.train), per_process=shard is not None)
+        feed.batches = batches(stage.train, cfg.batch_size, order=order, start=state.step or 0,
+                               drop_last=drop_last, workers=cfg.workers, share=shard,
+                               unread=feed.unread, fill=True)
+        tally = train_epoch(job, out, state, wrapped, feed, _sized(setup, job, epoch), epoch,
                             order, steps, stop)
-        val = validate(job, state, runner if averaged is None else averaged)
-        row = {"epoch": epoch, **tally.summary(dist), **val, "backbone_frozen": frozen}
+        val_unread: list[tuple[str, str]] = []
+        val = validate(job, state, runner if averaged is None else averaged, val_unread)
+        left = _left_out(job, out, epoch, feed, val_unread)
+        if left.get("val_unread") and (changed := vanished("validation", val_unread,
+                                                           len(val_unread), len(stage.val))):
+            _checkpoint(job, out, state, tally, epoch, steps, order)  # a resume validates again
+            raise DataChanged(f"{changed}; {_resume_after_change(out, dist)}")
+        row = {"epoch": epoch, **tally.summary(dist), **val, "backbone_frozen": frozen, **left}
         best = state.record(row, cfg.select_by, cfg.min_delta)
         log.info("epoch %d/%d  train_loss %.3f  %s  lr %s  %.0f s  %.0f img/s", epoch, cfg.epochs,
                  row["train_loss"], val_line(val, cfg.select_by), lr_range(row, "->"),
@@ -125,51 +136,173 @@ def _warn_if_schedule_ended(cfg: TrainConfig, out: Path, state: TrainState, step
                 out / MODEL_FILE)
 
 
-def train_epoch(job: Job, out: Path, state: TrainState, model: torch.nn.Module, loader,
+@dataclass
+class Feed:
+    """An epoch's training batches, and the files that could no longer be read: each is left out
+    of the epoch (its place in the batch taken by another image of the batch: FileImages.batch)."""
+
+    images: int  # in the training split
+    per_process: bool  # each process read its own share of a batch: the counts add up
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = ()
+    unread: list[tuple[str, str]] = field(default_factory=list)  # (path, why), this process's
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.batches:
+            if not len(labels):  # every process finds that none of the batch reads
+                raise DataChanged(vanished("training", self.unread, len(self.unread), self.images,
+                                           share=0))
+            yield images, labels
+
+    def vanished(self, counted: torch.Tensor) -> str | None:
+        """The sentence that stops the run when too many files went (`counted`: summed over the
+        processes), else None."""
+        count = int(counted) if self.per_process else len(self.unread)
+        return vanished("training", self.unread, count, self.images)
+
+
+def train_epoch(job: Job, out: Path, state: TrainState, model: torch.nn.Module, feed: Feed,
                 setup: engine.StepSetup, epoch: int, order: torch.Tensor, steps: int,
                 stop: StopFlag) -> Tally:
     """One epoch's steps (from a resumed position);
-    a checkpoint when due, at a stop, or every N steps."""
+    a checkpoint when due, at a stop, every N steps, or when the data changed under the run."""
     cfg, dist = job.cfg, job.hw.dist
-    start = state.step or 0
-    # sums over all ranks
-    tally = Tally.from_state_dict(state.running if dist.main and start else None)
+    start = done = state.step or 0
+    tally = _tally(state, dist, start)  # sums over all ranks
     progress = EpochProgress(f"epoch {epoch}/{cfg.epochs}", steps, start, show=dist.main,
                              log_every=cfg.log_every, world=dist.world)
     # lr: what the coming step uses
     last_save, lr = time.monotonic(), state.optimizer.param_groups[0]["lr"]
-    for fig in engine.train_one_epoch(model, state.optimizer, state.scheduler, loader, setup,
-                                      state.augment, start):
-        tally.add(fig.loss, fig.correct, fig.images, lr)
-        state.steps_taken += 1
-        if state.ema is not None:
-            state.ema.update(state.model)
-        lr = state.optimizer.param_groups[0]["lr"]
-        if progress.step(fig.step, fig.loss, fig.images, tally):  # every 20 steps, or --log-every
-            tally.check_finite(dist, fig.step, lr)
-        due = (cfg.checkpoint_every and fig.step % cfg.checkpoint_every == 0) or (
-            time.monotonic() - last_save > 60 * CHECKPOINT_MINUTES)
-        # Every process takes the same decision: a checkpoint's sums are collected from all.
-        due, stopping = (bool(v > 0) for v in dist.sum(float(due), float(stop.requested)))
-        if (due or stopping) and fig.step < steps:
-            tally.check_finite(dist, fig.step, lr)
-            state.epoch, state.step, state.order = epoch, fig.step, order
-            state.running = tally.state_dict(dist)
-            if dist.main:
-                save_last(out, state.state_dict())
-            last_save = time.monotonic()
-            if stopping:
+    try:
+        for fig in engine.train_one_epoch(model, state.optimizer, state.scheduler, feed, setup,
+                                          state.augment, start):
+            tally.add(fig.loss, fig.correct, fig.images, lr)
+            state.steps_taken, done = state.steps_taken + 1, fig.step
+            if state.ema is not None:
+                state.ema.update(state.model)
+            lr = state.optimizer.param_groups[0]["lr"]
+            if progress.step(fig.step, fig.loss, fig.images, tally):  # every 20 steps
+                tally.check_finite(dist, fig.step, lr)
+            due = (cfg.checkpoint_every and fig.step % cfg.checkpoint_every == 0) or (
+                time.monotonic() - last_save > 60 * CHECKPOINT_MINUTES)
+            # Every process takes the same decision: a checkpoint's sums are collected from all.
+            due, stopping, lost = dist.sum(float(due), float(stop.requested),
+                                           float(len(feed.unread)))
+            due, stopping, changed = due > 0, stopping > 0, feed.vanished(lost)
+            if (due or stopping) and fig.step < steps or changed:
+                _checkpoint(job, out, state, tally, epoch, fig.step, order)
+                last_save = time.monotonic()
+            if stopping and fig.step < steps:
                 raise Interrupted(f"interrupted at epoch {epoch}, step {fig.step}/{steps}; "
                                   f"checkpoint saved. Resume with: {resume_command(out, dist)}",
                                   dist.main)
+            if changed:
+                raise DataChanged(changed)
+    except DataChanged as e:
+        if done > start or not (out / runfiles.LAST).is_file():
+            _checkpoint(job, out, state, tally, epoch, done, order)
+        record_unread(job, out, epoch, "training", _all_processes(feed, dist))
+        raise DataChanged(f"{e}; {_resume_after_change(out, dist)}") from None
     progress.close()
     tally.stop()
     tally.check_finite(dist, steps, lr)
     return tally
 
 
-def validate(job: Job, state: TrainState, runner: torch.nn.Module) -> dict[str, float | None]:
-    """The epoch row's validation figures (all None without a validation split)."""
+def _tally(state: TrainState, dist: Dist, start: int) -> Tally:
+    """The epoch's running sums: carried on from last.pt when resuming mid-epoch (rank 0)."""
+    tally = Tally.from_state_dict(state.running if dist.main and start else None)
+    if start and tally.lr_start is None:  # a last.pt of an earlier version: the schedule says it
+        sched = state.scheduler
+        tally.lr_start = sched.base_lrs[0] * sched.lr_lambdas[0](sched.last_epoch - start)
+    return tally
+
+
+def _checkpoint(job: Job, out: Path, state: TrainState, tally: Tally, epoch: int, step: int,
+                order: torch.Tensor) -> None:
+    """last.pt after `step` steps of `epoch` (every process collects the sums; rank 0 writes)."""
+    dist = job.hw.dist
+    tally.check_finite(dist, step, state.optimizer.param_groups[0]["lr"])
+    state.epoch, state.step, state.order = epoch, step, order
+    state.running = tally.state_dict(dist)
+    if dist.main:
+        save_last(out, state.state_dict())
+
+
+def _resume_after_change(out: Path, dist: Dist) -> str:
+    return (f"{out / runfiles.LAST} is saved: put the files (or the folder's name) back, then "
+            f"resume with: {resume_command(out, dist)}")
+
+
+def _all_processes(feed: Feed, dist: Dist) -> list[tuple[str, str]]:
+    """The epoch's unread training files, of every process (each read its own share)."""
+    if not (dist.on and feed.per_process):
+        return list(feed.unread)
+    parts: list[Any] = [None] * dist.world
+    torch.distributed.all_gather_object(parts, feed.unread)
+    return sorted({f: why for part in parts for f, why in part}.items())
+
+
+def _left_out(job: Job, out: Path, epoch: int, feed: Feed,
+              val_unread: list[tuple[str, str]]) -> dict[str, int]:
+    """The epoch's files that could no longer be read: in skipped.txt, one line of the log, and
+    their counts for the epoch's row (none when every file read)."""
+    train = _all_processes(feed, job.hw.dist)
+    record_unread(job, out, epoch, "training", train)
+    record_unread(job, out, epoch, "validation", val_unread)
+    return {k: len(v) for k, v in (("train_unread", train), ("val_unread", val_unread)) if v}
+
+
+def record_unread(job: Job, out: Path, epoch: int | str, word: str,
+                   unread: list[tuple[str, str]]) -> None:
+    """Files that could no longer be read, added to skipped.txt (rank 0), and said once."""
+    if not unread:
+        return
+    when = f"epoch {epoch}" if isinstance(epoch, int) else epoch
+    log.warning("%s: left out %d %s image(s) that could no longer be read, e.g. %s (%s); "
+                "listed in %s", when, len(unread), word, *unread[0], out / runfiles.SKIPPED)
+    if job.hw.dist.main:
+        path = out / runfiles.SKIPPED
+        old = path.read_text() if path.is_file() else ""
+        listed = {line.split("\t")[0] for line in old.splitlines()}
+        atomic_write(path, old + "".join(f"{f}\t{why} (could no longer be read: {word}, {when})\n"
+                                         for f, why in unread if f not in listed))
+
+
+def held_out_read(job: Job, out: Path, final: Split, staged: Split,
+                  unread: list[tuple[str, str]]) -> tuple[Split, str]:
+    """The held-out split as it was scored (`staged`: what ran, `unread`: the files that could no
+    longer be read), and the words for what was left out; the run stops when more than
+    VANISHED_SHARE of it went."""
+    if staged.files is not None and len(staged) < len(final):  # its features left some out
+        kept = set(staged.files)
+        unread = unread + [(f, "could not be read for its features") for f in final.files or []
+                           if f not in kept and f not in dict(unread)]
+    if not unread:
+        return final, ""
+    word = "test" if final.name == "test" else "validation"
+    record_unread(job, out, "the final evaluation", word, unread)
+    if changed := vanished(word, unread, len(unread), len(final)):
+        raise DataChanged(f"{changed}; the trained model is saved: put the files back, then "
+                          f"resume with: {resume_command(out, job.hw.dist)} (it evaluates "
+                          "again)")
+    return without_files(final, unread), (f"{len(unread)} that could no longer be read left "
+                                          "out, listed in skipped.txt")
+
+
+def unread_setup(history: list[dict[str, Any]]) -> dict[str, str]:
+    """The report's Setup line on the epochs' images that could no longer be read (none when
+    every file read)."""
+    rows = [f"epoch {h['epoch']}: {h.get('train_unread', 0)} training, "
+            f"{h.get('val_unread', 0)} validation" for h in history
+            if h.get("train_unread") or h.get("val_unread")]
+    return {"left out": "; ".join(rows) + " image(s) that could no longer be read during the run "
+            "(never trained on or scored; listed in skipped.txt)"} if rows else {}
+
+
+def validate(job: Job, state: TrainState, runner: torch.nn.Module,
+             unread: list[tuple[str, str]] | None = None) -> dict[str, float | None]:
+    """The epoch row's validation figures (all None without a validation split); files that could
+    no longer be read are left out, and added to `unread`."""
     stage, hw = job.stage, job.hw
     hw.dist.sync_buffers(stage.runner)  # each process's last step moved its own statistics
     if state.ema is not None:
@@ -178,7 +311,7 @@ def validate(job: Job, state: TrainState, runner: torch.nn.Module) -> dict[str, 
         return dict.fromkeys(("val_acc", "val_balanced_acc", "val_macro_f1", "val_loss"))
     logits, labels = engine.evaluate(runner, stage.val, stage.eval_tf, batch_size=stage.eval_batch,
                                      device=hw.device, precision=hw.precision, dist=hw.dist,
-                                     workers=job.cfg.workers)
+                                     workers=job.cfg.workers, unread=unread)
     return _val_figures(logits, labels, job.card.classes)
 
 
