@@ -51,21 +51,32 @@ def run_logging(quiet: bool) -> Iterator[Callable[[Path], None]]:
         logger.setLevel(level)
 
 
+# Without a terminal (a log file, nohup, CI, a notebook's captured output) tqdm draws no bar: a
+# progress line this often instead, so that slow can be told from stuck.
+PLAIN_PROGRESS_SECONDS = 30.0
+
+
 class EpochProgress:
     """One progress bar per epoch (on rank 0) with the loss and speed, and the running loss in the
-    log every `log_every` steps (as the classic tutorial prints it every 100 batches)."""
+    log every `log_every` steps (as the classic tutorial prints it every 100 batches); where stderr
+    is not a terminal, a line every PLAIN_PROGRESS_SECONDS instead of the bar."""
 
     def __init__(self, desc: str, total: int, start: int, *, show: bool, log_every: int,
                  world: int) -> None:
         self.bar = tqdm(total=total, initial=start, desc=desc, unit="batch", leave=False,
                         disable=True if not show else None)
+        self.plain = show and self.bar.disable  # tqdm turns itself off where it cannot draw
         self.desc, self.log_every, self.world = desc, log_every, world
+        self.total, self.start = total, start
         self.images, self.started = 0, time.perf_counter()
+        self.said = self.started
 
     def step(self, step: int, loss: torch.Tensor, images: int, running: Any) -> bool:
         """Count a step; every 20 steps (and every `log_every`) show the figures and return True."""
         self.bar.update()
         self.images += images
+        if self.plain and time.perf_counter() - self.said >= PLAIN_PROGRESS_SECONDS:
+            self._line(step, running)
         logged = bool(self.log_every) and step % self.log_every == 0
         if step % 20 and not logged:
             return False
@@ -76,5 +87,24 @@ class EpochProgress:
                      running.loss.item() / max(running.images, 1))
         return True
 
+    def _line(self, step: int, running: Any) -> None:
+        """'epoch 1/3: step 120/446, loss 0.912, 310 img/s, 2 min 5 s left in the epoch'."""
+        self.said = time.perf_counter()
+        spent = self.said - self.started
+        left = (self.total - step) * spent / max(step - self.start, 1)
+        log.info("%s: step %d/%d, loss %.3f, %.0f img/s, %s left in the epoch", self.desc, step,
+                 self.total, running.loss.item() / max(running.images, 1),
+                 self.world * self.images / max(spent, 1e-9), duration(left))
+
     def close(self) -> None:
         self.bar.close()
+
+
+def duration(seconds: float) -> str:
+    """'45 s', '2 min 5 s', '1 h 12 min'."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
