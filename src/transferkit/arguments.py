@@ -8,18 +8,15 @@ import functools
 import inspect
 import numbers
 import os
-import reprlib
 import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from .errors import TransferkitError
+from .errors import TransferkitError, shown
 
 F = TypeVar("F", bound=Callable[..., Any])
-_SHOW = reprlib.Repr()
-_SHOW.maxstring = _SHOW.maxother = 60
 
 
 class ArgumentError(TransferkitError, TypeError):
@@ -109,4 +106,4 @@ def _say(hint: Any) -> str:
 
 def _show(value: Any) -> str:
     """The value given, its length bounded, and its type."""
-    return "None" if value is None else f"{_SHOW.repr(value)} ({type(value).__name__})"
+    return "None" if value is None else f"{shown(value)} ({type(value).__name__})"
