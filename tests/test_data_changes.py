@@ -65,6 +65,7 @@ def test_files_deleted_mid_run_are_left_out_listed_and_never_scored(data, tmp_pa
     test_file = sorted((data / "test" / "ship").iterdir())[0]
     run = tmp_path / "run"
     # after epoch 1: one training image (1 of 27, or of 9 in val) and one test image (1 of 24) go
+    kept = test_file.read_bytes()
     after_epoch(monkeypatch, 1, lambda: (train_file.unlink(), test_file.unlink()))
     with caplog.at_level(logging.WARNING, logger="transferkit"):
         result = train(streamed(data, run))
@@ -77,6 +78,17 @@ def test_files_deleted_mid_run_are_left_out_listed_and_never_scored(data, tmp_pa
     assert "could no longer be read" in report and "23 images" in report
     said = [r for r in caplog.records if str(train_file) in r.getMessage()]
     assert 1 <= len(said) <= 2  # once in the epoch's summary, not once per image per batch
+
+    # `transferkit eval` of a streamed split: a file that goes while it is scored is left out too
+    test_file.write_bytes(kept)
+    import transferkit.evaluate as ev
+    from transferkit.data import folders
+
+    real_evaluate, other = ev.evaluate, sorted((data / "test" / "cat").iterdir())[0]
+    monkeypatch.setattr(folders, "_streams", lambda *a: True)
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: (other.unlink(), real_evaluate(*a, **k))[1])
+    metrics, said, _ = ev.evaluate_run(run, device="cpu", workers=0)
+    assert metrics["images"] == 23 and "1 that could no longer be read left out" in said
 
 
 def test_a_class_folder_renamed_mid_run_stops_with_a_sentence_and_resumes(data, tmp_path,

@@ -58,12 +58,12 @@ def evaluate_run(
     part, src, note = _split_of(run_dir, card, data, split, pred.preprocessing, data_dir=data_dir,
                                 workers=workers)
     labels = _labels(data, src, part, pred.classes)
-    logits, _ = evaluate(pred.model, part, pred.preprocessing.to_input, batch_size=batch_size,
-                         device=pred.device, precision=pred.precision, tta=tta, workers=workers)
+    logits, part, labels, left = _score(pred, part, labels, batch_size=batch_size, tta=tta,
+                                        workers=workers)
     metrics = classification_metrics(logits, labels, pred.classes)
     metrics["calibration"] = calibration.summary(logits, labels, pred.temperature)
     said = measured_on(part, data, pred.preprocessing.image_size, tta=tta,
-                       note="; ".join(filter(None, (note, training))))
+                       note="; ".join(filter(None, (note, training, left))))
     if src.skipped:
         log.warning("%d unreadable files skipped", len(src.skipped))
     other_size = image_size if image_size and image_size != card.preprocessing.image_size else None
@@ -74,6 +74,24 @@ def evaluate_run(
         name=_eval_name(data, part.name, other_size, tta),
         analysed=(logits / pred.temperature, labels, part, pred.classes, pred.preprocessing))
     return metrics, said, report
+
+
+def _score(pred: Predictor, part: Split, labels: torch.Tensor,
+           **run: Any) -> tuple[torch.Tensor, Split, torch.Tensor, str]:
+    """The logits of `part`; a file that can no longer be read (it went since the split was read)
+    is never scored: `part` and `labels` without it, and the words that say how many."""
+    unread: list[tuple[str, str]] = []
+    logits, _ = evaluate(pred.model, part, pred.preprocessing.to_input, device=pred.device,
+                         precision=pred.precision, unread=unread, **run)
+    if not unread:
+        return logits, part, labels, ""
+    log.warning("left out %d image(s) that could no longer be read, e.g. %s (%s)", len(unread),
+                *unread[0])
+    gone = {f for f, _ in unread}
+    keep = torch.tensor([i for i, f in enumerate(part.files or []) if f not in gone],
+                        dtype=torch.int64)
+    return logits, part.subset(keep), labels[keep], f"{len(unread)} that could no longer be read " \
+        "left out"
 
 
 def _model(run_dir: Path, card: ModelCard, report_dir: str | Path | None,
