@@ -51,9 +51,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # epochs at 56 px in batches of 128 (whole runs at 48 px trained at 415-464 img/s in batches
     # of 128 against 358-373 in batches of 64) and the mirror image at test time;
     # benchmarks/RESULTS.md ("The demo, measured") has the figures that chose it. Three epochs
-    # leave no room for overfitting, so the crop keeps the whole image (only aspect jitter and
-    # flips), and the backbone, far from ImageNet's domain
-    # here, trains at the head's lr.
+    # leave no room for overfitting, so the crop draws no smaller area (only the aspect jitter
+    # trims a side: 87-100% of the image is kept) and flips; the backbone, far from ImageNet's
+    # domain here, trains at the head's lr.
     "demo": dict(
         data="fashion-mnist", model="mobilenet_v2", weights="IMAGENET1K_V1", strategy="finetune",
         image_size=56, epochs=3, batch_size=128, optimizer="adamw", lr=3e-3,
@@ -130,8 +130,8 @@ class TrainConfig:
         "none", "data", "balanced: each epoch draws its images (as many, with replacement) with "
         "probability inverse to their class's size (for imbalanced data)")
     dedupe: bool = _setting(
-        False, "data", "drop val/test images whose file has the same bytes as a training image "
-        "(copies are always reported)")
+        False, "data", "drop val/test images whose file has the same bytes as a training image, "
+        "and every copy of a file filed under two classes (both are always reported)")
 
     # model and weights
     model: str = _setting(
@@ -218,8 +218,9 @@ class TrainConfig:
     flip: bool = _setting(
         True, "augmentation and evaluation", "horizontal flips (turn off for digits and text)")
     crop_scale: float = _setting(
-        0.35, "augmentation and evaluation", "smallest crop (fraction of the image area) of the "
-        "random-resized crop", "AREA")
+        0.35, "augmentation and evaluation", "smallest area the random-resized crop draws, as a "
+        "fraction of the image; the 3/4-4/3 aspect jitter then trims a side, so 1 keeps 87-100 percent",
+        "AREA")
     augment_policy: AugmentPolicy = _setting(
         "none", "augmentation and evaluation", "per-image ops after the crop: trivialaugment (one "
         "op at a random magnitude) or randaugment (two at magnitude 9), torchvision's ops, batched")
