@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -222,9 +223,7 @@ def test_unknown_format(runs, capsys):
     assert not (runs["r18"] / "model.onxx").exists()
 
 
-def test_out_in_a_missing_or_unwritable_folder(runs, tmp_path, capsys):
-    missing = tmp_path / "nope" / "m.onnx"
-    assert "does not exist" in _fails(["export", str(runs["r18"]), "--out", str(missing)], capsys)
+def test_out_in_an_unwritable_folder(runs, tmp_path, capsys):
     if os.geteuid() == 0:  # root writes through permissions; /proc takes no new files from anyone
         locked = Path("/proc/transferkit-test.onnx")
     else:
@@ -232,6 +231,74 @@ def test_out_in_a_missing_or_unwritable_folder(runs, tmp_path, capsys):
         locked = tmp_path / "ro" / "m.onnx"
     assert "cannot write into" in _fails(["export", str(runs["r18"]), "--out", str(locked)], capsys)
     assert not locked.exists()
+    # A folder to create there cannot be created either.
+    new = locked.parent / "new" / "m.onnx"
+    assert "cannot create the folder" in _fails(["export", str(runs["r18"]), "--out", str(new)], capsys)
+    assert not (locked.parent / "new").exists()
+
+
+def test_out_in_a_folder_that_does_not_exist_yet_creates_it(runs, tmp_path, monkeypatch, capsys):
+    """The README's `export --out deploy/c10.onnx` on a fresh tree: deploy/ is created; an export that
+    fails leaves no folder behind."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(runs["r18"]), "--out", "deploy/c10.pt", "--format", "torchscript",
+                 "--check-images", "4"]) == 0
+    assert (tmp_path / "deploy" / "c10.pt").is_file()
+    assert "c10.pt" in json.loads((tmp_path / "deploy" / "export.json").read_text())
+    monkeypatch.setattr(export.compare, "MAX_PROB_DIFF", -1.0)  # every export now disagrees
+    assert main(["export", str(runs["r18"]), "--out", "more/deploy/c10.pt", "--format", "torchscript",
+                 "--check-images", "4"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deploy"]
+
+
+def test_export_never_writes_over_a_run_file_and_needs_overwrite_for_others(runs, tmp_path, capsys):
+    run = _copy_run(runs["r18"], tmp_path / "run")
+    shutil.copy2(runs["r18"] / "last.pt", run / "last.pt")
+    before = {f.name: f.read_bytes() for f in run.iterdir()}
+    for name in ("model.safetensors", "model.json", "last.pt", "config.yaml"):
+        for more in ([], ["--overwrite"]):
+            err = _fails(["export", str(run), "--out", str(run / name), "--check-images", "4", *more], capsys)
+            assert f"{run / name} is a file of the run folder" in err
+    # ... nor of another run's folder (the name is the run's, not the destination's suffix).
+    assert "is a file of the run folder" in _fails(["export", str(runs["r18"]), "--format", "torchscript",
+                                                    "--out", str(run / "last.pt")], capsys)
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == before
+    assert "export.json is the name of the record" in _fails(["export", str(run), "--out",
+                                                              str(tmp_path / "export.json")], capsys)
+
+    # Any other existing file: --overwrite, or a sentence and the file kept.
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes(b"keep me")
+    argv = ["export", str(run), "--format", "torchscript", "--out", str(mine), "--check-images", "4"]
+    assert "already exists; pass --overwrite" in _fails(argv, capsys)
+    assert mine.read_bytes() == b"keep me"
+    (tmp_path / "export.json").write_text("my notes")  # export writes its record there: not over this
+    (tmp_path / "mine.pt").unlink()
+    assert "not transferkit's record of exports" in _fails(argv, capsys)
+    assert (tmp_path / "export.json").read_text() == "my notes" and not mine.exists()
+    (tmp_path / "export.json").unlink()
+    assert main(argv) == 0
+    assert main(argv + ["--overwrite"]) == 0 and torch.jit.load(str(mine))(_check_images(2, 64)).shape == (2, 10)
+
+
+def test_opset_is_the_one_written_or_refused_with_the_range(runs, tmp_path, capsys):
+    out = tmp_path / "m11.onnx"
+    assert main(["export", str(runs["r18"]), "--opset", "11", "--out", str(out), "--check-images", "8"]) == 0
+    assert [o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")] == [11]
+    rec = json.loads((tmp_path / "export.json").read_text())["m11.onnx"]
+    assert rec["opset"] == 11 and rec["parity"]["passed"] and rec["parity"]["images"] == 8
+    assert "opset 11" in capsys.readouterr().out
+    for bad in ("5", "999"):
+        err = _fails(["export", str(runs["r18"]), "--opset", bad, "--out", str(tmp_path / "x.onnx")], capsys)
+        assert f"--opset {bad}: transferkit writes ONNX opsets 7 to 23" in err
+    # Above 18 too, the file is at the opset asked; int8 needs 13 or later.
+    rec = export.export_model(TinyNet().eval(), Preprocessing(16, 16), ["a", "b", "c"], tmp_path / "t.onnx",
+                              _check_images(), opset=21)
+    assert rec["opset"] == 21 == onnx.load(str(tmp_path / "t.onnx")).opset_import[0].version
+    with pytest.raises(TransferkitError, match="--quantize int8 writes opsets 13 to 23"):
+        export.export_model(TinyNet().eval(), Preprocessing(16, 16), ["a", "b", "c"], tmp_path / "q.onnx",
+                            _check_images(), opset=11, quantize="int8", accuracy_on=(_check_images(), torch.zeros(8)))
+    assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "q.onnx").exists()
 
 
 def test_missing_onnx_packages_name_the_extra(runs, tmp_path, monkeypatch, capsys):
@@ -276,6 +343,61 @@ def test_predict_refuses_onnx_without_metadata_or_truncated(runs, exported, cifa
     assert "truncated or damaged" in _fails(["predict", str(tmp_path / "cut.onnx"), image], capsys)
 
 
+def test_a_flipped_bit_in_the_onnx_weights_is_refused_and_a_file_without_a_checksum_is_said(
+        runs, exported, cifar_small, tmp_path, capsys):
+    src = runs["r18"] / "model.onnx"
+    raw = src.read_bytes()
+    model = onnx.load(str(src))
+    head = next(w for w in model.graph.initializer if sorted(w.dims) == [10, 512])  # resnet18's fc
+    at = raw.find(head.raw_data)
+    assert at > 0
+    flipped = bytearray(raw)
+    flipped[at + 4 * 1000 + 2] ^= 0x10  # one bit of one head weight
+    (tmp_path / "flipped.onnx").write_bytes(flipped)
+    image = str(next((cifar_small / "test" / "cat").iterdir()))
+    err = _fails(["predict", str(tmp_path / "flipped.onnx"), image], capsys)
+    assert "does not match the checksum it was exported with" in err
+    with pytest.raises(TransferkitError, match="does not match the checksum"):
+        export.OnnxPredictor(tmp_path / "flipped.onnx")
+    # export.json records the whole file's sha256 (as sha256sum says it); the file, that of all of it but
+    # the entry that holds it.
+    rec = exported["r18"]["model.onnx"]
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert rec["sha256"] == hashlib.sha256(raw).hexdigest()
+    assert meta["transferkit_sha256"] == rec["metadata"]["transferkit_sha256"]
+
+    # A file of an earlier export (no checksum) predicts, and says in one line that it cannot be checked.
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        if k != "transferkit_sha256":
+            model.metadata_props.add(key=k, value=v)
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    assert main(["predict", str(tmp_path / "old.onnx"), image]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "checksum" in line]
+    assert len(said) == 1 and "cannot be checked" in said[0], said
+
+
+def test_export_says_each_figure_once_with_the_split_and_count_it_had(runs, tmp_path, capsys, monkeypatch):
+    """One parity line per file; fewer check images than asked for is said; int8's accuracy names the split
+    it was measured on (here a val split, not a test split) and a change of zero is "+0.00", never "-0.00"."""
+    other = tmp_path / "other"
+    link_subset(SHARED_CIFAR / "train", other / "train", 2)
+    link_subset(SHARED_CIFAR / "test", other / "val", 1)  # 10 images
+    monkeypatch.setattr(export.int8, "_accuracy", lambda logits, labels: 0.5)  # fp32 and int8 alike
+    out = tmp_path / "m.int8.onnx"
+    assert main(["export", str(runs["r18"]), "--quantize", "int8", "--max-drop", "100", "--check-images", "512",
+                 "--data", str(other), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    assert printed.count("max |softmax difference|") == 1, printed
+    assert f"all 10 images of the val split of {other} (fewer than the 512 that --check-images asked for)" in printed
+    (int8_line,) = [line for line in printed.splitlines() if line.strip().startswith("int8 (")]
+    assert f"accuracy on the val split of {other} 50.00% -> 50.00% (10 images, +0.00 points)" in int8_line
+    assert "test accuracy" not in printed and "-0.00" not in printed
+    q = json.loads((tmp_path / "export.json").read_text())["m.int8.onnx"]["quantization"]
+    assert q["images"] == 10 and "val split" in q["measured_on"]
+
+
 def test_the_file_holds_the_runs_model_card_and_a_file_without_one_still_loads(runs, exported, tmp_path):
     """The ONNX file carries the run's ModelCard itself (its to_json, as model.json holds it);
     OnnxPredictor takes the classes and temperature from it, and from their single entries in a
@@ -290,7 +412,7 @@ def test_the_file_holds_the_runs_model_card_and_a_file_without_one_still_loads(r
 
     del model.metadata_props[:]
     for k, v in meta.items():
-        if k not in ("model_card", "preprocessing"):  # what transferkit wrote before either
+        if k not in ("model_card", "preprocessing", export.CHECKSUM_KEY):  # what transferkit wrote before either
             model.metadata_props.add(key=k, value="2.5" if k == "temperature" else v)
     onnx.save(model, str(tmp_path / "old.onnx"))
     old = export.OnnxPredictor(tmp_path / "old.onnx")
@@ -305,7 +427,8 @@ def test_int8_records_accuracy_before_and_after(runs, tmp_path, capsys):
     assert main(["export", str(run), "--quantize", "int8", "--max-drop", "100", "--check-images", "16"]) == 0
     assert "int8 (" in capsys.readouterr().out
     q = json.loads((run / "export.json").read_text())["model.int8.onnx"]["quantization"]
-    assert q["test_images"] == 200 and q["method"] in ("static", "dynamic") and set(q["tried"]) >= {q["method"]}
+    assert q["images"] == 200 and "test split" in q["measured_on"]
+    assert q["method"] in ("static", "dynamic") and set(q["tried"]) >= {q["method"]}
     assert q["drop_points"] == pytest.approx(100 * (q["accuracy_fp32"] - q["accuracy_int8"]), abs=1e-3)
     assert "top1_agreement" in q["parity_vs_fp32"]
     fp32 = (runs["mnv2"] / "model.safetensors").stat().st_size

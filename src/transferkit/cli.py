@@ -244,7 +244,10 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--batch", type=_batch_arg, default=None, metavar="dynamic|N",
                    help="batch dimension: dynamic, or a fixed N [default: dynamic]")
     x.add_argument("--opset", type=int, default=18, metavar="N",
-                   help="ONNX opset [default: 18]")
+                   help="ONNX opset, 7 to 23 (--quantize int8: 13 to 23) [default: 18]")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace an existing file at the destination (never a file of a run "
+                        "folder: model.safetensors, model.json, last.pt, config.yaml, ...)")
     x.add_argument("--check-images", type=int, default=256, metavar="N",
                    help="held-out images the parity check compares PyTorch and the export on "
                         "[default: 256]")
@@ -257,8 +260,8 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
                         "the run's training images) and dynamic are tried; of those within "
                         "--max-drop, the one closer to fp32 is kept")
     x.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
-                   help="--quantize: refuse when test accuracy drops by more than this many points "
-                        "[default: 1]")
+                   help="--quantize: refuse when the accuracy on the held-out split drops by more "
+                        "than this many points [default: 1]")
 
 
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
@@ -568,24 +571,14 @@ def _batch_arg(text: str) -> int | None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """transferkit export: ONNX and/or TorchScript files, each checked against PyTorch."""
-    from .export import export_run
+    from .export import export_run, summary
 
     formats = ("onnx", "torchscript") if args.format == "all" else (args.format,)
     records = export_run(args.run, formats, out=args.out, batch=args.batch, opset=args.opset,
                          check_images=args.check_images, data=args.data, data_dir=args.data_dir,
-                         quantize=args.quantize, max_drop=args.max_drop)
+                         quantize=args.quantize, max_drop=args.max_drop, overwrite=args.overwrite)
     for rec in records:
-        p = rec["parity"]
-        print(f"{rec['format']}: {rec['path']}  ({rec['bytes'] / 1e6:.1f} MB, {rec['exporter']})")
-        print(f"  parity with PyTorch on {p['measured_on']}: top-1 agreement "
-              f"{100 * p['top1_agreement']:.2f}%, max |softmax difference| "
-              f"{p['max_abs_prob_diff']:.2e}")
-        q = rec.get("quantization")
-        if q:
-            print(f"  int8 ({q['method']}): test accuracy {100 * q['accuracy_fp32']:.2f}% -> "
-                  f"{100 * q['accuracy_int8']:.2f}% on {q['test_images']} images "
-                  f"({-q['drop_points']:+.2f} points); top-1 agreement with fp32 "
-                  f"{100 * q['parity_vs_fp32']['top1_agreement']:.2f}%")
+        print("\n".join(summary(rec)))
     return 0
 
 

@@ -33,7 +33,7 @@ def check_parity(reference: torch.Tensor, exported: torch.Tensor, target: Target
     """The parity figures export.json records; an export that disagrees is refused (CheckFailed)."""
     figures = parity(reference, exported)
     passed = figures["top1_agreement"] == 1.0 and figures["max_abs_prob_diff"] <= MAX_PROB_DIFF
-    log.info("parity %s vs PyTorch on %d images: top-1 agreement %.2f%%, max |softmax difference| "
+    log.debug("parity %s vs PyTorch on %d images: top-1 agreement %.2f%%, max |softmax difference| "
              "%.2e", target.fmt, figures["images"], 100 * figures["top1_agreement"],
              figures["max_abs_prob_diff"])
     if not passed:

@@ -3,25 +3,38 @@
 The run's `Preprocessing` itself (its to_dict) and `ModelCard` itself (its to_json) travel with
 the class names as ONNX `metadata_props` or TorchScript `_extra_files`; `preprocessing_of` and
 `card_of` read them back. export.json beside the file records each export.
+
+An ONNX file also carries its own checksum (`seal`, checked by `verify`): the entry
+`transferkit_sha256` holds the sha256 of every byte of the file except that entry itself (a file
+cannot hold the hash of its whole self). The entry is appended last, as protobuf allows a repeated
+field to be, so the bytes it covers are exactly the bytes written: the graph, the weights, the
+other metadata (classes, preprocessing, temperature), whatever reads and re-serializes them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from .. import runfiles
 from ..checkpoint import ModelCard
 from ..data.preprocess import Preprocessing
+from ..errors import TransferkitError
 from ..files import atomic_write
 from ..version import __version__
+
+log = logging.getLogger(__name__)
 
 EXPORT_FILE = runfiles.EXPORT
 EXTRA_FILE = "transferkit.json"  # TorchScript: the metadata, in the file's extra files
 PREPROCESSING_KEY = "preprocessing"  # the metadata entry that holds Preprocessing.to_dict() as JSON
 CARD_KEY = "model_card"  # the metadata entry that holds a run's ModelCard.to_json(), model.json
+CHECKSUM_KEY = "transferkit_sha256"  # sha256 of the ONNX file's bytes without this entry
+_OPSET_FIELD, _METADATA_FIELD = 8, 14  # ModelProto.opset_import, .metadata_props in onnx.proto
 
 
 def metadata(classes: Sequence[str], pre: Preprocessing, *, temperature: float = 1.0,
@@ -104,3 +117,121 @@ def record(target: Path, rec: dict[str, Any]) -> None:
         existing = {}
     existing[target.name] = rec
     atomic_write(path, json.dumps(existing, indent=2))
+
+
+def _varint(raw: bytes, i: int) -> tuple[int, int]:
+    """The protobuf varint at `raw[i:]` and the index after it."""
+    value = shift = 0
+    while True:
+        if i >= len(raw) or shift > 63:
+            raise ValueError("a truncated varint")
+        b = raw[i]
+        value |= (b & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if b < 0x80:
+            return value, i
+
+
+def _fields(raw: bytes) -> Iterator[tuple[int, int, int, bytes | None]]:
+    """The top-level fields of a protobuf message: (field number, start, end, its bytes when
+    length-delimited)."""
+    i = 0
+    while i < len(raw):
+        start = i
+        tag, i = _varint(raw, i)
+        kind = tag & 7
+        body = None
+        if kind == 0:
+            _, i = _varint(raw, i)
+        elif kind in (1, 5):
+            i += 8 if kind == 1 else 4
+        elif kind == 2:
+            size, i = _varint(raw, i)
+            body, i = raw[i:i + size], i + size
+        else:
+            raise ValueError(f"wire type {kind}")
+        if i > len(raw):
+            raise ValueError("a truncated field")
+        yield tag >> 3, start, i, body
+
+
+def _entry(key: str, value: str) -> bytes:
+    """A ModelProto.metadata_props entry (StringStringEntryProto: 1 key, 2 value), encoded."""
+    def field(number: int, data: bytes) -> bytes:
+        return _encode_varint(number << 3 | 2) + _encode_varint(len(data)) + data
+
+    return field(_METADATA_FIELD, field(1, key.encode()) + field(2, value.encode()))
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _checksum_in(number: int, body: bytes | None) -> str | None:
+    """The value of a top-level field that is the checksum entry, else None."""
+    if number != _METADATA_FIELD or body is None:
+        return None
+    entry = {n: b for n, _, _, b in _fields(body)}
+    if entry.get(1) != CHECKSUM_KEY.encode():
+        return None
+    return (entry.get(2) or b"").decode("ascii", "replace")
+
+
+def checksums(raw: bytes) -> tuple[str | None, str]:
+    """(the checksum the file records, the sha256 of its bytes without that entry)."""
+    digest, recorded = hashlib.sha256(), None
+    for number, start, end, body in _fields(raw):
+        value = _checksum_in(number, body)
+        if value is None:
+            digest.update(raw[start:end])
+        else:
+            recorded = value
+    return recorded, digest.hexdigest()
+
+
+def opset_of(raw: bytes) -> int | None:
+    """The default-domain (ai.onnx) opset the ONNX file `raw` declares, read from its bytes."""
+    for number, _, _, body in _fields(raw):
+        if number != _OPSET_FIELD or body is None:
+            continue
+        domain, version = b"", None  # OperatorSetIdProto: 1 domain, 2 version (a varint)
+        for n, start, _, value in _fields(body):
+            if n == 1:
+                domain = value or b""
+            elif n == 2:
+                version = _varint(body, _varint(body, start)[1])[0]
+        if domain in (b"", b"ai.onnx") and version is not None:
+            return version
+    return None
+
+
+def seal(raw: bytes) -> bytes:
+    """The ONNX file `raw` with its checksum entry appended (one it held before is dropped)."""
+    kept = b"".join(raw[start:end] for number, start, end, body in _fields(raw)
+                    if _checksum_in(number, body) is None)
+    return kept + _entry(CHECKSUM_KEY, hashlib.sha256(kept).hexdigest())
+
+
+def verify(raw: bytes, name: str | Path) -> bool:
+    """Check the ONNX file `raw` (named `name`) against the checksum it carries: a file that
+    differs is refused; True when checked, False (said in one line) when it carries none."""
+    try:
+        recorded, actual = checksums(raw)
+    except ValueError as e:
+        raise TransferkitError(f"{name} is not a readable ONNX model ({e}): the file is "
+                               "truncated or damaged; export it again with 'transferkit export "
+                               "RUN'") from None
+    if recorded is None:
+        log.warning("%s carries no checksum (an earlier transferkit exported it): its contents "
+                    "cannot be checked; export it again to add one", name)
+        return False
+    if recorded != actual:
+        raise TransferkitError(f"{name} does not match the checksum it was exported with (sha256 "
+                               f"{actual[:12]}..., recorded {recorded[:12]}...): the file was "
+                               "damaged or changed since; export the run again")
+    return True

@@ -93,34 +93,45 @@ def quiet() -> Any:
             os.close(copy_of)
 
 
+# torch.export's exporter writes opset 18 or later: asked for less, it falls back to 18 where its
+# conversion fails (every torchvision model tried), so a lower opset goes to the TorchScript-based
+# exporter.
+DYNAMO_MIN_OPSET = 18
+
+
 def write_onnx(wrapper: Deployable, example: torch.Tensor, path: Path, target: Target,
                meta: dict[str, str]) -> str:
     """Write `path` as `target` asks; returns which exporter made it.
 
     torch.export's (a clean, folded graph) first, the TorchScript-based one where torch.export
-    cannot capture the model."""
+    cannot capture the model or the opset is below DYNAMO_MIN_OPSET."""
     dynamic = target.batch is None
     kw: dict[str, Any] = dict(input_names=["images"], output_names=["logits"],
                               opset_version=target.opset)
-    try:
-        with quiet():
-            shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic else None
-            torch.onnx.export(wrapper, (example,), str(path), dynamo=True, dynamic_shapes=shapes,
-                              optimize=True, external_data=False, verbose=False, **kw)
-        exporter = "torch.export"
-    except Exception as first:  # the exporters raise many types; each is reported, none is hidden
-        log.info("torch.export could not capture the model (%s); trying the TorchScript-based "
-                 "exporter", first_line(first))
-        axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None
+    errors: list[BaseException] = []
+    if target.opset >= DYNAMO_MIN_OPSET:
         try:
             with quiet():
-                torch.onnx.export(wrapper, (example,), str(path), dynamo=False, dynamic_axes=axes,
-                                  **kw)
-            exporter = "torchscript-based"
-        except Exception as second:
-            raise _untraceable("onnx", wrapper, example, second, first) from None
+                shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic else None
+                torch.onnx.export(wrapper, (example,), str(path), dynamo=True,
+                                  dynamic_shapes=shapes, optimize=True, external_data=False,
+                                  verbose=False, **kw)
+            set_onnx_metadata(path, meta)
+            return "torch.export"
+        except Exception as first:  # the exporters raise many types; each is reported
+            log.info("torch.export could not capture the model (%s); trying the TorchScript-based "
+                     "exporter", first_line(first))
+            errors.append(first)
+    axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None
+    try:
+        with quiet():
+            torch.onnx.export(wrapper, (example,), str(path), dynamo=False, dynamic_axes=axes, **kw)
+    except Exception as second:
+        low = (f"at --opset {target.opset}; a higher --opset may export it"
+               if target.opset < DYNAMO_MIN_OPSET else "")
+        raise _untraceable("onnx", wrapper, example, second, *errors, note=low) from None
     set_onnx_metadata(path, meta)
-    return exporter
+    return "torchscript-based"
 
 
 def _trace(wrapper: Deployable, example: torch.Tensor) -> torch.jit.ScriptModule:
@@ -141,13 +152,16 @@ def write_torchscript(wrapper: Deployable, example: torch.Tensor, path: Path,
 
 
 def _untraceable(fmt: str, wrapper: Deployable, example: torch.Tensor,
-                 *errors: BaseException) -> TransferkitError:
-    """The exporter's failure as one sentence: the operator, and whether the other format works."""
+                 *errors: BaseException, note: str = "") -> TransferkitError:
+    """The exporter's failure as one sentence: the operator, and whether the other format works
+    (`note`: what else might, e.g. another opset)."""
     op = next((o for o in map(_operator, errors) if o), "")
     if op:
         what = f"its operator {op} has no {fmt} export"
     else:
         what = f"{type(errors[0]).__name__}: {first_line(errors[0])}"
+    if note:
+        what = f"{what} {note}"
     other = "torchscript" if fmt == "onnx" else "onnx"
     if other == "torchscript":
         try:

@@ -78,8 +78,9 @@ def quantize_checked(fp32: Path, check: torch.Tensor, fp32_logits: torch.Tensor,
     drop = 100 * (before - best["accuracy"])
     if drop > int8.max_drop:
         raise CheckFailed(
-            f"int8 ({method}) loses {drop:.2f} points of test accuracy ({100 * before:.2f}% -> "
-            f"{100 * best['accuracy']:.2f}% on {len(labels)} images), more than --max-drop "
+            f"int8 ({method}) loses {drop:.2f} points of accuracy on {int8.measured_on} "
+            f"({100 * before:.2f}% -> {100 * best['accuracy']:.2f}% on {len(labels)} images), "
+            f"more than --max-drop "
             f"{int8.max_drop:g}; nothing was written to {out}. Export fp32 (without --quantize), "
             "or allow more with --max-drop")
     copy_metadata(fp32, best["path"], {"quantization": f"int8 {method}"})
@@ -89,7 +90,7 @@ def quantize_checked(fp32: Path, check: torch.Tensor, fp32_logits: torch.Tensor,
 def _quantize_both(fp32: Path, int8: Int8, check: torch.Tensor, fp32_logits: torch.Tensor,
                    before: float) -> dict[str, dict[str, Any]]:
     """Each way onnxruntime quantizes the model (static where there are calibration images, and
-    dynamic): its file, its test accuracy and its parity with the fp32 file."""
+    dynamic): its file, its accuracy on int8.accuracy_on and its parity with the fp32 file."""
     images, labels = int8.accuracy_on
     calibration = int8.calibration
     tried: dict[str, dict[str, Any]] = {}
@@ -108,7 +109,8 @@ def _quantize_both(fp32: Path, int8: Int8, check: torch.Tensor, fp32_logits: tor
             continue
         tried[method] = {"path": path, "accuracy": after,
                          "parity": parity(fp32_logits, run_onnx(session, check))}
-        log.info("int8 %s: test accuracy %.2f%% (fp32 %.2f%%)", method, 100 * after, 100 * before)
+        log.info("int8 %s: accuracy on %s %.2f%% (fp32 %.2f%%)", method, int8.measured_on,
+                 100 * after, 100 * before)
     return tried
 
 
@@ -131,7 +133,8 @@ def _int8_record(tried: dict[str, dict[str, Any]], method: str, before: float,
     return {
         "type": "int8", "method": method,
         "calibration_images": len(int8.calibration) if static else 0,
-        "test_images": len(int8.accuracy_on[1]), "accuracy_fp32": before,
+        "measured_on": int8.measured_on, "images": len(int8.accuracy_on[1]),
+        "accuracy_fp32": before,
         "accuracy_int8": best["accuracy"],
         "drop_points": round(100 * (before - best["accuracy"]), 3),
         "max_drop_points": int8.max_drop,

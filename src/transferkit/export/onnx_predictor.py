@@ -1,20 +1,45 @@
 """OnnxPredictor: predict with a transferkit model.onnx through onnxruntime, as Predictor does.
 
 It reads the file's Preprocessing and ModelCard back, so it reads and resizes a photo exactly as
-`Predictor` does for the run folder.
+`Predictor` does for the run folder. `load_onnx` is the one way a transferkit ONNX file is opened
+to answer with (predict, and a server after it): the file is checked against the checksum it
+carries before it answers.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..errors import TransferkitError
 from ..predict import Predictor
-from .file_metadata import card_of, preprocessing_of
+from .file_metadata import card_of, preprocessing_of, verify
 from .runtime import as_input, onnx_session, run_onnx
+
+
+def load_onnx(path: str | Path) -> tuple[Any, dict[str, str]]:
+    """An onnxruntime session of a transferkit ONNX file and its metadata, from one reading of the
+    file, checked against the checksum it carries (a file without one is said in one line);
+    refused when it holds no transferkit metadata, differs from its checksum or is damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise TransferkitError(f"no such ONNX file: {path}")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise TransferkitError(f"cannot read {path} ({e.strerror or e}); check its "
+                               "permissions") from None
+    session = onnx_session(path, raw)
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    if "classes" not in meta or "image_size" not in meta:
+        raise TransferkitError(f"{path} holds no transferkit metadata (class names, input "
+                               "size, preprocessing); predict with a file written by "
+                               "'transferkit export RUN', or pass the run folder")
+    verify(raw, path)
+    return session, meta
 
 
 class OnnxPredictor(Predictor):
@@ -27,15 +52,7 @@ class OnnxPredictor(Predictor):
 
     # no super().__init__: no torch model
     def __init__(self, path: str | Path, *, tta: bool = False) -> None:
-        path = Path(path)
-        if not path.is_file():
-            raise TransferkitError(f"no such ONNX file: {path}")
-        self.session = onnx_session(path)
-        meta = dict(self.session.get_modelmeta().custom_metadata_map)
-        if "classes" not in meta or "image_size" not in meta:
-            raise TransferkitError(f"{path} holds no transferkit metadata (class names, input "
-                                   "size, preprocessing); predict with a file written by "
-                                   "'transferkit export RUN', or pass the run folder")
+        self.session, meta = load_onnx(path)
         try:
             self.card = card_of(meta)
             self.preprocessing = preprocessing_of(meta)

@@ -2,20 +2,25 @@
 
 `Target` is the file an export writes and `Int8` the --quantize int8 request with its accuracy
 gate; `check_request` and `check_destination` refuse what cannot be exported before any work, and
-`require` names the extra that installs the optional ONNX packages.
+`require` names the extra that installs the optional ONNX packages. `destinations` holds where the
+files go: never onto a file of a run folder, onto another existing file only with --overwrite, in
+folders it creates (and removes again when the export fails).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from .. import runfiles
 from ..errors import TransferkitError
 from ..files import temp_beside
 
@@ -24,6 +29,10 @@ FORMATS: tuple[str, ...] = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 # the torch.export-based exporter's own default in torch 2.14; onnxruntime 1.17+ runs it
 DEFAULT_OPSET = 18
+# The opsets both of torch 2.14's exporters write (torch.onnx's ONNX_MIN_OPSET..ONNX_MAX_OPSET),
+# each run by onnxruntime 1.32 and checked; below 18 the TorchScript-based exporter writes the file.
+MIN_OPSET, MAX_OPSET = 7, 23
+INT8_MIN_OPSET = 13  # onnxruntime's per-channel int8 weights (DequantizeLinear's axis) need 13
 INSTALL_HINT = "pip install 'transferkit[export]'"
 
 
@@ -42,30 +51,116 @@ def require(*modules: str) -> None:
 
 @dataclass(frozen=True)
 class Target:
-    """The file an export writes: its path, format, batch size (None: any) and ONNX opset."""
+    """The file an export writes: its path, format, batch size (None: any), ONNX opset, and whether
+    it may replace an existing file there (--overwrite; never a file of a run folder)."""
 
     path: Path
     fmt: Format = "onnx"
     batch: int | None = None
     opset: int = DEFAULT_OPSET
+    overwrite: bool = False
 
 
 @dataclass(frozen=True)
 class Int8:
     """--quantize int8: keep an int8 ONNX model only if its accuracy on `accuracy_on` (model input,
-    labels) is at most `max_drop` points below the fp32 model's; static quantization calibrates
-    its activations on `calibration` (model input; None: dynamic only)."""
+    labels; `measured_on` says which images, e.g. "the val split of data/") is at most `max_drop`
+    points below the fp32 model's; static quantization calibrates its activations on
+    `calibration` (model input; None: dynamic only)."""
 
     accuracy_on: tuple[torch.Tensor, torch.Tensor] | None
     calibration: torch.Tensor | None = None
     max_drop: float = 1.0
+    measured_on: str = "the labelled images given"
 
 
-def check_destination(out: Path) -> None:
-    """Refuse an --out that cannot be written, before any work."""
-    fd, tmp = temp_beside(out, "--out", "model.onnx")
+def check_destination(out: Path, overwrite: bool = False) -> list[Path]:
+    """Refuse an --out that cannot be written or must not be replaced, before any work: a file of a
+    run folder, another existing file without --overwrite, a foreign export.json beside it. Creates
+    its missing folders; returns them, deepest first."""
+    out = Path(out)
+    if out.name == runfiles.EXPORT:
+        raise TransferkitError(f"--out {out}: {runfiles.EXPORT} is the name of the record each "
+                               f"export writes beside its file; name the file e.g. "
+                               f"{out.with_name('model.onnx')}")
+    if runfiles.of_a_run(out):
+        raise TransferkitError(f"--out {out} is a file of the run folder {out.parent}, which the "
+                               "run needs; an export never replaces it: write elsewhere, e.g. "
+                               f"{out.with_name('model.onnx')}")
+    if (out.exists() or out.is_symlink()) and not out.is_dir() and not overwrite:
+        raise TransferkitError(f"--out {out} already exists; pass --overwrite to replace it, or "
+                               "write elsewhere")
+    _check_record(out.parent / runfiles.EXPORT, overwrite)
+    made = _make_folders(out.parent)
+    try:
+        fd, tmp = temp_beside(out, "--out", "model.onnx")
+    except BaseException:
+        remove_folders(made)
+        raise
     os.close(fd)
     os.unlink(tmp)
+    return made
+
+
+def _check_record(path: Path, overwrite: bool) -> None:
+    """An export.json that is not transferkit's record of exports is replaced only with
+    --overwrite."""
+    if overwrite or not (path.exists() or path.is_symlink()):
+        return
+    try:
+        entries = json.loads(path.read_text())
+        ours = isinstance(entries, dict) and all(isinstance(e, dict) and "format" in e
+                                                 for e in entries.values())
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise TransferkitError(f"{path} is not transferkit's record of exports, and an export "
+                               "writes its record there; move it, write elsewhere, or pass "
+                               "--overwrite to replace it")
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; the ones created, deepest first."""
+    missing = [f for f in (folder, *folder.parents) if not f.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        remove_folders(missing)
+        raise TransferkitError(f"--out: cannot create the folder {folder} ({e.strerror or e}); "
+                               "create it, or pick a writable place with --out") from None
+    return missing
+
+
+def remove_folders(made: Sequence[Path]) -> None:
+    """Remove the folders an export created (deepest first) that are still empty."""
+    for folder in made:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+@contextlib.contextmanager
+def destinations(paths: Sequence[Path], overwrite: bool) -> Iterator[None]:
+    """Check each destination (check_destination) for the block; the folders made for them go
+    again when the block fails."""
+    made: list[Path] = []
+    try:
+        for path in paths:
+            made += check_destination(path, overwrite)
+        yield
+    except BaseException:
+        remove_folders(made)
+        raise
+
+
+def check_opset(opset: int, int8: bool = False) -> None:
+    """Refuse an ONNX opset the exporters (or int8 quantization) cannot write, before any work."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise TransferkitError(f"--opset {opset}: transferkit writes ONNX opsets {MIN_OPSET} to "
+                               f"{MAX_OPSET} (default {DEFAULT_OPSET}); choose one of those")
+    if int8 and opset < INT8_MIN_OPSET:
+        raise TransferkitError(f"--opset {opset}: --quantize int8 writes opsets {INT8_MIN_OPSET} "
+                               f"to {MAX_OPSET} (its per-channel weights need {INT8_MIN_OPSET}); "
+                               "choose one of those, or export fp32 at this opset")
 
 
 def check_request(target: Target, check: torch.Tensor, int8: Int8 | None) -> None:
@@ -74,6 +169,7 @@ def check_request(target: Target, check: torch.Tensor, int8: Int8 | None) -> Non
     if target.fmt not in FORMATS:
         raise TransferkitError(f"unknown format '{target.fmt}'; choose one of {', '.join(FORMATS)}")
     if target.fmt == "onnx":
+        check_opset(target.opset, int8 is not None)
         require("onnx", "onnxscript", "onnxruntime")
     if int8 is not None and target.fmt != "onnx":
         raise TransferkitError("--quantize int8: only int8, and only for --format onnx")
@@ -83,13 +179,14 @@ def check_request(target: Target, check: torch.Tensor, int8: Int8 | None) -> Non
     if len(check) == 0:
         raise TransferkitError("the parity check needs at least one image")
     if int8 is not None and int8.accuracy_on is None:
-        raise TransferkitError("--quantize int8 needs labelled test images to measure the accuracy "
-                               "drop")
-    check_destination(target.path)
+        raise TransferkitError("--quantize int8 needs labelled held-out images to measure the "
+                               "accuracy drop")
 
 
-def check_run_request(formats: Sequence[str], check_images: int, quantize: str | None) -> None:
-    """Refuse an unknown format, too few check images, or int8 for other than ONNX alone."""
+def check_run_request(formats: Sequence[str], check_images: int, quantize: str | None,
+                      opset: int = DEFAULT_OPSET) -> None:
+    """Refuse an unknown format, too few check images, int8 for other than ONNX alone, an opset
+    the exporters cannot write."""
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise TransferkitError(f"unknown format '{unknown[0]}'; choose onnx, torchscript or all")
@@ -98,3 +195,5 @@ def check_run_request(formats: Sequence[str], check_images: int, quantize: str |
                                "image")
     if quantize is not None and list(formats) != ["onnx"]:
         raise TransferkitError("--quantize int8 is for ONNX only; use --format onnx")
+    if "onnx" in formats:
+        check_opset(opset, quantize is not None)

@@ -30,8 +30,8 @@ from .request import (
     Format,
     Int8,
     Target,
-    check_destination,
     check_run_request,
+    destinations,
     require,
 )
 from .runtime import as_input
@@ -52,14 +52,16 @@ def _images(split: Split, pre: Preprocessing, count: int | None = None,
 
 def export_predictor(predictor: Predictor, out: str | Path, images: Sequence[Any], *,
                      fmt: Format = "onnx", batch: int | None = None, opset: int = DEFAULT_OPSET,
-                     int8: Int8 | None = None) -> dict[str, Any]:
+                     int8: Int8 | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Export a Predictor (e.g. Predictor.from_pretrained) checked on `images` (paths, PIL images,
-    arrays); a run's Predictor (from_run) writes its ModelCard into the file."""
+    arrays); a run's Predictor (from_run) writes its ModelCard into the file. `overwrite`: replace
+    an existing file at `out` (never a file of a run folder)."""
     pre = predictor.preprocessing
     check = torch.cat([as_input(pre, stored(pre, im)[None]) for im in images])
     meta = metadata(predictor.classes, pre, temperature=predictor.temperature,
                     card=predictor.card)
-    return export_checked(predictor.model, pre, meta, Target(Path(out), fmt, batch, opset), check,
+    return export_checked(predictor.model, pre, meta,
+                          Target(Path(out), fmt, batch, opset, overwrite), check,
                           measured_on=f"{len(check)} images given", int8=int8)
 
 
@@ -72,43 +74,70 @@ def default_out(run_dir: Path, fmt: str, quantize: str | None = None) -> Path:
 def export_run(run_dir: str | Path, formats: Sequence[str] = ("onnx",), *,
                out: str | Path | None = None, batch: int | None = None, opset: int = DEFAULT_OPSET,
                check_images: int = 256, data: str | None = None, data_dir: str | None = None,
-               quantize: str | None = None, max_drop: float = 1.0,
-               workers: int = 2) -> list[dict[str, Any]]:
+               quantize: str | None = None, max_drop: float = 1.0, workers: int = 2,
+               overwrite: bool = False) -> list[dict[str, Any]]:
     """Export a run folder to each format, checked on its held-out images (or `data`'s).
 
-    Each export is recorded in export.json beside its file; returns the records."""
+    Each export is recorded in export.json beside its file; returns the records. `overwrite`:
+    replace existing files at the destinations (never a file of a run folder)."""
     run_dir = Path(run_dir)
-    check_run_request(formats, check_images, quantize)
+    check_run_request(formats, check_images, quantize, opset)
     card = read_card(run_dir)
     if "onnx" in formats:
         require("onnx", "onnxscript", "onnxruntime")
     paths = [_target(run_dir, f, out, len(formats) > 1, quantize) for f in formats]
-    targets = [Target(path, f, batch, opset) for path, f in zip(paths, formats)]
-    for t in targets:
-        check_destination(t.path)
-    # One reading of model.json; model.safetensors is checked against its sha256.
-    pred = Predictor.from_run(run_dir, device="cpu", card=card)
-    pre = pred.preprocessing
-    source, own = _data_to_check(run_dir, card, data)
-    scored = dict(record=held_out_record(run_dir, source) if own else None, data_dir=data_dir,
-                  workers=workers, same_pre=True)
-    held, src, _ = split_to_score(run_dir, source, None, pre, **scored)
-    check, _ = _images(held, pre, check_images)
-    measured_on = f"{len(check)} images of the {held.name} split of {source}"
-    int8 = None
-    if quantize:
-        int8 = Int8(_labelled(held, src, pred.classes, pre, source),
-                    _calibration(run_dir, source, pre, scored), max_drop)
-    meta = metadata(pred.classes, pre, temperature=pred.temperature, card=card,
-                    source=f"transferkit run {run_dir.name} ({card.arch}, trained on {card.data})")
-    records = []
-    for target in targets:
-        rec = export_checked(pred.model, pre, meta, target, check, measured_on=measured_on,
-                             int8=int8)
-        rec["run"], rec["path"] = str(run_dir), str(target.path)
-        record(target.path, rec)
-        records.append(rec)
+    targets = [Target(path, f, batch, opset, overwrite) for path, f in zip(paths, formats)]
+    with destinations(paths, overwrite):
+        # One reading of model.json; model.safetensors is checked against its sha256.
+        pred = Predictor.from_run(run_dir, device="cpu", card=card)
+        pre = pred.preprocessing
+        source, own = _data_to_check(run_dir, card, data)
+        scored = dict(record=held_out_record(run_dir, source) if own else None,
+                      data_dir=data_dir, workers=workers, same_pre=True)
+        held, src, _ = split_to_score(run_dir, source, None, pre, **scored)
+        check, _ = _images(held, pre, check_images)
+        split = f"the {held.name} split of {source}"
+        int8 = None
+        if quantize:
+            int8 = Int8(_labelled(held, src, pred.classes, pre, source),
+                        _calibration(run_dir, source, pre, scored), max_drop, split)
+        meta = metadata(pred.classes, pre, temperature=pred.temperature, card=card,
+                        source=f"transferkit run {run_dir.name} ({card.arch}, trained on "
+                               f"{card.data})")
+        records = []
+        for target in targets:
+            rec = export_checked(pred.model, pre, meta, target, check, int8=int8,
+                                 measured_on=_measured_on(len(check), check_images, split))
+            rec["run"], rec["path"] = str(run_dir), str(target.path)
+            record(target.path, rec)
+            records.append(rec)
     return records
+
+
+def _measured_on(count: int, asked: int, split: str) -> str:
+    """What the parity check ran on, and that it was fewer images than --check-images asked."""
+    if count < asked:
+        return (f"all {count} images of {split} (fewer than the {asked} that --check-images "
+                "asked for)")
+    return f"{count} images of {split}"
+
+
+def summary(rec: dict[str, Any]) -> list[str]:
+    """What `transferkit export` prints of one export: its file, the parity figures, int8's."""
+    p = rec["parity"]
+    lines = [f"{rec['format']}: {rec['path']}  ({rec['bytes'] / 1e6:.1f} MB, {rec['exporter']}"
+             + (f", opset {rec['opset']})" if "opset" in rec else ")"),
+             f"  parity with PyTorch on {p['measured_on']}: top-1 agreement "
+             f"{100 * p['top1_agreement']:.2f}%, max |softmax difference| "
+             f"{p['max_abs_prob_diff']:.2e}"]
+    q = rec.get("quantization")
+    if q:
+        change = round(100 * (q["accuracy_int8"] - q["accuracy_fp32"]), 2) + 0.0  # no "-0.00"
+        lines.append(f"  int8 ({q['method']}): accuracy on {q['measured_on']} "
+                     f"{100 * q['accuracy_fp32']:.2f}% -> {100 * q['accuracy_int8']:.2f}% "
+                     f"({q['images']} images, {change:+.2f} points); top-1 agreement with fp32 "
+                     f"{100 * q['parity_vs_fp32']['top1_agreement']:.2f}%")
+    return lines
 
 
 def _data_to_check(run_dir: Path, card: ModelCard, data: str | None) -> tuple[str, bool]:

@@ -30,15 +30,17 @@ def as_input(pre: Preprocessing, images: torch.Tensor) -> torch.Tensor:
     return images.contiguous()
 
 
-def onnx_session(path: Path) -> Any:
-    """An onnxruntime CPU session of `path`, or a clear error for a file that is no whole model."""
+def onnx_session(path: Path, raw: bytes | None = None) -> Any:
+    """An onnxruntime CPU session of `path` (of `raw`, its bytes already read, where given), or a
+    clear error for a file that is no whole model."""
     require("onnxruntime")
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path) if raw is None else raw, opts,
+                                    providers=["CPUExecutionProvider"])
     except Exception as e:
         raise TransferkitError(f"{path} is not a readable ONNX model ({first_line(e)}): the "
                                "file is truncated or damaged; export it again with 'transferkit "
