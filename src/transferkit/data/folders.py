@@ -84,7 +84,7 @@ class FileImages:
         try:
             out[i] = self.preprocessing.read(path, self.side)
         except UnreadableImage as e:
-            return str(e)
+            return str(e).replace(f": '{path}'", "")  # the path is said beside it
         return None
 
     def _donor(self, out: torch.Tensor, picked: list[Path], mine: range) -> list[int]:
@@ -233,7 +233,11 @@ def folder_classes(root: Path) -> tuple[dict[str, Path], list[str]]:
 
 
 def _class_dirs(root: Path) -> list[str]:
-    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    try:
+        return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except OSError as e:
+        raise TransferkitError(f"{root} could not be read ({e.strerror or e}); give this user "
+                               f"read access (chmod -R u+rX {root})") from None
 
 
 def _list_files(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:

@@ -188,18 +188,17 @@ def train_epoch(job: Job, out: Path, state: TrainState, model: torch.nn.Module, 
             due, stopping, lost = dist.sum(float(due), float(stop.requested),
                                            float(len(feed.unread)))
             due, stopping, changed = due > 0, stopping > 0, feed.vanished(lost)
-            if (due or stopping) and fig.step < steps or changed:
+            if changed:
+                raise DataChanged(changed)
+            if (due or stopping) and fig.step < steps:
                 _checkpoint(job, out, state, tally, epoch, fig.step, order)
                 last_save = time.monotonic()
             if stopping and fig.step < steps:
                 raise Interrupted(f"interrupted at epoch {epoch}, step {fig.step}/{steps}; "
                                   f"checkpoint saved. Resume with: {resume_command(out, dist)}",
                                   dist.main)
-            if changed:
-                raise DataChanged(changed)
-    except DataChanged as e:
-        if done > start or not (out / runfiles.LAST).is_file():
-            _checkpoint(job, out, state, tally, epoch, done, order)
+    except DataChanged as e:  # every process stops at the same step: the same checkpoint
+        _checkpoint(job, out, state, tally, epoch, done, order)
         record_unread(job, out, epoch, "training", _all_processes(feed, dist))
         raise DataChanged(f"{e}; {_resume_after_change(out, dist)}") from None
     progress.close()
