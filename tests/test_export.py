@@ -283,10 +283,11 @@ def test_export_never_writes_over_a_run_file_and_needs_overwrite_for_others(runs
 
 def test_opset_is_the_one_written_or_refused_with_the_range(runs, tmp_path, capsys):
     out = tmp_path / "m11.onnx"
-    assert main(["export", str(runs["r18"]), "--opset", "11", "--out", str(out), "--check-images", "8"]) == 0
+    assert main(["export", str(runs["r18"]), "--opset", "11", "--out", str(out), "--check-images", "15"]) == 0
     assert [o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")] == [11]
     rec = json.loads((tmp_path / "export.json").read_text())["m11.onnx"]
-    assert rec["opset"] == 11 and rec["parity"]["passed"] and rec["parity"]["images"] == 8
+    assert rec["opset"] == 11 and rec["parity"]["passed"]
+    assert rec["parity"]["images"] == 15  # as many as asked: 10 classes' shares rounded down are topped up
     assert "opset 11" in capsys.readouterr().out
     for bad in ("5", "999"):
         err = _fails(["export", str(runs["r18"]), "--opset", bad, "--out", str(tmp_path / "x.onnx")], capsys)

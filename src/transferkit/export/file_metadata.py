@@ -231,7 +231,7 @@ def verify(raw: bytes, name: str | Path) -> bool:
                     "cannot be checked; export it again to add one", name)
         return False
     if recorded != actual:
-        raise TransferkitError(f"{name} does not match the checksum it was exported with (sha256 "
-                               f"{actual[:12]}..., recorded {recorded[:12]}...): the file was "
-                               "damaged or changed since; export the run again")
+        raise TransferkitError(f"{name} does not match the checksum it was exported with (its "
+                               f"{CHECKSUM_KEY}): the file was damaged or changed since; export "
+                               "the run again")
     return True

@@ -122,6 +122,9 @@ def _check_record(path: Path, overwrite: bool) -> None:
 def _make_folders(folder: Path) -> list[Path]:
     """Create `folder` and its missing parents; the ones created, deepest first."""
     missing = [f for f in (folder, *folder.parents) if not f.exists()]
+    there = next((f for f in (folder, *folder.parents) if f.exists()), None)
+    if there is not None and not there.is_dir():
+        raise TransferkitError(f"--out: {there} is a file, not a folder; pick another --out")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:

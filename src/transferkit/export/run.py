@@ -40,9 +40,15 @@ from .runtime import as_input
 def _images(split: Split, pre: Preprocessing, count: int | None = None,
             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 model input, labels) of a class-balanced, seeded subset of `count` images of a split
-    (None: all)."""
+    (None or more than it holds: all)."""
     if count is not None and count < len(split):
-        split = split.subset(stratified_subset(split.labels, count, seed)[:count])
+        picked = stratified_subset(split.labels, count, seed)[:count]
+        if len(picked) < count:  # each class's share was rounded down: top up, in a seeded order
+            taken = set(picked.tolist())
+            order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+            rest = [i for i in order.tolist() if i not in taken][:count - len(picked)]
+            picked = torch.cat([picked, torch.tensor(rest, dtype=picked.dtype)])
+        split = split.subset(picked)
     xs, ys = [], []
     for images, labels in batches(split, 64):
         xs.append(as_input(pre, images))
