@@ -219,8 +219,8 @@ class TrainConfig:
         True, "augmentation and evaluation", "horizontal flips (turn off for digits and text)")
     crop_scale: float = _setting(
         0.35, "augmentation and evaluation", "smallest area the random-resized crop draws, as a "
-        "fraction of the image; the 3/4-4/3 aspect jitter then trims a side, so 1 keeps 87-100 percent",
-        "AREA")
+        "fraction of the image; the 3/4-4/3 aspect jitter then trims a side, so 1 keeps 87-100 "
+        "percent", "AREA")
     augment_policy: AugmentPolicy = _setting(
         "none", "augmentation and evaluation", "per-image ops after the crop: trivialaugment (one "
         "op at a random magnitude) or randaugment (two at magnitude 9), torchvision's ops, batched")
