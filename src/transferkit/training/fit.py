@@ -306,8 +306,9 @@ def _calibrate(job: Job, out: Path) -> float:
                                      batch_size=stage.eval_batch, device=hw.device,
                                      precision=hw.precision, dist=hw.dist, workers=job.cfg.workers)
     temperature = calibration.fit_temperature(logits, labels)
-    log.info("calibrated: temperature %.4g, validation NLL %.4f -> %.4f", temperature,
-             calibration.nll(logits, labels), calibration.nll(logits, labels, temperature))
+    if not temperature.note:  # else fit_temperature warned why T stays 1
+        log.info("calibrated: temperature %.4g, validation NLL %.4f -> %.4f", temperature,
+                 calibration.nll(logits, labels), calibration.nll(logits, labels, temperature))
     if hw.dist.main:
         update_card(out, temperature=temperature)
     return temperature
