@@ -10,7 +10,7 @@ import torch
 
 import transferkit.training.fit as fit
 from conftest import cifar_folder, needs_cifar
-from transferkit import Predictor, TrainConfig, TransferkitError, train
+from transferkit import Predictor, TrainConfig, TransferkitError, evaluate_run, train
 from transferkit.checkpoint import ModelCard, save_model
 from transferkit.data.preprocess import Preprocessing
 from transferkit.models import create_backbone
@@ -73,6 +73,7 @@ def predictor(tmp_path):
     (lambda p, x: Predictor.from_run(None), r"run_dir takes a str or a Path, not None"),
     (lambda p, x: train({"data": "x"}), r"train\(\): config takes a TrainConfig or None, not \{'data': 'x'\}"),
     (lambda p, x: TrainConfig.from_yaml(None), r"path takes a str or a Path, not None"),
+    (lambda p, x: evaluate_run("run", batch_size="3"), r"evaluate_run\(\): batch_size takes an int, not '3'"),
 ])
 def test_the_public_calls_refuse_a_wrong_type_naming_the_argument(predictor, call, message):
     """A TransferkitError (also a TypeError) that names the argument and what it takes, not a TypeError or

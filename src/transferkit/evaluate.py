@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from . import runfiles
+from .arguments import checked
 from .checkpoint import ModelCard, read_card
 from .data import heldout
 from .data.folders import folder_layout
@@ -26,9 +27,11 @@ from .training.runfolder import writer_of
 log = logging.getLogger(__name__)
 
 
+@checked
 def evaluate_run(
     run_dir: str | Path, data: str | None = None, *, data_dir: str | None = None,
-    split: str | None = None, batch_size: int = 128, device: str = "auto", workers: int = 2,
+    split: str | None = None, batch_size: int = 128, device: str | torch.device = "auto",
+    workers: int = 2,
     image_size: int | None = None, tta: bool = False, report_dir: str | Path | None = None,
 ) -> tuple[dict[str, Any], str, Path | None]:
     """Evaluate a run on a data set with the same classes; writes eval-<data>-<split>.md in the
