@@ -95,6 +95,7 @@ def test_a_class_folder_renamed_mid_run_stops_with_a_sentence_and_resumes(data, 
                                                                          monkeypatch):
     run = tmp_path / "run"
     cat, moved = data / "train" / "cat", data / "train" / ".cat-moved"
+    (data / "train" / "ship" / "broken.png").write_bytes(b"not a png")  # skipped at every start
     after_epoch(monkeypatch, 1, lambda: cat.rename(moved))
     with pytest.raises(TransferkitError, match=r"the data changed under the run: \d+ of 27 "
                        r"training images could no longer be read, e\.g\. .*cat") as e:
@@ -106,6 +107,8 @@ def test_a_class_folder_renamed_mid_run_stops_with_a_sentence_and_resumes(data, 
     resumed = train(resume=run)
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     assert not any(h.get("train_unread") for h in resumed.history)
+    listed = (run / "skipped.txt").read_text()
+    assert "broken.png" in listed and "could no longer be read" in listed  # the resume keeps both
 
 
 def test_a_class_folder_this_user_may_not_read_is_named_with_the_reason(tmp_path, monkeypatch):

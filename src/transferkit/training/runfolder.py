@@ -273,8 +273,17 @@ def begin_writing(out: Path, cfg: TrainConfig, overwrite: bool, skipped: list[tu
         _remove_exports(out)
     atomic_write(out / runfiles.CONFIG, cfg.to_yaml(requested))
     if skipped:
-        atomic_write(out / runfiles.SKIPPED, "".join(f"{p}\t{r}\n" for p, r in skipped))
+        # a resumed run keeps the files its earlier epochs could no longer read
+        listed = {p for p, _ in skipped}
+        kept = [line + "\n" for line in _read_lines(out / runfiles.SKIPPED)
+                if line.split("\t")[0] not in listed]
+        atomic_write(out / runfiles.SKIPPED, "".join(f"{p}\t{r}\n" for p, r in skipped)
+                     + "".join(kept))
         log.warning("%d unreadable files skipped; list in %s", len(skipped), out / runfiles.SKIPPED)
+
+
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text(errors="replace").splitlines() if path.is_file() else []
 
 
 def _remove_exports(out: Path) -> None:
