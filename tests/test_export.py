@@ -399,6 +399,19 @@ def test_export_says_each_figure_once_with_the_split_and_count_it_had(runs, tmp_
     assert q["images"] == 10 and "val split" in q["measured_on"]
 
 
+def test_int8_with_data_that_has_no_train_split_calibrates_on_the_runs_own_training_images(runs, tmp_path):
+    """--data names the images int8's accuracy is measured on; static int8 calibrates on the run's training
+    images, so a folder with only test/ works (it stopped with "no 'train' split; choose --split", a flag
+    export does not have)."""
+    other = tmp_path / "only-test"
+    link_subset(SHARED_CIFAR / "test", other / "test", 2)
+    out = tmp_path / "m.int8.onnx"
+    assert main(["export", str(runs["r18"]), "--quantize", "int8", "--max-drop", "100", "--check-images", "8",
+                 "--data", str(other), "--out", str(out)]) == 0
+    q = json.loads((tmp_path / "export.json").read_text())["m.int8.onnx"]["quantization"]
+    assert "static" in q["tried"] and q["calibration_images"] > 0 and "test split" in q["measured_on"]
+
+
 def test_the_file_holds_the_runs_model_card_and_a_file_without_one_still_loads(runs, exported, tmp_path):
     """The ONNX file carries the run's ModelCard itself (its to_json, as model.json holds it);
     OnnxPredictor takes the classes and temperature from it, and from their single entries in a

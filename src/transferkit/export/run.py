@@ -7,6 +7,7 @@ travels in the file.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from .request import (
     require,
 )
 from .runtime import as_input
+
+log = logging.getLogger(__name__)
 
 
 def _images(split: Split, pre: Preprocessing, count: int | None = None,
@@ -106,7 +109,7 @@ def export_run(run_dir: str | Path, formats: Sequence[str] = ("onnx",), *,
         int8 = None
         if quantize:
             int8 = Int8(_labelled(held, src, pred.classes, pre, source),
-                        _calibration(run_dir, source, pre, scored), max_drop, split)
+                        _calibration(run_dir, card, source, pre, scored), max_drop, split)
         meta = metadata(pred.classes, pre, temperature=pred.temperature, card=card,
                         source=f"transferkit run {run_dir.name} ({card.arch}, trained on "
                                f"{card.data})")
@@ -171,10 +174,22 @@ def _labelled(held: Split, src: DataSource, classes: list[str], pre: Preprocessi
     return images, torch.tensor([classes.index(c) for c in src.classes])[labels]
 
 
-def _calibration(run_dir: Path, source: str, pre: Preprocessing,
-                 scored: dict[str, Any]) -> torch.Tensor:
-    """128 of the run's training images (class-balanced, seeded): what static int8 calibrates on."""
-    train, _, _ = split_to_score(run_dir, source, "train", pre, **scored)
+def _calibration(run_dir: Path, card: ModelCard, source: str, pre: Preprocessing,
+                 scored: dict[str, Any]) -> torch.Tensor | None:
+    """128 of the run's training images (class-balanced, seeded): what static int8 calibrates on;
+    --data's training images where the run's data is not on this machine; None (dynamic only,
+    said) where neither is."""
+    own = card.data and (is_named(card.data) or Path(card.data).expanduser().exists())
+    data = card.data if own else source
+    if own and data != source:
+        scored = dict(scored, record=held_out_record(run_dir, data))
+    try:
+        train, _, _ = split_to_score(run_dir, data, "train", pre, **scored)
+    except TransferkitError:
+        log.warning("static int8 calibrates on training images: the run's data %s is not on this "
+                    "machine and %s has no train split, so only dynamic int8 is tried",
+                    card.data or "(not recorded)", data)
+        return None
     return _images(train, pre, 128, seed=1)[0]
 
 
