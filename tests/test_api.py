@@ -73,6 +73,8 @@ def predictor(tmp_path):
     (lambda p, x: Predictor.from_run(None), r"run_dir takes a str or a Path, not None"),
     (lambda p, x: train({"data": "x"}), r"train\(\): config takes a TrainConfig or None, not \{'data': 'x'\}"),
     (lambda p, x: TrainConfig.from_yaml(None), r"path takes a str or a Path, not None"),
+    (lambda p, x: list(p.predict_files(b"a/photo.jpg")), r"files takes an iterable, a str or a Path, not b'a/"),
+    (lambda p, x: p.predict(x, topk=0), r"topk 0: ask for at least 1 class per image"),
     (lambda p, x: evaluate_run("run", batch_size="3"), r"evaluate_run\(\): batch_size takes an int, not '3'"),
 ])
 def test_the_public_calls_refuse_a_wrong_type_naming_the_argument(predictor, call, message):

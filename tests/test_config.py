@@ -116,6 +116,17 @@ def test_yaml_aliases_are_refused_in_one_short_sentence_and_configs_are_written_
     assert TrainConfig.from_yaml(path) == c and requested_from(path) == {"mean": rgb, "std": rgb}
 
 
+def test_a_setting_written_twice_in_a_config_is_refused_naming_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys: `epochs: 1` then `epochs: 2` trained 2 epochs without a word."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("data: some/folder\nepochs: 1\nimage_size: 32\nepochs: 2\n")
+    with pytest.raises(TransferkitError, match=r"line 4: epochs is set twice \(first on line 2\)"):
+        TrainConfig.from_yaml(twice)
+    merged = tmp_path / "merged.yaml"  # a merge key is not a key written twice
+    merged.write_text("data: some/folder\n<<: {epochs: 2}\nimage_size: 32\n")
+    assert TrainConfig.from_yaml(merged).epochs == 2
+
+
 def test_a_huge_value_is_quoted_in_an_error_in_a_few_dozen_characters():
     for settings, quoted in (({"mean": ["a" * 10**6, 0, 0]}, "'aaaa"), ({"mean": [[1] * 10**5] * 4}, "[[1, 1, "),
                              ({"strategy": "x" * 10**6}, "'xxxx"), ({"y" * 10**6: 1}, "'yyyy"),

@@ -80,6 +80,10 @@ def fits(value: Any, hint: Any) -> bool:
     if hint is Path:
         return isinstance(value, os.PathLike)
     origin = typing.get_origin(hint) or hint
+    if isinstance(value, bytes | bytearray) and origin not in (bytes, bytearray):
+        # bytes iterate as ints: b"a/path" is no sequence of paths
+        return all(fits(item, typing.get_args(hint)[0]) for item in value[:1]) if typing.get_args(
+            hint) else False
     return not isinstance(origin, type) or isinstance(value, origin)
 
 

@@ -453,6 +453,20 @@ class _NoAliases(yaml.SafeLoader):
                                  "aliases, so write the value out in full")
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):  # a key written twice: which one was meant?
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # <<: a merge, overridden by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                continue
+            if key in seen:
+                raise yaml.YAMLError(f"line {key_node.start_mark.line + 1}: {key} is set twice "
+                                     f"(first on line {seen[key]}); keep the one you mean")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
 
 class _NoAliasDumper(yaml.SafeDumper):
     """safe_dump's dumper, writing each value out in full: what it writes _NoAliases reads."""

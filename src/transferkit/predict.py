@@ -95,9 +95,7 @@ class Predictor:
         (N, H, W, C), (N, C, H, W) or (N, H, W)."""
         if _one_image(images):
             images = [images]
-        if batch_size < 1:
-            raise TransferkitError(f"batch_size {batch_size}: predict at least one image at a time")
-        k = max(1, min(topk, len(self.classes)))
+        k = self._k(topk, batch_size)
         results: list[list[tuple[str, float]]] = []
         # one batch at a time, as stored (at most the input side), on the CPU
         batch: list[torch.Tensor] = []
@@ -139,6 +137,14 @@ class Predictor:
                                 "top": [{"class": c, "prob": p} for c, p in top]})
         return results, errors
 
+    def _k(self, topk: int, batch_size: int) -> int:
+        """How many classes each answer lists: topk, at most all of them; both counts checked."""
+        if batch_size < 1:
+            raise TransferkitError(f"batch_size {batch_size}: predict at least one image at a time")
+        if topk < 1:
+            raise TransferkitError(f"topk {topk}: ask for at least 1 class per image")
+        return min(topk, len(self.classes))
+
     @checked
     def predict_files(
         self, files: Iterable[str | Path] | str | Path, topk: int = 5, batch_size: int = 32
@@ -149,9 +155,7 @@ class Predictor:
         Each image is decoded, stored at the input side and its full-size pixels dropped before the
         next is read, so memory holds one photo and one batch, whatever the number of files.
         """
-        if batch_size < 1:
-            raise TransferkitError(f"batch_size {batch_size}: predict at least one image at a time")
-        k = max(1, min(topk, len(self.classes)))
+        k = self._k(topk, batch_size)
         if isinstance(files, str | os.PathLike):
             files, missing = expand_paths(files)
             yield from ((Path(p), why) for p, why in missing)
