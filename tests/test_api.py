@@ -74,7 +74,6 @@ def predictor(tmp_path):
     (lambda p, x: train({"data": "x"}), r"train\(\): config takes a TrainConfig or None, not \{'data': 'x'\}"),
     (lambda p, x: TrainConfig.from_yaml(None), r"path takes a str or a Path, not None"),
     (lambda p, x: list(p.predict_files(b"a/photo.jpg")), r"files takes an iterable, a str or a Path, not b'a/"),
-    (lambda p, x: p.predict(x, topk=0), r"topk 0: ask for at least 1 class per image"),
     (lambda p, x: evaluate_run("run", batch_size="3"), r"evaluate_run\(\): batch_size takes an int, not '3'"),
 ])
 def test_the_public_calls_refuse_a_wrong_type_naming_the_argument(predictor, call, message):
@@ -85,3 +84,10 @@ def test_the_public_calls_refuse_a_wrong_type_naming_the_argument(predictor, cal
         call(predictor, x)
     assert isinstance(caught.value, TypeError)
     assert len(predictor.predict(x, topk=np.int64(2))[0]) == 2  # numpy's integers are integers
+
+
+def test_topk_below_one_is_refused_not_answered_with_one_class(predictor):
+    image = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    for call in (lambda: predictor.predict(image, topk=0), lambda: list(predictor.predict_files(["x.png"], topk=-1))):
+        with pytest.raises(TransferkitError, match=r"at least 1 class per image"):
+            call()
