@@ -292,6 +292,10 @@ def test_opset_is_the_one_written_or_refused_with_the_range(runs, tmp_path, caps
     for bad in ("5", "999"):
         err = _fails(["export", str(runs["r18"]), "--opset", bad, "--out", str(tmp_path / "x.onnx")], capsys)
         assert f"--opset {bad}: transferkit writes ONNX opsets 7 to 23" in err
+    # a TorchScript file has no opset: asking for one is said, not ignored
+    err = _fails(["export", str(runs["r18"]), "--format", "torchscript", "--opset", "11",
+                  "--out", str(tmp_path / "x.pt")], capsys)
+    assert "--opset 11 is for ONNX files" in err and not (tmp_path / "x.pt").exists()
     # Above 18 too, the file is at the opset asked; int8 needs 13 or later.
     rec = export.export_model(TinyNet().eval(), Preprocessing(16, 16), ["a", "b", "c"], tmp_path / "t.onnx",
                               _check_images(), opset=21)

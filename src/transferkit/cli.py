@@ -243,7 +243,7 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
                         "all, FILE's name with each format's suffix")
     x.add_argument("--batch", type=_batch_arg, default=None, metavar="dynamic|N",
                    help="batch dimension: dynamic, or a fixed N [default: dynamic]")
-    x.add_argument("--opset", type=int, default=18, metavar="N",
+    x.add_argument("--opset", type=int, default=None, metavar="N",
                    help="ONNX opset, 7 to 23 (--quantize int8: 13 to 23) [default: 18]")
     x.add_argument("--overwrite", action="store_true",
                    help="replace an existing file at the destination (never a file of a run "

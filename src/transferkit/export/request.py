@@ -187,9 +187,9 @@ def check_request(target: Target, check: torch.Tensor, int8: Int8 | None) -> Non
 
 
 def check_run_request(formats: Sequence[str], check_images: int, quantize: str | None,
-                      opset: int = DEFAULT_OPSET) -> None:
+                      opset: int | None = None) -> None:
     """Refuse an unknown format, too few check images, int8 for other than ONNX alone, an opset
-    the exporters cannot write."""
+    the exporters cannot write or asked for no ONNX file (None: the default)."""
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise TransferkitError(f"unknown format '{unknown[0]}'; choose onnx, torchscript or all")
@@ -198,5 +198,8 @@ def check_run_request(formats: Sequence[str], check_images: int, quantize: str |
                                "image")
     if quantize is not None and list(formats) != ["onnx"]:
         raise TransferkitError("--quantize int8 is for ONNX only; use --format onnx")
+    if opset is not None and "onnx" not in formats:
+        raise TransferkitError(f"--opset {opset} is for ONNX files; a TorchScript file has no "
+                               "opset (add --format onnx, or leave --opset out)")
     if "onnx" in formats:
-        check_opset(opset, quantize is not None)
+        check_opset(DEFAULT_OPSET if opset is None else opset, quantize is not None)

@@ -81,7 +81,7 @@ def default_out(run_dir: Path, fmt: str, quantize: str | None = None) -> Path:
 
 
 def export_run(run_dir: str | Path, formats: Sequence[str] = ("onnx",), *,
-               out: str | Path | None = None, batch: int | None = None, opset: int = DEFAULT_OPSET,
+               out: str | Path | None = None, batch: int | None = None, opset: int | None = None,
                check_images: int = 256, data: str | None = None, data_dir: str | None = None,
                quantize: str | None = None, max_drop: float = 1.0, workers: int = 2,
                overwrite: bool = False) -> list[dict[str, Any]]:
@@ -91,6 +91,7 @@ def export_run(run_dir: str | Path, formats: Sequence[str] = ("onnx",), *,
     replace existing files at the destinations (never a file of a run folder)."""
     run_dir = Path(run_dir)
     check_run_request(formats, check_images, quantize, opset)
+    opset = DEFAULT_OPSET if opset is None else opset
     card = read_card(run_dir)
     if "onnx" in formats:
         require("onnx", "onnxscript", "onnxruntime")
