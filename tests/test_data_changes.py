@@ -109,6 +109,7 @@ def test_a_class_folder_renamed_mid_run_stops_with_a_sentence_and_resumes(data, 
     assert not any(h.get("train_unread") for h in resumed.history)
     listed = (run / "skipped.txt").read_text()
     assert "broken.png" in listed and "could no longer be read" in listed  # the resume keeps both
+    assert "1 unreadable or refused file(s) of the data left out at the start" in (run / "report.md").read_text()
 
 
 def test_a_class_folder_this_user_may_not_read_is_named_with_the_reason(tmp_path, monkeypatch):

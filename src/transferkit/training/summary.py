@@ -39,7 +39,9 @@ def setup_section(cfg: TrainConfig, card: ModelCard, state: TrainState, data: Da
         "epochs": f"{cfg.epochs} ({early}selected: epoch {state.best_epoch}{where})",
         "sampler": "balanced (each class drawn equally often)" if cfg.sampler == "balanced" else
         "none (each image once per epoch)",
-        "train images": f"{len(data.train):,}",
+        "train images": f"{len(data.train):,}" + (
+            f" ({len(data.skipped):,} unreadable or refused file(s) of the data left out at the "
+            f"start, listed in {runfiles.SKIPPED})" if data.skipped else ""),
         "optimizer": f"{cfg.optimizer}, {lr_words(cfg, out)}, backbone x{cfg.backbone_lr_mult:g}"
         f"{decay}, {cfg.schedule}, label smoothing {cfg.label_smoothing:g}",
         "batch size": cfg.batch_size if not hw.dist.on else
