@@ -275,6 +275,7 @@ def _final_evaluation(job: Job, out: Path, state: TrainState) -> RunResult:
                                          batch_size=engine.eval_batch_for(cfg.batch_size, hw.dist,
                                                                           micro),
                                          **run)
+        staged = None  # the images themselves ran, not their staged features
     else:
         logits, labels = engine.evaluate(stage.runner, staged, stage.eval_tf,
                                          batch_size=stage.eval_batch, **run)

@@ -267,12 +267,13 @@ def record_unread(job: Job, out: Path, epoch: int | str, word: str,
                                          for f, why in unread if f not in listed))
 
 
-def held_out_read(job: Job, out: Path, final: Split, staged: Split,
+def held_out_read(job: Job, out: Path, final: Split, staged: Split | None,
                   unread: list[tuple[str, str]]) -> tuple[Split, str]:
-    """The held-out split as it was scored (`staged`: what ran, `unread`: the files that could no
-    longer be read), and the words for what was left out; the run stops when more than
-    VANISHED_SHARE of it went."""
-    if staged.files is not None and len(staged) < len(final):  # its features left some out
+    """The held-out split as it was scored (`staged`: what ran, None where `final` itself ran;
+    `unread`: the files that could no longer be read), and the words for what was left out; the
+    run stops when more than VANISHED_SHARE of it went."""
+    # its features left some out
+    if staged is not None and staged.files is not None and len(staged) < len(final):
         kept = set(staged.files)
         unread = unread + [(f, "could not be read for its features") for f in final.files or []
                            if f not in kept and f not in dict(unread)]
