@@ -115,7 +115,8 @@ class TrainConfig:
     # data
     data: str | None = _setting(  # required: train and lr-find refuse to start without it
         None, "data", "an image folder (root/<class>/ or root/train/<class>/ with val/ "
-        "or test/) or one of cifar10, cifar100, fashion-mnist, mnist", "DATA")
+        "or test/), a label file (.csv, .tsv, .jsonl with columns path,label[,split]) or one of "
+        "cifar10, cifar100, fashion-mnist, mnist", "DATA")
     data_dir: str | None = _setting(
         None, "data", "where named data sets are read from or downloaded to", "DIR",
         "~/.cache/transferkit/data")
@@ -132,6 +133,12 @@ class TrainConfig:
     dedupe: bool = _setting(
         False, "data", "drop val/test images whose file has the same bytes as a training image, "
         "and every copy of a file filed under two classes (both are always reported)")
+    skip_bad_rows: bool = _setting(
+        False, "data", "label files: leave out the bad rows (a missing file, an empty label...; "
+        "listed in skipped.txt) instead of refusing the table")
+    allow_outside_paths: bool = _setting(
+        False, "data", "label files: allow paths outside the table's folder (absolute, or "
+        "with ..)")
 
     # model and weights
     model: str = _setting(

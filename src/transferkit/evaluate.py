@@ -14,9 +14,8 @@ from . import runfiles
 from .arguments import checked
 from .checkpoint import ModelCard, read_card
 from .data import heldout
-from .data.folders import folder_layout
 from .data.preprocess import Preprocessing
-from .data.sources import DataSource, Split, check_data_arg, is_named, load_source
+from .data.sources import DataSource, Split, check_data_arg, is_named, laid_out, load_source
 from .errors import TransferkitError
 from .predict import Predictor
 from .report import calibration, classification_metrics, measured_on, write_report
@@ -212,7 +211,7 @@ def split_to_score(run_dir: Path, data: str, split: str | None, pre: Preprocessi
 
 def _first_split(data: str) -> str:
     """test, else val, else train: the first split the data lays out."""
-    layout = {"test": None} if is_named(data) else folder_layout(Path(data).expanduser())
+    layout = laid_out(data)
     return next(s for s in ("test", "val", "train") if s in layout)
 
 
@@ -223,7 +222,8 @@ def _load_split(data: str, split: str, record: dict[str, Any] | None, pre: Prepr
     dedupe = bool(record and record.get("dedupe")) and split != "train"
     src = load_source(data, preprocessing=pre, data_dir=data_dir, workers=workers,
                       splits=(split, "train") if dedupe else (split,), max_train_images=max_train,
-                      seed=int(record.get("seed", 0)) if record else 0)
+                      seed=int(record.get("seed", 0)) if record else 0,
+                      **heldout.table_options(record or {}))
     if dedupe:
         heldout.check_copies(src, dedupe=True, drop_conflicts=heldout.conflicts_dropped(record))
     part = getattr(src, split)
@@ -255,12 +255,12 @@ def _record_from_config(run_dir: Path, data: str) -> dict[str, Any] | None:
         cfg = TrainConfig.from_yaml(run_dir / runfiles.CONFIG)
     except (TransferkitError, OSError, ValueError, TypeError):
         return None
-    layout = {"train": None, "test": None} if is_named(data) else folder_layout(
-        Path(data).expanduser())
+    layout = laid_out(data)
     carved = heldout.val_carved(data) and cfg.val_split > 0
     return {"unchecked": True, "evaluate": "test" if "test" in layout else "val", "seed": cfg.seed,
             "val_split": cfg.val_split if carved else 0.0,
-            "max_train_images": cfg.max_train_images, "dedupe": getattr(cfg, "dedupe", False)}
+            "max_train_images": cfg.max_train_images, "dedupe": getattr(cfg, "dedupe", False),
+            **heldout.table_options(cfg)}
 
 
 def _write_eval_report(where: Path, metrics: dict[str, Any], analysed: tuple[Any, ...],

@@ -135,26 +135,36 @@ def load_folder(root: Path, pre: Preprocessing, splits: Sequence[str], *, worker
     """The splits of an image folder (see load_source), with the bytes their stored images take."""
     layout, classes = folder_classes(root)
     out = DataSource(name=str(root), classes=classes)
-    listed = {split: _list_split(split, path, out, workers=workers, max_train=max_train,
-                                 seed=seed, use_cache=use_cache)
-              for split, path in layout.items() if split in splits}
+    lists = {split: _list_files(path, classes) for split, path in layout.items() if split in splits}
+    return load_listed(out, layout, lists, pre, workers=workers, max_train=max_train, seed=seed,
+                       use_cache=use_cache, stream=stream)
+
+
+def load_listed(out: DataSource, where: dict[str, Path],
+                lists: dict[str, tuple[list[Path], list[int]]], pre: Preprocessing, *,
+                workers: int, max_train: int | None, seed: int, use_cache: bool,
+                stream: str) -> DataSource:
+    """`out` with the splits of `lists` ({split: (files, labels)}, `where` each was listed from:
+    a folder or a label file): headers and hashes read, then decoded (cached) or streamed."""
+    listed = {split: _list_split(split, where[split], *files, out, workers=workers,
+                                 max_train=max_train, seed=seed, use_cache=use_cache)
+              for split, files in lists.items()}
     out.stored_bytes = sum(pre.stored_bytes(sizes) for _, _, sizes, _ in listed.values())
-    streaming = _streams(root, out.stored_bytes, stream)
+    streaming = _streams(Path(out.name), out.stored_bytes, stream)
     for split, files in listed.items():
         side = pre.stored_side(files[2])
         if streaming:
             setattr(out, split, _file_split(split, files, pre, side))
         else:
-            setattr(out, split, _decoded_split(split, layout[split], files, pre, side, out,
+            setattr(out, split, _decoded_split(split, where[split], files, pre, side, out,
                                                workers=workers, use_cache=use_cache))
     return out
 
 
-def _list_split(split: str, path: Path, out: DataSource, *, workers: int,
-                max_train: int | None, seed: int, use_cache: bool) -> Listed:
+def _list_split(split: str, path: Path, paths: list[Path], labels: list[int], out: DataSource, *,
+                workers: int, max_train: int | None, seed: int, use_cache: bool) -> Listed:
     """A split's readable files (paths, labels, sizes, hashes), recorded in `out.listed`."""
     classes = out.classes
-    paths, labels = _list_files(path, classes)
     out.listed[split] = (paths, labels)  # what the run's fingerprint records
     if not paths:
         raise TransferkitError(f"no image files under {path} "

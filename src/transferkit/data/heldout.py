@@ -16,9 +16,8 @@ import torch
 from .. import runfiles
 from ..errors import TransferkitError
 from ..files import atomic_write
-from .folders import folder_layout
 from .preprocess import Preprocessing
-from .sources import check_leakage, is_named, load_source, train_val_test
+from .sources import check_leakage, data_root, laid_out, load_source, train_val_test
 from .splits import DataSource, Split
 
 log = logging.getLogger(__name__)
@@ -66,12 +65,12 @@ def identity(split: Split, classes: int) -> dict[str, Any]:
 def val_carved(data: str) -> bool:
     """Whether a run on `data` holds its validation split out of train (no val/ folder of its
     own)."""
-    return is_named(data) or "val" not in folder_layout(Path(data).expanduser())
+    return "val" not in laid_out(data)
 
 
 def write_split_record(out: Path, data: str, src: DataSource, identities: dict[str, dict[str, Any]],
                        *, val_split: float, seed: int, max_train_images: int | None,
-                       dedupe: bool = False) -> None:
+                       dedupe: bool = False, table: dict[str, bool] | None = None) -> None:
     """Write split.json: the rule that carved validation out of train, the counts, the held-out
     files and a fingerprint of their contents to check them by (`identities`: identity() of each
     split, as the run computed them once for last.pt)."""
@@ -80,7 +79,7 @@ def write_split_record(out: Path, data: str, src: DataSource, identities: dict[s
     if val is not None:
         val.update(source="carved from train" if carved else "val")
         if src.val.files is not None:
-            val["files"] = [os.path.relpath(f, data) for f in src.val.files]
+            val["files"] = [os.path.relpath(f, data_root(data)) for f in src.val.files]
     record = {
         "format": FORMAT, "data": data, "classes": src.classes,
         "evaluate": "test" if src.test is not None else "val",
@@ -92,6 +91,7 @@ def write_split_record(out: Path, data: str, src: DataSource, identities: dict[s
         "dedupe": dedupe, "label_conflicts": "dropped" if dedupe else "kept",
         "train": _counts(identities.get("train")), "val": val,
         "test": _counts(identities.get("test")),
+        **(table or {}),  # how a label file was read (its bad rows skipped...)
     }
     atomic_write(Path(out) / SPLIT_FILE, json.dumps(record, indent=2))
 
@@ -128,13 +128,23 @@ def carve(data: str, record: dict[str, Any], pre: Preprocessing, *, data_dir: st
     val)."""
     src = load_source(data, preprocessing=pre, data_dir=data_dir, splits=("train",),
                       workers=workers, max_train_images=record.get("max_train_images"),
-                      seed=int(record.get("seed", 0)))
+                      seed=int(record.get("seed", 0)), **table_options(record))
     src.val = src.test = None
     src.train, src.val, _ = train_val_test(src, float(record["val_split"]),
                                            int(record.get("seed", 0)))
     if record.get("dedupe"):
         check_copies(src, dedupe=True, drop_conflicts=conflicts_dropped(record))
     return src, src.train, src.val
+
+
+TABLE_OPTIONS = ("skip_bad_rows", "allow_outside_paths")
+
+
+def table_options(settings: Any) -> dict[str, bool]:
+    """How a run read its label file (--skip-bad-rows, --allow-outside-paths), from its settings
+    (a TrainConfig) or its split.json (a dict), so that eval reads the table alike."""
+    get = settings.get if isinstance(settings, dict) else lambda k: getattr(settings, k, False)
+    return {k: bool(get(k)) for k in TABLE_OPTIONS}
 
 
 def conflicts_dropped(record: dict[str, Any]) -> bool:

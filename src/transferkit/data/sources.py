@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from ..errors import TransferkitError, did_you_mean
-from .folders import load_folder
+from .folders import folder_layout, load_folder
+from .labelfile import is_label_file, load_label_file, table_splits
 from .preprocess import Preprocessing
 from .splits import DataSource, Split, stratified_split, stratified_subset
 
@@ -31,8 +32,11 @@ def load_source(
     splits: Sequence[str] = ("train", "test"), workers: int = 2,
     max_train_images: int | None = None,
     seed: int = 0, use_cache: bool = True, stream: str = "auto",
+    skip_bad_rows: bool = False, allow_outside_paths: bool = False,
 ) -> DataSource:
-    """Load a named set or an image folder. `splits` picks which of train/val/test to load.
+    """Load a named set, an image folder or a label file (labelfile.py; its bad rows are refused
+    unless `skip_bad_rows`, its paths outside its folder unless `allow_outside_paths`).
+    `splits` picks which of train/val/test to load.
 
     Images are stored by `preprocessing`'s rule. `max_train_images` keeps a stratified subset of
     train (before decoding, for folders). Folders are decoded into memory and cached on disk
@@ -46,6 +50,11 @@ def load_source(
             src.train = src.train.subset(stratified_subset(src.train.labels, max_train_images,
                                                            seed))
         return src
+    if is_label_file(data):
+        return load_label_file(Path(data).expanduser(), preprocessing, splits,
+                               skip_bad_rows=skip_bad_rows, allow_outside=allow_outside_paths,
+                               workers=workers, max_train=max_train_images, seed=seed,
+                               use_cache=use_cache, stream=stream)
     return load_folder(Path(data).expanduser(), preprocessing, splits, workers=workers,
                        max_train=max_train_images, seed=seed, use_cache=use_cache, stream=stream)
 
@@ -55,6 +64,8 @@ def check_data_arg(data: str) -> None:
     if is_named(data):
         return
     root = Path(data).expanduser()
+    if is_label_file(root) and not root.exists():
+        raise TransferkitError(f"label file {data} not found; check its path")
     if not root.exists():
         raise TransferkitError(
             f"data '{data}' is neither a known data set nor an existing folder"
@@ -62,8 +73,26 @@ def check_data_arg(data: str) -> None:
             + f"; known sets: {', '.join(NAMED)}; a folder needs <root>/<class>/<images> "
             "or <root>/train/<class>/<images>"
         )
+    if is_label_file(root) and root.is_file():
+        return
     if not root.is_dir():
-        raise TransferkitError(f"data '{data}' is a file; pass a folder of class sub-folders")
+        raise TransferkitError(f"data '{data}' is a file; pass a folder of class sub-folders, "
+                               "or a label file ending in .csv, .tsv or .jsonl")
+
+
+def data_root(data: str) -> str:
+    """The folder a run's file paths are relative to: the image folder, or the label file's."""
+    return str(Path(data).parent) if is_label_file(data) else data
+
+
+def laid_out(data: str) -> list[str]:
+    """The splits the data lays out itself (not carved): a named set's train and test, a
+    folder's train/val/test folders, a label file's split column."""
+    if is_named(data):
+        return ["train", "test"]
+    if is_label_file(data):
+        return table_splits(Path(data).expanduser())
+    return list(folder_layout(Path(data).expanduser()))
 
 
 # --- named sets ---------------------------------------------------------------------------

@@ -153,7 +153,7 @@ def _begin(job: Job, run: RunStart) -> dict[str, Any]:
         begin_writing(out, cfg, run.overwrite, data.skipped, job.requested)
         heldout.write_split_record(out, cfg.data, data, prints["splits"], val_split=cfg.val_split,
                                    seed=cfg.seed, max_train_images=cfg.max_train_images,
-                                   dedupe=cfg.dedupe)
+                                   dedupe=cfg.dedupe, table=heldout.table_options(cfg))
         if (run.saved is not None and (out / META_FILE).is_file()
                 and read_card(out).data != cfg.data):
             update_card(out, data=cfg.data)  # resumed on its moved data: eval finds it there
@@ -180,7 +180,8 @@ def _load_data(cfg: TrainConfig, pre: Preprocessing) -> DataSource:
     src = sources.load_source(cfg.data, preprocessing=pre, data_dir=cfg.data_dir,
                               splits=("train", "val", "test"), workers=cfg.workers,
                               max_train_images=cfg.max_train_images, seed=cfg.seed,
-                              use_cache=cfg.cache, stream=cfg.stream)
+                              use_cache=cfg.cache, stream=cfg.stream,
+                              **heldout.table_options(cfg))
     src.train, src.val, src.test = sources.train_val_test(src, cfg.val_split, cfg.seed)
     # after carving val: a copy may now be on both sides
     heldout.check_copies(src, dedupe=cfg.dedupe)

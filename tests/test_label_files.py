@@ -1,0 +1,121 @@
+"""Label files (--data labels.csv/.tsv/.jsonl): the same run as class folders, bad rows refused by line."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cifar_folder, run_cli
+from safetensors.torch import load_file
+
+TINY = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--epochs", "1", "--batch-size", "16",
+        "--workers", "1", "--val-split", "0.2", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def cifar_csv(tmp_path_factory) -> Path:
+    """Shared CIFAR-10 subset as class folders, and labels.csv beside them naming the same files (rows shuffled)."""
+    root = cifar_folder(tmp_path_factory, "cifar_csv", 12, 4, ["airplane", "cat", "ship"])
+    rows = [(f.relative_to(root).as_posix(), f.parent.name, f.parent.parent.name)
+            for f in root.glob("*/*/*.*")]
+    rows.sort(key=lambda r: r[0][::-1])  # another order than the folders': the table's order does not matter
+    (root / "labels.csv").write_text("path,label,split\n" + "".join(f"{p},{c},{s}\n" for p, c, s in rows))
+    return root
+
+
+def _table(tmp_path: Path, cifar_csv: Path, lines: list[str], name: str = "labels.csv") -> Path:
+    """A table in tmp_path over the fixture's images (its paths absolute-free: links beside it)."""
+    (tmp_path / "img").symlink_to(cifar_csv / "train")
+    table = tmp_path / name
+    table.write_text("".join(line + "\n" for line in lines))
+    return table
+
+
+def _good_rows(cifar_csv: Path, per_class: int = 6) -> list[str]:
+    rows = []
+    for c in ("airplane", "cat", "ship"):
+        rows += [f"img/{c}/{f.name},{c}" for f in sorted((cifar_csv / "train" / c).iterdir())[:per_class]]
+    return rows
+
+
+def test_csv_trains_the_same_weights_as_class_folders(cifar_csv, tmp_path):
+    folders = run_cli("train", "--data", cifar_csv, *TINY, "--out", tmp_path / "folders")
+    table = run_cli("train", "--data", cifar_csv / "labels.csv", *TINY, "--out", tmp_path / "csv")
+    assert folders.returncode == 0, folders.stderr
+    assert table.returncode == 0, table.stderr
+    a, b = load_file(tmp_path / "folders" / "model.safetensors"), load_file(tmp_path / "csv" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    split = json.loads((tmp_path / "csv" / "split.json").read_text())
+    assert split["classes"] == ["airplane", "cat", "ship"] and split["evaluate"] == "test"
+    assert split["val"]["source"] == "carved from train"
+    assert all(f.startswith("train/") for f in split["val"]["files"])
+    # eval finds the run's held-out split in the table as it does in the folders
+    ev = run_cli("eval", tmp_path / "csv", "--split", "val")
+    assert ev.returncode == 0, ev.stderr
+
+
+@pytest.mark.parametrize("bad, said", [
+    ("img/cat/nothere.jpg,cat", "line {n}: file img/cat/nothere.jpg not found"),
+    ("img/cat/{f},", "line {n}: empty label"),
+    ("../elsewhere.png,cat", "line {n}: path ../elsewhere.png is outside"),
+    ("/etc/hostname,cat", "line {n}: path /etc/hostname is outside"),
+    ("img/cat/{f},dog", "line {n}: file {f} has label 'dog' (train) here and 'cat' (train) on line"),
+])
+def test_each_bad_row_is_refused_by_line(cifar_csv, tmp_path, bad, said):
+    rows = _good_rows(cifar_csv)
+    f = rows[6].split(",")[0].split("/")[-1]  # a cat image the table already names
+    lines = ["path,label", *rows, bad.format(f=f)]
+    table = _table(tmp_path, cifar_csv, lines)
+    proc = run_cli("train", "--data", table, *TINY, "--out", tmp_path / "run")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "1 bad row(s)" in proc.stderr or "2 bad row(s)" in proc.stderr, proc.stderr
+    assert said.format(n=len(lines), f=f) in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_split_values_headers_and_encoding(cifar_csv, tmp_path):
+    rows = _good_rows(cifar_csv)
+    table = _table(tmp_path, cifar_csv, ["path,label,split", *(r + ",train" for r in rows),
+                                          rows[0] + ",validation"])
+    proc = run_cli("train", "--data", table, *TINY, "--out", tmp_path / "r1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"line {len(rows) + 2}: split 'validation' is not train, val or test" in proc.stderr
+    table.write_text("path,lable\n" + "".join(r + "\n" for r in rows))
+    proc = run_cli("train", "--data", table, *TINY, "--out", tmp_path / "r2")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "has no 'label' column" in proc.stderr and "is 'lable' meant to be 'label'?" in proc.stderr
+    table.write_text("".join(r + "\n" for r in rows))  # no header at all
+    proc = run_cli("train", "--data", table, *TINY, "--out", tmp_path / "r3")
+    assert proc.returncode == 2 and "has no 'path' column" in proc.stderr, proc.stderr
+    table.write_bytes(b"path,label\n" + "".join(r + "\n" for r in rows).encode() + b"img/caf\xe9.png,cat\n")
+    proc = run_cli("train", "--data", table, *TINY, "--out", tmp_path / "r4")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"line {len(rows) + 2}: not UTF-8 text (byte 0xe9 at column 8)" in proc.stderr, proc.stderr
+
+
+def test_skip_bad_rows_lists_them_in_skipped_txt(cifar_csv, tmp_path):
+    rows = _good_rows(cifar_csv)
+    table = _table(tmp_path, cifar_csv, ['{"path": "%s", "label": "%s"}' % tuple(r.split(",")) for r in rows]
+                   + ['{"path": "img/cat/gone.png", "label": "cat"}', '{"path": "x.png"', rows[0].join('""')],
+                   name="labels.jsonl")
+    proc = run_cli("train", "--data", table, *TINY, "--out", tmp_path / "run", "--skip-bad-rows")
+    assert proc.returncode == 0, proc.stderr
+    skipped = (tmp_path / "run" / "skipped.txt").read_text().splitlines()
+    n = len(rows)
+    assert [line.split("\t")[0] for line in skipped] == [f"{table}:{n + 1}", f"{table}:{n + 2}", f"{table}:{n + 3}"]
+    assert "file img/cat/gone.png not found" in skipped[0] and "not JSON" in skipped[1]
+    assert "not a JSON object" in skipped[2]
+
+
+def test_outside_paths_with_the_flag(cifar_csv, tmp_path):
+    (tmp_path / "tables").mkdir()
+    table = tmp_path / "tables" / "labels.tsv"
+    table.write_text("path\tlabel\n" + "".join(f"{cifar_csv / 'train' / c / f.name}\t{c}\n"
+                                               for c in ("airplane", "cat", "ship")
+                                               for f in sorted((cifar_csv / "train" / c).iterdir())[:6]))
+    proc = run_cli("train", "--data", table, *TINY, "--out", tmp_path / "r1")
+    assert proc.returncode == 2 and "18 bad row(s)" in proc.stderr and "--allow-outside-paths" in proc.stderr
+    proc = run_cli("train", "--data", table, *TINY, "--out", tmp_path / "r2", "--allow-outside-paths")
+    assert proc.returncode == 0, proc.stderr
