@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cifar_folder, run_cli
 from safetensors.torch import load_file
+
+from conftest import cifar_folder, run_cli
 
 TINY = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--epochs", "1", "--batch-size", "16",
         "--workers", "1", "--val-split", "0.2", "--seed", "3"]
@@ -97,7 +98,7 @@ def test_split_values_headers_and_encoding(cifar_csv, tmp_path):
 
 def test_skip_bad_rows_lists_them_in_skipped_txt(cifar_csv, tmp_path):
     rows = _good_rows(cifar_csv)
-    table = _table(tmp_path, cifar_csv, ['{"path": "%s", "label": "%s"}' % tuple(r.split(",")) for r in rows]
+    table = _table(tmp_path, cifar_csv, [json.dumps(dict(zip(("path", "label"), r.split(",")))) for r in rows]
                    + ['{"path": "img/cat/gone.png", "label": "cat"}', '{"path": "x.png"', rows[0].join('""')],
                    name="labels.jsonl")
     proc = run_cli("train", "--data", table, *TINY, "--out", tmp_path / "run", "--skip-bad-rows")
@@ -119,3 +120,31 @@ def test_outside_paths_with_the_flag(cifar_csv, tmp_path):
     assert proc.returncode == 2 and "18 bad row(s)" in proc.stderr and "--allow-outside-paths" in proc.stderr
     proc = run_cli("train", "--data", table, *TINY, "--out", tmp_path / "r2", "--allow-outside-paths")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_resume_on_an_edited_label_file_is_refused_naming_the_file(cifar_csv, tmp_path):
+    table = _table(tmp_path, cifar_csv, ["path,label", *_good_rows(cifar_csv)])
+    out = tmp_path / "run"
+    assert run_cli("train", "--data", table, *TINY, "--out", out).returncode == 0
+    lines = table.read_text().splitlines()
+    moved = lines[1].split(",")[0]  # an airplane relabelled as a ship
+    table.write_text("\n".join([lines[0], f"{moved},ship", *lines[2:]]) + "\n")
+    proc = run_cli("train", "--resume", out, "--epochs", "2")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "changed" in proc.stderr and moved in proc.stderr, proc.stderr
+
+
+def test_leakage_across_the_split_column_is_found_and_deduped(cifar_csv, tmp_path):
+    rows = _good_rows(cifar_csv)
+    first = rows[0].split(",")[0]
+    table = _table(tmp_path, cifar_csv, ["path,label,split", *(r + ",train" for r in rows)])
+    (tmp_path / "copy.jpg").write_bytes((tmp_path / first).read_bytes())  # a training image under another name
+    tests = [f"img/{c}/{f.name},{c},test" for c in ("airplane", "cat", "ship")
+             for f in sorted((cifar_csv / "train" / c).iterdir())[6:8]]
+    table.write_text(table.read_text() + "\n".join(["copy.jpg,airplane,test", *tests]) + "\n")
+    warned = run_cli("train", "--data", table, *TINY, "--out", tmp_path / "r1")
+    assert warned.returncode == 0, warned.stderr
+    assert "1 of 7 test images are byte-for-byte copies of training images" in warned.stderr
+    assert f"{first} = copy.jpg" in warned.stderr, warned.stderr
+    deduped = run_cli("train", "--data", table, *TINY, "--out", tmp_path / "r2", "--dedupe")
+    assert deduped.returncode == 0 and "--dedupe: dropped 1 of 7 test images" in deduped.stderr, deduped.stderr

@@ -17,7 +17,7 @@ from .. import runfiles
 from ..errors import TransferkitError
 from ..files import atomic_write
 from .preprocess import Preprocessing
-from .sources import check_leakage, data_root, laid_out, load_source, train_val_test
+from .sources import check_leakage, data_root, laid_out, load_source, shown_path, train_val_test
 from .splits import DataSource, Split
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def _say_conflicts(src: DataSource, conflicts: dict[bytes, list[tuple[str, str, 
     copies = [c for group in conflicts.values() for c in group]
     where = ", ".join(f"{n} in {name}" for name in ("train", "val", "test")
                       if (n := sum(s == name for s, *_ in copies)))
-    groups = "; ".join(" = ".join(f"{_relative(f, src.name)} ({src.classes[y]})" for _, f, y in g)
+    groups = "; ".join(" = ".join(f"{shown_path(f, src.name)} ({src.classes[y]})" for _, f, y in g)
                        for g in list(conflicts.values())[:shown])
     said = (f"label conflicts: {len(conflicts)} file(s) filed under more than one class, "
             f"{len(copies)} copies ({where}): {groups}{'; ...' if len(conflicts) > shown else ''}")
@@ -224,12 +224,6 @@ def _check_left(src: DataSource, left: dict[str, Split | None]) -> None:
                 f"every training image of {', '.join(src.classes[i] for i in sorted(lost))} in "
                 f"{src.name} is also filed under another class, so --dedupe would leave the class "
                 "none to learn from; fix their labels")
-
-
-def _relative(path: str, root: str) -> str:
-    """A path as the user knows it: inside the data folder, relative to it."""
-    rel = os.path.relpath(path, root)
-    return path if rel.startswith("..") else rel
 
 
 def check_same(name: str, split: Split, recorded: dict[str, Any] | None, classes: int, *,

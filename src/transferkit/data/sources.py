@@ -218,8 +218,8 @@ def check_leakage(src: DataSource, dedupe: bool = False, shown: int = 5) -> None
         copies = [i for i, h in enumerate(split.hashes) if h in originals]
         if not copies:
             continue
-        pairs = "; ".join(f"{_shown(originals[split.hashes[i]], src.name)} = "
-                          f"{_shown(split.files[i], src.name)}"
+        pairs = "; ".join(f"{shown_path(originals[split.hashes[i]], src.name)} = "
+                          f"{shown_path(split.files[i], src.name)}"
                           for i in copies[:shown]) + ("; ..." if len(copies) > shown else "")
         if not dedupe:
             log.warning("%d of %d %s images are byte-for-byte copies of training images (leakage: "
@@ -236,9 +236,10 @@ def check_leakage(src: DataSource, dedupe: bool = False, shown: int = 5) -> None
                  "images (%s); %d left", len(copies), len(split), name, pairs, len(keep))
 
 
-def _shown(path: str, root: str) -> str:
-    """A path as the user knows it: inside the data folder, relative to it."""
-    rel = os.path.relpath(path, root)
+def shown_path(path: str, data: str) -> str:
+    """A path as the user knows it: inside the data folder (or the label file's), relative to
+    it."""
+    rel = os.path.relpath(path, data_root(data))
     return path if rel.startswith("..") else rel
 
 

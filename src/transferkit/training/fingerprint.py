@@ -20,7 +20,7 @@ import torch
 
 from ..config import TrainConfig
 from ..data import heldout
-from ..data.sources import is_named
+from ..data.sources import data_root, is_named
 from ..data.splits import DataSource
 from ..errors import TransferkitError
 
@@ -50,7 +50,7 @@ def data_listing(data: DataSource, where: str) -> dict[str, Any]:
                 size = p.stat().st_size
             except OSError:
                 size = -1
-            rows.append([os.path.relpath(p, where), size, digests.get(str(p)), label])
+            rows.append([os.path.relpath(p, data_root(where)), size, digests.get(str(p)), label])
         files[split] = rows
     return {"classes": data.classes, "files": files}
 
