@@ -79,10 +79,11 @@ def test_each_bad_row_is_refused_by_line(cifar_csv, tmp_path, bad, said):
 def test_split_values_headers_and_encoding(cifar_csv, tmp_path):
     rows = _good_rows(cifar_csv)
     table = _table(tmp_path, cifar_csv, ["path,label,split", *(r + ",train" for r in rows),
-                                          rows[0] + ",validation"])
+                                          rows[0] + ",validation", rows[1]])
     proc = run_cli("train", "--data", table, *TINY, "--out", tmp_path / "r1")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "2 bad row(s)" in proc.stderr
     assert f"line {len(rows) + 2}: split 'validation' is not train, val or test" in proc.stderr
+    assert f"line {len(rows) + 3}: empty split (train, val or test)" in proc.stderr  # a short row
     table.write_text("path,lable\n" + "".join(r + "\n" for r in rows))
     proc = run_cli("train", "--data", table, *TINY, "--out", tmp_path / "r2")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

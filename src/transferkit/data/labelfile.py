@@ -109,7 +109,8 @@ def _records(table: Path, lines: list[str],
             header = [v.strip().lower() for v in values]
             yield reader.line_num, header
             continue
-        yield reader.line_num, dict(zip(header, (v.strip() for v in values)))
+        values = [v.strip() for v in values] + [""] * (len(header) - len(values))  # a short row
+        yield reader.line_num, dict(zip(header, values))
 
 
 def _json_records(lines: list[str],
@@ -165,6 +166,7 @@ def _row(line: int, record: dict[str, str] | list[str], base: str, allow_outside
     inside = os.path.commonpath([full, base]) == base
     why = ("empty path" if not path else
            "empty label" if not label else
+           "empty split (train, val or test)" if "split" in record and not split else
            f"split '{split}' is not train, val or test" if "split" in record
            and split not in SPLITS else
            f"path {path} is outside {base} (pass {OUTSIDE_FLAG} to allow it)"
