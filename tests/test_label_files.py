@@ -109,6 +109,11 @@ def test_skip_bad_rows_lists_them_in_skipped_txt(cifar_csv, tmp_path):
     assert [line.split("\t")[0] for line in skipped] == [f"{table}:{n + 1}", f"{table}:{n + 2}", f"{table}:{n + 3}"]
     assert "file img/cat/gone.png not found" in skipped[0] and "not JSON" in skipped[1]
     assert "not a JSON object" in skipped[2]
+    ev = run_cli("eval", tmp_path / "run", "--split", "val")  # reads the table as the run did
+    assert ev.returncode == 0, ev.stderr
+    (tmp_path / "labels.jsonl").write_bytes(b"\xff" + table.read_bytes())
+    proc = run_cli("train", "--data", table, *TINY, "--out", tmp_path / "r2")
+    assert proc.returncode == 2 and f"line 1 of {table} (the header) is not UTF-8 text" in proc.stderr
 
 
 def test_outside_paths_with_the_flag(cifar_csv, tmp_path):

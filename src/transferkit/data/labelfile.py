@@ -59,7 +59,7 @@ def read_table(table: Path, *, allow_outside: bool = False) -> Table:
         raise TransferkitError(f"label file {table} could not be read ({e.strerror or e}); "
                                "check its path and permissions") from None
     bad: list[tuple[int, str]] = []
-    lines = _decoded_lines(raw.removeprefix(b"\xef\xbb\xbf"), bad)
+    lines = _decoded_lines(table, raw.removeprefix(b"\xef\xbb\xbf"), bad)
     records = _records(table, lines, bad)
     header = next(records, None)
     if header is None:
@@ -75,7 +75,7 @@ def read_table(table: Path, *, allow_outside: bool = False) -> Table:
     return Table(sorted(rows.values(), key=lambda r: r.line), sorted(bad), has_split)
 
 
-def _decoded_lines(raw: bytes, bad: list[tuple[int, str]]) -> list[str]:
+def _decoded_lines(table: Path, raw: bytes, bad: list[tuple[int, str]]) -> list[str]:
     """The table's lines as text; a line that is not UTF-8 is a bad row (and reads empty)."""
     lines = []
     for i, chunk in enumerate(raw.split(b"\n"), 1):
@@ -83,7 +83,7 @@ def _decoded_lines(raw: bytes, bad: list[tuple[int, str]]) -> list[str]:
             lines.append(chunk.decode("utf-8").rstrip("\r") + "\n")
         except UnicodeDecodeError as e:
             if i == 1:
-                raise TransferkitError(f"line 1 (the header) is not UTF-8 text (byte 0x"
+                raise TransferkitError(f"line 1 of {table} (the header) is not UTF-8 text (byte 0x"
                                        f"{chunk[e.start]:02x} at column {e.start + 1}); save the "
                                        "table as UTF-8") from None
             bad.append((i, f"not UTF-8 text (byte 0x{chunk[e.start]:02x} at column "
