@@ -137,7 +137,17 @@ def test_resume_on_an_edited_label_file_is_refused_naming_the_file(cifar_csv, tm
     table.write_text("\n".join([lines[0], f"{moved},ship", *lines[2:]]) + "\n")
     proc = run_cli("train", "--resume", out, "--epochs", "2")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "changed" in proc.stderr and moved in proc.stderr, proc.stderr
+    assert f"changed in {table} since the run started (first: {moved}, line 2 of labels.csv)" in proc.stderr, \
+        proc.stderr
+
+
+def test_a_row_given_twice_is_kept_once_and_said(cifar_csv, tmp_path):
+    rows = _good_rows(cifar_csv)
+    table = _table(tmp_path, cifar_csv, ["path,label", *rows, rows[4]])
+    proc = run_cli("train", "--data", table, *TINY, "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    assert f"line {len(rows) + 2} repeats line 6 (same file, label and split): kept once" in proc.stderr
+    assert f"{table}: {len(rows)} rows, 3 classes" in proc.stderr
 
 
 def test_leakage_across_the_split_column_is_found_and_deduped(cifar_csv, tmp_path):

@@ -212,6 +212,17 @@ def check_rows(table: Path, read: Table, skip: bool) -> list[tuple[str, str]]:
     return [(f"{table}:{line}", why) for line, why in read.bad]
 
 
+def row_of(data: str, path: str) -> str:
+    """Where a label file names `path` (relative to its folder): ", line N of labels.csv", or
+    nothing (a folder, or a row that is gone)."""
+    table = Path(data).expanduser()
+    if not is_label_file(table) or not table.is_file():
+        return ""
+    full = os.path.normpath(os.path.abspath(table.parent / path))
+    lines = [r.line for r in read_table(table, allow_outside=True).rows if r.path == full]
+    return f", line {lines[0]} of {table.name}" if lines else ""
+
+
 def table_splits(table: Path) -> list[str]:
     """The splits a label file lays out (train, and val/test where its split column names them)."""
     found = {r.split for r in read_table(table, allow_outside=True).rows} | {"train"}

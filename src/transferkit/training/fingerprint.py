@@ -20,6 +20,7 @@ import torch
 
 from ..config import TrainConfig
 from ..data import heldout
+from ..data.labelfile import row_of
 from ..data.sources import data_root, is_named
 from ..data.splits import DataSource
 from ..errors import TransferkitError
@@ -138,8 +139,8 @@ def check_data(recorded: dict[str, Any], listing: dict[str, Any], splits: dict[s
                     verb = {"gone": "is gone", "new": "was added", "changed": "changed"}[what]
                 raise TransferkitError(
                     f"{n} {word} image{'s' if n != 1 else ''} {verb} in {data} since the run "
-                    f"started (first: {paths[0]}); restore the files to resume it, or start a "
-                    "new run on the data as it is now")
+                    f"started (first: {paths[0]}{row_of(data, paths[0])}); restore the files "
+                    "to resume it, or start a new run on the data as it is now")
     was = recorded.get("splits")
     if was and all(isinstance(v, list) for v in was.values()):  # an older last.pt: its own record
         splits = _legacy_splits_of(source)
