@@ -21,7 +21,6 @@ from ..data.sources import inverse_frequency
 from ..data.splits import DataSource, Split
 from ..data.transforms import batches
 from ..errors import Interrupted
-from ..files import atomic_write
 from ..logs import EpochProgress
 from ..report import classification_metrics, lr_range, write_metrics
 from ..runtime import SINGLE, Compute, Dist, StopFlag
@@ -29,7 +28,7 @@ from . import engine
 from .averaging import WeightAverage
 from .features import Stage
 from .plan import Plan, param_groups
-from .runfolder import resume_command
+from .runfolder import add_skipped, resume_command
 from .state import Tally, TrainState, lr_factor, new_state
 from .summary import val_line
 
@@ -260,11 +259,8 @@ def record_unread(job: Job, out: Path, epoch: int | str, word: str,
     log.warning("%s: left out %d %s image(s) that could no longer be read, e.g. %s (%s); "
                 "listed in %s", when, len(unread), word, *unread[0], out / runfiles.SKIPPED)
     if job.hw.dist.main:
-        path = out / runfiles.SKIPPED
-        old = path.read_text() if path.is_file() else ""
-        listed = {line.split("\t")[0] for line in old.splitlines()}
-        atomic_write(path, old + "".join(f"{f}\t{why} (could no longer be read: {word}, {when})\n"
-                                         for f, why in unread if f not in listed))
+        add_skipped(out, [(f, f"{why} (could no longer be read: {word}, {when})")
+                          for f, why in unread])
 
 
 def held_out_read(job: Job, out: Path, final: Split, staged: Split | None,

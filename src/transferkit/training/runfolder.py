@@ -273,17 +273,20 @@ def begin_writing(out: Path, cfg: TrainConfig, overwrite: bool, skipped: list[tu
         _remove_exports(out)
     atomic_write(out / runfiles.CONFIG, cfg.to_yaml(requested))
     if skipped:
-        # a resumed run keeps the files its earlier epochs could no longer read
-        listed = {p for p, _ in skipped}
-        kept = [line + "\n" for line in _read_lines(out / runfiles.SKIPPED)
-                if line.split("\t")[0] not in listed]
-        atomic_write(out / runfiles.SKIPPED, "".join(f"{p}\t{r}\n" for p, r in skipped)
-                     + "".join(kept))
+        add_skipped(out, skipped)
         log.warning("%d unreadable files skipped; list in %s", len(skipped), out / runfiles.SKIPPED)
 
 
-def _read_lines(path: Path) -> list[str]:
-    return path.read_text(errors="replace").splitlines() if path.is_file() else []
+def add_skipped(out: Path, rows: list[tuple[str, str]]) -> None:
+    """Add (path, why) rows to the run's skipped.txt, one `path<TAB>why` line each: the lines
+    already there stay (a resumed run keeps what its earlier epochs could no longer read), and a
+    path already listed is not listed again."""
+    path = out / runfiles.SKIPPED
+    old = path.read_text(errors="replace") if path.is_file() else ""
+    listed = {line.split("\t")[0] for line in old.splitlines()}
+    new = "".join(f"{f}\t{why}\n" for f, why in dict(rows).items() if f not in listed)
+    if new:
+        atomic_write(path, old + new)
 
 
 def _remove_exports(out: Path) -> None:
