@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import logging
 import os
@@ -108,6 +109,18 @@ def cifar_small(tmp_path_factory) -> Path:
     link_subset(SHARED_CIFAR / "train", root / "train", 40)
     link_subset(SHARED_CIFAR / "test", root / "test", 20)
     return root
+
+
+@pytest.fixture(scope="session")
+def mosaic_csv(tmp_path_factory) -> Path:
+    """A multi-label label file on real pixels: 160 2x2 mosaics of CIFAR-10 test tiles (benchmarks/multilabel.py),
+    columns path,labels (the classes present, ';'-separated); returns the csv's path."""
+    if not (SHARED_CIFAR / "test").is_dir():
+        pytest.skip(f"shared CIFAR-10 folder not found at {SHARED_CIFAR} (the mosaics are built from its test split)")
+    spec = importlib.util.spec_from_file_location("multilabel_bench", ROOT / "benchmarks" / "multilabel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_mosaics(SHARED_CIFAR, tmp_path_factory.mktemp("mosaics"), count=160, seed=0)
 
 
 @pytest.fixture(scope="session")
