@@ -58,7 +58,9 @@ def run_seed(flags: list[str], seed: int, out: Path) -> dict[str, Any]:
                          f"{proc.stderr.strip()[-2000:]}")
     report = json.loads((out / "report.json").read_text())
     card = json.loads((out / "model.json").read_text())
-    return {"seed": seed, "out": str(out), "accuracy": report["accuracy"], "seconds": seconds,
+    multilabel = report.get("task") == "multilabel"  # its headline is mAP, held in "accuracy" here
+    return {"seed": seed, "out": str(out), "accuracy": report["map" if multilabel else "accuracy"],
+            "metric": "mAP" if multilabel else "accuracy", "seconds": seconds,
             "precision": card.get("precision"), "measured_on": report.get("measured_on")}
 
 
@@ -70,7 +72,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def summarize(label: str, flags: list[str], runs: list[dict[str, Any]]) -> dict[str, Any]:
     acc, acc_std = mean_std([100 * r["accuracy"] for r in runs])
     sec, sec_std = mean_std([r["seconds"] for r in runs])
-    return {"label": label, "flags": shlex.join(flags), "seeds": [r["seed"] for r in runs], "accuracy_mean": acc,
+    return {"label": label, "flags": shlex.join(flags), "seeds": [r["seed"] for r in runs],
+            "metric": runs[0].get("metric", "accuracy"), "accuracy_mean": acc,
             "accuracy_std": acc_std, "seconds_mean": sec, "seconds_std": sec_std,
             "precision": sorted({str(r["precision"]) for r in runs}), "runs": runs}
 
@@ -128,11 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             r = run_seed(flags, seed, args.out / slug(label) / f"seed-{seed}")
-            print(f"  {label} seed {seed}: {100 * r['accuracy']:.2f}% in {r['seconds']:.1f} s ({r['precision']})",
-                  flush=True)
+            print(f"  {label} seed {seed}: {100 * r['accuracy']:.2f}% in {r['seconds']:.1f} s "
+                  f"({r['precision']})", flush=True)
             runs.append(r)
         results.append(summarize(label, flags, runs))
-    print("\n| recipe | test accuracy (%) | wall time (s) | seeds | precision |\n| --- | --- | --- | --- | --- |")
+    print(f"\n| recipe | test {results[0]['metric']} (%) | wall time (s) | seeds | precision |\n"
+          "| --- | --- | --- | --- | --- |")
     for s in results:
         print(f"| {s['label']} | {s['accuracy_mean']:.2f} ± {s['accuracy_std']:.2f} | "
               f"{s['seconds_mean']:.1f} ± {s['seconds_std']:.1f} | {len(s['seeds'])} | {', '.join(s['precision'])} |")

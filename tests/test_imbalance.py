@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 import transferkit.training.fit as fit
-import transferkit.training.loop as loop
 from conftest import SHARED_CIFAR, link_subset, run_cli
 from test_faults import kill_and_resume, start
 from transferkit import TrainConfig, train
 from transferkit.report import accuracy_line, classification_metrics
+from transferkit.task import Task
 
 CLASSES = ["airplane", "cat", "ship"]
 
@@ -144,7 +144,7 @@ def test_balanced_sampler_draws_repeat_with_the_seed_in_a_finetune(lopsided, tmp
 def scripted(monkeypatch, figures):
     """The epochs' validation figures taken from `figures` (one dict per epoch) instead of measured."""
     it = iter(figures)
-    monkeypatch.setattr(loop, "_val_figures", lambda logits, labels, classes: dict(next(it)))
+    monkeypatch.setattr(Task, "val_figures", lambda self, logits, labels, classes: dict(next(it)))
 
 
 def figs(acc, bal, f1, loss):

@@ -57,6 +57,9 @@ class ModelCard:
     batch_size: int | None = None
     sha256: str | None = None  # of model.safetensors
     temperature: float = 1.0  # probabilities are softmax(logits / temperature); --calibrate fits it
+    task: str = "single"  # or "multilabel": a sigmoid per label (task.py)
+    # multi-label: each label is answered when its sigmoid is >= its threshold (chosen on val)
+    thresholds: list[float] | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.arch, str) and isinstance(self.head, str)
@@ -70,6 +73,14 @@ class ModelCard:
         if (isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float))
                 or not (0 < self.temperature < float("inf"))):
             raise ValueError(f"temperature must be a positive number, not {self.temperature!r}")
+        if self.task not in ("single", "multilabel"):
+            raise ValueError(f"task must be single or multilabel, not {self.task!r}")
+        if self.thresholds is not None and not (
+                isinstance(self.thresholds, list) and len(self.thresholds) == len(self.classes)
+                and all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1
+                        for t in self.thresholds)):
+            raise ValueError(f"thresholds must be one number in [0, 1] per class, not "
+                             f"{self.thresholds!r}")
 
     @property
     def num_classes(self) -> int:

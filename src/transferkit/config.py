@@ -25,7 +25,8 @@ Precision = Literal["auto", "bf16", "fp32"]
 ClassWeights = Literal["none", "auto"]
 Stream = Literal["auto", "always", "never"]
 BatchNorm = Literal["train", "frozen", "sync"]
-SelectBy = Literal["accuracy", "balanced-accuracy", "macro-f1", "loss"]
+SelectBy = Literal["accuracy", "balanced-accuracy", "macro-f1", "loss", "map"]
+Task = Literal["auto", "single", "multilabel"]
 Sampler = Literal["none", "balanced"]
 AugmentPolicy = Literal["none", "trivialaugment", "randaugment"]
 
@@ -117,6 +118,10 @@ class TrainConfig:
         None, "data", "an image folder (root/<class>/ or root/train/<class>/ with val/ "
         "or test/), a label file (.csv, .tsv, .jsonl with columns path,label[,split]) or one of "
         "cifar10, cifar100, fashion-mnist, mnist", "DATA")
+    task: Task = _setting(
+        "auto", "data", "single: one class per image (softmax); multilabel: any set of labels per "
+        "image (sigmoid head, mAP; a label file's labels column, ';' between labels); auto: "
+        "multilabel when a row of the label file carries several labels")
     data_dir: str | None = _setting(
         None, "data", "where named data sets are read from or downloaded to", "DIR",
         "~/.cache/transferkit/data")
@@ -200,7 +205,8 @@ class TrainConfig:
         0, "training", "seeds the split, the order, the augmentation and the new head", "N")
     select_by: SelectBy = _setting(
         "accuracy", "training", "the validation metric that picks the best epoch "
-        "(balanced-accuracy or macro-f1 for imbalanced data)")
+        "(balanced-accuracy or macro-f1 for imbalanced data; map for multi-label, where "
+        "accuracy means map)")
     patience: int | None = _setting(
         None, "training", "stop when --select-by has not improved for N epochs", "N",
         "train every epoch")

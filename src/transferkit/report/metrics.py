@@ -25,8 +25,9 @@ class RunResult:
     main: bool = True  # this process speaks for the job (rank 0 under torchrun)
 
     @property
-    def accuracy(self) -> float:
-        return self.metrics["accuracy"]
+    def accuracy(self) -> float | None:
+        """Single-label: the accuracy (multi-label runs have none: see metrics["map"])."""
+        return self.metrics.get("accuracy")
 
 
 TOP_K = 5  # metrics["top5"]: None with TOP_K classes or fewer, where every image is "in the top 5"
@@ -80,7 +81,10 @@ def measured_on(split, data: str, image_size: int, *, tta: bool = False, note: s
 
 def accuracy_line(metrics: dict[str, Any]) -> str:
     """'accuracy 91.20% (top-5 99.10%), balanced accuracy 90.80%, macro-F1 90.75%' as the CLI
-    prints it; top-5 only where it is not 100% by construction."""
+    prints it; top-5 only where it is not 100% by construction. Multi-label: mAP first."""
+    if metrics.get("task") == "multilabel":
+        from .multilabel import figures_line
+        return figures_line(metrics)
     top5 = metrics.get("top5")
     line = f"accuracy {100 * metrics['accuracy']:.2f}%" + (
         "" if top5 is None else f" (top-5 {100 * top5:.2f}%)")

@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -19,6 +18,7 @@ from ..data.transforms import num_batches
 from ..errors import TransferkitError
 from ..models import train_mode
 from ..runtime import SINGLE, Dist, autocast
+from ..task import ONE_CLASS, Task
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class StepSetup:
     batchnorm: str = "train"
     dist: Dist = SINGLE
     mixing: Mixing | None = None  # --mixup / --cutmix
+    task: Task = ONE_CLASS  # its loss (class_weights: multi-label, each label's positive weight)
 
     def __post_init__(self) -> None:
         # the weights once on the cpu too, to weigh each batch's labels there
@@ -70,7 +71,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, im
     own rows, so neither the crops nor the step depend on how the batch is split.
     """
     n, d = labels.shape[0], s.dist
-    norm = float(n) if s.class_weights is None else s._cpu_weights[labels].sum().item()
+    norm = s.task.norm(labels, s._cpu_weights)
     passes = micro_batches(d.shard(n), s.micro_batch, -(-n // d.world))
     mix = s.mixing.draw(n, generator) if s.mixing is not None else None
     fork = (generator.get_state()
@@ -85,7 +86,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, im
         loss_sum += loss.detach().double()
         # with mixed targets, a right answer is the label with the larger share
         # (mixup's usual train accuracy)
-        correct += (logits.argmax(1) == (y if lam >= 0.5 else y2)).sum()
+        correct += s.task.correct(logits, y if lam >= 0.5 else y2)
     optimizer.step()
     scheduler.step()
     return StepFigures(0, loss_sum * (n / d.world), correct, passes[-1].stop - passes[0].start)
@@ -129,9 +130,8 @@ def _pass_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, y2: torch
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, s: StepSetup) -> torch.Tensor:
-    """The summed cross-entropy of a pass (weighted, smoothed as set up)."""
-    return F.cross_entropy(logits, y, weight=s.class_weights, label_smoothing=s.label_smoothing,
-                           reduction="sum")
+    """The summed loss of a pass (weighted, smoothed as set up)."""
+    return s.task.loss(logits, y, weights=s.class_weights, smoothing=s.label_smoothing)
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches: Batches,
@@ -160,12 +160,13 @@ def micro_batches(rows: slice, size: int | None, largest: int | None = None) -> 
 def evaluate(model: nn.Module, split: Split, transform: Transform, *, batch_size: int,
              device: torch.device, precision: str, tta: bool = False, dist: Dist = SINGLE,
              workers: int = 0, desc: str | None = None, show: bool | None = None,
-             unread: list[tuple[str, str]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             unread: list[tuple[str, str]] | None = None,
+             task: Task = ONE_CLASS) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 logits (on the cpu) and labels of a whole split, in eval mode; `tta`: mirror test-time
-    augmentation. Under torchrun each process runs a share and every process gets all rows; rank 0
-    alone shows a progress bar (`show` overrides). A file of a streamed split that can no longer be
-    read is never scored: its row is left out and the file added to `unread` (path, why), on every
-    process (a warning when `unread` is None)."""
+    augmentation (as `task` combines the two). Under torchrun each process runs a share and every
+    process gets all rows; rank 0 alone shows a progress bar (`show` overrides). A file of a
+    streamed split that can no longer be read is never scored: its row is left out and the file
+    added to `unread` (path, why), on every process (a warning when `unread` is None)."""
     show = dist.main if show is None else show
     lost: list[tuple[str, str]] = []
 
@@ -177,7 +178,8 @@ def evaluate(model: nn.Module, split: Split, transform: Transform, *, batch_size
                                    disable=True if not show else None):
             if len(labels):
                 x = transform(images.to(device, non_blocking=True))
-                out.append(infer(model, x, device=device, precision=precision, tta=tta).cpu())
+                out.append(infer(model, x, device=device, precision=precision, tta=tta,
+                                 task=task).cpu())
                 ys.append(labels)
         if not out:  # none of this share read: no rows, as wide as the model's answers
             blank = transform(torch.zeros((1, *part.images.shape[1:]), dtype=torch.uint8,
@@ -216,15 +218,15 @@ def sharded(fn: Callable[[Split], tuple[torch.Tensor, ...]], split: Split,
 
 
 def infer(model: nn.Module, x: torch.Tensor, *, device: torch.device, precision: str,
-          tta: bool = False) -> torch.Tensor:
-    """fp32 logits of a prepared batch;
-    with `tta`, the log of the mean probability of x and its mirror image."""
+          tta: bool = False, task: Task = ONE_CLASS) -> torch.Tensor:
+    """fp32 logits of a prepared batch; with `tta`, logits whose probabilities are the mean of
+    x's and its mirror image's."""
     with autocast(device, precision):
         logits = model(x).float()
         if not tta:
             return logits
         mirrored = model(x.flip(-1)).float()
-    return ((logits.softmax(1) + mirrored.softmax(1)) / 2).log()
+    return task.tta(logits, mirrored)
 
 
 # a pass of 16 images at 224 px keeps a CPU fine-tune under 3 GB

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .. import models, runfiles, runtime
+from .. import models, runfiles, runtime, task
 from ..arguments import checked
 from ..checkpoint import META_FILE, ModelCard, load_model_state, read_card, update_card
 from ..config import TrainConfig, requested_from
@@ -21,9 +21,10 @@ from ..data.transforms import EvalTransform
 from ..errors import TransferkitError
 from ..files import atomic_write
 from ..logs import run_logging
-from ..report import RunResult, calibration, classification_metrics, measured_on, write_report
+from ..report import RunResult, calibration, measured_on, multilabel, write_report
 from ..report.error_analysis import write_errors
 from ..runtime import Compute
+from ..task import task_of
 from . import engine, fingerprint, lr_find
 from .loop import Job, epochs, held_out_read, start_state, unread_setup
 from .plan import build_stage, check_progressive, frozen_blocks, make_plan, resolve_strategy
@@ -132,6 +133,7 @@ def prepare(cfg: TrainConfig, hw: Compute, out: Path | None, saved: dict[str, An
                      "(--backbone-lr-mult)", cfg.backbone_lr_mult)
         cfg, requested = _resolved(cfg, bb, pre, out, saved)
         data = _load_data(cfg, pre)
+        cfg = task.settle(cfg, data.multilabel)
         if not test:
             data.test = None
         cfg = resolve_strategy(cfg, len(data.train), requested)
@@ -180,12 +182,13 @@ def _load_data(cfg: TrainConfig, pre: Preprocessing) -> DataSource:
     src = sources.load_source(cfg.data, preprocessing=pre, data_dir=cfg.data_dir,
                               splits=("train", "val", "test"), workers=cfg.workers,
                               max_train_images=cfg.max_train_images, seed=cfg.seed,
-                              use_cache=cfg.cache, stream=cfg.stream,
+                              use_cache=cfg.cache, stream=cfg.stream, task=cfg.task,
                               **heldout.table_options(cfg))
     src.train, src.val, src.test = sources.train_val_test(src, cfg.val_split, cfg.seed)
     # after carving val: a copy may now be on both sides
     heldout.check_copies(src, dedupe=cfg.dedupe)
-    calibration.check_calibration_split(cfg.calibrate, src.val, cfg.data)
+    if not src.multilabel:  # task.settle refuses --calibrate for multi-label data
+        calibration.check_calibration_split(cfg.calibrate, src.val, cfg.data)
     if len(src.classes) < 2:
         raise TransferkitError(f"{cfg.data} has one class ({src.classes[0]}); a classifier needs "
                                "at least two")
@@ -195,7 +198,7 @@ def _load_data(cfg: TrainConfig, pre: Preprocessing) -> DataSource:
         raise TransferkitError("--patience watches a validation metric, and this run has no "
                                "validation split; use --val-split 0.1 (or a val/ folder), or drop "
                                "--patience")
-    counts = torch.bincount(src.train.labels, minlength=len(src.classes))
+    counts = task_of(src.train).counts(src.train.labels, len(src.classes))
     sources.warn_imbalance(counts, src.classes, cfg.class_weights, sampler=cfg.sampler,
                            select_by=cfg.select_by)
     return src
@@ -214,7 +217,7 @@ def _classifier(cfg: TrainConfig, bb: models.Backbone, pre: Preprocessing, class
         bb.model.to(memory_format=torch.channels_last)
     runtime.depthwise_in_fp32(bb.model, hw.device, hw.precision)
     return ModelCard(cfg.model, bb.head, classes, pre, bb.build_kwargs, bb.weights, cfg.data,
-                     cfg.strategy, hw.precision)
+                     cfg.strategy, hw.precision, task=cfg.task)
 
 
 def _train(job: Job, out: Path, saved: dict[str, Any] | None, prints: torch.Tensor) -> TrainState:
@@ -264,10 +267,11 @@ def _final_evaluation(job: Job, out: Path, state: TrainState) -> RunResult:
     best = load_model_state(out, read_card(out)) if hw.dist.main else None
     state.model.load_state_dict(hw.dist.share(best))  # rank 0's disk alone may hold them
     temperature = _calibrate(job, out) if cfg.calibrate else 1.0
+    thresholds = _thresholds(job, out) if card.task == task.MULTILABEL else None
     final, staged = (data.test, stage.test) if data.test is not None else (data.val, stage.val)
     unread: list[tuple[str, str]] = []  # files that went since the run started: never scored
     run = dict(device=hw.device, precision=hw.precision, tta=cfg.tta, dist=hw.dist,
-               workers=cfg.workers, unread=unread)
+               workers=cfg.workers, unread=unread, task=task_of(card))
     # cached features hold one view: the mirror image needs the whole model
     if cfg.tta and stage.cached:
         micro = engine.micro_batch_for(cfg.micro_batch, hw.device, card.preprocessing.image_size)
@@ -281,8 +285,11 @@ def _final_evaluation(job: Job, out: Path, state: TrainState) -> RunResult:
         logits, labels = engine.evaluate(stage.runner, staged, stage.eval_tf,
                                          batch_size=stage.eval_batch, **run)
     final, left_out = held_out_read(job, out, final, staged, unread)
-    metrics = classification_metrics(logits, labels, data.classes)
-    metrics["calibration"] = calibration.summary(logits, labels, temperature)
+    metrics = task_of(card).metrics(logits, labels, data.classes, thresholds)
+    if task_of(card).multilabel:
+        metrics["thresholds_chosen_on"] = "validation" if stage.val is not None else None
+    else:
+        metrics["calibration"] = calibration.summary(logits, labels, temperature)
     note = "; ".join(filter(None, (left_out, "" if data.test is not None else
                                    "no test split: the validation split, also used for model "
                                    "selection")))
@@ -291,13 +298,35 @@ def _final_evaluation(job: Job, out: Path, state: TrainState) -> RunResult:
         title = f"{cfg.model} on {cfg.data}"
         # the probabilities predict gives: calibrated by --calibrate's temperature
         errors = write_errors(out, "report", logits / temperature, labels, final, data.classes,
-                              card.preprocessing, title=title)
+                              card.preprocessing, title=title, thresholds=thresholds)
         setup = setup_section(cfg, card, state, data, hw, out, stage.cached)
         setup.update(unread_setup(state.history))
         report = write_report(out, metrics, title=title, measured_on=said, classes=data.classes,
                               setup=setup, history=state.history, errors=errors)
         log.info("report: %s", report)
     return RunResult(out, metrics, said, state.history, main=hw.dist.main)
+
+
+def _thresholds(job: Job, out: Path) -> list[float]:
+    """Multi-label: each label's threshold, the one that maximises its F1 on the validation split
+    (0.5 without one), in model.json."""
+    stage, hw = job.stage, job.hw
+    if stage.val is None:
+        chosen = [multilabel.DEFAULT_THRESHOLD] * job.card.num_classes
+        log.info("no validation split: every label's threshold is %g", chosen[0])
+    else:
+        logits, labels = engine.evaluate(stage.runner, stage.val, stage.eval_tf,
+                                         batch_size=stage.eval_batch, device=hw.device,
+                                         precision=hw.precision, dist=hw.dist,
+                                         workers=job.cfg.workers, task=task_of(job.card))
+        chosen = multilabel.choose_thresholds(logits, labels, job.card.classes)
+        log.info("thresholds chosen on the validation split to maximise each label's F1: %s",
+                 ", ".join(f"{c} {t:.2f}" for c, t in
+                           list(zip(job.card.classes, chosen))[:multilabel.NAMED])
+                 + (" ..." if job.card.num_classes > multilabel.NAMED else ""))
+    if hw.dist.main:
+        update_card(out, thresholds=chosen)
+    return chosen
 
 
 def _calibrate(job: Job, out: Path) -> float:

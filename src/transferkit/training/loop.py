@@ -22,8 +22,9 @@ from ..data.splits import DataSource, Split
 from ..data.transforms import batches
 from ..errors import Interrupted
 from ..logs import EpochProgress
-from ..report import classification_metrics, lr_range, write_metrics
+from ..report import lr_range, write_metrics
 from ..runtime import SINGLE, Compute, Dist, StopFlag
+from ..task import task_of
 from . import engine
 from .averaging import WeightAverage
 from .features import Stage
@@ -94,7 +95,7 @@ def epochs(job: Job, out: Path, state: TrainState, steps: int, drop_last: bool,
         log.info("epoch %d/%d  train_loss %.3f  %s  lr %s  %.0f s  %.0f img/s", epoch, cfg.epochs,
                  row["train_loss"], val_line(val, cfg.select_by), lr_range(row, "->"),
                  row["seconds"], row["img_per_s"])
-        _save(job, out, state, epoch, val["val_acc"], best)
+        _save(job, out, state, epoch, val.get("val_acc"), best)
         if dist.sum(float(stop.requested))[0] > 0 and epoch < cfg.epochs:
             raise Interrupted(f"interrupted after epoch {epoch}; checkpoint saved. "
                               f"Resume with: {resume_command(out, dist)}", dist.main)
@@ -304,11 +305,11 @@ def validate(job: Job, state: TrainState, runner: torch.nn.Module,
     if state.ema is not None:
         hw.dist.sync_buffers(state.ema.module)  # ... and so their averages
     if stage.val is None:
-        return dict.fromkeys(("val_acc", "val_balanced_acc", "val_macro_f1", "val_loss"))
+        return task_of(job.card).no_val_figures()
     logits, labels = engine.evaluate(runner, stage.val, stage.eval_tf, batch_size=stage.eval_batch,
                                      device=hw.device, precision=hw.precision, dist=hw.dist,
-                                     workers=job.cfg.workers, unread=unread)
-    return _val_figures(logits, labels, job.card.classes)
+                                     workers=job.cfg.workers, unread=unread, task=task_of(job.card))
+    return task_of(job.card).val_figures(logits, labels, job.card.classes)
 
 
 def _save(job: Job, out: Path, state: TrainState, epoch: int, val_acc: float | None,
@@ -354,7 +355,8 @@ def step_setup(job: Job, dist: Dist = SINGLE, mixing: Mixing | None = None) -> e
     weights = None if cfg.class_weights == "none" else \
         inverse_frequency(stage.train.labels, job.card.num_classes).to(hw.device)
     return engine.StepSetup(stage.train_tf, hw.device, hw.precision, stage.micro,
-                            cfg.label_smoothing, weights, cfg.batchnorm, dist, mixing)
+                            cfg.label_smoothing, weights, cfg.batchnorm, dist, mixing,
+                            task_of(job.card))
 
 
 def _sized(setup: engine.StepSetup, job: Job, epoch: int) -> engine.StepSetup:
@@ -382,14 +384,3 @@ def balanced_draws(labels: torch.Tensor, classes: int) -> torch.Tensor:
     inverse to its class's size (every class equally likely)."""
     counts = torch.bincount(labels, minlength=classes).double()
     return (1.0 / counts.clamp(min=1))[labels]
-
-
-def _val_figures(logits: torch.Tensor, labels: torch.Tensor,
-                 classes: list[str]) -> dict[str, float]:
-    """The epoch row's validation figures: what --select-by can choose from."""
-    m = classification_metrics(logits, labels, classes)
-    # plain NLL: no smoothing
-    loss = torch.nn.functional.cross_entropy(logits.float(), labels).item()
-    return {"val_acc": m["accuracy"], "val_balanced_acc": m["balanced_accuracy"],
-            "val_macro_f1": m["macro_f1"], "val_loss": loss}
-

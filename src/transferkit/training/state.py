@@ -206,7 +206,7 @@ class TrainState:
 
 # --select-by: the epoch row's figure it reads
 SELECTION = {"accuracy": "val_acc", "balanced-accuracy": "val_balanced_acc",
-             "macro-f1": "val_macro_f1", "loss": "val_loss"}
+             "macro-f1": "val_macro_f1", "loss": "val_loss", "map": "val_map"}
 
 
 def selection_score(row: dict[str, Any], select_by: str) -> float | None:

@@ -34,7 +34,11 @@ def setup_section(cfg: TrainConfig, card: ModelCard, state: TrainState, data: Da
              f"{cfg.min_delta:g} for {cfg.patience} epochs; "
              if state.stopped_early(cfg.patience) and last < cfg.epochs else "")
     decay = f", layer decay {cfg.layer_decay:g}" if cfg.layer_decay != 1 else ""
+    task = {"task": "multi-label: one sigmoid per label, binary cross-entropy" + (
+        " with each label's positives weighted by its negatives / positives (--class-weights "
+        "auto)" if cfg.class_weights == "auto" else "")} if card.task == "multilabel" else {}
     return {
+        **task,
         "model": f"{cfg.model}, weights {card.weights}", "strategy": strategy_line(cfg, data, out),
         "epochs": f"{cfg.epochs} ({early}selected: epoch {state.best_epoch}{where})",
         "sampler": "balanced (each class drawn equally often)" if cfg.sampler == "balanced" else
@@ -114,7 +118,15 @@ def crop_line(crop_scale: float) -> str:
 
 
 def val_line(val: dict[str, float | None], select_by: str) -> str:
-    """'val_acc 91.20%  val_bal_acc 88.10%' (and the selection metric where it is another)."""
+    """'val_acc 91.20%  val_bal_acc 88.10%' (and the selection metric where it is another);
+    multi-label: 'val_mAP 81.20%  val_macro_f1 70.10%'."""
+    if "val_map" in val:
+        if val["val_map"] is None:
+            return "val_mAP -"
+        f1 = val["val_macro_f1"]
+        line = (f"val_mAP {100 * val['val_map']:.2f}%  val_macro_f1 "
+                + ("-" if f1 is None else f"{100 * f1:.2f}%"))
+        return line + (f"  val_loss {val['val_loss']:.4f}" if select_by == "loss" else "")
     if val["val_acc"] is None:
         return "val_acc -"
     line = f"val_acc {100 * val['val_acc']:.2f}%  val_bal_acc {100 * val['val_balanced_acc']:.2f}%"
