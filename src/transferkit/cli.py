@@ -209,7 +209,8 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
                     "model.onnx written by 'transferkit export' (run by onnxruntime)")
     pr.add_argument("paths", nargs="+", help="image files and/or folders")
     pr.add_argument("--topk", type=int, default=3,
-                    help="how many classes to show per image (default: 3)")
+                    help="how many classes to show per image (default: 3); a multi-label model "
+                         "shows every label at or above its threshold, and these top ones")
     pr.add_argument("--batch-size", type=int, default=32,
                     help="images decoded and predicted at a time; memory holds one batch "
                          "(default: 32)")
@@ -222,7 +223,8 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pr.add_argument("--csv", type=Path, metavar="FILE",
                     help="also write the predictions to FILE as CSV: file, class_1, prob_1, ... "
-                         "class_k, prob_k")
+                         "class_k, prob_k (multi-label: file, labels, probs, label_1, prob_1, ...; "
+                         "labels and probs ';'-joined)")
     add_test_time_options(pr)
 
 
@@ -472,12 +474,12 @@ def _predict(args: argparse.Namespace) -> int:
     predictor = _load_predictor(args)
     # The CSV is held in memory (beside `results`, which --json needs whole) and written at the
     # end in one atomic step: a run stopped or failed midway leaves no half-written file.
-    table, writer = _csv_table(args, predictor.classes)
+    table, writer = _csv_table(args, predictor.classes, predictor.task.multilabel)
     files, errors = _image_files(args.paths)
     results, unreadable = _classify(predictor, files, args, writer)
     errors += unreadable
     if args.json:
-        print(json.dumps({"predictions": results,
+        print(json.dumps({**_task_json(predictor), "predictions": results,
                           "errors": [{"file": p, "reason": r} for p, r in errors]}, indent=2))
     if not results:
         print("error: no image could be read", file=sys.stderr)
@@ -506,16 +508,52 @@ def _load_predictor(args: argparse.Namespace):
                               tta=args.tta, precision=args.precision)
 
 
-def _csv_table(args: argparse.Namespace, classes: Sequence[str]):
+def _task_json(predictor) -> dict[str, typing.Any]:
+    """--json of a multi-label model: its task and each label's threshold; else nothing."""
+    if not predictor.task.multilabel:
+        return {}
+    from .report.multilabel import DEFAULT_THRESHOLD
+
+    cut = predictor.thresholds or [DEFAULT_THRESHOLD] * len(predictor.classes)
+    return {"task": "multilabel", "thresholds": dict(zip(predictor.classes, cut))}
+
+
+def _csv_table(args: argparse.Namespace, classes: Sequence[str], multilabel: bool = False):
     """For --csv, an in-memory table with its header row and its writer; else (None, None)."""
     if args.csv is None:
         return None, None
     table = io.StringIO()
     k = max(1, min(args.topk, len(classes)))
     writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["file", *(f"{what}_{i}" for i in range(1, k + 1)
-                               for what in ("class", "prob"))])
+    first = ("label", "prob") if multilabel else ("class", "prob")
+    writer.writerow(["file", *(("labels", "probs") if multilabel else ()),
+                     *(f"{what}_{i}" for i in range(1, k + 1) for what in first)])
     return table, writer
+
+
+def _answer_cells(answer) -> list[str]:
+    """An image's --csv cells after its file: (multi-label: its labels and their probabilities,
+    ';'-joined, empty for none) then the top-k's label, probability pairs."""
+    from .predict import LabelSet
+
+    top = answer.top if isinstance(answer, LabelSet) else answer
+    cells = [v for c, p in top for v in (c, f"{p:.6g}")]
+    if isinstance(answer, LabelSet):
+        cells[:0] = [";".join(c for c, _ in answer.labels),
+                     ";".join(f"{p:.6g}" for _, p in answer.labels)]
+    return cells
+
+
+def _answer_line(answer) -> str:
+    """An image's printed answer: its top classes; multi-label: its labels at or above their
+    thresholds (or that none is), then its top-k."""
+    from .predict import LabelSet
+
+    if not isinstance(answer, LabelSet):
+        return ", ".join(f"{c} {100 * p:.1f}%" for c, p in answer)
+    said = ", ".join(f"{c} {100 * p:.1f}%" for c, p in answer.labels)
+    top = ", ".join(f"{c} {100 * p:.1f}%" for c, p in answer.top)
+    return f"{said or 'no label at or above its threshold'}  (top {len(answer.top)}: {top})"
 
 
 def _image_files(paths: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -536,6 +574,8 @@ def _classify(predictor, files: list[Path], args: argparse.Namespace,
     """Each readable file's top classes, printed (unless --json) and written as each is ready."""
     from tqdm import tqdm
 
+    from .predict import as_record
+
     results, unreadable = [], []
     # Results are printed as each batch is ready; the bar shows only on a terminal (stderr), never
     # in a pipe.
@@ -548,12 +588,11 @@ def _classify(predictor, files: list[Path], args: argparse.Namespace,
                 unreadable.append((str(path), top))
                 bar.write(f"skipped {path}: {top}", file=sys.stderr)
                 continue
-            results.append({"file": str(path), "top": [{"class": c, "prob": p} for c, p in top]})
+            results.append(as_record(path, top))
             if writer is not None:
-                writer.writerow([str(path), *(v for c, p in top for v in (c, f"{p:.6g}"))])
+                writer.writerow([str(path), *_answer_cells(top)])
             if not args.json:
-                line = ", ".join(f"{c} {100 * p:.1f}%" for c, p in top)
-                bar.write(f"{path}: {line}", file=sys.stdout)
+                bar.write(f"{path}: {_answer_line(top)}", file=sys.stdout)
     return results, unreadable
 
 

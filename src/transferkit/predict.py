@@ -1,4 +1,5 @@
-"""Predictor: top-k of a run folder on image files, folders, PIL images and arrays."""
+"""Predictor: top-k of a run folder on image files, folders, PIL images and arrays; a multi-label
+run's answer is every label above its threshold (LabelSet)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from .data.preprocess import Preprocessing, resolve_preprocessing
 from .errors import TransferkitError
 from .models import check_model_name, check_side, create_backbone, rebuild
 from .runtime import kept_generators, pick_device, resolve_precision
+from .task import Task, task_of
 from .training.engine import infer
 
 log = logging.getLogger(__name__)
@@ -27,15 +29,34 @@ log = logging.getLogger(__name__)
 ImageLike = str | Path | Image.Image | torch.Tensor | np.ndarray
 
 
+class LabelSet(NamedTuple):
+    """A multi-label model's answer for one image: `labels`, every (label, probability) whose
+    probability (its sigmoid) is >= the label's threshold, most probable first (empty: no label
+    reached its threshold); `top`, the k most probable (label, probability), whatever the
+    thresholds."""
+
+    labels: list[tuple[str, float]]
+    top: list[tuple[str, float]]
+
+
+Answer = list[tuple[str, float]] | LabelSet  # one image's: top-k (one class per image) or LabelSet
+
+
 class Predictor:
-    """A trained classifier with its preprocessing; call predict() on images or paths."""
+    """A trained classifier with its preprocessing; call predict() on images or paths.
+
+    `task`: "single" (one class per image: top-k of the softmax) or "multilabel" (a sigmoid per
+    label: each answer a LabelSet, a label answered when its probability is >= its `thresholds`
+    entry; None: 0.5 each)."""
 
     card: ModelCard | None = None  # a run's model.json (from_run); export writes it into its files
 
     @checked
     def __init__(self, model: torch.nn.Module, classes: Sequence[str], preprocessing: Preprocessing,
                  *, device: str | torch.device = "auto", precision: str = "auto", tta: bool = False,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, task: Literal["single", "multilabel"] = "single",
+                 thresholds: Sequence[float] | None = None) -> None:
+        self.task, self.thresholds = _task(task, thresholds, classes)
         self.device = pick_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
@@ -63,7 +84,8 @@ class Predictor:
         run_dir = Path(run_dir)
         card = card if card is not None else read_card(run_dir)
         pred = cls(_rebuild(run_dir, card), card.classes, _at_size(card, image_size), device=device,
-                   tta=tta, temperature=card.temperature,
+                   tta=tta, temperature=card.temperature, task=task_of(card).name,
+                   thresholds=card.thresholds,
                    # A run trained in fp32 is evaluated in fp32, so eval reproduces its report.
                    precision=precision or ("fp32" if card.precision == "fp32" else "auto"))
         pred.card = card
@@ -86,8 +108,9 @@ class Predictor:
     def predict(
         self, images: ImageLike | Iterable[ImageLike],
         topk: int = 5, batch_size: int = 32,
-    ) -> list[list[tuple[str, float]]]:
-        """Top-k (class, probability) for each image.
+    ) -> list[Answer]:
+        """Top-k (class, probability) for each image; a multi-label model's LabelSet (the labels
+        at or above their thresholds, and the top-k) for each image.
 
         Images are paths, PIL images, uint8 tensors (C, H, W) or arrays (H, W, C); float ones with
         values in [0, 1]. One path, one PIL image, one 2-D array or tensor and one 3-D one with 1 or
@@ -96,7 +119,7 @@ class Predictor:
         if _one_image(images):
             images = [images]
         k = self._k(topk, batch_size)
-        results: list[list[tuple[str, float]]] = []
+        results: list[Answer] = []
         # one batch at a time, as stored (at most the input side), on the CPU
         batch: list[torch.Tensor] = []
         for item in images:
@@ -107,11 +130,13 @@ class Predictor:
         return results + (self._top(batch, k) if batch else [])
 
     @torch.no_grad()
-    def _top(self, stored: list[torch.Tensor], k: int) -> list[list[tuple[str, float]]]:
-        """Top-k of a batch of stored images: as model input, the way eval feeds them (with --tta,
-        the mirror image averaged in as eval does)."""
+    def _top(self, stored: list[torch.Tensor], k: int) -> list[Answer]:
+        """The answers of a batch of stored images: as model input, the way eval feeds them (with
+        --tta, the mirror image averaged in as eval does)."""
         logits = infer(self._forward, self._input(stored), device=self.device,
-                       precision=self.precision, tta=self.tta)
+                       precision=self.precision, tta=self.tta, task=self.task)
+        if self.task.multilabel:
+            return label_sets(logits, self.classes, k, self.thresholds)
         return top_k(logits, self.classes, k, self.temperature)
 
     def _input(self, stored: list[torch.Tensor]) -> torch.Tensor:
@@ -126,15 +151,16 @@ class Predictor:
     def predict_paths(
         self, paths: Sequence[str | Path] | str | Path, topk: int = 5, batch_size: int = 32
     ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-        """Predict files and folders (searched recursively). Returns (results, [(path, reason)])."""
+        """Predict files and folders (searched recursively). Returns (results, [(path, reason)]):
+        each result {"file", "top": [{"class", "prob"}, ...]}, or for a multi-label model {"file",
+        "labels": [{"label", "prob"}, ...] (those at or above their thresholds), "top": [...]}."""
         files, errors = expand_paths(paths)
         results = []
         for path, top in self.predict_files(files, topk=topk, batch_size=batch_size):
             if isinstance(top, str):
                 errors.append((str(path), top))
             else:
-                results.append({"file": str(path),
-                                "top": [{"class": c, "prob": p} for c, p in top]})
+                results.append(as_record(path, top))
         return results, errors
 
     def _k(self, topk: int, batch_size: int) -> int:
@@ -148,8 +174,9 @@ class Predictor:
     @checked
     def predict_files(
         self, files: Iterable[str | Path] | str | Path, topk: int = 5, batch_size: int = 32
-    ) -> Iterator[tuple[Path, list[tuple[str, float]] | str]]:
-        """(path, top-k) for each file in order, or (path, why it was skipped), a batch at a time.
+    ) -> Iterator[tuple[Path, Answer | str]]:
+        """(path, its answer as predict gives it) for each file in order, or (path, why it was
+        skipped), a batch at a time.
         One path alone is one path: a file, or a folder's image files (searched recursively).
 
         Each image is decoded, stored at the input side and its full-size pixels dropped before the
@@ -173,7 +200,7 @@ class Predictor:
         yield from self._answers(batch, k)
 
     def _answers(self, batch: list[tuple[Path, torch.Tensor | str]],
-                 k: int) -> Iterator[tuple[Path, list[tuple[str, float]] | str]]:
+                 k: int) -> Iterator[tuple[Path, Answer | str]]:
         stored = [t for _, t in batch if not isinstance(t, str)]
         tops = iter(self._top(stored, k) if stored else [])
         for path, t in batch:
@@ -187,6 +214,42 @@ def top_k(logits: torch.Tensor, classes: Sequence[str], k: int,
     p, idx = (logits.float() / temperature).softmax(1).cpu().topk(k, dim=1)
     return [[(classes[i], v) for v, i in zip(row_p, row_i)]
             for row_p, row_i in zip(p.tolist(), idx.tolist())]
+
+
+def label_sets(logits: torch.Tensor, classes: Sequence[str], k: int,
+               thresholds: Sequence[float] | None = None) -> list[LabelSet]:
+    """Each row's LabelSet: the labels whose sigmoid is >= their threshold (None: 0.5 each) and
+    the k most probable, both most probable first (equal ones in class order)."""
+    task = task_of("multilabel")
+    probs = task.probabilities(logits).cpu()
+    yes = task.answered(probs, None if thresholds is None else list(thresholds)).tolist()
+    order = torch.argsort(probs, dim=1, descending=True, stable=True).tolist()
+    return [LabelSet([(classes[j], p[j]) for j in idx if y[j]],
+                     [(classes[j], p[j]) for j in idx[:k]])
+            for p, y, idx in zip(probs.tolist(), yes, order)]
+
+
+def as_record(path: str | Path, answer: Answer) -> dict[str, Any]:
+    """One image's answer as JSON holds it (predict_paths, predict --json)."""
+    if isinstance(answer, LabelSet):
+        return {"file": str(path), "labels": [{"label": c, "prob": p} for c, p in answer.labels],
+                "top": [{"label": c, "prob": p} for c, p in answer.top]}
+    return {"file": str(path), "top": [{"class": c, "prob": p} for c, p in answer]}
+
+
+def _task(task: str, thresholds: Sequence[float] | None,
+          classes: Sequence[str]) -> tuple[Task, list[float] | None]:
+    """The Predictor's task and thresholds, or one sentence for thresholds that cannot be."""
+    if thresholds is None:
+        return task_of(task), None
+    cut = [float(t) for t in thresholds]
+    if task != "multilabel":
+        raise TransferkitError("thresholds are for a multi-label model (task='multilabel'); a "
+                               "model with one class per image answers its top-k")
+    if len(cut) != len(classes) or not all(0 <= t <= 1 for t in cut):
+        raise TransferkitError(f"thresholds: give {len(classes)} probabilities between 0 and 1, "
+                               f"one per class, not {cut}")
+    return task_of(task), cut
 
 
 def _one_image(images: Any) -> bool:
