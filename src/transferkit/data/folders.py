@@ -17,12 +17,13 @@ from .. import cache, runtime
 from ..errors import TransferkitError
 from .images import IMAGE_EXTENSIONS, UnreadableImage, image_size, walk_images
 from .preprocess import Preprocessing
-from .splits import DataSource, Split, stratified_subset
+from .splits import DataSource, LabelList, Split, label_counts, stratified_subset
 
 log = logging.getLogger(__name__)
 
-# a split's readable files: paths, labels, (width, height) and content hashes
-Listed = tuple[list[Path], list[int], list[tuple[int, int]], list[bytes]]
+# a split's readable files: paths, labels (class indices or multi-hot rows), (width, height) and
+# content hashes
+Listed = tuple[list[Path], LabelList, list[tuple[int, int]], list[bytes]]
 
 
 class FileImages:
@@ -141,7 +142,7 @@ def load_folder(root: Path, pre: Preprocessing, splits: Sequence[str], *, worker
 
 
 def load_listed(out: DataSource, where: dict[str, Path],
-                lists: dict[str, tuple[list[Path], list[int]]], pre: Preprocessing, *,
+                lists: dict[str, tuple[list[Path], LabelList]], pre: Preprocessing, *,
                 workers: int, max_train: int | None, seed: int, use_cache: bool,
                 stream: str) -> DataSource:
     """`out` with the splits of `lists` ({split: (files, labels)}, `where` each was listed from:
@@ -161,7 +162,7 @@ def load_listed(out: DataSource, where: dict[str, Path],
     return out
 
 
-def _list_split(split: str, path: Path, paths: list[Path], labels: list[int], out: DataSource, *,
+def _list_split(split: str, path: Path, paths: list[Path], labels: LabelList, out: DataSource, *,
                 workers: int, max_train: int | None, seed: int, use_cache: bool) -> Listed:
     """A split's readable files (paths, labels, sizes, hashes), recorded in `out.listed`."""
     classes = out.classes
@@ -169,7 +170,7 @@ def _list_split(split: str, path: Path, paths: list[Path], labels: list[int], ou
     if not paths:
         raise TransferkitError(f"no image files under {path} "
                                f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    empty = [c for i, c in enumerate(classes) if i not in set(labels)]
+    empty = _without_images(classes, labels)
     if split == "train" and empty:
         raise TransferkitError(f"class folder(s) without images in {path}: "
                                f"{', '.join(empty)}; a class needs training images: add some, "
@@ -213,7 +214,7 @@ def _decoded_split(split: str, path: Path, files: Listed, pre: Preprocessing, si
     decoded.files, decoded.hashes = [str(paths[i]) for i in kept], [hashes[i] for i in kept]
     assert len(decoded.files) == len(decoded), "decoded images and their files out of step"
     if split == "train":  # a class may have lost every file to pixels that did not decode
-        _check_every_class_reads(path, out.classes, decoded.labels.tolist())
+        _check_every_class_reads(path, out.classes, decoded.labels)
     return decoded
 
 
@@ -289,9 +290,20 @@ def file_hash(path: Path) -> bytes:
         return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=HASH_BYTES)).digest()
 
 
-def _check_every_class_reads(path: Path, classes: list[str], labels: list[int]) -> None:
+def _without_images(classes: list[str], labels: LabelList | torch.Tensor) -> list[str]:
+    """The classes no image of `labels` has (multi-label: the labels no image carries)."""
+    counts = label_counts(torch.as_tensor(labels, dtype=torch.int64), len(classes)).tolist()
+    return [c for c, n in zip(classes, counts) if n == 0]
+
+
+def _check_every_class_reads(path: Path, classes: list[str],
+                             labels: LabelList | torch.Tensor) -> None:
     """A class whose training files all failed to read would add an output that never trains."""
-    unread = [c for i, c in enumerate(classes) if i not in set(labels)]
+    unread = _without_images(classes, labels)
+    if unread and path.is_file():  # a label file
+        raise TransferkitError(f"label(s) of {path} without a readable training image: "
+                               f"{', '.join(unread)} (the warnings above say why each file was "
+                               "skipped); add images that open, or drop those labels")
     if unread:
         raise TransferkitError(f"class folder(s) in {path} without a readable image: "
                                f"{', '.join(unread)} (the warnings above say why each file was "
@@ -299,9 +311,9 @@ def _check_every_class_reads(path: Path, classes: list[str], labels: list[int]) 
 
 
 def _readable(
-    name: str, paths: list[Path], labels: list[int], workers: int, use_cache: bool,
+    name: str, paths: list[Path], labels: LabelList, workers: int, use_cache: bool,
     skipped: list[tuple[str, str]],
-) -> tuple[list[Path], list[int], list[tuple[int, int]], list[bytes]]:
+) -> Listed:
     """The files whose header reads as an image, with their labels, (width, height) and content
     hash; the rest are listed in `skipped` with the reason. Sizes and hashes are cached like decoded
     images (keyed by paths, sizes, mtimes); files that failed are read again each time (a permission

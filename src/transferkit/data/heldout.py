@@ -18,7 +18,7 @@ from ..errors import TransferkitError
 from ..files import atomic_write
 from .preprocess import Preprocessing
 from .sources import check_leakage, data_root, laid_out, load_source, shown_path, train_val_test
-from .splits import DataSource, Split
+from .splits import DataSource, Split, label_counts
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,12 @@ def fingerprint(split: Split, chunk: int = 256) -> str:
 def _summary(split: Split | None, classes: int) -> dict[str, Any] | None:
     if split is None:
         return None
-    return {"images": len(split),
-            "per_class": torch.bincount(split.labels, minlength=classes).tolist()}
+    return {"images": len(split),  # per_class: multi-label, each label's positives
+            "per_class": label_counts(split.labels, classes).tolist()}
 
 
 def _counts(identity: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A split's size and images per class, from its identity."""
+    """A split's size and images per class (multi-label: per label), from its identity."""
     return None if identity is None else {k: identity[k] for k in ("images", "per_class")}
 
 
@@ -82,6 +82,7 @@ def write_split_record(out: Path, data: str, src: DataSource, identities: dict[s
             val["files"] = [os.path.relpath(f, data_root(data)) for f in src.val.files]
     record = {
         "format": FORMAT, "data": data, "classes": src.classes,
+        "task": "multilabel" if src.multilabel else "single",  # how eval reads a label file
         "evaluate": "test" if src.test is not None else "val",
         # The rule: load train (a stratified subset of max_train_images with seed), hold out
         # val_split of each class, then (dedupe) drop every copy of a file filed under two classes
@@ -128,7 +129,8 @@ def carve(data: str, record: dict[str, Any], pre: Preprocessing, *, data_dir: st
     val)."""
     src = load_source(data, preprocessing=pre, data_dir=data_dir, splits=("train",),
                       workers=workers, max_train_images=record.get("max_train_images"),
-                      seed=int(record.get("seed", 0)), **table_options(record))
+                      seed=int(record.get("seed", 0)), task=recorded_task(record),
+                      **table_options(record))
     src.val = src.test = None
     src.train, src.val, _ = train_val_test(src, float(record["val_split"]),
                                            int(record.get("seed", 0)))
@@ -145,6 +147,12 @@ def table_options(settings: Any) -> dict[str, bool]:
     (a TrainConfig) or its split.json (a dict), so that eval reads the table alike."""
     get = settings.get if isinstance(settings, dict) else lambda k: getattr(settings, k, False)
     return {k: bool(get(k)) for k in TABLE_OPTIONS}
+
+
+def recorded_task(record: dict[str, Any]) -> str:
+    """The task a run read its data as (split.json of a run before multi-label: auto)."""
+    task = record.get("task")
+    return task if task in ("single", "multilabel") else "auto"
 
 
 def conflicts_dropped(record: dict[str, Any]) -> bool:
@@ -172,32 +180,48 @@ def check_copies(src: DataSource, dedupe: bool = False, *, drop_conflicts: bool 
     check_leakage(src, dedupe=dedupe)
 
 
-def label_conflicts(src: DataSource) -> dict[bytes, list[tuple[str, str, int]]]:
-    """The digests of files filed under more than one class, in any split:
-    {digest: [(split, file, label), ...]}."""
-    seen: dict[bytes, list[tuple[str, str, int]]] = {}
+# a copy of a file: (split, file, label): a class index, or the multi-hot row as a tuple
+Copy = tuple[str, str, int | tuple[int, ...]]
+
+
+def label_conflicts(src: DataSource) -> dict[bytes, list[Copy]]:
+    """The digests of files filed under more than one class (multi-label: given more than one
+    set of labels), in any split: {digest: [(split, file, label), ...]}."""
+    seen: dict[bytes, list[Copy]] = {}
     for split in (src.train, src.val, src.test):
         if split is not None and split.hashes is not None:
             for f, h, y in zip(split.files, split.hashes, split.labels.tolist()):
-                seen.setdefault(h, []).append((split.name, f, y))
+                seen.setdefault(h, []).append((split.name, f, tuple(y) if isinstance(y, list)
+                                               else y))
     return {h: c for h, c in seen.items() if len({y for *_, y in c}) > 1}
 
 
-def _say_conflicts(src: DataSource, conflicts: dict[bytes, list[tuple[str, str, int]]], *,
+def _named(classes: list[str], label: int | tuple[int, ...]) -> str:
+    """A label as the data names it: the class, or the labels joined by ';' (none: 'no label')."""
+    if isinstance(label, int):
+        return classes[label]
+    return ";".join(c for c, on in zip(classes, label) if on) or "no label"
+
+
+def _say_conflicts(src: DataSource, conflicts: dict[bytes, list[Copy]], *,
                    dropped: bool, shown: int) -> None:
     copies = [c for group in conflicts.values() for c in group]
     where = ", ".join(f"{n} in {name}" for name in ("train", "val", "test")
                       if (n := sum(s == name for s, *_ in copies)))
-    groups = "; ".join(" = ".join(f"{shown_path(f, src.name)} ({src.classes[y]})" for _, f, y in g)
+    groups = "; ".join(" = ".join(f"{shown_path(f, src.name)} ({_named(src.classes, y)})"
+                                  for _, f, y in g)
                        for g in list(conflicts.values())[:shown])
-    said = (f"label conflicts: {len(conflicts)} file(s) filed under more than one class, "
+    filed = "given more than one set of labels" if src.multilabel else \
+        "filed under more than one class"
+    said = (f"label conflicts: {len(conflicts)} file(s) {filed}, "
             f"{len(copies)} copies ({where}): {groups}{'; ...' if len(conflicts) > shown else ''}")
     if dropped:
-        log.info("--dedupe: dropped all %d copies from every split (no copy's class can be "
-                 "trusted); %s", len(copies), said)
+        log.info("--dedupe: dropped all %d copies from every split (no copy's %s can be "
+                 "trusted); %s", len(copies), "labels" if src.multilabel else "class", said)
     else:
-        log.warning("%s (the same image taught or scored as two classes); fix their labels, or "
-                    "--dedupe drops every copy of such a file from every split", said)
+        log.warning("%s (the same image taught or scored %s); fix their labels, or "
+                    "--dedupe drops every copy of such a file from every split", said,
+                    "with two sets of labels" if src.multilabel else "as two classes")
 
 
 def _without(split: Split | None, digests: set[bytes]) -> Split | None:
@@ -218,10 +242,13 @@ def _check_left(src: DataSource, left: dict[str, Split | None]) -> None:
                                    "more than one class, so --dedupe would leave none; fix their "
                                    "labels")
     if src.train is not None:
-        lost = set(src.train.labels.tolist()) - set(left["train"].labels.tolist())
+        classes = len(src.classes)
+        lost = [i for i, (was, now) in enumerate(zip(label_counts(src.train.labels, classes),
+                                                     label_counts(left["train"].labels, classes)))
+                if was > 0 and now == 0]
         if lost:
             raise TransferkitError(
-                f"every training image of {', '.join(src.classes[i] for i in sorted(lost))} in "
+                f"every training image of {', '.join(src.classes[i] for i in lost)} in "
                 f"{src.name} is also filed under another class, so --dedupe would leave the class "
                 "none to learn from; fix their labels")
 

@@ -1,8 +1,12 @@
-"""Label files: a table (CSV, TSV or JSON lines) that names each image's file, label and split.
+"""Label files: a table (CSV, TSV or JSON lines) that names each image's file, label(s) and split.
 
 The table turns into the same splits as class folders: its classes are the sorted set of its
 labels (as folder names sort) and each split lists its files by class, then path, so a label
 file and the same images laid out as class folders train alike.
+
+A cell may name several labels, separated by ';' (a JSON lines `labels` may be a list). A table
+where a row carries several is multi-label (task "auto"; "multilabel" makes it so for any table):
+its splits hold multi-hot rows (N, C), listed by path, and a row may carry no label at all.
 """
 
 from __future__ import annotations
@@ -15,16 +19,22 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from ..errors import TransferkitError
 from .folders import load_listed
 from .preprocess import Preprocessing
-from .splits import DataSource
+from .splits import DataSource, LabelList, label_counts
 
 log = logging.getLogger(__name__)
 
 DELIMITERS = {".csv": ",", ".tsv": "\t", ".jsonl": None}
 REQUIRED = ("path", "label")
+LABEL_COLUMNS = ("label", "labels")  # either names an image's label(s)
+LABEL_DELIMITER = ";"
+TASKS = ("auto", "single", "multilabel")
 SPLITS = ("train", "val", "test")
 SHOWN = 3  # bad rows quoted in the error; all of them are counted (and listed in skipped.txt)
 OUTSIDE_FLAG = "--allow-outside-paths"
@@ -39,8 +49,12 @@ def is_label_file(data: str | Path) -> bool:
 class Row:
     line: int
     path: str  # normalised, absolute
-    label: str
+    labels: tuple[str, ...]  # sorted, distinct; one in a single-label table, any in multi-label
     split: str
+
+    @property
+    def shown(self) -> str:
+        return LABEL_DELIMITER.join(self.labels)
 
 
 @dataclass
@@ -48,11 +62,22 @@ class Table:
     rows: list[Row]
     bad: list[tuple[int, str]]  # (line, why)
     has_split: bool
+    multilabel: bool = False
+    several: int = 0  # rows whose cell names more than one label
 
 
-def read_table(table: Path, *, allow_outside: bool = False) -> Table:
+def split_labels(cell: str | list[Any]) -> tuple[str, ...]:
+    """The labels of a cell: split on ';' (or a JSON list's items), stripped, empty parts dropped,
+    sorted and each once."""
+    parts = cell if isinstance(cell, list) else cell.split(LABEL_DELIMITER)
+    return tuple(sorted({str(p).strip() for p in parts if p is not None} - {""}))
+
+
+def read_table(table: Path, *, allow_outside: bool = False, task: str = "auto") -> Table:
     """The table's good rows and its bad ones (line, why); a table whose header or encoding
-    cannot be read is refused at once."""
+    cannot be read is refused at once. `task`: "auto" reads it as multi-label when any row's
+    cell names several labels, "single" makes such rows bad ones, "multilabel" reads every row
+    multi-label."""
     try:
         raw = table.read_bytes()
     except OSError as e:
@@ -60,19 +85,21 @@ def read_table(table: Path, *, allow_outside: bool = False) -> Table:
                                "check its path and permissions") from None
     bad: list[tuple[int, str]] = []
     lines = _decoded_lines(table, raw.removeprefix(b"\xef\xbb\xbf"), bad)
-    records = _records(table, lines, bad)
-    header = next(records, None)
-    if header is None:
+    records = list(_records(table, lines, bad))
+    if not records:
         raise TransferkitError(f"label file {table} is empty; its first line names the columns "
                                "path,label (and optionally split)")
-    has_split = _check_header(table, header[1])
+    has_split, column = _check_header(table, records[0][1])
+    several = sum(len(split_labels(r.get(column, ""))) > 1 for _, r in records[1:])
+    multilabel = task == "multilabel" or (task == "auto" and several > 0)
     base = os.path.normpath(os.path.abspath(table.parent))
     rows: dict[str, Row] = {}
-    for line, record in records:
-        row = _row(line, record, base, allow_outside, bad)
+    for line, record in records[1:]:
+        row = _row(line, record, column, (base, allow_outside, multilabel), bad)
         if row is not None:
             _add(row, rows, bad)
-    return Table(sorted(rows.values(), key=lambda r: r.line), sorted(bad), has_split)
+    return Table(sorted(rows.values(), key=lambda r: r.line), sorted(bad), has_split, multilabel,
+                 several)
 
 
 def _decoded_lines(table: Path, raw: bytes, bad: list[tuple[int, str]]) -> list[str]:
@@ -93,7 +120,7 @@ def _decoded_lines(table: Path, raw: bytes, bad: list[tuple[int, str]]) -> list[
 
 
 def _records(table: Path, lines: list[str],
-             bad: list[tuple[int, str]]) -> Iterator[tuple[int, dict[str, str] | list[str]]]:
+             bad: list[tuple[int, str]]) -> Iterator[tuple[int, dict[str, Any] | list[str]]]:
     """(line, record) for each non-empty line: the header first (its column names), then the
     rows as {column: value}."""
     delimiter = DELIMITERS[table.suffix.lower()]
@@ -114,7 +141,7 @@ def _records(table: Path, lines: list[str],
 
 
 def _json_records(lines: list[str],
-                  bad: list[tuple[int, str]]) -> Iterator[tuple[int, dict[str, str] | list[str]]]:
+                  bad: list[tuple[int, str]]) -> Iterator[tuple[int, dict[str, Any] | list[str]]]:
     first = True
     for line, text in enumerate(lines, 1):
         if not text.strip():
@@ -127,7 +154,7 @@ def _json_records(lines: list[str],
         if not isinstance(obj, dict):
             bad.append((line, "not a JSON object"))
             continue
-        record = {str(k).strip().lower(): "" if v is None else str(v).strip()
+        record = {str(k).strip().lower(): _json_value(str(k).strip().lower(), v)
                   for k, v in obj.items()}
         if first:
             first = False
@@ -135,37 +162,51 @@ def _json_records(lines: list[str],
         yield line, record
 
 
-def _check_header(table: Path, header: list[str]) -> bool:
-    """Refuse a header without path and label (saying which column looks meant); whether the
-    table has a split column."""
-    unknown = [c for c in header if c not in (*REQUIRED, "split")]
-    if "labels" in header:
-        raise TransferkitError(f"{table} has a 'labels' column (several labels an image): "
-                               "multi-label tables are not read yet; name one label an image "
-                               "in a 'label' column")
+def _json_value(key: str, value: Any) -> str | list[Any]:
+    """A JSON field as the table reads it: text, or a list of labels as it is."""
+    if isinstance(value, list) and key in LABEL_COLUMNS:
+        return value
+    return "" if value is None else str(value).strip()
+
+
+def _check_header(table: Path, header: list[str]) -> tuple[bool, str]:
+    """Refuse a header without path and label(s) (saying which column looks meant): whether the
+    table has a split column, and which column names the labels."""
+    if all(c in header for c in LABEL_COLUMNS):
+        raise TransferkitError(f"{table} has both a 'label' and a 'labels' column; keep one "
+                               f"(either may name several labels an image, separated by "
+                               f"'{LABEL_DELIMITER}')")
+    column = "labels" if "labels" in header else "label"
+    unknown = [c for c in header if c not in ("path", column, "split")]
     for name in (*REQUIRED, "split"):
         close = difflib.get_close_matches(name, unknown, n=1, cutoff=0.6 if name != "split"
                                           else 0.75)
-        if name not in header and (close or name in REQUIRED):
+        present = name in header or (name == "label" and column in header)
+        if not present and (close or name in REQUIRED):
             said = f"; is '{close[0]}' meant to be '{name}'? rename it" if close else (
                 "; its first line must name the columns path,label (and optionally split)")
             raise TransferkitError(f"{table} has no '{name}' column (line 1 reads "
                                    f"{','.join(header)!r}){said}")
     if unknown:
-        log.info("%s: columns %s are not read (only path, label, split)", table,
+        log.info("%s: columns %s are not read (only path, label or labels, split)", table,
                  ", ".join(unknown))
-    return "split" in header
+    return "split" in header, column
 
 
-def _row(line: int, record: dict[str, str] | list[str], base: str, allow_outside: bool,
-         bad: list[tuple[int, str]]) -> Row | None:
-    """The row on `line`, or None with why in `bad`."""
+def _row(line: int, record: dict[str, Any] | list[str], column: str,
+         how: tuple[str, bool, bool], bad: list[tuple[int, str]]) -> Row | None:
+    """The row on `line`, or None with why in `bad` (`how`: the table's folder, whether paths
+    outside it are allowed, whether the table is multi-label)."""
     assert isinstance(record, dict)
-    path, label, split = (record.get(k, "") for k in ("path", "label", "split"))
+    base, allow_outside, multilabel = how
+    path, split = record.get("path", ""), record.get("split", "")
+    labels = split_labels(record.get(column, ""))
     full = os.path.normpath(os.path.join(base, path))
     inside = os.path.commonpath([full, base]) == base
     why = ("empty path" if not path else
-           "empty label" if not label else
+           "empty label" if not labels and not multilabel else
+           f"carries {len(labels)} labels ({LABEL_DELIMITER.join(labels)}); single-label task "
+           "(--task auto or multilabel reads it)" if len(labels) > 1 and not multilabel else
            "empty split (train, val or test)" if "split" in record and not split else
            f"split '{split}' is not train, val or test" if "split" in record
            and split not in SPLITS else
@@ -176,7 +217,7 @@ def _row(line: int, record: dict[str, str] | list[str], base: str, allow_outside
     if why is not None:
         bad.append((line, why))
         return None
-    return Row(line, full, label, split or "train")
+    return Row(line, full, labels, split or "train")
 
 
 def _add(row: Row, rows: dict[str, Row], bad: list[tuple[int, str]]) -> None:
@@ -185,14 +226,15 @@ def _add(row: Row, rows: dict[str, Row], bad: list[tuple[int, str]]) -> None:
     first = rows.get(row.path)
     if first is None:
         rows[row.path] = row
-    elif (first.label, first.split) == (row.label, row.split):
+    elif (first.labels, first.split) == (row.labels, row.split):
         log.info("line %d repeats line %d (same file, label and split): kept once", row.line,
                  first.line)
     else:
         del rows[row.path]
         shown = os.path.basename(row.path)
-        bad.append((row.line, f"file {shown} has label '{row.label}' ({row.split}) here and "
-                              f"'{first.label}' ({first.split}) on line {first.line}"))
+        said = f"labels '{row.shown}'" if len(row.labels) != 1 else f"label '{row.shown}'"
+        bad.append((row.line, f"file {shown} has {said} ({row.split}) here and "
+                              f"'{first.shown}' ({first.split}) on line {first.line}"))
         bad.append((first.line, f"file {shown} is given again on line {row.line} with another "
                                 "label or split"))
 
@@ -230,26 +272,73 @@ def table_splits(table: Path) -> list[str]:
 
 
 def load_label_file(table: Path, pre: Preprocessing, splits: Sequence[str], *,
-                    skip_bad_rows: bool = False, allow_outside: bool = False,
+                    task: str = "auto", skip_bad_rows: bool = False, allow_outside: bool = False,
                     **loading) -> DataSource:
-    """The splits a label file names (see load_source; `loading`: workers, max_train, seed,
-    use_cache, stream as folders.load_listed takes them)."""
-    read = read_table(table, allow_outside=allow_outside)
+    """The splits a label file names (see load_source; `task` as read_table takes it; `loading`:
+    workers, max_train, seed, use_cache, stream as folders.load_listed takes them)."""
+    read = read_table(table, allow_outside=allow_outside, task=task)
     skipped = check_rows(table, read, skip_bad_rows)
     if not read.rows:
         raise TransferkitError(f"{table} names no images; add rows path,label")
-    classes = sorted({r.label for r in read.rows})
+    classes = sorted({label for r in read.rows for label in r.labels})
+    if not classes:
+        raise TransferkitError(f"no row of {table} carries a label; name each image's labels in "
+                               f"its labels column, separated by '{LABEL_DELIMITER}'")
+    lists = _split_lists(read, classes, splits)
+    _check_trained(table, classes, lists.get("train"), read.multilabel)
+    out = DataSource(name=str(table), classes=classes, skipped=skipped,
+                     multilabel=read.multilabel)
+    log.info("%s: %d rows, %d %s%s", table, len(read.rows), len(classes),
+             "labels" if read.multilabel else "classes",
+             "" if read.has_split else " (no split column: all train)")
+    if read.multilabel:
+        _say_multilabel(table, read, task)
+    return load_listed(out, dict.fromkeys(lists, table), lists, pre, **loading)
+
+
+def _split_lists(read: Table, classes: list[str],
+                 splits: Sequence[str]) -> dict[str, tuple[list[Path], LabelList]]:
+    """{split: (files, labels)}: single-label by class, then path (as class folders list them),
+    with class indices; multi-label by path, with multi-hot rows."""
     index = {c: i for i, c in enumerate(classes)}
-    lists: dict[str, tuple[list[Path], list[int]]] = {}
+    lists: dict[str, tuple[list[Path], LabelList]] = {}
     for split in (s for s in SPLITS if s in splits):
-        mine = sorted((index[r.label], r.path) for r in read.rows if r.split == split)
-        if mine:
-            lists[split] = ([Path(p) for _, p in mine], [c for c, _ in mine])
-    untrained = sorted(set(classes) - {classes[c] for c in lists.get("train", ([], []))[1]})
-    if "train" in lists and untrained:
+        mine = [r for r in read.rows if r.split == split]
+        if not mine:
+            continue
+        if read.multilabel:
+            mine.sort(key=lambda r: r.path)
+            hot = [[int(c in r.labels) for c in classes] for r in mine]
+            lists[split] = ([Path(r.path) for r in mine], hot)
+        else:
+            pairs = sorted((index[r.labels[0]], r.path) for r in mine)
+            lists[split] = ([Path(p) for _, p in pairs], [c for c, _ in pairs])
+    return lists
+
+
+def _check_trained(table: Path, classes: list[str],
+                   train: tuple[list[Path], LabelList] | None, multilabel: bool) -> None:
+    """Every class (every label) needs a training image (one that carries it)."""
+    if train is None:
+        return
+    counts = label_counts(torch.tensor(train[1], dtype=torch.int64), len(classes)).tolist()
+    untrained = [c for c, n in zip(classes, counts) if n == 0]
+    if untrained and multilabel:
+        raise TransferkitError(f"{table}: label(s) {', '.join(untrained)} are on no train row; a "
+                               "label needs training images that carry it: add rows, or drop "
+                               "those labels")
+    if untrained:
         raise TransferkitError(f"{table}: label(s) {', '.join(untrained)} have no train rows; "
                                "a class needs training images: add rows, or drop those labels")
-    out = DataSource(name=str(table), classes=classes, skipped=skipped)
-    log.info("%s: %d rows, %d classes%s", table, len(read.rows), len(classes),
-             "" if read.has_split else " (no split column: all train)")
-    return load_listed(out, dict.fromkeys(lists, table), lists, pre, **loading)
+
+
+def _say_multilabel(table: Path, read: Table, task: str) -> None:
+    """One line: the table is read as multi-label, and why."""
+    none = sum(not r.labels for r in read.rows)
+    unlabelled = f"; {none} rows carry no label (images showing none of them)" if none else ""
+    if task == "multilabel":
+        log.info("%s: multi-label task (--task multilabel, sigmoid head): %d rows carry several "
+                 "labels%s", table.name, read.several, unlabelled)
+    else:
+        log.info("%s: %d rows carry several labels: multi-label task (sigmoid head); pass --task "
+                 "single to refuse such rows%s", table.name, read.several, unlabelled)

@@ -32,11 +32,13 @@ def load_source(
     splits: Sequence[str] = ("train", "test"), workers: int = 2,
     max_train_images: int | None = None,
     seed: int = 0, use_cache: bool = True, stream: str = "auto",
-    skip_bad_rows: bool = False, allow_outside_paths: bool = False,
+    skip_bad_rows: bool = False, allow_outside_paths: bool = False, task: str = "auto",
 ) -> DataSource:
     """Load a named set, an image folder or a label file (labelfile.py; its bad rows are refused
     unless `skip_bad_rows`, its paths outside its folder unless `allow_outside_paths`).
-    `splits` picks which of train/val/test to load.
+    `splits` picks which of train/val/test to load. `task` (auto, single, multilabel): how a
+    label file is read (multi-label when a row carries several labels, for auto); only a label
+    file can be multi-label.
 
     Images are stored by `preprocessing`'s rule. `max_train_images` keeps a stratified subset of
     train (before decoding, for folders). Folders are decoded into memory and cached on disk
@@ -44,6 +46,11 @@ def load_source(
     the decoded images would take more than a quarter of this process's memory).
     """
     check_data_arg(data)
+    if task == "multilabel" and not is_label_file(data):
+        raise TransferkitError(f"--task multilabel needs a label file with a labels column "
+                               f"(--data labels.csv, an image's labels separated by ';'), and "
+                               f"{data} gives one class an image: use such a table, or --task "
+                               "auto")
     if is_named(data):
         src = _load_named(data.lower(), data_dir, splits, preprocessing)
         if src.train is not None and max_train_images:
@@ -52,7 +59,8 @@ def load_source(
         return src
     if is_label_file(data):
         return load_label_file(Path(data).expanduser(), preprocessing, splits,
-                               skip_bad_rows=skip_bad_rows, allow_outside=allow_outside_paths,
+                               task=task, skip_bad_rows=skip_bad_rows,
+                               allow_outside=allow_outside_paths,
                                workers=workers, max_train=max_train_images, seed=seed,
                                use_cache=use_cache, stream=stream)
     return load_folder(Path(data).expanduser(), preprocessing, splits, workers=workers,
@@ -168,7 +176,8 @@ def _fashion_mnist_debian(splits: Sequence[str]) -> DataSource:
 
 def train_val_test(src: DataSource, val_split: float,
                    seed: int) -> tuple[Split, Split | None, Split | None]:
-    """train/val/test; val is carved from train (stratified, seeded) when the data has none."""
+    """train/val/test; val is carved from train (stratified, seeded) when the data has none:
+    by class, or for multi-label by iterative stratification over the labels (said in the log)."""
     if src.train is None:
         raise TransferkitError(f"{src.name} has no training images "
                                "(expected a train/ folder or class folders)")
@@ -181,6 +190,10 @@ def train_val_test(src: DataSource, val_split: float,
                 "add images, a val/ folder, or use --val-split 0 with a test/ folder"
             )
         train, val = train.subset(keep, "train"), train.subset(held, "val")
+        log.info("val: %d of %d training images held out (--val-split %g, seed %d), %s",
+                 len(held), len(keep) + len(held), val_split, seed,
+                 "iterative stratification over labels" if train.labels.dim() == 2
+                 else "stratified by class")
     if val is None and src.test is None:
         raise TransferkitError(
             f"{src.name} has no val/ or test/ split and --val-split is 0: nothing to evaluate on; "
@@ -244,9 +257,13 @@ def shown_path(path: str, data: str) -> str:
 
 
 def warn_imbalance(counts: torch.Tensor, classes: list[str], class_weights: str, *,
-                   sampler: str = "none", select_by: str = "accuracy") -> None:
-    """Warn about very small classes and heavy imbalance in
-    the training split (with what the run could change)."""
+                   sampler: str = "none", select_by: str = "accuracy",
+                   multilabel: bool = False) -> None:
+    """Warn about very small classes and heavy imbalance in the training split (with what the run
+    could change). `counts`: splits.label_counts of train (multi-label: each label's positives)."""
+    if multilabel:
+        _warn_label_imbalance(counts, classes, class_weights)
+        return
     small = [f"{classes[i]} ({int(n)})" for i, n in enumerate(counts) if n < SMALL_CLASS]
     if small:
         log.warning("very small classes in train: %s; their scores will be unreliable",
@@ -263,11 +280,32 @@ def warn_imbalance(counts: torch.Tensor, classes: list[str], class_weights: str,
                     ", and ".join(advice))
 
 
+def _warn_label_imbalance(positives: torch.Tensor, labels: list[str], class_weights: str) -> None:
+    small = [f"{labels[i]} ({int(n)})" for i, n in enumerate(positives) if n < SMALL_CLASS]
+    if small:
+        log.warning("labels on very few training images: %s; their scores will be unreliable",
+                    ", ".join(small))
+    ratio = positives.max().item() / max(1, positives.min().item())
+    if ratio > IMBALANCE_RATIO and class_weights == "none":
+        log.warning("heavy label imbalance (most/least frequent label %.0fx); consider "
+                    "--class-weights auto (a positive weight per label)", ratio)
+
+
 def inverse_frequency(labels: torch.Tensor, classes: int) -> torch.Tensor:
-    """Loss weights by inverse class frequency (--class-weights auto): 1 on balanced data."""
+    """Loss weights by inverse class frequency (--class-weights auto): 1 on balanced data.
+
+    Multi-label labels (N, C): --class-weights auto is each label's positive weight (the
+    pos_weight of BCEWithLogitsLoss), negatives/positives on train, clamped to
+    [1/POS_WEIGHT_LIMIT, POS_WEIGHT_LIMIT] so that a label on 2 of 50,000 images does not weigh
+    25,000 times (a label on no image weighs POS_WEIGHT_LIMIT)."""
+    if labels.dim() == 2:
+        positives = labels.sum(0).double()
+        weight = (len(labels) - positives) / positives.clamp(min=1)
+        return weight.clamp(1 / POS_WEIGHT_LIMIT, POS_WEIGHT_LIMIT).float()
     counts = torch.bincount(labels, minlength=classes)
     return (counts.sum() / (classes * counts.clamp(min=1))).float()
 
 
 SMALL_CLASS = 10  # training images
 IMBALANCE_RATIO = 10
+POS_WEIGHT_LIMIT = 100.0  # multi-label --class-weights auto: at most this positive weight

@@ -34,9 +34,10 @@ SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
 
 def data_listing(data: DataSource, where: str) -> dict[str, Any]:
     """The files of an image folder per split as listed (before unreadable ones are skipped), as
-    [path relative to the folder, size, content hash (None for an unreadable file), label]; a named
-    set by its name. Content, not mtime: a copy of the folder (cp without -p, rsync, a download) is
-    the same data."""
+    [path relative to the folder, size, content hash (None for an unreadable file), label (a class
+    index, or a multi-label row's multi-hot list: an edited labels cell is a changed file)]; a
+    named set by its name. Content, not mtime: a copy of the folder (cp without -p, rsync, a
+    download) is the same data."""
     if is_named(where):
         return {"named": where.lower()}
     digests = {}
