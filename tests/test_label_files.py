@@ -164,3 +164,32 @@ def test_leakage_across_the_split_column_is_found_and_deduped(cifar_csv, tmp_pat
     assert f"{first} = copy.jpg" in warned.stderr, warned.stderr
     deduped = run_cli("train", "--data", table, *TINY, "--out", tmp_path / "r2", "--dedupe")
     assert deduped.returncode == 0 and "--dedupe: dropped 1 of 7 test images" in deduped.stderr, deduped.stderr
+
+
+def test_labels_as_a_json_list_or_split_on_semicolons_and_a_duplicate_with_another_set(cifar_csv, tmp_path):
+    from transferkit.data.preprocess import Preprocessing
+    from transferkit.data.sources import load_source
+    from transferkit.errors import TransferkitError
+
+    def load(table: Path):
+        return load_source(str(table), preprocessing=Preprocessing(32, 32), splits=("train",), use_cache=False,
+                           workers=1)
+
+    paths = [r.split(",")[0] for r in _good_rows(cifar_csv, 2)]  # airplane, airplane, cat, cat, ship, ship
+    table = _table(tmp_path, cifar_csv, [
+        json.dumps({"path": paths[0], "labels": ["airplane", " sky "]}),
+        json.dumps({"path": paths[2], "labels": "cat; ;pet"}),
+        json.dumps({"path": paths[4], "labels": ["ship"]}),
+        json.dumps({"path": paths[2], "labels": ["pet", "cat"]}),  # the same set again: kept once
+    ], name="labels.jsonl")
+    src = load(table)
+    assert src.multilabel and src.classes == ["airplane", "cat", "pet", "ship", "sky"]
+    assert src.train.labels.tolist() == [[1, 0, 0, 0, 1], [0, 1, 1, 0, 0], [0, 0, 0, 1, 0]]
+    table.write_text(table.read_text() + json.dumps({"path": paths[2], "labels": "cat"}) + "\n")
+    with pytest.raises(TransferkitError, match=f"line 5: file {paths[2].split('/')[-1]} has label 'cat' \\(train\\) "
+                                               "here and 'cat;pet' \\(train\\) on line 2"):
+        load(table)
+    both = tmp_path / "both.csv"
+    both.write_text(f"path,label,labels\n{paths[0]},airplane,airplane\n")
+    with pytest.raises(TransferkitError, match="has both a 'label' and a 'labels' column; keep one"):
+        load(both)
