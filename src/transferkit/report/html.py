@@ -8,14 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write
-from . import calibration
+from . import calibration, multilabel
 from .escape import html_text
 from .metrics import MATRIX_MAX_CLASSES, confused_pairs, lr_range
 
 WEAKEST_FIRST = "f1"  # the per-class table opens with the classes the model does worst on
 PAIRS_SHOWN = 10
 # drawn by their own sections, not as generic tables
-KNOWN_KEYS = {"per_class", "confusion", "calibration"}
+KNOWN_KEYS = {"per_class", "confusion", "calibration", "per_label"}
+# the epoch rows' figures the Training table shows, (column, key): multilabel.EPOCH_COLUMNS there
+EPOCH_COLUMNS = (("train acc", "train_acc"), ("val acc", "val_acc"))
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; \
@@ -65,20 +67,28 @@ def _headline(metrics: dict[str, Any]) -> str:
     if cal:
         figures.append((f"ECE ({cal['bins']} bins)", _pct(cal["ece"])))
     figures.append(("images", f"{metrics['images']:,}"))
+    return _figures(figures)
+
+
+def _figures(figures: list[tuple[str, str]]) -> str:
+    """(label, value) pairs as large numbers."""
     return '<div class="headline">' + "".join(
         f'<div class="figure"><div class="value">{html_text(v)}</div>'
         f'<div class="label">{html_text(k)}</div></div>'
         for k, v in figures) + "</div>"
 
 
-def _training(out_dir: Path, history: list[dict[str, Any]]) -> str:
+def _training(out_dir: Path, history: list[dict[str, Any]],
+              columns: tuple[tuple[str, str], ...] = EPOCH_COLUMNS) -> str:
     parts = ["<h2>Training</h2>"]
     if (out_dir / "curves.png").is_file():
         parts.append(_png(out_dir / "curves.png", "training curves"))
-    rows = [[h["epoch"], f"{h['train_loss']:.4f}", _pct(h.get("train_acc")),
-             _pct(h.get("val_acc")), lr_range(h), f"{h.get('seconds', 0):.1f}"] for h in history]
-    parts.append(_table(["epoch", "train loss", "train acc", "val acc", "lr (first → last step)",
-                         "seconds"], rows, {0, 1, 2, 3, 5}))
+    rows = [[h["epoch"], f"{h['train_loss']:.4f}", *(_pct(h.get(k)) for _, k in columns),
+             lr_range(h), f"{h.get('seconds', 0):.1f}"] for h in history]
+    k = len(columns)
+    parts.append(_table(["epoch", "train loss", *(c for c, _ in columns),
+                         "lr (first → last step)", "seconds"], rows,
+                        {0, 1, *range(2, 2 + k), 3 + k}))
     return "".join(parts)
 
 
@@ -160,18 +170,14 @@ def write_html(out_dir: Path, metrics: dict[str, Any], *, title: str, measured_o
                extra_pictures: dict[str, Path] | None = None) -> Path:
     """Write <name>.html: headline figures, curves, per-class table (weakest
     first), confusion matrix, most confused pairs, calibration, the other
-    pictures of this report, and the settings; returns its path."""
+    pictures of this report, and the settings; returns its path. Multi-label metrics
+    (metrics["task"]): mAP first, the per-label table, AP bars and most frequent mistakes."""
     out_dir = Path(out_dir)
-    shown = {f"{name}_confusion.png", f"{name}_reliability.png"}
+    sections = (_multilabel_sections if metrics.get("task") == "multilabel"
+                else _single_label_sections)
     body = [f"<h1>{html_text(title)}</h1>",
             f'<p class="measured">Measured on: <strong>{html_text(measured_on)}</strong>.</p>',
-            _headline(metrics),
-            _training(out_dir, history) if history else "",
-            _per_class(metrics),
-            _confusion(out_dir, metrics, classes, name),
-            _other_pictures(out_dir, name, shown, extra_pictures),
-            _other_tables(metrics),
-            _calibration(out_dir, metrics, name),
+            *sections(out_dir, metrics, classes, history, name, extra_pictures),
             "<h2>Settings</h2>" + _table(["setting", "value"], [[k, v] for k, v in setup.items()])]
     page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
@@ -180,3 +186,59 @@ def write_html(out_dir: Path, metrics: dict[str, Any], *, title: str, measured_o
     path = out_dir / f"{name}.html"
     atomic_write(path, page)
     return path
+
+
+def _single_label_sections(out_dir: Path, metrics: dict[str, Any], classes: list[str],
+                           history: list[dict[str, Any]] | None, name: str,
+                           extra_pictures: dict[str, Path] | None) -> list[str]:
+    shown = {f"{name}_confusion.png", f"{name}_reliability.png"}
+    return [_headline(metrics),
+            _training(out_dir, history) if history else "",
+            _per_class(metrics),
+            _confusion(out_dir, metrics, classes, name),
+            _other_pictures(out_dir, name, shown, extra_pictures),
+            _other_tables(metrics),
+            _calibration(out_dir, metrics, name)]
+
+
+def _multilabel_sections(out_dir: Path, metrics: dict[str, Any], classes: list[str],
+                         history: list[dict[str, Any]] | None, name: str,
+                         extra_pictures: dict[str, Path] | None) -> list[str]:
+    """A multi-label report: mAP first, the per-label table (weakest AP first) and AP bars,
+    the labels most often given wrongly and missed, the top-losses sheet."""
+    figures = [("mAP", _pct(metrics["map"])), ("micro-F1", _pct(metrics["micro_f1"])),
+               ("macro-F1", _pct(metrics["macro_f1"])),
+               ("exact match", _pct(metrics["exact_match"])),
+               ("images", f"{metrics['images']:,}"), ("labels", f"{len(classes):,}")]
+    ap_png = out_dir / f"{name}_label_ap.png"
+    return [_figures(figures),
+            _training(out_dir, history, multilabel.EPOCH_COLUMNS) if history else "",
+            _per_label(metrics),
+            _png(ap_png, "average precision of each label") if ap_png.is_file() else "",
+            _label_mistakes(metrics),
+            _other_pictures(out_dir, name, {ap_png.name}, extra_pictures),
+            _other_tables(metrics)]
+
+
+def _per_label(metrics: dict[str, Any]) -> str:
+    # stable: ties in label order; labels without a positive image (no AP) last
+    rows = sorted(metrics["per_label"], key=lambda r: (r["ap"] is None, r["ap"] or 0, r["f1"]))
+    return ("<h2>Per label (weakest first, by average precision)</h2>"
+            f"<p>{html_text(multilabel.thresholds_note(metrics))}</p>"
+            + _table(["label", "AP", "precision", "recall", "F1", "images", "threshold"],
+                     [[r["label"], _pct(r["ap"], 1), _pct(r["precision"], 1),
+                       _pct(r["recall"], 1), _pct(r["f1"], 1), r["support"],
+                       f"{r['threshold']:.3g}"] for r in rows], {1, 2, 3, 4, 5, 6}))
+
+
+def _label_mistakes(metrics: dict[str, Any]) -> str:
+    given, missed = multilabel.frequent_mistakes(metrics)
+    parts = []
+    for head, rows, share in (("given wrongly (false positives)", given,
+                               "share of the images without it"),
+                              ("missed (false negatives)", missed, "share of its images")):
+        parts.append(f"<h2>Labels most often {head}</h2>"
+                     + (_table(["label", "images", share],
+                               [[c, n, _pct(part, 1)] for c, n, part in rows], {1, 2})
+                        if rows else "<p>None.</p>"))
+    return "".join(parts)

@@ -1,4 +1,5 @@
-"""Every picture of a report, drawn with matplotlib (Agg): confusion, curves, reliability."""
+"""Every picture of a report, drawn with matplotlib (Agg): confusion, curves, reliability,
+multi-label AP."""
 
 from __future__ import annotations
 
@@ -233,9 +234,22 @@ def _accuracy_limits(values: list[float]) -> tuple[float, float]:
     return lo, hi
 
 
+# the right half of curves.png: its title and lines, (legend, the epoch rows' key, colour, style)
+ACCURACY_PANEL = ("accuracy (%)", (("train", "train_acc", "tab:blue", "-"),
+                                   ("validation", "val_acc", "tab:green", "-")))
+# multi-label: a row's train_acc is its exact-match ratio at 0.5 (report.multilabel.EPOCH_COLUMNS)
+MAP_PANEL = ("mAP and exact match (%)", (("validation mAP", "val_map", "tab:green", "-"),
+                                         ("train exact match", "train_acc", "tab:blue", ":"),
+                                         ("validation exact match", "val_exact_match",
+                                          "tab:green", "--")))
+AP_BARS = 40  # the AP picture of more labels shows the weakest this many (report.json holds all)
+
+
 @drawing
-def curves_png(path: Path, history: list[dict[str, Any]]) -> None:
-    """Train beside validation loss, and train beside validation accuracy, per epoch."""
+def curves_png(path: Path, history: list[dict[str, Any]],
+               panel: tuple[str, tuple[tuple[str, str, str, str], ...]] = ACCURACY_PANEL) -> None:
+    """Train beside validation loss, and train beside validation accuracy (`panel`: another
+    set of figures, e.g. MAP_PANEL), per epoch."""
     from matplotlib.ticker import MaxNLocator
 
     plt = pyplot()
@@ -251,15 +265,14 @@ def curves_png(path: Path, history: list[dict[str, Any]]) -> None:
         a.legend(loc="best")
     a.set_ylim(0, 1.1 * max(losses) if max(losses) > 0 else 1)
     a.set_title("loss")
-    b.plot(epochs, [100 * h["train_acc"] for h in history], color="tab:blue", label="train",
-           **style)
-    shown = [100 * h["train_acc"] for h in history]
-    val = [(h["epoch"], 100 * h["val_acc"]) for h in history if h.get("val_acc") is not None]
-    if val:
-        b.plot(*zip(*val), color="tab:green", label="validation", **style)
-        shown += [v for _, v in val]
-    b.set_ylim(*_accuracy_limits(shown))
-    b.set_title("accuracy (%)")
+    shown: list[float] = []
+    for legend, key, colour, line in panel[1]:
+        points = [(h["epoch"], 100 * h[key]) for h in history if h.get(key) is not None]
+        if points:
+            b.plot(*zip(*points), color=colour, linestyle=line, label=legend, **style)
+            shown += [v for _, v in points]
+    b.set_ylim(*_accuracy_limits(shown or [0.0, 100.0]))
+    b.set_title(panel[0])
     b.legend(loc="lower right")
     if len(epochs) <= 3:  # a few points: their values, rather than a reading off the axis
         for ax, fmt in ((a, "{:.3f}"), (b, "{:.1f}%")):
@@ -316,3 +329,44 @@ def reliability_png(path: Path, figures: dict[str, Any], title: str) -> None:
     counts.set_ylabel("images")
     counts.set_xlabel("top-1 confidence")
     save_png(fig, path)
+
+
+@drawing
+def label_ap_png(path: Path, per_label: list[dict[str, Any]], mean_ap: float | None, title: str,
+                 subtitle: str = "") -> int:
+    """A horizontal bar per label, its average precision, weakest at the top (the AP_BARS
+    weakest of more), the mAP as a line; returns the bars drawn."""
+    plt = pyplot()
+    labels = short_labels([r["label"] for r in per_label])
+    scored = sorted((j for j, r in enumerate(per_label) if r["ap"] is not None),
+                    key=lambda j: per_label[j]["ap"])[:AP_BARS]
+    rows = list(reversed(scored))  # barh draws the first row at the bottom
+    names = 0.09 * (max((text_width(labels[j]) for j in rows), default=10) + 1)
+    bars = 6.0
+    fig, ax = plt.subplots(figsize=(names + bars + 0.8, 1.0), layout="constrained")
+    aps = [100 * per_label[j]["ap"] for j in rows]
+    if rows:
+        ax.barh(range(len(rows)), aps, color="tab:blue")
+        ax.set_yticks(range(len(rows)), [labels[j] for j in rows])
+        for y, v in enumerate(aps):
+            ax.annotate(f" {v:.1f}%", (v, y), va="center", fontsize=9)
+    else:
+        ax.set_yticks([])
+        ax.text(0.5, 0.5, "no label has a positive image", ha="center", va="center",
+                transform=ax.transAxes)
+    if mean_ap is not None:
+        ax.axvline(100 * mean_ap, color="tab:red", linestyle="--", linewidth=1)
+    ax.set_xlim(0, 115)
+    ax.set_xlabel("average precision (%)")
+    k, unseen = len(per_label), [r["label"] for r in per_label if r["ap"] is None]
+    head = (f"The {len(rows)} weakest of {k} labels (the report's tables give every label)."
+            if len(rows) < k - len(unseen) else f"{k} labels, weakest at the top.") + (
+        "" if mean_ap is None else f" Red dashes: their mean, the mAP ({100 * mean_ap:.1f}%).")
+    none = (f"{len(unseen)} without a positive image here, so without an AP: "
+            + ", ".join(short_labels(unseen)[:5]) + (" …" if len(unseen) > 5 else "") + "."
+            if unseen else "")
+    top = _titles(fig, ax, title, " ".join(filter(None, [
+        subtitle, head, none, _shortened([r["label"] for r in per_label], labels)])), bars)
+    fig.set_figheight(top + 0.3 * max(len(rows), 3) + 0.9)
+    save_png(fig, path, metadata={"bars": str(len(rows))})
+    return len(rows)
