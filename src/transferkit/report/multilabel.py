@@ -88,16 +88,25 @@ def _thresholds_checked(thresholds: list[float] | None, k: int) -> torch.Tensor:
     return t
 
 
+def predicted(logits: torch.Tensor, thresholds: list[float] | None = None) -> torch.Tensor:
+    """The labels each image is given, (images, labels) bool: those whose sigmoid probability is
+    at least their threshold (0.5 each without thresholds)."""
+    scores = logits.detach().double().cpu()
+    return torch.sigmoid(scores) >= _thresholds_checked(thresholds, scores.shape[1])
+
+
 def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: list[str],
                        thresholds: list[float] | None = None) -> dict[str, Any]:
     """mAP (macro mean of per-label AP over the labels with a positive image; None when none has
     one), micro- and macro-F1 (macro over the same labels), exact-match ratio and per-label
-    AP/precision/recall/F1/support, labels predicted at `thresholds` (default 0.5 each)."""
+    AP/precision/recall/F1/support and false positive/negative counts, labels predicted at
+    `thresholds` (default 0.5 each)."""
     scores, truth = _checked(logits, targets, classes)
     cut = _thresholds_checked(thresholds, len(classes))
-    pred = torch.sigmoid(scores) >= cut
+    pred = predicted(scores, thresholds)
     tp = (pred & truth).sum(0).double()
     fp = (pred & ~truth).sum(0).double()
+    fn = (~pred & truth).sum(0)
     support = truth.sum(0)
     precision = tp / (tp + fp).clamp(min=1)
     recall = tp / support.double().clamp(min=1)
@@ -116,7 +125,8 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: lis
         "exact_match": (pred == truth).all(1).double().mean().item(),
         "per_label": [
             {"label": c, "ap": ap[j], "precision": precision[j].item(), "recall": recall[j].item(),
-             "f1": f1[j].item(), "support": int(support[j]), "threshold": cut[j].item()}
+             "f1": f1[j].item(), "support": int(support[j]), "threshold": cut[j].item(),
+             "false_positives": int(fp[j]), "false_negatives": int(fn[j])}
             for j, c in enumerate(classes)
         ],
     }
@@ -157,3 +167,41 @@ def figures_line(metrics: dict[str, Any]) -> str:
                                     f"{100 * metrics[key]:.2f}%")
                      for name, key in (("mAP", "map"), ("micro-F1", "micro_f1"),
                                        ("macro-F1", "macro_f1"), ("exact match", "exact_match")))
+
+
+# the figures of a multi-label run's epoch rows that a report shows: (column, key); a multi-label
+# row's train_acc is its exact-match ratio at 0.5 (task.Task.correct), so is val_exact_match
+EPOCH_COLUMNS = (("train exact match", "train_acc"), ("val mAP", "val_map"),
+                 ("val exact match", "val_exact_match"))
+MISTAKES_SHOWN = 10  # the most frequent false-positive (and false-negative) labels a report lists
+
+
+def thresholds_note(metrics: dict[str, Any]) -> str:
+    """How the decision thresholds of these metrics were chosen, as one sentence
+    (metrics["thresholds_chosen_on"]: "validation", None for no validation split, absent when
+    the thresholds came with the model)."""
+    on = metrics.get("thresholds_chosen_on", "model")
+    if on == "validation":
+        return ("Each label's decision threshold (on its sigmoid probability) was chosen on the "
+                "validation split to maximise its F1; model.json records them.")
+    if on is None:
+        return (f"No validation split to choose them on: every label's decision threshold is "
+                f"{DEFAULT_THRESHOLD:g}.")
+    if all(r["threshold"] == DEFAULT_THRESHOLD for r in metrics["per_label"]):
+        return f"Every label's decision threshold is {DEFAULT_THRESHOLD:g}."
+    return "Each label's decision threshold is the model's (model.json), as the table gives."
+
+
+def frequent_mistakes(metrics: dict[str, Any], n: int = MISTAKES_SHOWN
+                      ) -> tuple[list[tuple[str, int, float]], list[tuple[str, int, float]]]:
+    """The `n` labels most often given wrongly, (label, images, share of the images without
+    it), and the `n` most often missed, (label, images, share of its images); most first, ties
+    in label order."""
+    rows, images = metrics["per_label"], metrics["images"]
+
+    def most(key: str, out_of) -> list[tuple[str, int, float]]:
+        ranked = sorted((r for r in rows if r[key] > 0), key=lambda r: -r[key])[:n]
+        return [(r["label"], r[key], r[key] / max(1, out_of(r))) for r in ranked]
+
+    return (most("false_positives", lambda r: images - r["support"]),
+            most("false_negatives", lambda r: r["support"]))
