@@ -176,3 +176,18 @@ def test_an_edited_labels_cell_is_a_changed_file_naming_its_row(mosaic_csv, tmp_
     with pytest.raises(TransferkitError, match=f"1 training image changed in {table} since the run started "
                                                f"\\(first: {path}, line 6 of labels.csv\\)"):
         fingerprint.check_data(recorded, fingerprint.data_listing(src, str(table)), {}, src, str(table))
+
+
+def test_resume_on_an_edited_labels_cell_is_refused_naming_its_row(mosaic_csv, tmp_path):
+    lines = mosaic_csv.read_text().replace("images/", "img/").splitlines()[:41]  # 40 mosaics: a short run
+    table = _table(tmp_path, mosaic_csv, lines)
+    out = tmp_path / "run"
+    first = run_cli("train", "--data", table, *TINY, "--model", "resnet18", "--val-split", "0.25", "--out", out)
+    assert first.returncode == 0, first.stderr
+    path, cell = lines[3].split(",")
+    edited = ";".join(sorted(set(cell.split(";")) ^ {"cat"})) or "dog"  # cat added or taken away
+    table.write_text("\n".join([*lines[:3], f"{path},{edited}", *lines[4:]]) + "\n")
+    proc = run_cli("train", "--resume", out, "--epochs", "2")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"changed in {table} since the run started (first: {path}, line 4 of labels.csv)" in proc.stderr, \
+        proc.stderr
