@@ -4,7 +4,9 @@
 
 The file carries everything besides the graph in its metadata: the class names and the run's
 preprocessing (`preprocessing`: the input side, the resize before the center crop and its
-interpolation, mean and std, which the graph applies itself). No torch, no transferkit.
+interpolation, mean and std, which the graph applies itself), and how the logits become answers
+(`task`: "single", softmax over the classes; "multilabel", a sigmoid per label, each label answered
+when it is >= its entry in `thresholds`). No torch, no transferkit.
 torchvision's antialiased resize of a uint8 tensor imitates Pillow's filters: the two differ by
 1 or 2 levels in a few pixels of a thousand.
 """
@@ -71,11 +73,14 @@ def upsample(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def classify(session: ort.InferenceSession, paths: Sequence[str]) -> np.ndarray:
-    """Class probabilities (N x classes) of the photos, as softmax(logits / temperature)."""
+    """Class probabilities (N x classes) of the photos, as softmax(logits / temperature); for a
+    multi-label model each label's sigmoid(logit)."""
     meta = session.get_modelmeta().custom_metadata_map
     rule = preprocessing(meta)
     batch = np.stack([preprocess(p, rule) for p in paths])
-    logits = session.run(None, {session.get_inputs()[0].name: batch})[0]
+    logits = session.run(None, {session.get_inputs()[0].name: batch})[0].astype(np.float64)
+    if meta.get("task") == "multilabel":
+        return 1 / (1 + np.exp(-logits))
     logits = logits / float(meta.get("temperature", 1.0))
     probs = np.exp(logits - logits.max(1, keepdims=True))
     return probs / probs.sum(1, keepdims=True)
@@ -89,11 +94,20 @@ def main() -> None:
     args = parser.parse_args()
 
     session = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
-    classes = json.loads(session.get_modelmeta().custom_metadata_map["classes"])
+    meta = session.get_modelmeta().custom_metadata_map
+    classes = json.loads(meta["classes"])
+    # a multi-label model: every label at or above its threshold, then the top-k
+    thresholds = json.loads(meta["thresholds"]) if meta.get("task") == "multilabel" else None
     for path, row in zip(args.images, classify(session, args.images)):
-        top = np.argsort(-row)[: args.topk]
-        print(f"{path}: " + ", ".join(f"{classes[i]} {100 * row[i]:.1f}% (class {i})"
-                                      for i in top))
+        order = np.argsort(-row, kind="stable")
+        top = ", ".join(f"{classes[i]} {100 * row[i]:.1f}% (class {i})"
+                        for i in order[: args.topk])
+        if thresholds is None:
+            print(f"{path}: {top}")
+            continue
+        labels = ", ".join(f"{classes[i]} {100 * row[i]:.1f}%" for i in order
+                           if row[i] >= thresholds[i])
+        print(f"{path}: {labels or 'no label at or above its threshold'}  (top: {top})")
 
 
 if __name__ == "__main__":

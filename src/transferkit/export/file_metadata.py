@@ -38,25 +38,31 @@ _OPSET_FIELD, _METADATA_FIELD = 8, 14  # ModelProto.opset_import, .metadata_prop
 
 
 def metadata(classes: Sequence[str], pre: Preprocessing, *, temperature: float = 1.0,
-             card: ModelCard | None = None, source: str = "") -> dict[str, str]:
+             card: ModelCard | None = None, source: str = "", task: str | None = None,
+             thresholds: Sequence[float] | None = None) -> dict[str, str]:
     """What a consumer needs besides the graph, as the string pairs ONNX metadata_props holds.
 
     `preprocessing` is the Preprocessing itself (to_dict, as JSON) and `model_card` a run's
     ModelCard itself (to_json, as model.json holds it, with the classes, preprocessing and
     temperature exported): the entries transferkit reads back. The fields a consumer needs are
     also entries of their own (a number or a name as text, a list as JSON), for readers of single
-    keys (earlier transferkit wrote only those).
+    keys (earlier transferkit wrote only those). `task`: "multilabel" for a sigmoid per label,
+    each answered at its `thresholds` entry (None: 0.5 each), recorded as `task` and `thresholds`;
+    None: the card's task and thresholds (no card: one class per image).
     """
+    if task is None:
+        task, thresholds = (card.task, card.thresholds) if card is not None else ("single", None)
     rule = pre.to_dict()
     side = pre.image_size
     if card is not None:
-        card = card.replace(classes=list(classes), preprocessing=pre, temperature=temperature)
+        card = card.replace(classes=list(classes), preprocessing=pre, temperature=temperature,
+                            task=task, thresholds=None if thresholds is None else list(thresholds))
     return {
         "transferkit_version": __version__,
         "classes": json.dumps(list(classes)),
         "input": f"uint8 RGB images, N x 3 x {side} x {side} (NCHW); /255, mean and std are inside "
                  "the graph",
-        "output": "logits (N x classes); probabilities are softmax(logits / temperature)",
+        **_answers(task, thresholds, len(classes)),
         PREPROCESSING_KEY: json.dumps(rule),
         **{k: v if isinstance(v, str) else json.dumps(v) for k, v in rule.items()},
         "crop": "center",
@@ -68,6 +74,27 @@ def metadata(classes: Sequence[str], pre: Preprocessing, *, temperature: float =
         "source": source,
         **({CARD_KEY: card.to_json()} if card is not None else {}),
     }
+
+
+def _answers(task: str, thresholds: Sequence[float] | None, count: int) -> dict[str, str]:
+    """The `output`, `task` (and, multi-label, `thresholds`) entries: how logits become answers."""
+    if task != "multilabel":
+        return {"output": "logits (N x classes); probabilities are softmax(logits / temperature)",
+                "task": "single"}
+    from ..report.multilabel import DEFAULT_THRESHOLD
+
+    cut = [DEFAULT_THRESHOLD] * count if thresholds is None else [float(t) for t in thresholds]
+    return {"output": "logits (N x labels); each label's probability is sigmoid(logit), and the "
+                      "label is answered when it is >= the label's entry in thresholds",
+            "task": "multilabel", "thresholds": json.dumps(cut)}
+
+
+def answering(meta: dict[str, str]) -> tuple[str, list[float] | None]:
+    """(task, thresholds) that a file's metadata records: a file without a `task` entry (earlier
+    transferkit) answers one class per image."""
+    if meta.get("task", "single") != "multilabel":
+        return "single", None
+    return "multilabel", [float(t) for t in json.loads(meta["thresholds"])]
 
 
 def preprocessing_of(meta: dict[str, str]) -> Preprocessing:

@@ -21,11 +21,21 @@ from torch import nn
 from ..data.preprocess import Preprocessing
 from ..errors import TransferkitError
 from ..files import atomic_write
+from ..task import task_of
 from .compare import check_parity
-from .file_metadata import CHECKSUM_KEY, checksums, metadata, opset_of, seal
+from .file_metadata import CHECKSUM_KEY, answering, checksums, metadata, opset_of, seal
 from .formats import Deployable, quiet, write_onnx, write_torchscript
 from .int8 import quantize_checked
-from .request import DEFAULT_OPSET, SUFFIX, Format, Int8, Target, check_request, destinations
+from .request import (
+    DEFAULT_OPSET,
+    SUFFIX,
+    Format,
+    Int8,
+    Target,
+    check_quantizable,
+    check_request,
+    destinations,
+)
 from .runtime import onnx_session, run_onnx, run_torch
 
 
@@ -57,6 +67,8 @@ def export_checked(model: nn.Module, pre: Preprocessing, meta: dict[str, str], t
     """Write `target`, kept only if it agrees with PyTorch on `check`; returns the record
     export.json holds of it."""
     check_request(target, check, int8)
+    task, thresholds = answering(meta)
+    check_quantizable(task, "int8" if int8 is not None else None)
     started = time.perf_counter()
     # PyTorch side of the comparison: fp32, eval mode, on the CPU, whatever the model trained in.
     wrapper = Deployable(copy.deepcopy(model).cpu().float().eval(), pre).eval()
@@ -70,7 +82,8 @@ def export_checked(model: nn.Module, pre: Preprocessing, meta: dict[str, str], t
             tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         work = Path(tmp) / ("model" + SUFFIX[target.fmt])
         record["exporter"], exported = _write_and_run(wrapper, target, work, check, meta)
-        record["parity"] = check_parity(reference, exported, target, measured_on)
+        record["parity"] = check_parity(reference, exported, target, measured_on,
+                                        task_of(task), thresholds)
         if int8 is not None:
             work, record["quantization"] = quantize_checked(work, check, exported, int8, out)
         kept = work.read_bytes()

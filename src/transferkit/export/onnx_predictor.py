@@ -16,7 +16,8 @@ import torch
 
 from ..errors import TransferkitError
 from ..predict import Predictor
-from .file_metadata import card_of, preprocessing_of, verify
+from ..task import task_of
+from .file_metadata import answering, card_of, preprocessing_of, verify
 from .runtime import as_input, onnx_session, run_onnx
 
 
@@ -46,8 +47,9 @@ class OnnxPredictor(Predictor):
     """A transferkit ONNX file run by onnxruntime, with the Predictor's answers (predict, ...).
 
     Only the model input (the graph's uint8 images) and the forward pass are its own: reading and
-    resizing files (by the Preprocessing the file holds), --tta and top-k are the Predictor's;
-    the classes and temperature are those of the run's ModelCard the file holds.
+    resizing files (by the Preprocessing the file holds), --tta, top-k and a multi-label model's
+    labels at their thresholds are the Predictor's; the classes, temperature, task and thresholds
+    are those of the run's ModelCard the file holds.
     """
 
     # no super().__init__: no torch model
@@ -58,9 +60,12 @@ class OnnxPredictor(Predictor):
             self.preprocessing = preprocessing_of(meta)
             if self.card is not None:
                 self.classes, self.temperature = self.card.classes, self.card.temperature
+                task, self.thresholds = self.card.task, self.card.thresholds
             else:  # a model exported without a run, or a file of an earlier transferkit
                 self.classes = list(json.loads(meta["classes"]))
                 self.temperature = float(meta.get("temperature", 1.0))
+                task, self.thresholds = answering(meta)
+            self.task = task_of(task)
         except (ValueError, TypeError, KeyError) as e:
             raise TransferkitError(f"{path}: its transferkit metadata is damaged ({e}); export the "
                                    "run again") from None

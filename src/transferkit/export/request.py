@@ -186,6 +186,15 @@ def check_request(target: Target, check: torch.Tensor, int8: Int8 | None) -> Non
                                "accuracy drop")
 
 
+def check_quantizable(task: str, quantize: str | None) -> None:
+    """Refuse int8 for a multi-label model: its gate is the drop in top-1 accuracy, which a set of
+    labels per image does not have."""
+    if quantize and task == "multilabel":
+        raise TransferkitError("--quantize int8 is gated on the drop in top-1 accuracy, which a "
+                               "multi-label model (a set of labels per image) does not have; "
+                               "export it in fp32 (drop --quantize)")
+
+
 def check_run_request(formats: Sequence[str], check_images: int, quantize: str | None,
                       opset: int | None = None) -> None:
     """Refuse an unknown format, too few check images, int8 for other than ONNX alone, an opset

@@ -23,6 +23,7 @@ from ..data.transforms import batches
 from ..errors import TransferkitError
 from ..evaluate import held_out_record, split_to_score
 from ..predict import Predictor, stored
+from .compare import agreement
 from .file_metadata import metadata, record
 from .model import export_checked
 from .request import (
@@ -31,6 +32,7 @@ from .request import (
     Format,
     Int8,
     Target,
+    check_quantizable,
     check_run_request,
     destinations,
     require,
@@ -68,7 +70,8 @@ def export_predictor(predictor: Predictor, out: str | Path, images: Sequence[Any
     pre = predictor.preprocessing
     check = torch.cat([as_input(pre, stored(pre, im)[None]) for im in images])
     meta = metadata(predictor.classes, pre, temperature=predictor.temperature,
-                    card=predictor.card)
+                    card=predictor.card, task=predictor.task.name,
+                    thresholds=predictor.thresholds)
     return export_checked(predictor.model, pre, meta,
                           Target(Path(out), fmt, batch, opset, overwrite), check,
                           measured_on=f"{len(check)} images given", int8=int8)
@@ -93,6 +96,7 @@ def export_run(run_dir: str | Path, formats: Sequence[str] = ("onnx",), *,
     check_run_request(formats, check_images, quantize, opset)
     opset = DEFAULT_OPSET if opset is None else opset
     card = read_card(run_dir)
+    check_quantizable(card.task, quantize)
     if "onnx" in formats:
         require("onnx", "onnxscript", "onnxruntime")
     paths = [_target(run_dir, f, out, len(formats) > 1, quantize) for f in formats]
@@ -135,11 +139,15 @@ def _measured_on(count: int, asked: int, split: str) -> str:
 def summary(rec: dict[str, Any]) -> list[str]:
     """What `transferkit export` prints of one export: its file, the parity figures, int8's."""
     p = rec["parity"]
+    what, share = agreement(p)
+    prob = "sigmoid" if p.get("task") == "multilabel" else "softmax"
+    edge = p.get("decisions_at_threshold")
     lines = [f"{rec['format']}: {rec['path']}  ({rec['bytes'] / 1e6:.1f} MB, {rec['exporter']}"
              + (f", opset {rec['opset']})" if "opset" in rec else ")"),
-             f"  parity with PyTorch on {p['measured_on']}: top-1 agreement "
-             f"{100 * p['top1_agreement']:.2f}%, max |softmax difference| "
-             f"{p['max_abs_prob_diff']:.2e}"]
+             f"  parity with PyTorch on {p['measured_on']}: {what} {100 * share:.2f}%, max "
+             f"|{prob} difference| {p['max_abs_prob_diff']:.2e}"
+             + (f" ({edge} label decision(s) differ, each on an image scored at the label's "
+                "threshold)" if edge else "")]
     q = rec.get("quantization")
     if q:
         change = round(100 * (q["accuracy_int8"] - q["accuracy_fp32"]), 2) + 0.0  # no "-0.00"
