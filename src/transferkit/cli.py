@@ -440,16 +440,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(dict(metrics, measured_on=measured_on), indent=2))
     else:
         print(f"{accuracy_line(metrics)} on {measured_on}")
-        width = max(len(r["class"]) for r in metrics["per_class"])
-        for r in metrics["per_class"]:
-            print(f"  {r['class']:<{width}}  precision {100 * r['precision']:5.1f}%  recall "
-                  f"{100 * r['recall']:5.1f}%  F1 {100 * r['f1']:5.1f}%  "
-                  f"({r['support']} images)")
+        print("\n".join(_per_class_lines(metrics)))
         if report is not None:
             print(f"report: {report}")
     # An unwritable run folder leaves the figures standing (exit 0); a --report-dir that was asked
     # for and could not be written is a failure.
     return 2 if report is None and args.report_dir is not None else 0
+
+
+def _per_class_lines(metrics: dict[str, typing.Any]) -> list[str]:
+    """eval's line per class: precision, recall, F1, images; multi-label: per label, with its
+    average precision and threshold (AP n/a: no image shows it)."""
+    rows = metrics.get("per_label") or metrics["per_class"]
+    key = "label" if "per_label" in metrics else "class"
+    width = max(len(r[key]) for r in rows)
+    lines = []
+    for r in rows:
+        ap = "" if key == "class" else (
+            "AP   n/a  " if r["ap"] is None else f"AP {100 * r['ap']:5.1f}%  ")
+        cut = "" if key == "class" else f"threshold {r['threshold']:.2f}  "
+        lines.append(f"  {r[key]:<{width}}  {ap}precision {100 * r['precision']:5.1f}%  recall "
+                     f"{100 * r['recall']:5.1f}%  F1 {100 * r['f1']:5.1f}%  {cut}"
+                     f"({r['support']} images)")
+    return lines
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from .data.preprocess import Preprocessing
 from .data.sources import DataSource, Split, check_data_arg, is_named, laid_out, load_source
 from .errors import TransferkitError
 from .predict import Predictor
-from .report import calibration, classification_metrics, measured_on, write_report
+from .report import calibration, measured_on, write_report
 from .report.error_analysis import write_errors
 from .training.engine import evaluate
 from .training.runfolder import writer_of
@@ -59,11 +59,10 @@ def evaluate_run(
     check_data_arg(data)
     part, src, note = _split_of(run_dir, card, data, split, pred.preprocessing, data_dir=data_dir,
                                 workers=workers)
-    labels = _labels(data, src, part, pred.classes)
+    labels = _labels(data, src, part, pred.classes, pred.task.multilabel)
     logits, part, labels, left = _score(pred, part, labels, batch_size=batch_size, tta=tta,
-                                        workers=workers)
-    metrics = classification_metrics(logits, labels, pred.classes)
-    metrics["calibration"] = calibration.summary(logits, labels, pred.temperature)
+                                        workers=workers, task=pred.task)
+    metrics = _metrics(logits, labels, pred, card)
     said = measured_on(part, data, pred.preprocessing.image_size, tta=tta,
                        note="; ".join(filter(None, (note, training, left))))
     if src.skipped:
@@ -74,8 +73,21 @@ def evaluate_run(
         title=f"{run_dir.name} evaluated on {data}", measured_on=said, classes=pred.classes,
         setup={"run": str(run_dir), **({"model": training} if training else {})},
         name=_eval_name(data, part.name, other_size, tta),
-        analysed=(logits / pred.temperature, labels, part, pred.classes, pred.preprocessing))
+        analysed=(logits / pred.temperature, labels, part, pred.classes, pred.preprocessing),
+        thresholds=card.thresholds)
     return metrics, said, report
+
+
+def _metrics(logits: torch.Tensor, labels: torch.Tensor, pred: Predictor,
+             card: ModelCard) -> dict[str, Any]:
+    """What the report shows, as the run's own report measured it: a multi-label run's labels
+    answered at its thresholds (and where they were chosen), a single-label run's calibration."""
+    metrics = pred.task.metrics(logits, labels, pred.classes, card.thresholds)
+    if pred.task.multilabel:
+        metrics["thresholds_chosen_on"] = "validation" if card.thresholds else None
+    else:
+        metrics["calibration"] = calibration.summary(logits, labels, pred.temperature)
+    return metrics
 
 
 def _score(pred: Predictor, part: Split, labels: torch.Tensor,
@@ -143,8 +155,15 @@ def _split_of(run_dir: Path, card: ModelCard, data: str, split: str | None, pre:
         return split_to_score(run_dir, data, split, pre, record=None, **score)
 
 
-def _labels(data: str, src: DataSource, part: Split, classes: list[str]) -> torch.Tensor:
-    """The model's class index of each image of `part`; data with other classes is refused."""
+def _labels(data: str, src: DataSource, part: Split, classes: list[str],
+            multilabel: bool = False) -> torch.Tensor:
+    """The model's class index of each image of `part`; for a multi-label model its rows of 0/1,
+    a column per class of the model in the model's order (data with one class per image: that
+    class's column). Data with other classes, or with several labels per image for a model of one
+    class per image, is refused."""
+    if part.labels.dim() == 2 and not multilabel:
+        raise TransferkitError(f"{data} gives several labels per image, and the run answers one "
+                               "class per image; evaluate it on data with one class per image")
     if sorted(src.classes) != sorted(classes):
         missing = sorted(set(classes) - set(src.classes))
         extra = sorted(set(src.classes) - set(classes))
@@ -153,7 +172,10 @@ def _labels(data: str, src: DataSource, part: Split, classes: list[str]) -> torc
             f"not known to the model {extra or 'none'}; evaluate on data with the classes "
             f"{', '.join(classes)}"
         )
-    return torch.tensor([classes.index(c) for c in src.classes])[part.labels]
+    if part.labels.dim() == 2:
+        return part.labels[:, [src.classes.index(c) for c in classes]]
+    index = torch.tensor([classes.index(c) for c in src.classes])[part.labels]
+    return torch.nn.functional.one_hot(index, len(classes)) if multilabel else index
 
 
 def _eval_name(data: str, split: str, image_size: int | None, tta: bool) -> str:
@@ -264,12 +286,14 @@ def _record_from_config(run_dir: Path, data: str) -> dict[str, Any] | None:
 
 
 def _write_eval_report(where: Path, metrics: dict[str, Any], analysed: tuple[Any, ...],
-                       **report: Any) -> Path | None:
+                       thresholds: list[float] | None = None, **report: Any) -> Path | None:
     """The report and its errors in `where` (`analysed`: logits, labels, split, classes,
-    preprocessing); if they cannot be written there, one line that says so (the figures stand)."""
+    preprocessing; `thresholds`: a multi-label run's); if they cannot be written there, one line
+    that says so (the figures stand)."""
     try:
         where.mkdir(parents=True, exist_ok=True)
-        errors = write_errors(where, report["name"], *analysed, title=report["title"])
+        errors = write_errors(where, report["name"], *analysed, title=report["title"],
+                              thresholds=thresholds)
         return write_report(where, metrics, errors=errors, **report)
     except (OSError, TransferkitError) as e:
         why = getattr(e, "strerror", None) or str(e).split(";")[0]
