@@ -350,6 +350,7 @@ def label_ap_png(path: Path, per_label: list[dict[str, Any]], mean_ap: float | N
         ax.set_yticks(range(len(rows)), [labels[j] for j in rows])
         for y, v in enumerate(aps):
             ax.annotate(f" {v:.1f}%", (v, y), va="center", fontsize=9)
+        ax.set_ylim(-0.6, len(rows) - 0.4)
     else:
         ax.set_yticks([])
         ax.text(0.5, 0.5, "no label has a positive image", ha="center", va="center",
@@ -360,8 +361,9 @@ def label_ap_png(path: Path, per_label: list[dict[str, Any]], mean_ap: float | N
     ax.set_xlabel("average precision (%)")
     k, unseen = len(per_label), [r["label"] for r in per_label if r["ap"] is None]
     head = (f"The {len(rows)} weakest of {k} labels (the report's tables give every label)."
-            if len(rows) < k - len(unseen) else f"{k} labels, weakest at the top.") + (
-        "" if mean_ap is None else f" Red dashes: their mean, the mAP ({100 * mean_ap:.1f}%).")
+            if len(rows) < k - len(unseen) else "Each label's AP, the weakest at the top.") + (
+        "" if mean_ap is None else f" Red dashes: the mAP ({100 * mean_ap:.1f}%), the mean over "
+        "every label with a positive image.")
     none = (f"{len(unseen)} without a positive image here, so without an AP: "
             + ", ".join(short_labels(unseen)[:5]) + (" …" if len(unseen) > 5 else "") + "."
             if unseen else "")
