@@ -1,5 +1,6 @@
 """The report of a run or an evaluation:
-metrics, pictures, report.md/.json/.html, calibration, errors."""
+metrics (one class per image, or multi-label), pictures, report.md/.json/.html, calibration,
+errors."""
 
 from .markdown import write_report
 from .metrics import (
@@ -10,6 +11,7 @@ from .metrics import (
     measured_on,
     write_metrics,
 )
+from .multilabel import multilabel_metrics
 
 __all__ = ["RunResult", "accuracy_line", "classification_metrics", "lr_range", "measured_on",
-           "write_metrics", "write_report"]
+           "multilabel_metrics", "write_metrics", "write_report"]
