@@ -107,12 +107,6 @@ class Task:
                 ("val_acc", "val_balanced_acc", "val_macro_f1", "val_loss"))
         return dict.fromkeys(keys)
 
-    def counts(self, labels: torch.Tensor, classes: int) -> torch.Tensor:
-        """Images of each class (multi-label: images that show each label)."""
-        if labels.dim() == 2:
-            return labels.sum(0)
-        return torch.bincount(labels, minlength=classes)
-
 
 ONE_CLASS = Task(SINGLE)
 

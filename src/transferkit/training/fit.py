@@ -16,7 +16,7 @@ from ..checkpoint import META_FILE, ModelCard, load_model_state, read_card, upda
 from ..config import TrainConfig, requested_from
 from ..data import heldout, sources
 from ..data.preprocess import Preprocessing, resolve_preprocessing
-from ..data.splits import DataSource
+from ..data.splits import DataSource, label_counts
 from ..data.transforms import EvalTransform
 from ..errors import TransferkitError
 from ..files import atomic_write
@@ -198,9 +198,9 @@ def _load_data(cfg: TrainConfig, pre: Preprocessing) -> DataSource:
         raise TransferkitError("--patience watches a validation metric, and this run has no "
                                "validation split; use --val-split 0.1 (or a val/ folder), or drop "
                                "--patience")
-    counts = task_of(src.train).counts(src.train.labels, len(src.classes))
+    counts = label_counts(src.train.labels, len(src.classes))
     sources.warn_imbalance(counts, src.classes, cfg.class_weights, sampler=cfg.sampler,
-                           select_by=cfg.select_by)
+                           select_by=cfg.select_by, multilabel=src.multilabel)
     return src
 
 
@@ -307,23 +307,23 @@ def _final_evaluation(job: Job, out: Path, state: TrainState) -> RunResult:
     return RunResult(out, metrics, said, state.history, main=hw.dist.main)
 
 
-def _thresholds(job: Job, out: Path) -> list[float]:
-    """Multi-label: each label's threshold, the one that maximises its F1 on the validation split
-    (0.5 without one), in model.json."""
-    stage, hw = job.stage, job.hw
+def _thresholds(job: Job, out: Path) -> list[float] | None:
+    """Multi-label: each label's threshold, the one that maximises its F1 on the validation split,
+    in model.json (None without one: 0.5 each)."""
+    stage, hw, card = job.stage, job.hw, job.card
     if stage.val is None:
-        chosen = [multilabel.DEFAULT_THRESHOLD] * job.card.num_classes
-        log.info("no validation split: every label's threshold is %g", chosen[0])
-    else:
-        logits, labels = engine.evaluate(stage.runner, stage.val, stage.eval_tf,
-                                         batch_size=stage.eval_batch, device=hw.device,
-                                         precision=hw.precision, dist=hw.dist,
-                                         workers=job.cfg.workers, task=task_of(job.card))
-        chosen = multilabel.choose_thresholds(logits, labels, job.card.classes)
-        log.info("thresholds chosen on the validation split to maximise each label's F1: %s",
-                 ", ".join(f"{c} {t:.2f}" for c, t in
-                           list(zip(job.card.classes, chosen))[:multilabel.NAMED])
-                 + (" ..." if job.card.num_classes > multilabel.NAMED else ""))
+        log.info("no validation split: every label's threshold is %g",
+                 multilabel.DEFAULT_THRESHOLD)
+        return None
+    logits, labels = engine.evaluate(stage.runner, stage.val, stage.eval_tf,
+                                     batch_size=stage.eval_batch, device=hw.device,
+                                     precision=hw.precision, dist=hw.dist,
+                                     workers=job.cfg.workers, task=task_of(card))
+    chosen = multilabel.choose_thresholds(logits, labels, card.classes)
+    named = list(zip(card.classes, chosen))[:multilabel.NAMED]
+    log.info("thresholds chosen on the validation split to maximise each label's F1: %s%s",
+             ", ".join(f"{c} {t:.2f}" for c, t in named),
+             " ..." if card.num_classes > len(named) else "")
     if hw.dist.main:
         update_card(out, thresholds=chosen)
     return chosen
