@@ -122,20 +122,21 @@ def test_threshold_ties_take_the_lower_and_reproduce_the_best_f1():
     logits = torch.tensor([[2.0], [1.0], [0.0], [-1.0]])
     targets = torch.tensor([[1], [0], [0], [1]])
     (t,) = choose_thresholds(logits, targets)
-    assert t == pytest.approx(1 / (1 + math.e))
+    assert t == pytest.approx(1 / (1 + math.e) / 2)  # halfway below the lowest score it keeps
     m = multilabel_metrics(logits, targets, ["x"], [t])
     assert m["per_label"][0]["f1"] == pytest.approx(2 / 3) and m["per_label"][0]["recall"] == 1.0
     # tied scores are cut together: the best here keeps both 0.7s (F1 2/3) over the 0.9 alone (1/2)
     logits = torch.tensor([[_logit(0.9)], [_logit(0.7)], [_logit(0.7)], [_logit(0.1)]])
     (t,) = choose_thresholds(logits, torch.tensor([[0], [1], [0], [1]]))
-    assert t == pytest.approx(0.1)  # all four: F1 2*2/(2+2+2) = 2/3, equal to both 0.7s, lower
+    assert t == pytest.approx(0.05)  # all four: F1 2*2/(2+2+2) = 2/3, equal to both 0.7s, lower
 
 
 def test_a_label_without_positives_keeps_threshold_half_and_says_so(caplog):
     logits = torch.tensor([[2.0, 0.3], [-1.0, -0.2]])
     with caplog.at_level(logging.WARNING, logger="transferkit.report.multilabel"):
         thresholds = choose_thresholds(logits, torch.tensor([[1, 0], [0, 0]]), classes=["cat", "fern"])
-    assert thresholds == [pytest.approx(1 / (1 + math.exp(-2.0))), 0.5]
+    # halfway between the positive's probability and the next lower one: no image sits on its threshold
+    assert thresholds == [pytest.approx((1 / (1 + math.exp(-2.0)) + 1 / (1 + math.e)) / 2), 0.5]
     assert "fern" in caplog.text and "0.5" in caplog.text and "cat" not in caplog.text
 
 

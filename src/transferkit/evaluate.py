@@ -14,6 +14,7 @@ from . import runfiles
 from .arguments import checked
 from .checkpoint import ModelCard, read_card
 from .data import heldout
+from .data.labelfile import is_label_file
 from .data.preprocess import Preprocessing
 from .data.sources import DataSource, Split, check_data_arg, is_named, laid_out, load_source
 from .errors import TransferkitError
@@ -245,6 +246,7 @@ def _load_split(data: str, split: str, record: dict[str, Any] | None, pre: Prepr
     src = load_source(data, preprocessing=pre, data_dir=data_dir, workers=workers,
                       splits=(split, "train") if dedupe else (split,), max_train_images=max_train,
                       seed=int(record.get("seed", 0)) if record else 0,
+                      task=heldout.recorded_task(record or {}) if is_label_file(data) else "auto",
                       **heldout.table_options(record or {}))
     if dedupe:
         heldout.check_copies(src, dedupe=True, drop_conflicts=heldout.conflicts_dropped(record))

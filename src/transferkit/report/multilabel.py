@@ -133,11 +133,14 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: lis
 
 
 def _best_threshold(probs: torch.Tensor, positive: torch.Tensor) -> float:
-    """The probability cut (predict when >= it) with the highest F1; of equal F1s the lowest."""
+    """The probability cut (predict when >= it) with the highest F1; of equal F1s the lowest. It
+    lies halfway to the next lower score: no validation image sits on its threshold, where float
+    noise (cached features or the whole model, ONNX or PyTorch) would flip its answer."""
     cuts, tp, fp = _ranked(probs, positive)
     f1 = 2 * tp / (tp + fp + int(positive.sum()))  # 2TP / (2TP + FP + FN): counts, exact ties
-    best = (f1 == f1.max()).nonzero()[-1]  # cuts fall, so the last of the best is the lowest
-    return cuts[best].item()
+    best = int((f1 == f1.max()).nonzero()[-1])  # cuts fall, so the last of the best is the lowest
+    below = cuts[best + 1].item() if best + 1 < len(cuts) else 0.0
+    return (cuts[best].item() + below) / 2
 
 
 def choose_thresholds(logits: torch.Tensor, targets: torch.Tensor,
