@@ -92,3 +92,25 @@ def test_settings_a_multilabel_run_cannot_honour_are_one_sentence(mosaic_csv, tm
 def test_select_by_map_on_one_class_per_image_is_refused(cifar_small, tmp_path):
     proc = run_cli("train", "--data", cifar_small, *ARGS, "--select-by", "map", "--out", tmp_path / "run")
     assert proc.returncode == 2 and "--select-by map is for multi-label data" in proc.stderr
+
+
+def test_the_asymmetric_loss_leaves_easy_negatives_out_and_keeps_positives_plain():
+    from transferkit.task import Task
+
+    bce, asl = Task("multilabel"), Task("multilabel", "asl")
+    easy_negative = torch.tensor([[-5.0]])  # p = 0.007 < the 0.05 shift
+    assert asl.loss(easy_negative, torch.tensor([[0]])).item() == 0.0
+    assert bce.loss(easy_negative, torch.tensor([[0]])).item() > 0
+    positive, yes = torch.tensor([[0.3]]), torch.tensor([[1]])  # positives: plain -log p, as binary cross-entropy
+    assert asl.loss(positive, yes).item() == pytest.approx(bce.loss(positive, yes).item())
+    hard_negative = torch.tensor([[2.0]])  # p = 0.88: still costs, less than under BCE
+    assert 0 < asl.loss(hard_negative, torch.tensor([[0]])).item() < bce.loss(hard_negative, torch.tensor([[0]])).item()
+
+
+def test_multilabel_loss_asl_trains_and_the_report_says_which_loss(mosaic_csv, tmp_path):
+    out = tmp_path / "asl"
+    proc = run_cli("train", "--data", mosaic_csv, *ARGS[:-6], "--strategy", "linear", "--epochs", "1",
+                   "--multilabel-loss", "asl", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "multilabel_loss: asl" in (out / "config.yaml").read_text()
+    assert "asymmetric loss" in (out / "report.md").read_text()

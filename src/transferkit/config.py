@@ -27,6 +27,7 @@ Stream = Literal["auto", "always", "never"]
 BatchNorm = Literal["train", "frozen", "sync"]
 SelectBy = Literal["accuracy", "balanced-accuracy", "macro-f1", "loss", "map"]
 Task = Literal["auto", "single", "multilabel"]
+MultilabelLoss = Literal["bce", "asl"]
 Sampler = Literal["none", "balanced"]
 AugmentPolicy = Literal["none", "trivialaugment", "randaugment"]
 
@@ -199,6 +200,9 @@ class TrainConfig:
         "cosine", "training", "cosine decay after the warmup, or constant")
     warmup_epochs: float = _setting(
         0.2, "training", "linear warmup from 0, in epochs (fractions allowed)", "E")
+    multilabel_loss: MultilabelLoss = _setting(
+        "bce", "training", "multi-label runs: bce (binary cross-entropy) or asl (the asymmetric "
+        "loss of Ridnik et al. 2021: easy negatives cost little)")
     label_smoothing: float = _setting(
         0.1, "training", "label smoothing of the cross-entropy loss", "S")
     seed: int = _setting(

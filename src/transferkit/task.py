@@ -21,9 +21,15 @@ SELECT_BY = {SINGLE: ("accuracy", "balanced-accuracy", "macro-f1", "loss"),
              MULTILABEL: ("map", "macro-f1", "loss")}
 
 
+# the asymmetric loss (Ridnik et al., ICCV 2021) at the paper's settings: negatives' loss focused
+# by p^4 and shifted by 0.05 (an easy negative costs nothing), positives' plain
+ASL_GAMMA_NEG, ASL_GAMMA_POS, ASL_CLIP = 4.0, 0.0, 0.05
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
+    multilabel_loss: str = "bce"  # or "asl" (--multilabel-loss); training alone uses it
 
     @property
     def multilabel(self) -> bool:
@@ -32,12 +38,14 @@ class Task:
     def loss(self, logits: torch.Tensor, y: torch.Tensor, *, weights: torch.Tensor | None = None,
              smoothing: float = 0.0) -> torch.Tensor:
         """The summed loss of a batch: cross-entropy (weighted by class, smoothed), or binary
-        cross-entropy summed over the labels (`weights`: each label's positive weight; smoothing
-        moves every 0/1 target `smoothing / 2` toward the other)."""
+        cross-entropy (or the asymmetric loss) summed over the labels (`weights`: each label's
+        positive weight; smoothing moves every 0/1 target `smoothing / 2` toward the other)."""
         if not self.multilabel:
             return F.cross_entropy(logits, y, weight=weights, label_smoothing=smoothing,
                                    reduction="sum")
         target = y.to(logits.dtype) * (1 - smoothing) + smoothing / 2
+        if self.multilabel_loss == "asl":
+            return _asymmetric(logits, target, weights)
         return F.binary_cross_entropy_with_logits(logits, target, pos_weight=weights,
                                                   reduction="sum")
 
@@ -106,6 +114,18 @@ class Task:
                 if self.multilabel else
                 ("val_acc", "val_balanced_acc", "val_macro_f1", "val_loss"))
         return dict.fromkeys(keys)
+
+
+def _asymmetric(logits: torch.Tensor, target: torch.Tensor,
+                weights: torch.Tensor | None) -> torch.Tensor:
+    """The summed asymmetric loss: -(y (1-p)^g+ log p + (1-y) pm^g- log(1-pm)), pm = max(p-m, 0)."""
+    p = torch.sigmoid(logits)
+    shifted = (p - ASL_CLIP).clamp(min=0)
+    positive = target * (1 - p) ** ASL_GAMMA_POS * F.logsigmoid(logits)
+    if weights is not None:
+        positive = positive * weights
+    negative = (1 - target) * shifted ** ASL_GAMMA_NEG * torch.log((1 - shifted).clamp(min=1e-8))
+    return -(positive + negative).sum()
 
 
 ONE_CLASS = Task(SINGLE)

@@ -24,7 +24,7 @@ from ..errors import Interrupted
 from ..logs import EpochProgress
 from ..report import lr_range, write_metrics
 from ..runtime import SINGLE, Compute, Dist, StopFlag
-from ..task import task_of
+from ..task import Task, task_of
 from . import engine
 from .averaging import WeightAverage
 from .features import Stage
@@ -356,7 +356,7 @@ def step_setup(job: Job, dist: Dist = SINGLE, mixing: Mixing | None = None) -> e
         inverse_frequency(stage.train.labels, job.card.num_classes).to(hw.device)
     return engine.StepSetup(stage.train_tf, hw.device, hw.precision, stage.micro,
                             cfg.label_smoothing, weights, cfg.batchnorm, dist, mixing,
-                            task_of(job.card))
+                            Task(job.card.task, cfg.multilabel_loss))
 
 
 def _sized(setup: engine.StepSetup, job: Job, epoch: int) -> engine.StepSetup:

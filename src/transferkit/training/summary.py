@@ -34,7 +34,9 @@ def setup_section(cfg: TrainConfig, card: ModelCard, state: TrainState, data: Da
              f"{cfg.min_delta:g} for {cfg.patience} epochs; "
              if state.stopped_early(cfg.patience) and last < cfg.epochs else "")
     decay = f", layer decay {cfg.layer_decay:g}" if cfg.layer_decay != 1 else ""
-    task = {"task": "multi-label: one sigmoid per label, binary cross-entropy" + (
+    loss = "asymmetric loss (--multilabel-loss asl)" if cfg.multilabel_loss == "asl" else \
+        "binary cross-entropy"
+    task = {"task": f"multi-label: one sigmoid per label, {loss}" + (
         " with each label's positives weighted by its negatives / positives (--class-weights "
         "auto)" if cfg.class_weights == "auto" else "")} if card.task == "multilabel" else {}
     return {
