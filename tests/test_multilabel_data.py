@@ -191,3 +191,28 @@ def test_resume_on_an_edited_labels_cell_is_refused_naming_its_row(mosaic_csv, t
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"changed in {table} since the run started (first: {path}, line 4 of labels.csv)" in proc.stderr, \
         proc.stderr
+
+
+def test_tables_that_would_be_misread_are_bad_rows_named_by_line(mosaic_csv, tmp_path):
+    # a carriage return inside a line (an awk edit of a CRLF file), JSON list items that are not text, a ';' inside
+    # an item (it would split on the way back out, in predict --csv), an empty labels cell of a one-label table
+    for sub in "abc":
+        (tmp_path / sub).mkdir()
+    crlf = _table(tmp_path / "a", mosaic_csv, ["path,labels", "img/00000.png,cat\rdog", "img/00001.png,cat"])
+    json_rows = ['{"path": "img/00000.png", "labels": ["cat", 3]}', '{"path": "img/00001.png", "labels": [["x"]]}',
+                 '{"path": "img/00002.png", "labels": ["a;b", "cat"]}', '{"path": "img/00003.png", "labels": ["dog"]}']
+    jsonl = _table(tmp_path / "b", mosaic_csv, json_rows, "labels.jsonl")
+    empty = _table(tmp_path / "c", mosaic_csv,
+                   ["path,labels", "img/00000.png,cat", "img/00001.png,", "img/00002.png,dog"])
+    for table, says in ((crlf, ["line 2: a carriage return"]),
+                        (jsonl, ["line 1: item 2 of the labels list is 3, not text",
+                                 'line 2: item 1 of the labels list is ["x"], not text',
+                                 "line 3: label 'a;b' holds ';'"]),
+                        (empty, ["line 3: empty label (an image with none of the labels: pass --task multilabel)"])):
+        proc = run_cli("train", "--data", table, *TINY, "--out", tmp_path / "runs" / table.parent.name)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and all(s in proc.stderr for s in says), proc.stderr
+    old_mac = tmp_path / "mac.csv"
+    old_mac.write_bytes(b"path,labels\rimg/00000.png,cat\r")
+    proc = run_cli("train", "--data", old_mac, *TINY, "--out", tmp_path / "runs" / "mac")
+    assert proc.returncode == 2 and "carriage return" in proc.stderr and "Traceback" not in proc.stderr

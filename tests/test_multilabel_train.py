@@ -114,3 +114,13 @@ def test_multilabel_loss_asl_trains_and_the_report_says_which_loss(mosaic_csv, t
     assert proc.returncode == 0, proc.stderr
     assert "multilabel_loss: asl" in (out / "config.yaml").read_text()
     assert "asymmetric loss" in (out / "report.md").read_text()
+
+
+def test_epoch_figures_are_at_the_thresholds_those_weights_would_get_not_at_half():
+    from transferkit.task import Task
+
+    # every score below 0.5, yet perfectly ranked: at 0.5 nothing is answered (F1 0), at the chosen thresholds all
+    logits = torch.tensor([[-0.2, -3.0], [-3.0, -0.1], [-2.5, -2.9]])
+    labels = torch.tensor([[1, 0], [0, 1], [0, 0]])
+    figures = Task("multilabel").val_figures(logits, labels, ["cat", "dog"])
+    assert figures["val_macro_f1"] == 1.0 and figures["val_exact_match"] == 1.0 and figures["val_map"] == 1.0

@@ -260,8 +260,10 @@ def _note(split: str, record: dict[str, Any], carved: bool) -> str:
     """What a reader of the figures should know about the run's own split they measure."""
     again = f", re-carved from {runfiles.CONFIG} and unchecked" if record.get("unchecked") else ""
     if split == "val" and carved:
-        return (f"held out of train by the run: {100 * float(record['val_split']):g}% of each "
-                f"class, seed {record.get('seed', 0)}{again}; it chose its epoch on them")
+        share = ("by iterative stratification over labels" if record.get("task") == "multilabel"
+                 else "of each class")
+        return (f"held out of train by the run: {100 * float(record['val_split']):g}% {share}, "
+                f"seed {record.get('seed', 0)}{again}; it chose its epoch on them")
     if split == "val":
         return "the run chose its epoch on them"
     if split == "train":

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .data.splits import multi_hot
+
 SINGLE, MULTILABEL = "single", "multilabel"
 TASKS = (SINGLE, MULTILABEL)
 # the --select-by figures each task's epoch rows hold (training.state.SELECTION names their keys)
@@ -101,11 +103,14 @@ class Task:
         """The epoch row's validation figures: what --select-by can choose from."""
         if labels.numel() == 0:
             return self.no_val_figures()
-        m = self.metrics(logits, labels, classes)
-        if self.multilabel:
+        if self.multilabel:  # at the thresholds this epoch's weights would be given
+            from .report.multilabel import choose_thresholds
+            chosen = choose_thresholds(logits, labels, classes, say=False)
+            m = self.metrics(logits, labels, classes, chosen)
             return {"val_map": m["map"], "val_micro_f1": m["micro_f1"],
                     "val_macro_f1": m["macro_f1"], "val_exact_match": m["exact_match"],
                     "val_loss": self.mean_loss(logits, labels)}
+        m = self.metrics(logits, labels, classes)
         return {"val_acc": m["accuracy"], "val_balanced_acc": m["balanced_accuracy"],
                 "val_macro_f1": m["macro_f1"], "val_loss": self.mean_loss(logits, labels)}
 
@@ -138,7 +143,7 @@ def task_of(of: Any) -> Task:
     if isinstance(of, str):
         return Task(of if of in TASKS else SINGLE)
     if isinstance(of, torch.Tensor):
-        return Task(MULTILABEL if of.dim() == 2 else SINGLE)
+        return Task(MULTILABEL if multi_hot(of) else SINGLE)
     if hasattr(of, "labels"):
         return task_of(of.labels)
     return Task(getattr(of, "task", SINGLE))

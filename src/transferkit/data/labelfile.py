@@ -107,7 +107,16 @@ def _decoded_lines(table: Path, raw: bytes, bad: list[tuple[int, str]]) -> list[
     lines = []
     for i, chunk in enumerate(raw.split(b"\n"), 1):
         try:
-            lines.append(chunk.decode("utf-8").rstrip("\r") + "\n")
+            text = chunk.decode("utf-8").rstrip("\r")
+            if "\r" in text:  # csv reads a carriage return inside a line as a broken row
+                if i == 1:
+                    raise TransferkitError(f"line 1 of {table} holds a carriage return (\\r) "
+                                           "inside it (an old Mac line ending?); save the table "
+                                           "with \\n or \\r\\n line endings")
+                bad.append((i, "a carriage return (\\r) inside the line; save the table with "
+                               "\\n or \\r\\n line endings"))
+                text = ""
+            lines.append(text + "\n")
         except UnicodeDecodeError as e:
             if i == 1:
                 raise TransferkitError(f"line 1 of {table} (the header) is not UTF-8 text (byte 0x"
@@ -169,6 +178,20 @@ def _json_value(key: str, value: Any) -> str | list[Any]:
     return "" if value is None else str(value).strip()
 
 
+def _list_problem(cell: str | list[Any]) -> str | None:
+    """Why a JSON list of labels cannot be read (an item that is not text, or holds the ';' that
+    separates labels), or None."""
+    if not isinstance(cell, list):
+        return None
+    for i, item in enumerate(cell, 1):
+        if not isinstance(item, str):
+            return f"item {i} of the labels list is {json.dumps(item)[:40]}, not text"
+        if LABEL_DELIMITER in item:
+            return (f"label {item[:40]!r} holds '{LABEL_DELIMITER}', which separates labels; "
+                    "rename it")
+    return None
+
+
 def _check_header(table: Path, header: list[str]) -> tuple[bool, str]:
     """Refuse a header without path and label(s) (saying which column looks meant): whether the
     table has a split column, and which column names the labels."""
@@ -200,11 +223,14 @@ def _row(line: int, record: dict[str, Any] | list[str], column: str,
     assert isinstance(record, dict)
     base, allow_outside, multilabel = how
     path, split = record.get("path", ""), record.get("split", "")
+    listed = _list_problem(record.get(column, ""))
     labels = split_labels(record.get(column, ""))
     full = os.path.normpath(os.path.join(base, path))
     inside = os.path.commonpath([full, base]) == base
     why = ("empty path" if not path else
-           "empty label" if not labels and not multilabel else
+           listed if listed else
+           "empty label" + (" (an image with none of the labels: pass --task multilabel)"
+                            if column == "labels" else "") if not labels and not multilabel else
            f"carries {len(labels)} labels ({LABEL_DELIMITER.join(labels)}); single-label task "
            "(--task auto or multilabel reads it)" if len(labels) > 1 and not multilabel else
            "empty split (train, val or test)" if "split" in record and not split else

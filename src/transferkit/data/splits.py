@@ -70,10 +70,15 @@ class DataSource:
     multilabel: bool = False  # labels are multi-hot rows (a label file's labels column)
 
 
+def multi_hot(labels: torch.Tensor) -> bool:
+    """Whether labels are multi-label rows of 0/1, (N, C), rather than class indices (N,)."""
+    return labels.dim() == 2
+
+
 def label_counts(labels: torch.Tensor, classes: int) -> torch.Tensor:
     """Images per class, or for multi-label labels (N, C) each label's positives."""
     labels = torch.as_tensor(labels, dtype=torch.int64)
-    if labels.dim() == 2:
+    if multi_hot(labels):
         return labels.sum(0)
     return torch.bincount(labels, minlength=classes)
 

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..data.preprocess import Preprocessing
-from ..data.splits import Split
+from ..data.splits import Split, multi_hot
 from ..files import atomic_write
-from ..task import task_of
 from . import multilabel
 from .plots import drawing, fallback_fonts, pyplot, save_png, wrap
 
@@ -65,7 +65,6 @@ def multilabel_error_rows(logits: torch.Tensor, labels: torch.Tensor, split: Spl
     assert len(logits) == len(labels) == len(split), "logits, labels and the split out of step"
     truth = labels.bool().cpu()
     pred = multilabel.predicted(logits, thresholds)
-    task = task_of(labels)
 
     def named(row: torch.Tensor) -> str:
         return ";".join(classes[j] for j in row.nonzero().flatten().tolist())
@@ -76,7 +75,9 @@ def multilabel_error_rows(logits: torch.Tensor, labels: torch.Tensor, split: Spl
                      "true": named(truth[i]), "predicted": named(pred[i]),
                      "false_positives": named(pred[i] & ~truth[i]),
                      "false_negatives": named(~pred[i] & truth[i]),
-                     "loss": task.loss(logits[i:i + 1].double(), labels[i:i + 1]).item()})
+                     # binary cross-entropy summed over the labels, as training's
+                     "loss": F.binary_cross_entropy_with_logits(
+                         logits[i].double(), labels[i].double(), reduction="sum").item()})
     rows.sort(key=lambda r: (-r["loss"], r["index"]))
     return rows
 
@@ -88,7 +89,7 @@ def write_errors(out_dir: Path, name: str, logits: torch.Tensor, labels: torch.T
     returns what the report links. Multi-label (2-D labels): each image with a label given
     wrongly or missed at `thresholds`."""
     csv_name, sheet_name = file_names(name)
-    if task_of(labels).multilabel:
+    if multi_hot(labels):
         rows = multilabel_error_rows(logits, labels, split, classes, thresholds)
         columns, caption, wrong = MULTILABEL_CSV_COLUMNS, _labels_caption, MULTILABEL_WRONG
     else:

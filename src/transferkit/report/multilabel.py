@@ -144,9 +144,10 @@ def _best_threshold(probs: torch.Tensor, positive: torch.Tensor) -> float:
 
 
 def choose_thresholds(logits: torch.Tensor, targets: torch.Tensor,
-                      classes: list[str] | None = None) -> list[float]:
+                      classes: list[str] | None = None, *, say: bool = True) -> list[float]:
     """Per-label thresholds on the sigmoid probability that maximise each label's F1 on these
-    (validation) images; 0.5, with a log line, for a label with no positive image here."""
+    (validation) images; 0.5 for a label with no positive image here (with a log line when
+    `say`)."""
     scores, truth = _checked(logits, targets, classes)
     probs = torch.sigmoid(scores)  # float64: distinct up to |logit| ~ 36
     out, unseen = [], []
@@ -156,7 +157,7 @@ def choose_thresholds(logits: torch.Tensor, targets: torch.Tensor,
         else:
             out.append(DEFAULT_THRESHOLD)
             unseen.append(classes[j] if classes is not None else str(j))
-    if unseen:
+    if unseen and say:
         more = f" and {len(unseen) - NAMED} more" if len(unseen) > NAMED else ""
         log.warning("%d label(s) have no positive image in the validation split, so their "
                     "threshold stays %g: %s%s", len(unseen), DEFAULT_THRESHOLD,

@@ -341,7 +341,7 @@ def _announce(job: Job, out: Path, state: TrainState, steps: int) -> engine.Step
     mixing = Mixing(cfg.mixup, cfg.cutmix) if cfg.mixup or cfg.cutmix else None
     if mixing is not None:
         log.info("%s: train_acc counts an answer right when it is the label with the larger "
-                 "share of each mixed image",
+                 "share of each mixed image (multi-label: every label of that image)",
                  " + ".join(n for n in ("mixup", "cutmix") if getattr(cfg, n)))
     if state.ema is not None:
         log.info("validating and saving the weights' moving average (--ema %g)", cfg.ema)
