@@ -17,6 +17,7 @@ from .data import heldout
 from .data.labelfile import is_label_file
 from .data.preprocess import Preprocessing
 from .data.sources import DataSource, Split, check_data_arg, is_named, laid_out, load_source
+from .data.splits import multi_hot
 from .errors import TransferkitError
 from .predict import Predictor
 from .report import calibration, measured_on, write_report
@@ -162,7 +163,7 @@ def _labels(data: str, src: DataSource, part: Split, classes: list[str],
     a column per class of the model in the model's order (data with one class per image: that
     class's column). Data with other classes, or with several labels per image for a model of one
     class per image, is refused."""
-    if part.labels.dim() == 2 and not multilabel:
+    if multi_hot(part.labels) and not multilabel:
         raise TransferkitError(f"{data} gives several labels per image, and the run answers one "
                                "class per image; evaluate it on data with one class per image")
     if sorted(src.classes) != sorted(classes):
@@ -173,7 +174,7 @@ def _labels(data: str, src: DataSource, part: Split, classes: list[str],
             f"not known to the model {extra or 'none'}; evaluate on data with the classes "
             f"{', '.join(classes)}"
         )
-    if part.labels.dim() == 2:
+    if multi_hot(part.labels):
         return part.labels[:, [src.classes.index(c) for c in classes]]
     index = torch.tensor([classes.index(c) for c in src.classes])[part.labels]
     return torch.nn.functional.one_hot(index, len(classes)) if multilabel else index

@@ -15,7 +15,7 @@ from ..errors import TransferkitError, did_you_mean
 from .folders import folder_layout, load_folder
 from .labelfile import is_label_file, load_label_file, table_splits
 from .preprocess import Preprocessing
-from .splits import DataSource, Split, stratified_split, stratified_subset
+from .splits import DataSource, Split, multi_hot, stratified_split, stratified_subset
 
 log = logging.getLogger(__name__)
 
@@ -192,12 +192,14 @@ def train_val_test(src: DataSource, val_split: float,
         train, val = train.subset(keep, "train"), train.subset(held, "val")
         log.info("val: %d of %d training images held out (--val-split %g, seed %d), %s",
                  len(held), len(keep) + len(held), val_split, seed,
-                 "iterative stratification over labels" if train.labels.dim() == 2
+                 "iterative stratification over labels" if multi_hot(train.labels)
                  else "stratified by class")
     if val is None and src.test is None:
         raise TransferkitError(
             f"{src.name} has no val/ or test/ split and --val-split is 0: nothing to evaluate on; "
-            "set --val-split 0.1 or add a test/ folder"
+            "set --val-split 0.1 or add a test/ folder" + (
+                " (a label file: rows whose split column says val or test)"
+                if is_label_file(src.name) else "")
         )
     return train, val, src.test
 
@@ -298,7 +300,7 @@ def inverse_frequency(labels: torch.Tensor, classes: int) -> torch.Tensor:
     pos_weight of BCEWithLogitsLoss), negatives/positives on train, clamped to
     [1/POS_WEIGHT_LIMIT, POS_WEIGHT_LIMIT] so that a label on 2 of 50,000 images does not weigh
     25,000 times (a label on no image weighs POS_WEIGHT_LIMIT)."""
-    if labels.dim() == 2:
+    if multi_hot(labels):
         positives = labels.sum(0).double()
         weight = (len(labels) - positives) / positives.clamp(min=1)
         return weight.clamp(1 / POS_WEIGHT_LIMIT, POS_WEIGHT_LIMIT).float()

@@ -87,7 +87,7 @@ def stratified_split(labels: torch.Tensor, fraction: float,
                      seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (kept, held out): `fraction` of every class held out, at least one where possible;
     multi-label rows (N, C) by iterative stratification, so that each label keeps its share."""
-    if labels.dim() == 2:
+    if multi_hot(labels):
         side = iterative_stratification(labels, [1 - fraction, fraction], seed)
         return (torch.nonzero(side == 0).flatten(), torch.nonzero(side == 1).flatten())
     g = torch.Generator().manual_seed(seed)
