@@ -86,6 +86,8 @@ class Task:
 
     def mean_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
         """The plain loss per image (no smoothing, no weights): val_loss."""
+        if not self.multilabel:  # torch's mean, in float32, as every earlier run recorded it
+            return F.cross_entropy(logits.float(), labels).item()
         return self.loss(logits.float(), labels).item() / max(len(labels), 1)
 
     def metrics(self, logits: torch.Tensor, labels: torch.Tensor, classes: list[str],
