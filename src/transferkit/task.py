@@ -151,9 +151,19 @@ def task_of(of: Any) -> Task:
     return Task(getattr(of, "task", SINGLE))
 
 
-def settle(cfg: Any, multilabel: bool) -> Any:
-    """The settings with the data's task resolved (`cfg.task` as the data showed it), or one
-    sentence for a setting the task cannot honour."""
+def settle(cfg: Any, multilabel: bool, requested: dict[str, Any]) -> Any:
+    """The settings with the data's task resolved (`cfg.task` as the data showed it, and
+    --select-by accuracy as map for multi-label), what was asked kept in `requested` (config.yaml
+    keeps it, so a torchrun restart or a resume compares what was asked); or one sentence for a
+    setting the task cannot honour."""
+    settled = _settled(cfg, multilabel)
+    for name in ("task", "select_by"):
+        if getattr(settled, name) != getattr(cfg, name):
+            requested.setdefault(name, getattr(cfg, name))
+    return settled
+
+
+def _settled(cfg: Any, multilabel: bool) -> Any:
     from .errors import TransferkitError
     task = MULTILABEL if multilabel else SINGLE
     if cfg.task != "auto" and cfg.task != task:

@@ -133,7 +133,7 @@ def prepare(cfg: TrainConfig, hw: Compute, out: Path | None, saved: dict[str, An
                      "(--backbone-lr-mult)", cfg.backbone_lr_mult)
         cfg, requested = _resolved(cfg, bb, pre, out, saved)
         data = _load_data(cfg, pre)
-        cfg = task.settle(cfg, data.multilabel)
+        cfg = task.settle(cfg, data.multilabel, requested)
         if not test:
             data.test = None
         cfg = resolve_strategy(cfg, len(data.train), requested)
