@@ -165,10 +165,8 @@ def settle(cfg: Any, multilabel: bool, requested: dict[str, Any]) -> Any:
 
 def _settled(cfg: Any, multilabel: bool) -> Any:
     from .errors import TransferkitError
+    # a --task the data cannot give is refused where the data is read (data.sources.load_source)
     task = MULTILABEL if multilabel else SINGLE
-    if cfg.task != "auto" and cfg.task != task:
-        raise TransferkitError(f"--task {cfg.task}, but {cfg.data} gives one class per image; "
-                               "multi-label data is a label file with a labels column")
     if not multilabel:
         if cfg.select_by == "map":
             raise TransferkitError("--select-by map is for multi-label data; use accuracy, "
